@@ -1,0 +1,143 @@
+"""The test oracle: llama.cpp's own ggml, from llama-cpp-python (PyPI, built from source), via ctypes.
+
+Tests that need the oracle import it from here.  A missing oracle is an error, not a skip: CI installs it
+(.ci/run), and a green run without it would prove nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class OracleMissing(RuntimeError):
+    pass
+
+
+@functools.lru_cache(maxsize=None)
+def lib_dir() -> Path:
+    try:
+        import llama_cpp  # noqa: F401  (its import also loads libllama and libggml)
+    except Exception as exc:  # pragma: no cover - the failure is the point
+        raise OracleMissing(
+            "llama-cpp-python (the llama.cpp oracle) is not installed: run `pip install -e '.[test]'`"
+        ) from exc
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
+class _TypeTraits(ctypes.Structure):
+    # struct ggml_type_traits in ggml 0.25.3 (ggml.h) — note blck_size_interleave.
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
+_FROM_FLOAT = ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64)
+
+
+@functools.lru_cache(maxsize=None)
+def ggml() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(lib_dir() / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_type_name.argtypes = [ctypes.c_int]
+    lib.ggml_type_name.restype = ctypes.c_char_p
+    return lib
+
+
+def type_traits(type_id: int) -> _TypeTraits:
+    return ggml().ggml_get_type_traits(type_id).contents
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+def quantize_chunk(type_id: int, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """ggml_quantize_chunk over all rows of float32 ``x`` (n_rows, n_per_row) -> uint8 (n_rows, row_bytes)."""
+    lib = ggml()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_rows, n_per_row = x.shape
+    row_size = lib.ggml_row_size(type_id, n_per_row)
+    out = np.zeros((n_rows, row_size), dtype=np.uint8)
+    lib.ggml_quantize_init(type_id)
+    qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    written = lib.ggml_quantize_chunk(type_id, _ptr(x), _ptr(out), 0, n_rows, n_per_row,
+                                      None if qw is None else _ptr(qw))
+    assert written == out.size
+    return out
+
+
+def from_float_ref(type_id: int, x: np.ndarray) -> np.ndarray:
+    """The type's from_float_ref row function (only way to reach Q8_K's reference quantizer)."""
+    tr = type_traits(type_id)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_rows, n_per_row = x.shape
+    out = np.zeros((n_rows, ggml().ggml_row_size(type_id, n_per_row)), dtype=np.uint8)
+    fn = _FROM_FLOAT(tr.from_float_ref)
+    for r in range(n_rows):
+        fn(x[r].ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out[r].ctypes.data, n_per_row)
+    return out
+
+
+def to_float(type_id: int, raw: np.ndarray, n_per_row: int) -> np.ndarray:
+    """ggml's to_float of each row of uint8 ``raw`` (n_rows, row_bytes) -> float32 (n_rows, n_per_row)."""
+    tr = type_traits(type_id)
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    n_rows = raw.shape[0]
+    out = np.empty((n_rows, n_per_row), dtype=np.float32)
+    if type_id == 0:  # F32 has no to_float: it is the identity
+        return raw.view(np.float32).reshape(n_rows, n_per_row).copy()
+    fn = _TO_FLOAT(tr.to_float)
+    fn(raw.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n_rows * n_per_row)
+    return out
+
+
+def libllama() -> ctypes.CDLL:
+    return ctypes.CDLL(str(lib_dir() / "libllama.so"), mode=ctypes.RTLD_GLOBAL)
+
+
+def vendor_llama_cpp() -> Path | None:
+    """The llama.cpp source tree shipped in the llama-cpp-python sdist, if .ci/run unpacked it."""
+    p = os.environ.get("GGUF_KQUANT_LLAMA_CPP_SRC")
+    return Path(p) if p and Path(p).exists() else None
+
+
+def quantize_row_symbol(symbol: str, type_id: int, x: np.ndarray) -> np.ndarray:
+    """Call an exported row quantizer such as ``quantize_row_q8_K_ref`` over all of ``x`` at once."""
+    fn = _FROM_FLOAT(ctypes.cast(getattr(ggml(), symbol), ctypes.c_void_p).value)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_rows, n_per_row = x.shape
+    out = np.zeros((n_rows, ggml().ggml_row_size(type_id, n_per_row)), dtype=np.uint8)
+    fn(x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.ctypes.data, x.size)
+    return out
+
+
+def dequantize_row_symbol(symbol: str, raw: np.ndarray, n_per_row: int) -> np.ndarray:
+    """Call an exported row dequantizer such as ``dequantize_row_q8_K``."""
+    fn = _TO_FLOAT(ctypes.cast(getattr(ggml(), symbol), ctypes.c_void_p).value)
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    out = np.empty((raw.shape[0], n_per_row), dtype=np.float32)
+    fn(raw.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.size)
+    return out
