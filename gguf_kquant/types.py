@@ -12,7 +12,8 @@ Codec modules (``gguf_kquant.codecs.<codec>``) export, by convention, for a type
 
 * ``quantize_q4_k(x, out)``            x: float32 (n_rows, n_per_row), out: uint8 (n_rows, row_bytes) — ggml's
                                         ``_ref`` path (what ``ggml_quantize_chunk`` does without an imatrix)
-* ``quantize_q4_k_imatrix(x, qw, out)`` qw: float32 (n_per_row,) — ggml's ``_impl`` path
+* ``quantize_imatrix_q4_k(x, qw, out)`` qw: float32 (n_per_row,) — ggml's ``_impl`` path, in the module
+                                        ``<codec>_imatrix`` (e.g. ``kquants_imatrix``)
 * ``dequantize_q4_k(raw, out)``        raw: uint8 (n_rows, row_bytes), out: float32 (n_rows, n_per_row)
 
 Kernels are looked up lazily (:meth:`TypeInfo.kernel`) so that nothing is imported or compiled for a type
@@ -144,7 +145,7 @@ class TypeInfo:
 
     @property
     def is_quantized(self) -> bool:
-        return self.block_size > 1 or self.ggml_type in (GGMLType.Q8_K,)
+        return self.block_size > 1
 
     @property
     def bits_per_weight(self) -> float:
@@ -179,7 +180,12 @@ class TypeInfo:
         """The codec kernel for ``op`` in {"quantize", "quantize_imatrix", "dequantize"}, imported lazily."""
         if self.codec is None:
             raise UnknownTypeError(f"no codec for ggml type {self.name} (id {self.id}) yet")
-        module = importlib.import_module(f"gguf_kquant.codecs.{self.codec}")
+        # The importance-matrix (_impl) algorithms live beside their family in "<codec>_imatrix".
+        module_name = self.codec + ("_imatrix" if op == "quantize_imatrix" else "")
+        try:
+            module = importlib.import_module(f"gguf_kquant.codecs.{module_name}")
+        except ModuleNotFoundError:
+            module = None
         fn = getattr(module, f"{op}_{self.name.lower()}", None)
         if fn is None:
             raise UnknownTypeError(f"ggml type {self.name} (id {self.id}) has no {op.replace('_', ' ')} kernel")
