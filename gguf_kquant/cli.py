@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     except GGUFError as exc:
         print(f"gguf-kquant {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # missing file, permission, disk full: say which file, no traceback
+        print(f"gguf-kquant {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -196,6 +196,10 @@ class Metadata(dict):
         for k, v in kw.items():
             self[k] = v
 
+    def __reduce__(self):
+        # dict subclasses pickle their items before __init__ state; rebuild from typed pairs instead.
+        return (_metadata_from_typed, (list(typed_items(self)),))
+
     def copy(self) -> "Metadata":
         m = Metadata()
         m.update(self)
@@ -214,3 +218,10 @@ def typed_items(metadata) -> list[tuple[str, Value]]:
     if isinstance(metadata, Metadata):
         return [(k, metadata.typed(k)) for k in metadata]
     return [(k, to_value(v, k)) for k, v in metadata.items()]
+
+
+def _metadata_from_typed(pairs) -> Metadata:
+    m = Metadata()
+    for k, typed in pairs:
+        m.set_typed(k, typed, plain(typed))
+    return m
