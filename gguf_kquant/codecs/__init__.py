@@ -66,6 +66,14 @@ def _first_nonfinite(x2d: np.ndarray) -> tuple[int, int]:
 
 def _check_fp16_scales(out: np.ndarray, info, n_rows: int) -> None:
     """Raise if a block's fp16 scale overflowed (ggml would silently store inf)."""
+    if info.name in ("F16", "BF16"):  # finite float32 beyond the type's range rounds to inf
+        bits = out.view("<u2").reshape(n_rows, -1)
+        overflow = (bits & 0x7FFF) == (0x7C00 if info.name == "F16" else 0x7F80)
+        if overflow.any():
+            row = int(np.argmax(overflow.any(axis=1)))
+            col = int(np.argmax(overflow[row]))
+            raise BadTensorDataError(f"{info.name}: value at row {row}, column {col} overflows {info.name}")
+        return
     dt = info.block_dtype
     if dt.fields is None:
         return
