@@ -1,0 +1,58 @@
+"""``gguf-kquant quantize SRC DST MIX [options]`` — wiring only; the work is in :mod:`.quantize`."""
+
+from __future__ import annotations
+
+import sys
+
+from .mixes import ALIASES, MIXES
+
+
+def add_arguments(p) -> None:
+    p.add_argument("src", help="input GGUF model (F32/F16/BF16, or quantized with --allow-requantize)")
+    p.add_argument("dst", help="output GGUF path (with --keep-split: the shard prefix)")
+    p.add_argument("ftype", metavar="MIX",
+                   help=f"quantization mix, case-insensitive: {', '.join(MIXES)} (aliases {', '.join(ALIASES)})")
+    p.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama-imatrix GGUF or legacy .dat)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--include-weights", action="append", default=[], metavar="NAME",
+                   help="use the imatrix only for tensors whose name contains NAME (repeatable)")
+    g.add_argument("--exclude-weights", action="append", default=[], metavar="NAME",
+                   help="do not use the imatrix for tensors whose name contains NAME (repeatable)")
+    p.add_argument("--output-tensor-type", metavar="TYPE", help="ggml type for output.weight")
+    p.add_argument("--token-embedding-type", metavar="TYPE", help="ggml type for token_embd.weight")
+    p.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
+                   help="quantize tensors matching REGEX to TYPE (repeatable; first match wins)")
+    p.add_argument("--pure", action="store_true", help="no mix rules: every tensor gets the default type")
+    p.add_argument("--leave-output-tensor", action="store_true", help="leave output.weight as it is")
+    p.add_argument("--allow-requantize", action="store_true", help="allow requantizing quantized tensors")
+    p.add_argument("--override-kv", action="append", default=[], metavar="KEY=TYPE:VALUE",
+                   help="set metadata in the output; TYPE is int, float, bool or str (repeatable)")
+    p.add_argument("--keep-split", action="store_true", help="write one output shard per input shard")
+    p.add_argument("--split-max-size", metavar="N[M|G]", help="split the output into shards of at most N bytes")
+    p.add_argument("--split-max-tensors", type=int, metavar="N", help="split the output every N tensors")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="codec threads (default: all)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (tensor -> type, sizes) only")
+    p.add_argument("--report", metavar="FILE.json", help="write per-tensor RMSE / max error / cosine")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+
+def run(args) -> int:
+    from .quantize import quantize_model
+    from .report import worst
+
+    report = args.report
+    result = quantize_model(
+        args.src, args.dst, args.ftype, imatrix=args.imatrix, include_weights=args.include_weights,
+        exclude_weights=args.exclude_weights, output_tensor_type=args.output_tensor_type,
+        token_embedding_type=args.token_embedding_type, tensor_types=args.tensor_type, pure=args.pure,
+        leave_output_tensor=args.leave_output_tensor, allow_requantize=args.allow_requantize,
+        override_kv=args.override_kv, keep_split=args.keep_split, split_max_size=args.split_max_size,
+        split_max_tensors=args.split_max_tensors, threads=args.threads,
+        dry_run=args.dry_run, report=report, quiet=args.quiet and not args.dry_run,
+        stream=sys.stdout if args.dry_run else sys.stderr)
+    if report and not args.quiet and result.report:
+        print(f"worst tensors (report in {report}):")
+        for s in worst(result.report):
+            print(f"  {s['name']:<36s} {s['type']:<6s} cosine {s['cosine']:.6f}  rmse {s['rmse']:.3g}  "
+                  f"max abs {s['max_abs_error']:.3g}")
+    return 0

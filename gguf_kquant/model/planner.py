@@ -1,0 +1,436 @@
+"""Decide, for every tensor of a model, the type llama-quantize would give it — without touching tensor data.
+
+Two entry points:
+
+* :func:`plan_model` ``(src, ftype, **options)`` — open a GGUF file and plan it (what ``--dry-run`` prints).
+* :func:`plan_tensors` ``(tensors, model, ftype, **options)`` — plan from ``(name, shape, source_type)``
+  tuples (numpy-order shape, a :class:`~gguf_kquant.types.GGMLType` or name) and a :class:`ModelInfo`
+  (arch, block_count, n_head, n_head_kv, n_expert).  No file is needed: a converter can plan the tensors it
+  is about to produce (quantize-on-the-fly).  Example::
+
+      >>> from gguf_kquant.model.planner import ModelInfo, plan_tensors
+      >>> m = ModelInfo(arch="llama", n_layer=1, n_head=4, n_head_kv=2)
+      >>> rows = plan_tensors([("token_embd.weight", (1024, 256), "F32"),
+      ...                      ("blk.0.attn_v.weight", (128, 256), "F32"),
+      ...                      ("blk.0.attn_norm.weight", (256,), "F32")], m, "Q4_K_M")
+      >>> [(r.name, r.dst_type.name) for r in rows]
+      [('token_embd.weight', 'Q6_K'), ('blk.0.attn_norm.weight', 'F32'), ('blk.0.attn_v.weight', 'Q6_K')]
+
+The rows come back in llama-quantize's write order (non-``blk.`` tensors first, then by layer, then by
+name) because the per-layer counters of the rules depend on it.  The rules themselves are data in
+:mod:`gguf_kquant.model.mixes`; this module only evaluates them (``llama_tensor_get_type`` of
+src/llama-quant.cpp, including the ``--tensor-type``/``--pure``/``--output-tensor-type`` options and
+``tensor_type_fallback`` for rows that do not fit a 256-element block).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+from ..errors import QuantizeError
+from ..ftypes import LlamaFileType
+from ..types import GGMLType, TYPES, type_info
+from . import mixes as M
+
+__all__ = ["ModelInfo", "PlanRow", "Plan", "plan_tensors", "plan_model", "parse_mix", "order_key",
+           "parse_tensor_types"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The hyper-parameters llama-quantize's rules look at."""
+
+    arch: str = "llama"
+    n_layer: int = 0  # {arch}.block_count (n_layer_all)
+    n_head: int = 0  # layer 0's head count
+    n_head_kv: int = 0  # layer 0's KV head count (0: same as n_head)
+    n_expert: int = 0
+
+    @property
+    def n_gqa(self) -> int:
+        kv = self.n_head_kv or self.n_head
+        return self.n_head // kv if kv else 0
+
+    @property
+    def is_70b(self) -> bool:
+        spec = M.MODEL_70B.get(self.arch)
+        if spec is None or self.n_layer != spec[0]:
+            return False
+        if self.arch == "llama":
+            return self.n_expert != 8 and self.n_head != (self.n_head_kv or self.n_head)
+        return True
+
+    @classmethod
+    def from_metadata(cls, metadata) -> "ModelInfo":
+        """Read arch, block_count, head counts and expert count as llama.cpp's loader does."""
+        arch = str(metadata.get("general.architecture", ""))
+
+        def first(key, default=0):
+            # per-layer arrays (head_count of hybrid models): llama.cpp's n_gqa() looks at layer 0
+            v = metadata.get(f"{arch}.{key}", default)
+            if not isinstance(v, (str, bytes)) and hasattr(v, "__len__"):
+                v = v[0] if len(v) else default
+            return int(v)
+
+        n_head = first("attention.head_count")
+        return cls(arch=arch, n_layer=first("block_count"), n_head=n_head,
+                   n_head_kv=first("attention.head_count_kv", n_head), n_expert=first("expert_count"))
+
+
+@dataclass
+class PlanRow:
+    """One tensor of the plan: what it is now, what it becomes."""
+
+    name: str
+    shape: tuple  # numpy order, trailing ggml dims of 1 dropped (what the output file records)
+    src_type: GGMLType
+    dst_type: GGMLType
+    category: str
+    allows_quantization: bool
+    requires_imatrix: bool = False
+    fallback: bool = False  # tensor_type_fallback changed the type
+    manual: bool = False  # chosen by --tensor-type
+
+    @property
+    def convert(self) -> bool:
+        """True if the data changes (llama-quantize copies tensors whose type stays)."""
+        return self.src_type != self.dst_type
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+    @property
+    def src_nbytes(self) -> int:
+        return TYPES[self.src_type].nbytes(self.shape)
+
+    @property
+    def dst_nbytes(self) -> int:
+        return TYPES[self.dst_type].nbytes(self.shape)
+
+
+@dataclass
+class Plan:
+    """The plan of a whole model: rows in write order plus what the summary prints."""
+
+    mix: str
+    file_type: LlamaFileType
+    rows: list
+    model: ModelInfo
+    n_fallback: int = 0
+    warnings: list = field(default_factory=list)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self):
+        return len(self.rows)
+
+    @property
+    def src_nbytes(self) -> int:
+        return sum(r.src_nbytes for r in self.rows)
+
+    @property
+    def dst_nbytes(self) -> int:
+        return sum(r.dst_nbytes for r in self.rows)
+
+    @property
+    def n_elements(self) -> int:
+        return sum(r.n_elements for r in self.rows)
+
+    def format(self) -> str:
+        """The table ``--dry-run`` prints: tensor, shape, type before -> after, MiB before -> after."""
+        lines = []
+        n = len(self.rows)
+        for i, r in enumerate(self.rows, 1):
+            shape = ", ".join(str(d) for d in r.shape[::-1])
+            if r.convert:
+                size = f"{r.src_nbytes / 2**20:8.2f} MiB -> {r.dst_nbytes / 2**20:8.2f} MiB"
+            else:
+                size = f"{r.src_nbytes / 2**20:8.3f} MiB"
+            lines.append(f"[{i:4d}/{n:4d}] {r.name:<36s} - [{shape:>18s}], {r.src_type.name:>6s} -> "
+                         f"{r.dst_type.name:<6s} {size}")
+        ne = max(self.n_elements, 1)
+        lines.append(f"model size = {self.src_nbytes / 2**20:8.2f} MiB ({self.src_nbytes * 8.0 / ne:.2f} BPW)")
+        lines.append(f"quant size = {self.dst_nbytes / 2**20:8.2f} MiB ({self.dst_nbytes * 8.0 / ne:.2f} BPW)")
+        if self.n_fallback:
+            lines.append(f"WARNING: {self.n_fallback} of {n} tensor(s) required fallback quantization")
+        return "\n".join(lines)
+
+
+def parse_mix(ftype) -> tuple:
+    """``"q4_k_m"``/``15``/:class:`LlamaFileType` -> (mix name, file type, default type).  Unknown -> error
+    listing the valid names."""
+    if isinstance(ftype, LlamaFileType) or isinstance(ftype, int) and not isinstance(ftype, bool):
+        for name, (ft, default) in M.MIXES.items():
+            if ft == int(ftype):
+                return name, ft, default
+    elif isinstance(ftype, str):
+        key = ftype.strip().upper()
+        key = M.ALIASES.get(key, key)
+        if key.startswith("MOSTLY_") or key.startswith("ALL_"):
+            key = key.split("_", 1)[1]
+        if key in M.MIXES:
+            return (key,) + M.MIXES[key]
+        if key.isdigit():
+            return parse_mix(int(key))
+    raise QuantizeError(f"unknown quantization mix {ftype!r}; valid: {', '.join(M.MIXES)} "
+                        f"(aliases: {', '.join(M.ALIASES)})")
+
+
+_BLK = re.compile(r"blk\.\s*([+-]?\d+)")
+
+
+def _layer_of(name: str) -> Optional[int]:
+    """sscanf(name, "blk.%d.") — None if it does not match."""
+    m = _BLK.match(name)
+    return int(m.group(1)) if m else None
+
+
+def order_key(name: str):
+    """llama_model_loader's weight_name_comparer: layer (-1 for non-blk tensors), then name."""
+    layer = _layer_of(name)
+    return (-1 if layer is None else layer, name.encode("utf-8"))
+
+
+def category_of(name: str) -> str:
+    if name in M.CATEGORY_EXACT:
+        return M.CATEGORY_EXACT[name]
+    for needle, cat in M.CATEGORY_SUBSTRING:
+        if needle in name:
+            return cat
+    return "other"
+
+
+def allows_quantization(name: str, n_dims: int, arch: str, quantize_output: bool = True) -> bool:
+    """tensor_allows_quantization."""
+    if n_dims < 2 or not name.endswith("weight"):
+        return False
+    if not quantize_output and name == "output.weight":
+        return False
+    if name in M.NEVER_QUANTIZED_NAMES:
+        return False
+    if any(s in name for s in M.NEVER_QUANTIZED_SUBSTRINGS):
+        return False
+    return not any(s in name for s in M.NEVER_QUANTIZED_BY_ARCH.get(arch, ()))
+
+
+def requires_imatrix(name: str, dst: GGMLType, mix: str) -> bool:
+    """tensor_requires_imatrix (for the mixes we support: Q2_K tensors of a Q2_K_S file)."""
+    if M.CATEGORY_EXACT.get(name) in ("output", "token_embd"):
+        return False
+    return dst in M.IMATRIX_REQUIRED.get(mix, ())
+
+
+def _more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _compile(when: str):
+    terms = []
+    for t in when.split("&"):
+        t = t.strip()
+        if t:
+            terms.append((t[1:], False) if t.startswith("!") else (t, True))
+    return terms
+
+
+_RULES = [(cat, frozenset(mixes), _compile(when), t) for cat, mixes, when, t in M.RULES]
+_ADJUST = [(cat, frozenset(mixes), _compile(when), t) for cat, mixes, when, t in M.ADJUST]
+
+
+def _predicates(model: ModelInfo, has_imatrix: bool, ne0: int, default: GGMLType, i: int, n: int):
+    return {
+        "gqa4": lambda _t: model.n_gqa >= 4,
+        "expert8": lambda _t: model.n_expert == 8,
+        "falcon": lambda _t: model.arch == "falcon",
+        "model70b": lambda _t: model.is_70b,
+        "imatrix": lambda _t: has_imatrix,
+        "ragged": lambda _t: ne0 % TYPES[default].block_size != 0,
+        "more_bits": lambda _t: _more_bits(i, n),
+        "first_8th": lambda _t: i < n // 8,
+        "first_16th": lambda _t: i < n // 16,
+        "i_lt2": lambda _t: i < 2,
+        "i_lt4": lambda _t: i < 4,
+        "q3k_or_q4k": lambda t: t in (GGMLType.Q3_K, GGMLType.Q4_K),
+    }
+
+
+def _holds(terms, preds, current) -> bool:
+    return all(preds[name](current) == want for name, want in terms)
+
+
+def parse_tensor_types(specs) -> list:
+    """``["attn_q=q8_0", ...]`` or ``[(regex, type)]`` -> [(compiled regex, GGMLType)] (names lower-cased like
+    llama-quantize; the first pattern found anywhere in the tensor name wins)."""
+    out = []
+    for spec in specs or ():
+        if isinstance(spec, str):
+            pattern, sep, tname = spec.partition("=")
+            if not sep or not pattern or not tname:
+                raise QuantizeError(f"malformed --tensor-type {spec!r}; expected NAME_REGEX=TYPE")
+        else:
+            pattern, tname = spec
+            if isinstance(pattern, re.Pattern):
+                out.append((pattern, _user_type(tname, "--tensor-type")))
+                continue
+        try:
+            rx = re.compile(pattern.lower())
+        except re.error as exc:
+            raise QuantizeError(f"--tensor-type pattern {pattern!r} is not a valid regex: {exc}") from None
+        out.append((rx, _user_type(tname, "--tensor-type")))
+    return out
+
+
+def _user_type(t, what):
+    if t is None:
+        return None
+    try:
+        info = type_info(t)
+    except Exception:
+        raise QuantizeError(f"{what}: unknown ggml type {t!r}") from None
+    return info.ggml_type
+
+
+def _fallback(name: str, ne0: int, target: GGMLType, warnings: list) -> tuple:
+    """tensor_type_fallback: (type, fell_back)."""
+    info = TYPES[target]
+    if ne0 % info.block_size == 0:
+        return target, False
+    ret = info.fallback
+    if ret is None:
+        if info.block_size > 32:
+            raise QuantizeError(f"no tensor type fallback is defined for type {info.name} ({name})")
+        ret = target
+    msg = (f"warning: {name:<36s} - ncols {ne0:6d} not divisible by {info.block_size:3d} "
+           f"(required for type {info.name:>7s}) ")
+    if ne0 % TYPES[ret].block_size != 0:
+        msg += "(WARNING: must use F16 due to unusual shape) "
+        ret = GGMLType.F16
+    warnings.append(msg + f"-> falling back to {ret.name:>7s}")
+    return ret, True
+
+
+def _normalize_shape(shape) -> tuple:
+    """Drop ggml's trailing dims of 1 (numpy's leading), as gguf writes ggml_n_dims() dims."""
+    shape = tuple(int(d) for d in shape) or (1,)
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
+def plan_tensors(tensors: Iterable, model: ModelInfo, ftype, *, imatrix: bool = False, pure: bool = False,
+                 leave_output_tensor: bool = False, output_tensor_type=None, token_embedding_type=None,
+                 tensor_types: Sequence = (), keep_order: bool = False) -> Plan:
+    """Plan ``tensors`` — ``(name, numpy shape, source type)`` tuples — for mix ``ftype``.
+
+    ``imatrix``: whether an importance matrix will be used (some rules depend on it).  The other options
+    mean what llama-quantize's flags of the same name mean.  Returns a :class:`Plan` in write order.
+    """
+    mix, file_type, default = parse_mix(ftype)
+    out_type = _user_type(output_tensor_type, "--output-tensor-type")
+    emb_type = _user_type(token_embedding_type, "--token-embedding-type")
+    patterns = parse_tensor_types(tensor_types)
+
+    items = []
+    seen = set()
+    for name, shape, src in tensors:
+        if name in seen:
+            raise QuantizeError(f"duplicate tensor name {name!r}")
+        seen.add(name)
+        items.append((name, _normalize_shape(shape), type_info(src).ggml_type))
+    if not keep_order:  # --keep-split keeps the source order
+        items.sort(key=lambda it: order_key(it[0]))
+
+    cats = [category_of(name) for name, _s, _t in items]
+    n_wv = sum(1 for c in cats if c == "attn_v")
+    tied = "output" not in cats
+    counters = {c: 0 for c in M.COUNTED}
+    n_layer = model.n_layer
+    warnings: list = []
+    n_fallback = 0
+    rows = []
+    for (name, shape, src), cat in zip(items, cats):
+        ne0 = shape[-1]
+        allowed = allows_quantization(name, len(shape), model.arch, not leave_output_tensor)
+        row = PlanRow(name, shape, src, src, cat, allowed)
+        if allowed:
+            rule_cat = "output" if cat == "output" or (tied and cat == "token_embd") else cat
+            new = None
+            if emb_type is not None and cat == "token_embd":
+                new = emb_type
+                if name == "per_layer_token_embd.weight" and any(rx.search(name) for rx, _ in patterns):
+                    new = None
+            if new is None and out_type is not None and cat == "output":
+                new = out_type
+            if new is None:
+                new = default
+                if TYPES[default].is_quantized:
+                    manual = False
+                    for rx, t in patterns:
+                        if rx.search(name):
+                            new, manual = t, True
+                            break
+                    row.manual = manual
+                    if not manual and not pure:
+                        new = _mix_type(name, rule_cat, mix, new, default, model, imatrix, ne0, counters,
+                                        n_wv, n_layer, out_type)
+                    new, fell = _fallback(name, ne0, new, warnings)
+                    row.fallback = fell
+                    n_fallback += fell
+            row.dst_type = new
+        row.requires_imatrix = requires_imatrix(name, row.dst_type, mix)
+        rows.append(row)
+    return Plan(mix=mix, file_type=file_type, rows=rows, model=model, n_fallback=n_fallback, warnings=warnings)
+
+
+def _mix_type(name, cat, mix, current, default, model, has_imatrix, ne0, counters, n_wv, n_layer, out_type):
+    """llama_tensor_get_type_impl for one tensor (mutates the running counters)."""
+    if cat == "output" and out_type is not None:
+        return out_type
+    if cat == "attn_v":
+        i, n = counters["attn_v"], n_wv
+    elif cat in ("ffn_down", "ffn_gate", "ffn_up"):
+        i, n = counters[cat], n_layer
+        if max(1, model.n_expert) > 1:
+            layer = _layer_of(name)
+            if layer is None:
+                raise QuantizeError(f"Failed to determine layer for tensor {name}")
+            if not 0 <= layer < n_layer:
+                raise QuantizeError(f"Bad layer {layer} for tensor {name}. Must be in [0, {n_layer})")
+            i = layer
+    else:
+        i, n = 0, 0
+    preds = _predicates(model, has_imatrix, ne0, default, i, n)
+    for rcat, mixes, terms, t in _RULES:
+        if rcat == cat and mix in mixes and _holds(terms, preds, current):
+            current = t
+            break
+    for rcat, mixes, terms, t in _ADJUST:
+        if rcat == cat and mix in mixes and _holds(terms, preds, current):
+            current = t
+    if cat in counters:
+        counters[cat] += 1
+    return current
+
+
+def plan_model(src, ftype, *, imatrix=None, **options) -> Plan:
+    """Plan the quantization of the GGUF file ``src`` (nothing is read but the header).
+
+    ``imatrix``: a path, a loaded :class:`~gguf_kquant.model.imatrix.Imatrix`, a dict, or a bool.
+
+    >>> plan = plan_model("fixtures/tiny-llama-f16.gguf", "Q4_K_M")        # doctest: +SKIP
+    >>> plan.rows[0].name, plan.rows[0].dst_type.name                      # doctest: +SKIP
+    ('output.weight', 'Q6_K')
+    """
+    from ..container.reader import open_gguf
+
+    with open_gguf(src) as f:
+        model = ModelInfo.from_metadata(f.metadata)
+        tensors = [(t.name, t.shape, t.ggml_type) for t in f.tensors]
+    return plan_tensors(tensors, model, ftype, imatrix=bool(imatrix), **options)

@@ -1,0 +1,447 @@
+"""Whole-model quantization, byte for byte what ``llama-quantize`` (src/llama-quant.cpp) writes.
+
+>>> import gguf_kquant
+>>> result = gguf_kquant.quantize_model("model-f16.gguf", "model-q4_k_m.gguf", "Q4_K_M")   # doctest: +SKIP
+>>> result.dst_nbytes < result.src_nbytes                                                  # doctest: +SKIP
+True
+
+Streaming: tensors are read with ``pread`` in slabs of rows (at most :data:`SLAB_BYTES` of source data),
+converted, and written straight to a temporary file next to the destination, which is renamed into place
+only when everything succeeded — peak memory is one slab plus codec scratch, whatever the model's size.
+Every check that can fail (unknown mix, requantization, missing/mismatched/non-finite imatrix, source equal to
+destination) runs before the first byte is written; non-finite weights are found while streaming and abort
+the job, leaving no destination behind.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..errors import BadTensorDataError, ImatrixError, QuantizeError
+from ..types import GGMLType, TYPES
+from .imatrix import Imatrix, load_imatrix
+from .planner import ModelInfo, Plan, plan_tensors
+from .progress import Progress
+
+__all__ = ["quantize_model", "QuantizeResult", "parse_kv_override", "SLAB_BYTES"]
+
+SLAB_BYTES = 16 * 2**20  # source bytes converted at once: bounds peak memory whatever the model size
+GGML_QNT_VERSION = 2
+DEFAULT_ALIGNMENT = 32
+
+
+@dataclass
+class QuantizeResult:
+    plan: Plan
+    paths: list
+    src_nbytes: int = 0
+    dst_nbytes: int = 0
+    n_elements: int = 0
+    seconds: float = 0.0
+    report: list = field(default_factory=list)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.dst_nbytes * 8.0 / max(self.n_elements, 1)
+
+
+def parse_kv_override(spec):
+    """``KEY=TYPE:VALUE`` (TYPE: int, float, bool, str) -> (key, Value), typed as llama-quantize stores it:
+    int -> UINT32 of |value|, float -> FLOAT32, bool -> BOOL, str -> STRING (<= 127 bytes)."""
+    from ..container.values import GGUFValueType as V, Value
+
+    if not isinstance(spec, str):
+        key, value = spec
+        return key, value
+    key, sep, rest = spec.partition("=")
+    if not sep or not key or len(key) >= 128:
+        raise QuantizeError(f"malformed KV override {spec!r}; expected KEY=TYPE:VALUE")
+    kind, sep, text = rest.partition(":")
+    if not sep:
+        raise QuantizeError(f"invalid type for KV override {spec!r}; expected int:, float:, bool: or str:")
+    try:
+        if kind == "int":
+            return key, Value(abs(int(text)) & 0xFFFFFFFF, V.UINT32)
+        if kind == "float":
+            return key, Value(float(np.float32(float(text))), V.FLOAT32)
+    except ValueError:
+        raise QuantizeError(f"KV override {spec!r}: {text!r} is not a valid {kind}") from None
+    if kind == "bool":
+        if text not in ("true", "false"):
+            raise QuantizeError(f"invalid boolean value for KV override {spec!r}")
+        return key, Value(text == "true", V.BOOL)
+    if kind == "str":
+        if len(text.encode()) > 127:
+            raise QuantizeError(f"malformed KV override {spec!r}, value cannot exceed 127 chars")
+        return key, Value(text, V.STRING)
+    raise QuantizeError(f"invalid type for KV override {spec!r}; expected int:, float:, bool: or str:")
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def _prepare_imatrix(imatrix, include, exclude) -> Optional[Imatrix]:
+    if imatrix is None or imatrix is False:
+        if include or exclude:
+            raise ImatrixError("--include-weights/--exclude-weights need --imatrix")
+        return None
+    if isinstance(imatrix, Imatrix):
+        im = imatrix.filtered(include, exclude)
+    elif isinstance(imatrix, dict):
+        im = Imatrix({k: np.asarray(v, np.float32).reshape(-1) for k, v in imatrix.items()}, path="")
+        im = im.filtered(include, exclude)
+    else:
+        im = load_imatrix(imatrix, include=include, exclude=exclude)
+    if not im.entries:  # quantize.cpp: an empty imatrix (after filtering) is no imatrix
+        return None
+    im.check_finite()
+    return im
+
+
+def _shard_path(dst: str, i: int, n: int) -> Path:
+    """llama_split_path: <prefix>-%05d-of-%05d.gguf"""
+    return Path(f"{dst}-{i + 1:05d}-of-{n:05d}.gguf")
+
+
+def quantize_model(src, dst, ftype, *, imatrix=None, include_weights: Sequence[str] = (),
+                   exclude_weights: Sequence[str] = (), output_tensor_type=None, token_embedding_type=None,
+                   tensor_types: Sequence = (), pure: bool = False, leave_output_tensor: bool = False,
+                   allow_requantize: bool = False, override_kv: Sequence = (), keep_split: bool = False,
+                   split_max_size=None, split_max_tensors: Optional[int] = None, threads: Optional[int] = None, dry_run: bool = False, report=None, quiet: bool = True,
+                   stream=None) -> QuantizeResult:
+    """Quantize the GGUF model ``src`` to mix ``ftype`` (``"Q4_K_M"``, ...) and write ``dst``.
+
+    Options mean what llama-quantize's flags of the same name mean: ``imatrix`` (path of a GGUF or legacy
+    imatrix, an :class:`Imatrix`, or a dict name -> values), ``include_weights``/``exclude_weights``,
+    ``output_tensor_type``, ``token_embedding_type``, ``tensor_types`` (``["attn_q=q8_0", ...]``, first match
+    wins), ``pure``, ``leave_output_tensor``, ``allow_requantize``, ``override_kv`` (``["KEY=int:5", ...]``),
+    ``keep_split`` (one output shard per input shard, ``dst`` is the prefix), ``threads``.
+    ``split_max_size`` (bytes, or ``"500M"``/``"2G"``) / ``split_max_tensors`` split the output as
+    ``llama-gguf-split --split`` would split llama-quantize's file (shards ``<dst>-0000i-of-0000n.gguf``;
+    see :mod:`gguf_kquant.container.writer`).  ``dry_run`` plans
+    only; ``report`` (a path) writes per-tensor error statistics as JSON; ``quiet=False`` prints progress to
+    ``stream`` (stderr).
+    """
+    from ..container.reader import open_gguf
+    from ..container.values import GGUFValueType as V, Metadata, Value
+
+    t0 = time.perf_counter()
+    from .planner import parse_mix
+
+    mix, file_type, _default = parse_mix(ftype)
+    from ..container.writer import parse_size
+
+    max_bytes = parse_size(split_max_size) if split_max_size is not None else None
+    if split_max_tensors is not None and int(split_max_tensors) < 1:
+        raise QuantizeError(f"split_max_tensors must be >= 1, got {split_max_tensors}")
+    if keep_split and (max_bytes or split_max_tensors):
+        raise QuantizeError("--keep-split cannot be combined with --split-max-size/--split-max-tensors")
+    if max_bytes and split_max_tensors:
+        raise QuantizeError("give either --split-max-size or --split-max-tensors, not both")
+    if not dry_run and _same_file(src, dst):
+        raise QuantizeError(f"input and output files are the same: {os.fspath(src)!r}")
+    im = _prepare_imatrix(imatrix, tuple(include_weights or ()), tuple(exclude_weights or ()))
+    overrides = [parse_kv_override(s) for s in override_kv or ()]
+    if im is not None:
+        overrides += im.kv()
+
+    with open_gguf(src) as f:
+        for t in f.tensors:
+            if not t.is_known_type:
+                raise QuantizeError(f"{t.path}: tensor {t.name!r} has unknown ggml type id {t.ggml_type}")
+            if t.byte_order != "<":
+                raise QuantizeError(f"{t.path}: big-endian models cannot be quantized")
+        # the loader sees the overrides too (they can change hyper-parameters the rules read)
+        view = dict(f.metadata.items())
+        for k, v in overrides:
+            view[k] = v.value
+        model = ModelInfo.from_metadata(view)
+        # --keep-split: llama-quantize keeps each shard's tensor order (and the rules' counters follow it)
+        plan = plan_tensors([(t.name, t.shape, t.ggml_type) for t in f.tensors], model, mix,
+                            imatrix=im is not None, pure=pure, leave_output_tensor=leave_output_tensor,
+                            output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
+                            tensor_types=tensor_types, keep_order=keep_split)
+        by_name = {t.name: t for t in f.tensors}
+        progress = Progress(len(plan.rows), quiet=quiet, stream=stream)
+        for w in plan.warnings:
+            progress.say(w)
+        _check_plan(plan, im, by_name, allow_requantize, dry_run)
+        result = QuantizeResult(plan=plan, paths=[], n_elements=plan.n_elements)
+        result.src_nbytes = plan.src_nbytes
+        result.dst_nbytes = plan.dst_nbytes
+        if dry_run:
+            progress.say(plan.format())
+            if im is None and any(r.allows_quantization and r.requires_imatrix for r in plan.rows):
+                progress.say("WARNING: dry run completed successfully, but actually completing this "
+                             "quantization will require an imatrix!")
+            result.seconds = time.perf_counter() - t0
+            return result
+
+        metadata = Metadata()
+        for k in f.metadata:
+            metadata.set_typed(k, f.metadata.typed(k), None)
+
+        def put(key, value):
+            if key in metadata:
+                del metadata[key]
+            metadata.set_typed(key, value, None)
+
+        put("general.quantization_version", Value(GGML_QNT_VERSION, V.UINT32))
+        put("general.file_type", Value(int(file_type), V.UINT32))
+        for k in ("split.no", "split.count", "split.tensors.count"):
+            if k in metadata:
+                del metadata[k]
+        for k, v in overrides:
+            put(k, v)
+        # llama-quantize pads with 32 whatever general.alignment says (and so writes a broken file when it
+        # is not 32); we keep the source's alignment
+        alignment = int(f.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+
+        shards = [plan.rows]
+        if keep_split and len(f.shards) > 1:
+            shard_of = {t.name: f.shards.index(t.path) if t.path in f.shards else 0 for t in f.tensors}
+            shards = [[r for r in plan.rows if shard_of[r.name] == i] for i in range(len(f.shards))]
+            shard_meta = _split_metadata(metadata, len(shards), len(plan.rows))
+        else:
+            shard_meta = [metadata]
+        n_split = len(shards)
+        prefix = os.fspath(dst)
+        if keep_split:  # llama_split_path naming, even for one shard
+            if prefix.endswith(".gguf"):
+                prefix = prefix[:-5]
+            paths = [_shard_path(prefix, i, n_split) for i in range(n_split)]
+        else:
+            paths = [Path(dst)]
+        stats = [] if report is not None else None
+        conv = _Converter(by_name, im, threads, progress, stats)
+        from ..container.writer import write, write_shards
+
+        def specs(rows):
+            return [(r.name, r.shape, r.dst_type, (lambda r=r: conv.stream(r))) for r in rows]
+
+        if max_bytes or split_max_tensors:  # the writer cuts shards as llama-gguf-split would
+            paths = write(dst, metadata, specs(plan.rows), alignment=alignment, split_max_size=max_bytes,
+                          split_max_tensors=split_max_tensors)
+        else:  # metadata already carries the split keys llama-quantize --keep-split writes
+            write_shards([(p, m, specs(rows)) for p, m, rows in zip(paths, shard_meta, shards)],
+                         alignment=alignment)
+        result.paths = paths
+        result.seconds = time.perf_counter() - t0
+        progress.summary(plan.src_nbytes, plan.dst_nbytes, plan.n_elements, plan.n_fallback)
+        if stats is not None:
+            from .report import write_report
+
+            result.report = stats
+            write_report(report, stats, plan, result)
+    return result
+
+
+def _split_metadata(metadata, n_split: int, n_tensors: int) -> list:
+    """llama-quantize --keep-split: shard 0 keeps all metadata, the others none; each gets split.no,
+    split.count, split.tensors.count (in that order)."""
+    from ..container.values import GGUFValueType as V, Metadata, Value
+
+    out = []
+    for i in range(n_split):
+        m = metadata.copy() if i == 0 else Metadata()
+        keys = [("split.no", Value(i, V.UINT16)), ("split.count", Value(n_split, V.UINT16)),
+                ("split.tensors.count", Value(n_tensors, V.INT32))]
+        if n_split > 1:
+            for key, val in keys:
+                if key in m:
+                    del m[key]
+                m.set_typed(key, val, None)
+        out.append(m)
+    return out
+
+
+def _check_plan(plan: Plan, im: Optional[Imatrix], by_name, allow_requantize: bool, dry_run: bool) -> None:
+    """Every refusal llama-quantize would make, before anything is written."""
+    for r in plan.rows:
+        if r.allows_quantization and r.requires_imatrix and im is None and not dry_run:
+            raise ImatrixError(f"this quantization ({plan.mix}) requires an importance matrix: tensor {r.name} "
+                               f"is to become {r.dst_type.name}; pass --imatrix")
+    if dry_run:
+        return
+    for r in plan.rows:
+        if not r.convert:
+            continue
+        src_info = TYPES[r.src_type]
+        if src_info.is_quantized and not allow_requantize:
+            raise QuantizeError(f"tensor {r.name} is already quantized ({r.src_type.name}); requantizing is "
+                                f"disabled without --allow-requantize")
+        if src_info.codec is None:
+            raise QuantizeError(f"cannot dequantize/convert tensor {r.name} of type {r.src_type.name}")
+        if TYPES[r.dst_type].codec is None:
+            raise QuantizeError(f"tensor {r.name}: gguf_kquant has no {r.dst_type.name} quantizer yet")
+        w = _imatrix_for(r, im)
+        if w is None and r.requires_imatrix:
+            raise ImatrixError(f"missing importance matrix for tensor {r.name} in a very low-bit quantization "
+                               f"({r.dst_type.name})")
+
+
+def _imatrix_for(r, im: Optional[Imatrix]):
+    """The row r's imatrix values (n_expert * n_per_row), None if absent; raises on a size mismatch."""
+    if im is None:
+        return None
+    w = im.entries.get(r.name)
+    if w is None:
+        return None
+    ne = r.shape[::-1]
+    n_mat = ne[2] if len(ne) > 2 else 1
+    if w.size != ne[0] * n_mat:
+        if r.name in ("token_embd.weight", "per_layer_token_embd.weight"):
+            return None  # llama-quantize ignores a mismatched token_embd entry
+        raise ImatrixError(f"imatrix size {w.size} is different from tensor size {ne[0] * n_mat} for {r.name} "
+                           f"({n_mat} matrices of rows of {ne[0]})")
+    return w
+
+
+class _Converter:
+    """Produces each tensor's output bytes, slab by slab."""
+
+    def __init__(self, by_name, im, threads, progress: Progress, stats):
+        self.by_name = by_name
+        self.im = im
+        self.threads = threads
+        self.progress = progress
+        self.stats = stats
+
+    def stream(self, row):
+        """Yield the bytes of tensor ``row`` (a PlanRow) in llama-quantize's output type."""
+        t = self.by_name[row.name]
+        start = time.perf_counter()
+        fd = os.open(t.path, os.O_RDONLY)
+        try:
+            if not row.convert:
+                yield from self._copy(fd, t, row)
+            else:
+                yield from self._convert(fd, t, row)
+        finally:
+            os.close(fd)
+        ne = row.shape[::-1]
+        if row.convert and self.im is not None and row.name not in self.im.entries:
+            self.progress.say(f"====== did not find weights for {row.name}")
+        self.progress.tensor(row.name, ne, row.src_type.name, row.dst_type.name, row.src_nbytes,
+                             row.dst_nbytes, time.perf_counter() - start)
+
+    @staticmethod
+    def _read(fd, offset, n, t) -> np.ndarray:
+        buf = np.empty(n, np.uint8)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = os.preadv(fd, [view[got:]], offset + got)
+            if k <= 0:
+                from ..errors import TruncatedFileError
+
+                raise TruncatedFileError(f"{t.path}: offset {offset + got}: file ends inside tensor {t.name!r}")
+            got += k
+        return buf
+
+    def _copy(self, fd, t, row):
+        info = TYPES[row.src_type]
+        n_per_row = row.shape[-1]
+        row_bytes = info.row_bytes(n_per_row) if n_per_row else 0
+        n_rows = row.n_elements // n_per_row if n_per_row else 0
+        step = max(1, SLAB_BYTES // max(row_bytes, 1))
+        for r0 in range(0, n_rows, step):
+            k = min(step, n_rows - r0)
+            raw = self._read(fd, t.offset + r0 * row_bytes, k * row_bytes, t)
+            if info.ggml_type in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+                _check_finite(row.name, _to_f32(raw, info.ggml_type, k, n_per_row), r0)
+            yield raw
+
+    def _convert(self, fd, t, row):
+        from ..codecs import quantize as q
+
+        src = TYPES[row.src_type]
+        ne = row.shape[::-1]
+        n_per_row = ne[0]
+        rows_per_mat = ne[1] if len(ne) > 1 else 1
+        n_rows = row.n_elements // n_per_row if n_per_row else 0
+        src_row = src.row_bytes(n_per_row)
+        weights = _imatrix_for(row, self.im)
+        per_row_cost = src_row + 4 * n_per_row + TYPES[row.dst_type].row_bytes(n_per_row)
+        step = max(1, SLAB_BYTES // per_row_cost)
+        r0 = 0
+        acc = _Stats(row) if self.stats is not None else None
+        while r0 < n_rows:
+            mat = r0 // rows_per_mat
+            k = min(step, n_rows - r0, (mat + 1) * rows_per_mat - r0)  # never cross an expert boundary
+            raw = self._read(fd, t.offset + r0 * src_row, k * src_row, t)
+            x = _to_f32(raw, row.src_type, k, n_per_row)
+            w = None if weights is None else weights[mat * n_per_row:(mat + 1) * n_per_row]
+            try:
+                out = q(x, row.dst_type, imatrix=w, threads=self.threads)
+            except BadTensorDataError as exc:
+                _check_finite(row.name, x, r0)
+                raise BadTensorDataError(f"tensor {row.name}, rows {r0}..{r0 + k - 1}: {exc}") from None
+            if acc is not None:
+                acc.add(x, out, row.dst_type)
+            yield out
+            r0 += k
+        if acc is not None:
+            self.stats.append(acc.result())
+
+
+def _to_f32(raw: np.ndarray, ggml_type, n_rows: int, n_per_row: int) -> np.ndarray:
+    if ggml_type == GGMLType.F32:
+        return raw.view("<f4").reshape(n_rows, n_per_row)
+    if ggml_type == GGMLType.F16:
+        return raw.view("<f2").astype(np.float32).reshape(n_rows, n_per_row)
+    if ggml_type == GGMLType.BF16:
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(n_rows, n_per_row)
+    from ..codecs import dequantize
+
+    return dequantize(raw, ggml_type, (n_rows, n_per_row))
+
+
+def _check_finite(name: str, x: np.ndarray, row0: int) -> None:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        r = int(np.argmax(bad.any(axis=1)))
+        c = int(np.argmax(bad[r]))
+        raise BadTensorDataError(f"tensor {name} has invalid data: {x[r, c]!r} at row {row0 + r}, column {c}")
+
+
+class _Stats:
+    """Running RMSE / max abs error / cosine similarity of one tensor against its source."""
+
+    def __init__(self, row):
+        self.row = row
+        self.sq = 0.0
+        self.maxabs = 0.0
+        self.dot = 0.0
+        self.nx = 0.0
+        self.ny = 0.0
+        self.n = 0
+
+    def add(self, x, out, qtype):
+        from ..codecs import dequantize
+
+        y = dequantize(out, qtype, x.shape)
+        d = (y.astype(np.float64) - x)
+        self.sq += float(np.dot(d.ravel(), d.ravel()))
+        self.maxabs = max(self.maxabs, float(np.abs(d).max()) if d.size else 0.0)
+        xf, yf = x.astype(np.float64).ravel(), y.astype(np.float64).ravel()
+        self.dot += float(np.dot(xf, yf))
+        self.nx += float(np.dot(xf, xf))
+        self.ny += float(np.dot(yf, yf))
+        self.n += x.size
+
+    def result(self) -> dict:
+        denom = (self.nx * self.ny) ** 0.5
+        return {"name": self.row.name, "shape": list(self.row.shape), "src_type": self.row.src_type.name,
+                "type": self.row.dst_type.name, "rmse": (self.sq / max(self.n, 1)) ** 0.5,
+                "max_abs_error": self.maxabs, "cosine": self.dot / denom if denom else 1.0}
