@@ -1,0 +1,262 @@
+"""Convert a Hugging Face checkpoint (config.json + tokenizer + safetensors) to GGUF, quantizing on the fly.
+
+>>> import gguf_kquant
+>>> gguf_kquant.convert_hf("models/tiny-llama", "tiny-llama-f16.gguf")            # doctest: +SKIP
+[PosixPath('tiny-llama-f16.gguf')]
+>>> gguf_kquant.convert_hf("models/tiny-llama", "tiny-q4km.gguf", "Q4_K_M")      # doctest: +SKIP
+
+Outputs match llama.cpp's ``convert_hf_to_gguf.py`` (F32/F16/BF16/Q8_0: same tensors, types, bytes and
+metadata); k-quant mixes (``Q4_K_M``...) give what ``convert_hf_to_gguf.py --outtype f16`` followed by
+``llama-quantize`` gives, without the intermediate file.  Tensors are read through ``mmap`` and written one
+at a time, so memory stays around one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+import gguf
+
+from ..errors import ConversionError
+from ..types import GGMLType
+from .base import FLOAT_FTYPES, REGISTRY, Converter, PlannedTensor, count_parameters, load_source
+from .safetensors import open_checkpoint
+from . import archs as _archs  # noqa: F401  (fills REGISTRY)
+
+__all__ = ["convert_hf", "supported_architectures", "REGISTRY", "Converter"]
+
+
+def supported_architectures() -> list:
+    return sorted(REGISTRY)
+
+
+def load_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConversionError(f"{model_dir}: no config.json (is this a Hugging Face model directory?)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{path}: not a JSON object")
+    if isinstance(cfg.get("text_config"), dict):
+        cfg = {**cfg, **cfg["text_config"]}
+    return cfg
+
+
+def _hparams_defaults(arch: str, h: dict) -> dict:
+    # What transformers' AutoConfig (which convert_hf_to_gguf.py reads) fills in for absent keys.
+    h = dict(h)
+    if arch in ("LlamaForCausalLM", "MistralForCausalLM") and "hidden_size" in h and "num_attention_heads" in h:
+        h.setdefault("num_key_value_heads", h["num_attention_heads"])
+        if h.get("head_dim") is None:
+            h["head_dim"] = h["hidden_size"] // h["num_attention_heads"]
+    if arch == "Qwen3ForCausalLM":
+        h.setdefault("head_dim", 128)
+    return h
+
+
+def _kv_from_gguf_writer(w: gguf.GGUFWriter) -> list:
+    """gguf-py's typed key/values -> our (key, Value) pairs, keeping gguf-py's types and order."""
+    from ..container.values import GGUFValueType as V, Value
+
+    def elem_type(items):
+        x = items[0] if items else ""
+        if isinstance(x, bool):
+            return V.BOOL
+        if isinstance(x, (int, np.integer)):
+            return V.INT32
+        if isinstance(x, (float, np.floating)):
+            return V.FLOAT32
+        return V.STRING
+
+    out = []
+    for key, gv in w.kv_data[0].items():
+        t = V(int(gv.type))
+        val = gv.value
+        if t == V.ARRAY:
+            items = list(val)
+            sub = V(int(gv.sub_type)) if gv.sub_type is not None else elem_type(items)
+            if sub == V.STRING:
+                items = [s.decode("utf-8") if isinstance(s, (bytes, bytearray)) else s for s in items]
+            out.append((key, Value(items, V.ARRAY, sub)))
+        else:
+            if isinstance(val, (bytes, bytearray)):
+                val = val.decode("utf-8")
+            out.append((key, Value(val, t)))
+    return out
+
+
+def _output_paths(dst: Path, split_max_size) -> list:
+    if split_max_size is None:
+        return [dst]
+    prefix = str(dst)[:-5] if str(dst).endswith(".gguf") else str(dst)
+    return sorted(dst.parent.glob(Path(prefix).name + "-*-of-*.gguf")) or [dst]
+
+
+def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_size=None, overwrite: bool = False,
+               quiet: bool = True, model_name: Optional[str] = None, pre_tokenizer: Optional[str] = None,
+               progress=None, **options) -> list:
+    """Convert the Hugging Face model in ``model_dir`` to ``dst``; returns the paths written.
+
+    ``ftype``: ``F32``, ``F16`` (default), ``BF16``, ``Q8_0`` (what convert_hf_to_gguf.py offers) or a
+    llama-quantize mix such as ``Q4_K_M`` (planned by :mod:`gguf_kquant.model.planner`; tensors go through
+    F16 first, exactly as convert-then-quantize would).  ``imatrix``: path of an importance matrix (for the
+    k-quant mixes).  ``split_max_size``: gguf-split output (``"2G"``).  ``overwrite``: replace ``dst``.
+    ``pre_tokenizer``: force ``tokenizer.ggml.pre`` when llama.cpp's hash table does not know the tokenizer.
+    ``options`` go to the quantization planner (``pure``, ``output_tensor_type``, ...).
+
+    >>> convert_hf("tiny-llama/", "tiny.gguf", "Q8_0", overwrite=True)        # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    model_dir, dst = Path(model_dir), Path(dst)
+    if not model_dir.is_dir():
+        raise ConversionError(f"{model_dir}: not a directory")
+    existing = [p for p in _output_paths(dst, split_max_size) if p.exists()]
+    if existing and not overwrite:
+        raise ConversionError(f"{existing[0]}: destination exists (pass overwrite=True / --overwrite)")
+
+    cfg = load_config(model_dir)
+    archs = cfg.get("architectures") or []
+    hf_arch = archs[0] if archs else None
+    if hf_arch not in REGISTRY:
+        raise ConversionError(f"{model_dir / 'config.json'}: unsupported architecture {hf_arch!r}; supported: "
+                              f"{', '.join(supported_architectures())}")
+    hparams = _hparams_defaults(hf_arch, cfg)
+    ckpt = open_checkpoint(model_dir)
+    conv: Converter = REGISTRY[hf_arch](model_dir, hparams, ckpt)
+    conv.options = {"pre_tokenizer": pre_tokenizer}
+    conv.pre_tokenizer = None
+
+    ftype_name = str(ftype).upper()
+    quant_plan = None
+    if ftype_name in FLOAT_FTYPES:
+        file_type, out_type = FLOAT_FTYPES[ftype_name]
+        planned = _plan(conv, out_type)
+    else:
+        from ..model.planner import ModelInfo, plan_tensors
+
+        planned = _plan(conv, GGMLType.F16)  # the F16 conversion llama-quantize would start from
+        h = hparams
+        info = ModelInfo(arch=conv.arch_name, n_layer=conv.block_count, n_head=h.get("num_attention_heads", 0),
+                         n_head_kv=h.get("num_key_value_heads", h.get("num_attention_heads", 0)),
+                         n_expert=h.get("num_local_experts", h.get("num_experts", 0)) or 0)
+        quant_plan = plan_tensors([(p.name, p.shape, p.qtype) for p in planned], info, ftype_name,
+                                  imatrix=imatrix is not None, **options)
+        file_type = quant_plan.file_type
+        by_name = {r.name: r for r in quant_plan.rows}
+        for p in planned:
+            p.src_type = p.qtype
+            p.qtype = by_name[p.name].dst_type
+        # llama-quantize writes in its own order
+        order = {r.name: i for i, r in enumerate(quant_plan.rows)}
+        planned.sort(key=lambda p: order[p.name])
+
+    im = None
+    if imatrix is not None:
+        if quant_plan is None:
+            raise ConversionError("--imatrix only applies to the quantization mixes (Q4_K_M, ...), not "
+                                  f"{ftype_name}")
+        from ..model.quantize import _prepare_imatrix
+
+        im = _prepare_imatrix(imatrix, (), ())
+    if quant_plan is not None:
+        from ..errors import ImatrixError
+
+        for r in quant_plan.rows:
+            if r.allows_quantization and r.requires_imatrix and im is None:
+                raise ImatrixError(f"tensor {r.name} is to become {r.dst_type.name}, which needs an importance "
+                                   f"matrix; pass imatrix=")
+
+    metadata = _metadata(conv, planned, file_type, model_name)
+    if im is not None:
+        metadata += im.kv()
+
+    from ..container.writer import GGUFWriter
+
+    if progress is None:
+        try:
+            from ..model.progress import Progress
+        except ImportError:  # pragma: no cover
+            Progress = None
+        progress = Progress(len(planned), quiet=quiet) if Progress else None
+    w = GGUFWriter(dst, metadata, split_max_size=split_max_size)
+    for p in planned:
+        w.add_tensor(p.name, _producer(p, im, progress), shape=p.shape, ggml_type=p.qtype.name)
+    paths = w.close()
+    if progress is not None and hasattr(progress, "say"):
+        progress.say(f"converted {len(planned)} tensors to {', '.join(map(str, paths))} "
+                     f"in {time.perf_counter() - t0:.1f} s")
+    return paths
+
+
+def _plan(conv: Converter, out_type: GGMLType) -> list:
+    planned = conv.plan(out_type)
+    extra = [PlannedTensor(name, arr.shape, None, (lambda _x, a=arr: a), GGMLType.F32)
+             for name, arr in conv.extra_tensors()]
+    for p in planned:
+        if p.qtype == GGMLType.Q8_0 and p.shape[-1] % 32:
+            p.qtype = GGMLType.F16  # convert_hf_to_gguf.py falls back to F16 when Q8_0 does not fit
+    return extra + planned
+
+
+def _metadata(conv: Converter, planned: list, file_type, model_name) -> list:
+    """Every key, typed and ordered as convert_hf_to_gguf.py writes them."""
+    w = gguf.GGUFWriter(path=None, arch=conv.arch_name)
+    w.add_type(gguf.GGUFType.MODEL)
+    total = count_parameters(planned)
+    meta = gguf.Metadata.load(None, conv.dir, model_name, total)
+    if meta.name is None:
+        meta.name = conv.dir.name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, total, 0, 0)
+    meta.set_gguf_meta_model(w)
+    conv.file_type = int(file_type)
+    conv.set_parameters(w)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    conv.set_vocab(w)
+    return _kv_from_gguf_writer(w)
+
+
+def _producer(p: PlannedTensor, im, progress):
+    def make():
+        t0 = time.perf_counter()
+        x = load_source(p.source) if p.source is not None else None
+        y = p.make(x)
+        src_type = getattr(p, "src_type", None)
+        if src_type == GGMLType.F16 and y.dtype != np.float16:
+            y = y.astype(np.float16)  # the F16 file llama-quantize would have read
+        if p.qtype == GGMLType.F32:
+            out = np.array(y, dtype=np.float32, order="C")  # a copy, so the source pages can be dropped
+        elif p.qtype == GGMLType.F16:
+            out = np.array(y, dtype=np.float16, order="C")
+        else:
+            from .. import quantize
+
+            weights = None
+            if im is not None:
+                from ..model.quantize import _imatrix_for
+
+                weights = _imatrix_for(_Row(p), im)
+            out = quantize(np.asarray(y, dtype=np.float32), p.qtype.name, imatrix=weights)
+        del x, y
+        if p.source is not None:
+            p.source.release()
+        if progress is not None:
+            src = p.source.dtype if p.source is not None else "F32"
+            progress.tensor(p.name, p.shape[::-1], src, p.qtype.name, p.source.nbytes if p.source else out.nbytes,
+                            out.nbytes, time.perf_counter() - t0)
+        return out
+
+    return make
+
+
+class _Row:  # what _imatrix_for needs of a plan row
+    def __init__(self, p):
+        self.name, self.shape = p.name, p.shape

@@ -1,0 +1,259 @@
+"""The conversion pipeline shared by every architecture: plan the output (names, shapes, types, metadata)
+from the checkpoint's headers alone, then stream one tensor at a time into the GGUF writer.
+
+An architecture module subclasses :class:`Converter`, sets ``hf_architectures`` / ``arch`` and overrides a
+few hooks (``set_parameters``, ``set_vocab``, ``filter_name``, ``plan_tensor``); ``register`` puts it in
+the table that :func:`gguf_kquant.convert.convert_hf` looks up by ``config.json``'s ``architectures``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+
+import gguf
+
+from ..errors import ConversionError
+from ..types import GGMLType
+from .safetensors import FLOAT_DTYPES, Checkpoint, SafeTensor
+
+logging.getLogger("gguf").setLevel(logging.ERROR)  # gguf-py's SpecialVocab logs every special token
+
+REGISTRY: dict[str, type["Converter"]] = {}
+
+
+def register(cls):
+    """Class decorator: make ``cls`` the converter for each name in ``cls.hf_architectures``."""
+    for name in cls.hf_architectures:
+        REGISTRY[name] = cls
+    return cls
+
+
+# llama.cpp's convert_hf_to_gguf.py outtypes (and ours): the ftype and the type of "big" tensors.
+FLOAT_FTYPES = {
+    "F32": (gguf.LlamaFileType.ALL_F32, GGMLType.F32),
+    "F16": (gguf.LlamaFileType.MOSTLY_F16, GGMLType.F16),
+    "BF16": (gguf.LlamaFileType.MOSTLY_BF16, GGMLType.BF16),
+    "Q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, GGMLType.Q8_0),
+}
+
+# Tensors convert_hf_to_gguf.py always keeps in F32 (besides 1-d tensors, "*_norm.weight" and non-weights).
+_F32_KINDS = (
+    gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP, gguf.MODEL_TENSOR.POS_EMBD,
+    gguf.MODEL_TENSOR.TOKEN_TYPES, gguf.MODEL_TENSOR.SSM_CONV1D,
+)
+
+
+@dataclass
+class PlannedTensor:
+    """One output tensor: GGUF name, numpy shape (outermost first), ggml type and how to make its values."""
+
+    name: str
+    shape: tuple
+    source: SafeTensor
+    make: Callable[[np.ndarray], np.ndarray]  # source values (float32 or float16) -> output values
+    qtype: GGMLType = GGMLType.F32
+    bid: Optional[int] = None
+
+
+def _bid(name: str) -> Optional[int]:
+    for part in name.split("."):
+        if part.isdecimal():
+            return int(part)
+    return None
+
+
+class Converter:
+    """Base class of the per-architecture converters (see the module docstring)."""
+
+    hf_architectures: tuple = ()
+    arch: gguf.MODEL_ARCH
+
+    def __init__(self, model_dir: Path, hparams: dict, checkpoint: Checkpoint):
+        self.dir = Path(model_dir)
+        self.hparams = hparams
+        self.ckpt = checkpoint
+        self.arch_name = gguf.MODEL_ARCH_NAMES[self.arch]
+        self.block_count = self.find(["num_hidden_layers", "n_layers", "n_layer", "num_layers"])
+        self.tensor_map = gguf.get_tensor_name_map(self.arch, self.block_count)
+        rp = self.hparams.get("rope_parameters", self.hparams.get("rope_scaling")) or {}
+        self.rope_parameters = dict(rp)
+        if "full_attention" not in rp and "sliding_attention" not in rp:
+            # transformers >= 5 moves rope_theta into rope_parameters; older configs keep it at the top level
+            theta = self.find(["rope_theta", "rotary_emb_base"], optional=True)
+            local = self.find(["rope_local_base_freq"], optional=True)
+            if local is not None:
+                self.rope_parameters["sliding_attention"] = {"rope_theta": local}
+            if "rope_theta" not in self.rope_parameters and theta is not None:
+                self.rope_parameters["rope_theta"] = theta
+            if "rope_type" not in self.rope_parameters and "type" in self.rope_parameters:
+                self.rope_parameters["rope_type"] = self.rope_parameters["type"]
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    def find(self, keys, optional=False):
+        for k in keys:
+            if k in self.hparams:
+                return self.hparams[k]
+        if optional:
+            return None
+        raise ConversionError(f"{self.dir / 'config.json'}: none of {list(keys)} is set")
+
+    def map_name(self, name: str) -> str:
+        new = self.tensor_map.get_name(key=name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise ConversionError(f"{self.dir}: cannot map tensor {name!r} to a llama.cpp name for {self.arch_name}")
+        return new
+
+    def is_kind(self, new_name: str, kind: gguf.MODEL_TENSOR, bid: Optional[int], suffix=".weight") -> bool:
+        if kind not in gguf.MODEL_TENSORS[self.arch]:
+            return False
+        key = gguf.TENSOR_NAMES[kind]
+        if "{bid}" in key:
+            if bid is None:
+                return False
+            key = key.format(bid=bid)
+        elif bid is not None:
+            return False
+        return new_name == key + suffix
+
+    def expect_shape(self, t: SafeTensor, shape: tuple) -> None:
+        """Refuse a tensor whose shape disagrees with config.json (a wrong config would load but misbehave)."""
+        if tuple(t.shape) != tuple(shape):
+            raise ConversionError(f"{t.file.path}: tensor {t.name!r} has shape {list(t.shape)} but config.json "
+                                  f"implies {list(shape)}")
+
+    # ---- hooks ------------------------------------------------------------------------------------
+    def filter_name(self, name: str) -> Optional[str]:
+        """Rename or drop (None) a checkpoint tensor before mapping."""
+        if name.endswith((".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")):
+            return None
+        return name.replace("language_model.", "")
+
+    def plan_tensor(self, name: str, t: SafeTensor, bid: Optional[int]) -> Iterable[tuple]:
+        """(gguf name, output shape, transform) for each output made from checkpoint tensor ``name``."""
+        yield self.map_name(name), tuple(t.shape), None
+
+    def check_shapes(self) -> None:
+        """Compare the checkpoint's shapes with config.json (overridden per architecture)."""
+
+    def set_parameters(self, w: gguf.GGUFWriter) -> None:
+        """Architecture hyper-parameters; the generic part mirrors TextModel.set_gguf_parameters."""
+        h = self.hparams
+        w.add_block_count(self.block_count)
+        if (n := self.find(["max_position_embeddings", "n_ctx", "n_positions", "max_length"], True)) is not None:
+            w.add_context_length(n)
+        if (n := self.find(["hidden_size", "n_embd", "dim"], True)) is not None:
+            w.add_embedding_length(n)
+        if (n := self.find(["intermediate_size", "n_inner", "hidden_dim"], True)) is not None:
+            w.add_feed_forward_length(n)
+        if (n := self.find(["num_attention_heads", "n_head", "n_heads"], True)) is not None:
+            w.add_head_count(n)
+        if (n := self.find(["num_key_value_heads", "n_kv_heads"], True)) is not None:
+            w.add_head_count_kv(n)
+        if h.get("is_causal") is False:
+            w.add_causal_attention(False)
+        rope = self.rope_parameters.get("full_attention", self.rope_parameters)
+        rope_type = rope.get("rope_type")
+        if rope_type == "linear" and rope.get("factor") is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(rope["factor"])
+        elif rope_type == "yarn" and rope.get("factor") is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(rope["factor"])
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        elif rope_type in ("su", "longrope"):
+            w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+        elif rope_type not in (None, "default", "dynamic", "llama3", "Llama3"):
+            raise ConversionError(f"{self.dir / 'config.json'}: unsupported RoPE type {rope_type!r}")
+        if (theta := rope.get("rope_theta")) is not None:
+            w.add_rope_freq_base(theta)
+        if (local := self.rope_parameters.get("sliding_attention", {}).get("rope_theta")) is not None:
+            w.add_rope_freq_base_swa(local)
+        if (eps := self.find(["rms_norm_eps", "norm_eps"], True)) is not None:
+            w.add_layer_norm_rms_eps(eps)
+        if (eps := self.find(["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"], True)) is not None:
+            w.add_layer_norm_eps(eps)
+        if (head_dim := h.get("head_dim")) is not None:
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+        w.add_file_type(self.file_type)
+
+    def pooling_type(self):
+        """The sentence-transformers pooling of ``modules.json`` (convert_hf_to_gguf's _try_set_pooling_type)."""
+        modules = self.dir / "modules.json"
+        if not modules.is_file():
+            return None
+        for mod in json.loads(modules.read_text(encoding="utf-8")):
+            if mod["type"].endswith("Pooling"):
+                cfg = json.loads((self.dir / mod["path"] / "config.json").read_text(encoding="utf-8"))
+                modes = {"mean": gguf.PoolingType.MEAN, "cls": gguf.PoolingType.CLS,
+                         "lasttoken": gguf.PoolingType.LAST}
+                if cfg.get("pooling_mode_mean_tokens"):
+                    return gguf.PoolingType.MEAN
+                if cfg.get("pooling_mode_cls_token"):
+                    return gguf.PoolingType.CLS
+                if cfg.get("pooling_mode_lasttoken"):
+                    return gguf.PoolingType.LAST
+                if cfg.get("pooling_mode") in modes:
+                    return modes[cfg["pooling_mode"]]
+                raise ConversionError(f"{modules}: only MEAN, CLS and LAST pooling are supported")
+        return None
+
+    def set_vocab(self, w: gguf.GGUFWriter) -> None:
+        from .vocab import set_vocab_gpt2
+
+        set_vocab_gpt2(self, w)
+
+    def extra_tensors(self) -> Iterable[tuple]:
+        """Generated tensors (e.g. rope_freqs): (gguf name, float32 array)."""
+        return ()
+
+    # ---- planning ----------------------------------------------------------------------------------
+    def plan(self, out_type: GGMLType) -> list[PlannedTensor]:
+        self.check_shapes()
+        planned: list[PlannedTensor] = []
+        for src_name, t in self.ckpt.items():
+            name = self.filter_name(src_name)
+            if name is None:
+                continue
+            if t.dtype not in FLOAT_DTYPES:
+                raise ConversionError(f"{t.file.path}: tensor {src_name!r} has dtype {t.dtype}; only "
+                                      f"F32, F16 and BF16 checkpoints are supported")
+            bid = _bid(name)
+            for new_name, shape, fn in self.plan_tensor(name, t, bid):
+                planned.append(PlannedTensor(new_name, tuple(shape), t, fn or (lambda x: x), bid=_bid(new_name)))
+        seen = set()
+        for p in planned:
+            if p.name in seen:
+                raise ConversionError(f"{self.dir}: two checkpoint tensors map to {p.name!r}")
+            seen.add(p.name)
+            p.qtype = self.tensor_type(p.name, len(p.shape), p.bid, out_type)
+        return planned
+
+    def tensor_type(self, new_name: str, n_dims: int, bid, out_type: GGMLType) -> GGMLType:
+        """convert_hf_to_gguf.py's rule: 1-d tensors, norms, non-weights and a few kinds stay F32."""
+        if n_dims <= 1 or new_name.endswith("_norm.weight"):
+            return GGMLType.F32
+        if any(self.is_kind(new_name, k, bid) for k in _F32_KINDS) or not new_name.endswith(".weight"):
+            return GGMLType.F32
+        return out_type
+
+
+def load_source(t: SafeTensor) -> np.ndarray:
+    """What convert_hf_to_gguf.py computes with: F16 and F32 as stored, BF16 widened to F32."""
+    a = t.array()
+    if t.dtype == "BF16":
+        u = a.astype(np.uint32)
+        u <<= 16  # in place: no second full-size temporary
+        return u.view(np.float32)
+    return a
+
+
+def count_parameters(planned: list[PlannedTensor]) -> int:
+    return sum(math.prod(p.shape) for p in planned)
