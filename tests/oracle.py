@@ -118,10 +118,41 @@ def libllama() -> ctypes.CDLL:
     return ctypes.CDLL(str(lib_dir() / "libllama.so"), mode=ctypes.RTLD_GLOBAL)
 
 
-def vendor_llama_cpp() -> Path | None:
-    """The llama.cpp source tree shipped in the llama-cpp-python sdist, if .ci/run unpacked it."""
-    p = os.environ.get("GGUF_KQUANT_LLAMA_CPP_SRC")
-    return Path(p) if p and Path(p).exists() else None
+ORACLE_SRC = Path(__file__).resolve().parents[1] / "oracle-src"  # git-ignored
+
+
+@functools.lru_cache(maxsize=None)
+def vendor_llama_cpp() -> Path:
+    """llama.cpp's source tree from the sdist of the installed llama-cpp-python (the library's own source).
+
+    ``GGUF_KQUANT_LLAMA_CPP_SRC`` points at an unpacked tree (.ci/run sets it); otherwise the sdist is
+    fetched once with pip into ``oracle-src/`` (pip's cache usually has it from building the oracle), so the
+    README's test command works on a fresh machine by itself.
+    """
+    env = os.environ.get("GGUF_KQUANT_LLAMA_CPP_SRC")
+    if env:
+        if not (Path(env) / "src" / "llama-quant.cpp").is_file():
+            raise OracleMissing(f"GGUF_KQUANT_LLAMA_CPP_SRC={env} is not a llama.cpp source tree")
+        return Path(env)
+    from importlib.metadata import version
+    import subprocess
+    import sys
+    import tarfile
+
+    ver = version("llama-cpp-python")
+    tree = ORACLE_SRC / f"llama_cpp_python-{ver}" / "vendor" / "llama.cpp"
+    if not (tree / "src" / "llama-quant.cpp").is_file():
+        ORACLE_SRC.mkdir(exist_ok=True)
+        sdist = ORACLE_SRC / f"llama_cpp_python-{ver}.tar.gz"
+        if not sdist.is_file():
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:",
+                                "--no-deps", f"llama-cpp-python=={ver}", "-d", str(ORACLE_SRC)],
+                               capture_output=True, text=True)
+            if r.returncode != 0 or not sdist.is_file():
+                raise OracleMissing(f"could not download the llama-cpp-python {ver} sdist: {r.stderr[-2000:]}")
+        with tarfile.open(sdist) as tar:
+            tar.extractall(ORACLE_SRC, filter="data")
+    return tree
 
 
 def quantize_row_symbol(symbol: str, type_id: int, x: np.ndarray) -> np.ndarray:

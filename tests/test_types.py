@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -74,9 +73,9 @@ def test_block_dtypes():
 def _llama_quant_source() -> str:
     import oracle
 
-    root = oracle.vendor_llama_cpp() or Path("/work/oracle/llama_cpp_python-0.3.36/vendor/llama.cpp")
+    root = oracle.vendor_llama_cpp()
     path = root / "src" / "llama-quant.cpp"
-    assert path.exists(), f"llama.cpp source needed for this test (set GGUF_KQUANT_LLAMA_CPP_SRC): {path}"
+    assert path.exists(), f"llama.cpp source tree lacks {path}"
     return path.read_text()
 
 
