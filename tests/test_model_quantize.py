@@ -412,6 +412,27 @@ def test_dry_run_writes_nothing_and_cli_report(models, tmp_path, capsys):
     assert main(["quantize", str(models["gqa"]), str(out), "Q9_X", "-q"]) == 1
 
 
+def test_progress_lines_and_quiet(models, tmp_path, capsys):
+    from gguf_kquant.cli import main
+
+    src, out = models["gqa"], tmp_path / "o.gguf"
+    assert main(["quantize", str(src), str(out), "Q4_K_M"]) == 0
+    lines = capsys.readouterr().err.splitlines()  # progress goes to stderr
+    with gguf_kquant.open(src) as f:
+        names = {t.name for t in f.tensors}
+    per_tensor = [ln for ln in lines if ln.startswith("[")]
+    assert len(per_tensor) == len(names)
+    assert all(any(f" {n} " in ln for n in names) for ln in per_tensor)
+    percents = [float(ln.split("]")[1].split("%")[0]) for ln in per_tensor]
+    assert percents == sorted(percents) and percents[-1] == 100.0
+    assert any("MiB/s" in ln and "->" in ln for ln in per_tensor)
+    assert lines[-1].startswith("time") and "MiB/s" in lines[-1]
+    out.unlink()
+    assert main(["quantize", str(src), str(out), "Q4_K_M", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == captured.err == "" and out.exists()
+
+
 def test_split_max_tensors_and_size(models, tmp_path):
     """Split output as llama-gguf-split would cut llama-quantize's file: same tensors and bytes, and
     llama.cpp loads it (the logits equal the single file's)."""

@@ -172,7 +172,7 @@ def quantize_model(src, dst, ftype, *, imatrix=None, include_weights: Sequence[s
                             output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
                             tensor_types=tensor_types, keep_order=keep_split)
         by_name = {t.name: t for t in f.tensors}
-        progress = Progress(len(plan.rows), quiet=quiet, stream=stream)
+        progress = Progress(len(plan.rows), quiet=quiet, stream=stream, total_bytes=plan.src_nbytes)
         for w in plan.warnings:
             progress.say(w)
         _check_plan(plan, im, by_name, allow_requantize, dry_run)
