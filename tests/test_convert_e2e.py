@@ -8,7 +8,7 @@ import pytest
 
 import gguf_kquant
 from oracle import lib_dir
-from test_convert_helpers import SAMPLES, hf_tokenizer, make_model
+from test_convert_helpers import SAMPLES, gguf_logits, hf_logits, hf_tokenizer, llama_cpp_model, make_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
 
@@ -28,48 +28,6 @@ def models(tmp_path_factory):
     return get
 
 
-def _llama(path, **kw):
-    import llama_cpp
-    import llama_cpp.llama as _L
-
-    # llama.cpp's CPU "extra buffer types" (repack/AMX) crash on tiny Q8_0 models on this CPU (AMX_INT8):
-    # the files are byte-identical to convert_hf_to_gguf.py's, so load them with plain CPU buffers.
-    if not getattr(_L.llama_cpp, "_gguf_kquant_patched", False):
-        orig = _L.llama_cpp.llama_model_default_params
-
-        def params():
-            p = orig()
-            p.use_extra_bufts = False
-            return p
-
-        _L.llama_cpp.llama_model_default_params = params
-        _L.llama_cpp._gguf_kquant_patched = True
-    return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, n_batch=64, verbose=False, seed=0, **kw)
-
-
-def _hf_logits(model, ids, f16_weights=False):
-    import torch
-
-    if f16_weights:  # what the F16 file holds: weights rounded to half, compute in float32
-        import copy
-
-        model = copy.deepcopy(model)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.ndim >= 2:
-                    p.copy_(p.half().float())
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
-
-
-def _gguf_logits(path, ids):
-    llm = _llama(path, logits_all=True)
-    llm.eval(ids)
-    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
-    llm.close()
-    return out
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_match_transformers(models, tmp_path, arch):
     d, model = models(arch)
@@ -78,15 +36,15 @@ def test_logits_match_transformers(models, tmp_path, arch):
     for ftype, f16w, tol in (("F32", False, 2e-3), ("F16", True, 1e-2)):
         out = tmp_path / f"{arch}-{ftype}.gguf"
         gguf_kquant.convert_hf(d, out, ftype)
-        ours = _gguf_logits(out, ids)
-        ref = _hf_logits(model, ids, f16w)
+        ours = gguf_logits(out, ids)
+        ref = hf_logits(model, ids, f16w)
         scale = np.abs(ref).max()
         err = np.abs(ours - ref).max() / scale
         assert err < tol, f"{arch} {ftype}: max relative logit error {err:.2e}"
     out = tmp_path / f"{arch}-Q8_0.gguf"
     gguf_kquant.convert_hf(d, out, "Q8_0")
-    ours = _gguf_logits(out, ids)
-    ref = _hf_logits(model, ids)
+    ours = gguf_logits(out, ids)
+    ref = hf_logits(model, ids)
     agree = np.mean(ours.argmax(-1) == ref.argmax(-1))
     assert agree >= 0.9, f"{arch} Q8_0: top-1 agreement {agree:.2f}"
 
@@ -96,7 +54,7 @@ def test_tokenizer_matches_hf(models, tmp_path, arch):
     d, _ = models(arch)
     out = tmp_path / f"{arch}.gguf"
     gguf_kquant.convert_hf(d, out, "F16")
-    llm = _llama(out, vocab_only=True)
+    llm = llama_cpp_model(out, vocab_only=True)
     tok = hf_tokenizer(d)
     specials = [a.content for a in tok.get_added_tokens_decoder().values()]
     texts = SAMPLES + [f"{specials[-1]}text with a special token{specials[0]} in it"]
@@ -115,7 +73,7 @@ def test_bert_embeddings_match_transformers(models, tmp_path):
     for ftype, tol in (("F32", 1e-3), ("F16", 2e-2)):
         out = tmp_path / f"bert-{ftype}.gguf"
         gguf_kquant.convert_hf(d, out, ftype)
-        llm = _llama(out, embedding=True)
+        llm = llama_cpp_model(out, embedding=True)
         for text in SAMPLES[:5]:
             ids = tok.encode(text).ids
             assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) == ids, text

@@ -104,6 +104,69 @@ def train_wordpiece(out_dir: Path, vocab_size: int = 400) -> None:
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 
+SPM_USER = ["<|user|>", "gguf"]  # sentencepiece user-defined symbols: always one piece
+SPM_CONTROL = ["<ctrl>"]  # control symbols: never made from text
+
+
+def train_spm(out_dir: Path, *, model_type: str = "bpe", gemma: bool = False, vocab_size: int = 420,
+              past_pieces: bool = True) -> int:
+    """A SentencePiece tokenizer.model (Llama-2's settings: byte fallback, split digits, no normalization,
+    whitespace kept; Gemma's special tokens and no dummy prefix with ``gemma``) and a tokenizer_config.json.
+    With ``past_pieces``, added_tokens_decoder and added_tokens.json also name ids past the model's pieces and
+    one id is named nowhere.  Returns the vocab_size config.json needs.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    if gemma:
+        ids = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>")
+    else:
+        ids = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=buf, model_type=model_type, vocab_size=vocab_size,
+        hard_vocab_limit=False, byte_fallback=True, split_digits=True, character_coverage=0.98,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=not gemma,
+        allow_whitespace_only_pieces=True, user_defined_symbols=SPM_USER, control_symbols=SPM_CONTROL,
+        num_threads=1, minloglevel=2, **ids)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tokenizer.model").write_bytes(buf.getvalue())
+    sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
+    n = sp.vocab_size()
+
+    def entry(content, special):
+        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                "special": special}
+
+    added = {str(i): entry(sp.IdToPiece(i), sp.IsControl(i) or sp.IsUnknown(i))
+             for i in range(n) if sp.IsControl(i) or sp.IsUnknown(i) or sp.IdToPiece(i) in SPM_USER}
+    if past_pieces:  # a user-defined token with a "\u2581" (written as a space) and one that only looks special
+        added[str(n)] = entry("<sp\u2581ace>", False)
+        added[str(n + 2)] = entry("<|im_end|>", False)
+    cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+           "bos_token": sp.IdToPiece(sp.bos_id()), "eos_token": sp.IdToPiece(sp.eos_id()),
+           "unk_token": sp.IdToPiece(sp.unk_id()), "clean_up_tokenization_spaces": False,
+           "added_tokens_decoder": added, "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}
+    if gemma:
+        cfg["pad_token"] = sp.IdToPiece(sp.pad_id())
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    if not past_pieces:
+        return n
+    (out_dir / "added_tokens.json").write_text(json.dumps({"<extra_0>": n + 1}))
+    return n + 4  # id n + 3 is named nowhere: a [PAD] token
+
+
+def spm_to_tokenizer_json(model_dir: Path, keep_model: bool = False) -> None:
+    """Add the byte-fallback BPE tokenizer.json transformers converts tokenizer.model to (Llama-2 and Mistral
+    repos ship both) and, unless ``keep_model``, remove tokenizer.model (what some repos ship)."""
+    import transformers as tf
+
+    tf.LlamaTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(model_dir))
+    if not keep_model:
+        (model_dir / "tokenizer.model").unlink()
+
+
 def hf_tokenizer(model_dir: Path):
     from tokenizers import Tokenizer
 
@@ -119,14 +182,35 @@ def _save(model, out_dir: Path, dtype, shard=None) -> None:
 
 
 def make_model(arch: str, out_dir: Path, *, dtype: str = "float32", seed: int = 0, vocab_size: int | None = None,
-               hidden_size: int = 64, shard_size: str | None = None):
-    """Build a tiny random checkpoint of ``arch`` in ``out_dir`` (config, safetensors, tokenizer)."""
+               hidden_size: int = 64, shard_size: str | None = None, tokenizer: str = "bpe"):
+    """Build a tiny random checkpoint of ``arch`` in ``out_dir`` (config, safetensors, tokenizer).
+
+    ``tokenizer``: ``bpe`` (byte-level BPE or, for bert, WordPiece tokenizer.json); ``spm`` / ``spm-unigram``
+    (a SentencePiece tokenizer.model, see train_spm); ``spm-bare`` (tokenizer.model alone, no
+    tokenizer_config.json); ``spm+json`` (tokenizer.model and the tokenizer.json transformers makes of it);
+    ``llama-hf`` (that tokenizer.json alone).
+    """
     import torch
     import transformers as tf
 
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
-    if arch in ("llama", "mistral"):
+    ids = {"gemma3": dict(bos_token_id=2, eos_token_id=1), "qwen2": dict(bos_token_id=0, eos_token_id=2),
+           "qwen3": dict(bos_token_id=0, eos_token_id=2)}.get(arch, dict(bos_token_id=0, eos_token_id=1))
+    if tokenizer != "bpe":
+        # convert_hf_to_gguf.py's llama_hf vocabulary is as long as the tokenizer, not config.json's vocab_size:
+        # with ids past the pieces llama.cpp could not load its own conversion
+        n_spm = train_spm(out_dir, model_type="unigram" if tokenizer == "spm-unigram" else "bpe",
+                          gemma=arch == "gemma3", past_pieces=tokenizer != "llama-hf")
+        vocab_size = vocab_size or n_spm
+        if arch != "gemma3":
+            ids = dict(bos_token_id=1, eos_token_id=2)
+        if tokenizer in ("llama-hf", "spm+json"):
+            spm_to_tokenizer_json(out_dir, keep_model=tokenizer == "spm+json")
+        elif tokenizer == "spm-bare":
+            (out_dir / "tokenizer_config.json").unlink()
+            (out_dir / "added_tokens.json").unlink()
+    elif arch in ("llama", "mistral"):
         specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
         train_bpe(out_dir, regex=LLAMA3_RE, specials=specials, bos=specials[0], eos=specials[1],
                   chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
@@ -145,23 +229,20 @@ def make_model(arch: str, out_dir: Path, *, dtype: str = "float32", seed: int = 
     common = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
                   vocab_size=n_vocab, max_position_embeddings=256)
     if arch == "llama":
-        cfg = tf.LlamaConfig(num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                             bos_token_id=0, eos_token_id=1, **common)
+        cfg = tf.LlamaConfig(num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False, **ids, **common)
         model = tf.LlamaForCausalLM(cfg)
     elif arch == "mistral":
-        cfg = tf.MistralConfig(num_key_value_heads=2, sliding_window=None, bos_token_id=0, eos_token_id=1, **common)
+        cfg = tf.MistralConfig(num_key_value_heads=2, sliding_window=None, **ids, **common)
         model = tf.MistralForCausalLM(cfg)
     elif arch == "qwen2":
-        cfg = tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2,
-                             **common)
+        cfg = tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **ids, **common)
         model = tf.Qwen2ForCausalLM(cfg)
     elif arch == "qwen3":
-        cfg = tf.Qwen3Config(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, bos_token_id=0,
-                             eos_token_id=2, **common)
+        cfg = tf.Qwen3Config(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, **ids, **common)
         model = tf.Qwen3ForCausalLM(cfg)
     elif arch == "gemma3":
         cfg = tf.Gemma3TextConfig(num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
-                                  sliding_window=512, bos_token_id=2, eos_token_id=1, pad_token_id=0, **common)
+                                  sliding_window=512, pad_token_id=0, **ids, **common)
         model = tf.Gemma3ForCausalLM(cfg)
     elif arch == "bert":
         cfg = tf.BertConfig(type_vocab_size=2, pad_token_id=0, **common)
@@ -184,12 +265,18 @@ def vendor_convert(model_dir: Path, outfile: Path, outtype: str = "f16", pre: st
     """Run llama.cpp's own convert_hf_to_gguf.py (with its bundled gguf-py) on ``model_dir``.
 
     Tiny tokenizers trained here have no entry in its pre-tokenizer hash table, so ``pre`` (the name our
-    converter chose) is injected in place of the hash lookup.
+    converter chose) is injected in place of the hash lookup (it only matters to the GPT-2 BPE path).
     """
+    vendor_convert_many([(model_dir, outfile)], outtype, pre)
+
+
+def vendor_convert_many(jobs, outtype: str = "f16", pre: str | None = None) -> None:
+    """vendor_convert for each (model_dir, outfile) of ``jobs``, in one process (torch is imported once)."""
     from oracle import vendor_llama_cpp
 
     src = vendor_llama_cpp()
     assert src is not None, "GGUF_KQUANT_LLAMA_CPP_SRC is not set: .ci/run unpacks llama.cpp's source there"
+    argvs = [["convert_hf_to_gguf.py", str(d), "--outfile", str(o), "--outtype", outtype] for d, o in jobs]
     driver = (
         "import sys, runpy\n"
         f"sys.path.insert(0, {str(src)!r}); sys.path.insert(1, {str(src / 'gguf-py')!r})\n"
@@ -197,13 +284,59 @@ def vendor_convert(model_dir: Path, outfile: Path, outtype: str = "f16", pre: st
         f"PRE = {pre!r}\n"
         "if PRE is not None:\n"
         "    b.TextModel.get_vocab_base_pre = lambda self, tokenizer: PRE\n"
-        f"sys.argv = ['convert_hf_to_gguf.py', {str(model_dir)!r}, '--outfile', {str(outfile)!r}, '--outtype', {outtype!r}]\n"
-        f"runpy.run_path({str(src / 'convert_hf_to_gguf.py')!r}, run_name='__main__')\n"
+        f"main = runpy.run_path({str(src / 'convert_hf_to_gguf.py')!r}, run_name='convert_hf_to_gguf')['main']\n"
+        f"for sys.argv in {argvs!r}:\n"
+        "    main()\n"
     )
     env = dict(os.environ)
     env.pop("NO_LOCAL_GGUF", None)
     r = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, env=env, cwd=str(src))
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+def llama_cpp_model(path, **kw):
+    """llama.cpp (through llama-cpp-python) on a GGUF file: one thread, a small context."""
+    import llama_cpp
+    import llama_cpp.llama as _L
+
+    # llama.cpp's CPU "extra buffer types" (repack/AMX) crash on tiny Q8_0 models on this CPU (AMX_INT8):
+    # the files are byte-identical to convert_hf_to_gguf.py's, so load them with plain CPU buffers.
+    if not getattr(_L.llama_cpp, "_gguf_kquant_patched", False):
+        orig = _L.llama_cpp.llama_model_default_params
+
+        def params():
+            p = orig()
+            p.use_extra_bufts = False
+            return p
+
+        _L.llama_cpp.llama_model_default_params = params
+        _L.llama_cpp._gguf_kquant_patched = True
+    return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, n_batch=64, verbose=False, seed=0, **kw)
+
+
+def hf_logits(model, ids, f16_weights=False):
+    """transformers' logits of ``ids`` (float32 numpy, one row per position)."""
+    import torch
+
+    if f16_weights:  # what the F16 file holds: weights rounded to half, compute in float32
+        import copy
+
+        model = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim >= 2:
+                    p.copy_(p.half().float())
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def gguf_logits(path, ids):
+    """llama.cpp's logits of ``ids``, one row per position."""
+    llm = llama_cpp_model(path, logits_all=True)
+    llm.eval(ids)
+    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    llm.close()
+    return out
 
 
 def test_corpus_has_hard_cases():
@@ -255,3 +388,12 @@ def diff_gguf(ours, theirs, ignore_keys=()):
     if [t[0] for t in t1] != [t[0] for t in t2] and not out:
         out.append("tensor order differs")
     return out
+
+
+def assert_same_gguf(ours, theirs) -> dict:
+    """The same keys, types, values, tensors and bytes, in the same order; returns our typed metadata."""
+    assert diff_gguf(ours, theirs) == []
+    (m1, t1), (m2, t2) = gguf_summary(ours), gguf_summary(theirs)
+    assert list(m1) == list(m2)
+    assert [t[0] for t in t1] == [t[0] for t in t2]
+    return m1

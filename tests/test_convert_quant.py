@@ -191,16 +191,25 @@ def test_safetensors_reader_round_trip_and_hostile_headers(tmp_path):
 
 
 def test_sentencepiece_tokenizers_are_refused_not_mangled(tmp_path, tiny):
+    # tokenizer.model is read first (as convert_hf_to_gguf.py does): a corrupt one is an error, not a fallback
     d = _copy(tiny, tmp_path / "m")
     (d / "tokenizer.model").write_bytes(b"\x0a\x00")
-    with pytest.raises(ConversionError, match="SentencePiece"):
+    with pytest.raises(ConversionError, match=r"tokenizer\.model: not a SentencePiece model"):
         gguf_kquant.convert_hf(d, tmp_path / "o.gguf")
     (d / "tokenizer.model").unlink()
+    # byte-fallback BPE that is no Llama-2 fast tokenizer (its decoder is byte-level): GPT-2 tokens would be wrong
     tj = json.loads((d / "tokenizer.json").read_text())
     tj["model"]["byte_fallback"] = True
     (d / "tokenizer.json").write_text(json.dumps(tj))
     with pytest.raises(ConversionError, match="byte_fallback"):
         gguf_kquant.convert_hf(d, tmp_path / "o.gguf")
+    # BERT's vocabulary comes from tokenizer.json only, in llama.cpp too
+    b = tmp_path / "bert"
+    make_model("bert", b, seed=9)
+    (b / "tokenizer.json").unlink()
+    (b / "tokenizer.model").write_bytes(b"\x0a\x00")
+    with pytest.raises(ConversionError, match="only a SentencePiece tokenizer.model, but bert needs tokenizer.json"):
+        gguf_kquant.convert_hf(b, tmp_path / "o.gguf")
     assert not (tmp_path / "o.gguf").exists()
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import gguf_kquant
-from test_convert_helpers import diff_gguf, gguf_summary, make_model, vendor_convert
+from test_convert_helpers import assert_same_gguf, make_model, vendor_convert
 
 # tokenizer.ggml.pre: our trained tokenizers are not in llama.cpp's hash table; convert_hf_to_gguf.py is given
 # the name our converter infers from the split regex (its hash lookup would refuse them).
@@ -24,12 +24,7 @@ def _check(model_dir, root, name, ftype, outtype, pre):
     theirs = root / f"{name}.theirs.gguf"
     gguf_kquant.convert_hf(model_dir, ours, ftype, overwrite=True)
     vendor_convert(model_dir, theirs, outtype, pre=pre)
-    assert diff_gguf(ours, theirs) == []
-    # also the same order of keys and tensors
-    (m1, t1), (m2, t2) = gguf_summary(ours), gguf_summary(theirs)
-    assert list(m1) == list(m2)
-    assert [t[0] for t in t1] == [t[0] for t in t2]
-    return m1
+    return assert_same_gguf(ours, theirs)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "bert"])

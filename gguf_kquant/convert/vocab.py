@@ -1,10 +1,19 @@
-"""Tokenizers: read ``tokenizer.json`` / ``tokenizer_config.json`` and write llama.cpp's ``tokenizer.*`` keys.
+"""Tokenizers: read the checkpoint's tokenizer files and write llama.cpp's ``tokenizer.*`` keys.
 
-Token lists and types are rebuilt from ``tokenizer.json`` directly (no transformers needed); merges, special
-token ids, add_bos/add_eos and the chat template come from gguf-py's :class:`gguf.SpecialVocab`, the same code
-convert_hf_to_gguf.py uses.  The pre-tokenizer name is looked up by llama.cpp's hash of the token ids of a
-check text (needs the ``tokenizers`` package, extra ``convert``); when the hash is unknown (e.g. a newly
-trained tokenizer) it is inferred from the pre-tokenizer's split regex.
+Three vocabularies, as convert_hf_to_gguf.py writes them:
+
+* ``gpt2`` (byte-level BPE) and ``bert`` (WordPiece): tokens and types rebuilt from ``tokenizer.json``
+  directly (no transformers needed).  The pre-tokenizer name is looked up by llama.cpp's hash of the token
+  ids of a check text (needs the ``tokenizers`` package, extra ``convert``); when the hash is unknown (e.g. a
+  newly trained tokenizer) it is inferred from the pre-tokenizer's split regex.
+* ``llama`` (SentencePiece): pieces, scores and types from ``tokenizer.model`` (the ``sentencepiece``
+  package, extra ``convert``), overridden by ``added_tokens.json`` and tokenizer_config.json's
+  ``added_tokens_decoder``.
+* ``llama`` from a byte-fallback BPE ``tokenizer.json`` without ``tokenizer.model`` (Llama-2 style fast
+  tokenizer): gguf-py's :class:`gguf.LlamaHfVocab`, which asks transformers' AutoTokenizer.
+
+Merges, special token ids, add_bos/add_eos and the chat template come from gguf-py's
+:class:`gguf.SpecialVocab` (brought up to date below), the same code convert_hf_to_gguf.py uses.
 """
 
 from __future__ import annotations
@@ -80,6 +89,9 @@ def _looks_special(tok: str) -> bool:
 def vocab_base(conv) -> tuple[list, list, dict]:
     """Tokens and token types like convert_hf_to_gguf.py's ``get_vocab_base`` (GPT-2 BPE and WordPiece)."""
     path = conv.dir / "tokenizer.json"
+    if not path.is_file() and (conv.dir / "tokenizer.model").is_file():
+        raise ConversionError(f"{conv.dir}: only a SentencePiece tokenizer.model, but {conv.arch_name} needs "
+                              f"tokenizer.json (convert_hf_to_gguf.py reads this vocabulary only from there)")
     tj = read_json(path)
     model = tj.get("model") or {}
     if model.get("type") not in ("BPE", "WordPiece"):
@@ -113,25 +125,21 @@ def vocab_base(conv) -> tuple[list, list, dict]:
     return tokens, types, tj
 
 
-def check_not_sentencepiece(conv) -> None:
-    """convert_hf_to_gguf.py prefers a SentencePiece ``tokenizer.model`` (and, for llama, a byte-fallback BPE
-    ``tokenizer.json``) over the GPT-2 path: refuse those rather than write a different vocabulary."""
-    if (conv.dir / "tokenizer.model").is_file():
-        raise ConversionError(f"{conv.dir / 'tokenizer.model'}: SentencePiece tokenizers are not supported yet "
-                              f"(supported: GPT-2 style byte-level BPE and WordPiece tokenizer.json)")
-    model = (read_json(conv.dir / "tokenizer.json").get("model") or {})
+def check_not_byte_fallback(conv, tok_json: dict) -> None:
+    """A byte-fallback BPE tokenizer.json (SentencePiece style: "\u2581" for spaces, <0xXX> byte tokens) written
+    as a GPT-2 byte-level vocabulary would tokenize every text wrongly: refuse it rather than write that
+    (convert_hf_to_gguf.py reads it as a ``llama`` vocabulary only for Llama/Mistral, see is_llama_hf)."""
+    model = tok_json.get("model") or {}
     if model.get("type") == "BPE" and model.get("byte_fallback"):
-        raise ConversionError(f"{conv.dir / 'tokenizer.json'}: SentencePiece-style BPE (byte_fallback) is not "
-                              f"supported yet (supported: GPT-2 style byte-level BPE and WordPiece)")
+        raise ConversionError(
+            f"{conv.dir / 'tokenizer.json'}: a SentencePiece-style BPE (byte_fallback) tokenizer is not "
+            f"supported for {conv.arch_name} without its tokenizer.model (supported here: GPT-2 style "
+            f"byte-level BPE and WordPiece)")
 
 
 def set_vocab_gpt2(conv, w: gguf.GGUFWriter) -> None:
-    check_not_sentencepiece(conv)
-    cfg_path = conv.dir / "tokenizer_config.json"
-    if conv.arch == gguf.MODEL_ARCH.LLAMA and cfg_path.is_file():
-        if (aps := read_json(cfg_path).get("add_prefix_space")) is not None:
-            w.add_add_space_prefix(aps)
     tokens, types, tj = vocab_base(conv)
+    check_not_byte_fallback(conv, tj)
     pre = conv.options.get("pre_tokenizer") or pre_tokenizer_name(conv.dir, tj)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
@@ -139,6 +147,100 @@ def set_vocab_gpt2(conv, w: gguf.GGUFWriter) -> None:
     w.add_token_types(types)
     SpecialVocab(conv.dir, load_merges=True).add_to_gguf(w)
     conv.pre_tokenizer = pre
+
+
+def _add_llama_vocab(conv, w: gguf.GGUFWriter, tokens: list, scores: list, types: list) -> None:
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")  # llama.cpp's SentencePiece tokenizer has no pre-tokenizer variants
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    SpecialVocab(conv.dir, n_vocab=len(tokens)).add_to_gguf(w)
+    conv.pre_tokenizer = "default"
+
+
+def sentencepiece_vocab(conv) -> tuple[list, list, list]:
+    """Tokens, scores and types like convert_hf_to_gguf.py's ``_create_vocab_sentencepiece``.
+
+    The list always has config.json's ``vocab_size`` entries: ids the tokenizer files do not name stay
+    ``[PAD<id>]`` (UNUSED, score -10000) and pieces beyond ``vocab_size`` are dropped, as llama.cpp does.
+    """
+    path = conv.dir / "tokenizer.model"
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError:
+        raise ConversionError(f"{path}: reading a SentencePiece tokenizer needs the 'sentencepiece' package: "
+                              f"pip install 'gguf-kquant[convert]'") from None
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(path))
+    except (RuntimeError, OSError) as exc:
+        raise ConversionError(f"{path}: not a SentencePiece model: {exc}") from None
+    T = gguf.TokenType
+    n = conv.find(["vocab_size_per_layer_input", "vocab_size"], optional=True) or sp.vocab_size()
+    tokens, scores, types = [f"[PAD{i}]" for i in range(n)], [-10000.0] * n, [T.UNUSED] * n
+    for i in range(min(n, sp.vocab_size())):
+        # sentencepiece's user-defined pieces are NORMAL here; added_tokens_decoder usually re-types them
+        types[i] = (T.UNKNOWN if sp.IsUnknown(i) else T.CONTROL if sp.IsControl(i) else
+                    T.UNUSED if sp.IsUnused(i) else T.BYTE if sp.IsByte(i) else T.NORMAL)
+        tokens[i], scores[i] = sp.IdToPiece(i), sp.GetScore(i)
+    if (added := conv.dir / "added_tokens.json").is_file():
+        for tok, i in read_json(added).items():
+            if i < n:
+                tokens[i], scores[i], types[i] = tok, -1000.0, T.USER_DEFINED
+    if (cfg := conv.dir / "tokenizer_config.json").is_file():
+        for i, a in read_json(cfg).get("added_tokens_decoder", {}).items():
+            i, tok = int(i), a["content"]
+            if i >= n:
+                continue
+            if a.get("special") or _looks_special(tok):
+                types[i] = T.CONTROL
+            else:
+                tok = tok.replace("\u2581", " ")  # llama.cpp wants user-defined tokens pre-normalized
+                types[i] = T.USER_DEFINED
+            tokens[i], scores[i] = tok, -1000.0
+    return tokens, scores, types
+
+
+def set_vocab_sentencepiece(conv, w: gguf.GGUFWriter) -> None:
+    """convert_hf_to_gguf.py's ``_set_vocab_sentencepiece``: a ``llama`` vocabulary from tokenizer.model."""
+    _add_llama_vocab(conv, w, *sentencepiece_vocab(conv))
+
+
+def set_vocab_sentencepiece_or_gpt2(conv, w: gguf.GGUFWriter) -> bool:
+    """What most convert_hf_to_gguf.py models do: SentencePiece when tokenizer.model exists (returns True),
+    else GPT-2 BPE from tokenizer.json."""
+    if (conv.dir / "tokenizer.model").is_file():
+        set_vocab_sentencepiece(conv, w)
+        return True
+    set_vocab_gpt2(conv, w)
+    return False
+
+
+def is_llama_hf(conv) -> bool:
+    """Whether convert_hf_to_gguf.py takes tokenizer.json as a Llama-2 style fast tokenizer (the checks at
+    the top of gguf-py's LlamaHfVocab; anything else falls through to the GPT-2 path)."""
+    path = conv.dir / "tokenizer.json"
+    if not path.is_file():
+        return False
+    tj = read_json(path)
+    model = tj.get("model") or {}
+    return (model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+            and (tj.get("decoder") or {}).get("type") == "Sequence")
+
+
+def set_vocab_llama_hf(conv, w: gguf.GGUFWriter) -> None:
+    """convert_hf_to_gguf.py's ``_set_vocab_llama_hf``.  gguf-py's LlamaHfVocab (the same in gguf 0.19 and in
+    the llama.cpp this package matches) decides token types with transformers' view of the special tokens,
+    so it is reused rather than re-derived."""
+    try:
+        vocab = gguf.LlamaHfVocab(conv.dir)
+    except ImportError:
+        raise ConversionError(f"{conv.dir / 'tokenizer.json'}: reading a byte-fallback BPE tokenizer needs "
+                              f"transformers' AutoTokenizer, as convert_hf_to_gguf.py does: "
+                              f"pip install transformers") from None
+    tokens, scores, types = zip(*vocab.all_tokens())
+    _add_llama_vocab(conv, w, list(tokens), list(scores), list(types))
 
 
 def set_vocab_bert(conv, w: gguf.GGUFWriter) -> None:

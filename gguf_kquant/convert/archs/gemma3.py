@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import gguf
 
 from ..base import Converter, register
-from ..vocab import read_json
+from ..vocab import read_json, sentencepiece_vocab, set_vocab_sentencepiece_or_gpt2
 
 
 @register
@@ -46,11 +45,22 @@ class Gemma3Converter(Converter):
             w.add_sliding_window(h["sliding_window"])
         w.add_head_count_kv(h.get("num_key_value_heads", 4))
 
+    def set_vocab(self, w):
+        if set_vocab_sentencepiece_or_gpt2(self, w):
+            w.add_add_space_prefix(False)  # Gemma's SentencePiece model adds no dummy prefix
+
+    def n_vocab_real(self) -> int:
+        """The rows of token_embd that llama.cpp keeps: as many as the vocabulary written (the SentencePiece
+        one is always config.json's vocab_size long, so it keeps them all)."""
+        if (self.dir / "tokenizer.model").is_file():
+            return len(sentencepiece_vocab(self)[0])
+        tj = read_json(self.dir / "tokenizer.json")
+        return len(tj["model"]["vocab"]) + len(tj.get("added_tokens", []))
+
     def plan_tensor(self, name, t, bid):
         shape, fn = tuple(t.shape), None
         if "embed_tokens.weight" in name:
-            tj = read_json(self.dir / "tokenizer.json")
-            n_real = len(tj["model"]["vocab"]) + len(tj.get("added_tokens", []))
+            n_real = self.n_vocab_real()
             if n_real < shape[0]:
                 shape = (n_real,) + shape[1:]
                 fn = lambda x, n=n_real: x[:n]  # noqa: E731

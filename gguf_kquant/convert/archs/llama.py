@@ -8,7 +8,10 @@ import numpy as np
 
 import gguf
 
+from ...errors import ConversionError
 from ..base import Converter, register
+from ..vocab import (SpecialVocab, is_llama_hf, read_json, set_vocab_gpt2, set_vocab_llama_hf,
+                     set_vocab_sentencepiece)
 
 
 def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
@@ -46,6 +49,34 @@ class LlamaConverter(Converter):
         w.add_vocab_size(h["vocab_size"])
         rope_dim = h.get("head_dim") or h["hidden_size"] // h["num_attention_heads"]
         w.add_rope_dimension_count(rope_dim)
+
+    def set_vocab(self, w):
+        # convert_hf_to_gguf.py's LlamaModel.set_vocab: SentencePiece (Llama-2, Mistral-7B), else a byte-fallback
+        # BPE tokenizer.json (Llama-2 fast tokenizer), else GPT-2 byte-level BPE (Llama-3)
+        if (self.dir / "tekken.json").is_file() and not (self.dir / "tokenizer.json").is_file():
+            raise ConversionError(f"{self.dir / 'tekken.json'}: Mistral's tekken tokenizer is not supported")
+        cfg_path = self.dir / "tokenizer_config.json"
+        cfg = read_json(cfg_path) if cfg_path.is_file() else {}
+        if (aps := cfg.get("add_prefix_space")) is not None:
+            w.add_add_space_prefix(aps)
+        if cfg.get("tokenizer_class") == "HybridDNATokenizer":
+            raise ConversionError(f"{cfg_path}: HybridDNATokenizer is not supported")
+        if (self.dir / "tokenizer.model").is_file():
+            set_vocab_sentencepiece(self, w)
+        elif is_llama_hf(self):
+            set_vocab_llama_hf(self, w)
+        else:
+            set_vocab_gpt2(self, w)
+        n_vocab = self.hparams.get("vocab_size", 32000)
+        if n_vocab == 32016:  # CodeLlama: its infill tokens are fixed ids its tokenizer files do not name
+            # (gguf-py's writer lost add_prefix/suffix/middle_token_id, so only eot is written, as in llama.cpp)
+            types = ("prefix", "suffix", "middle", "eot")
+            infill = SpecialVocab(self.dir, special_token_types=types)
+            for typ, tid in zip(types, range(32007, 32011)):
+                infill._set_special_token(typ, tid)
+            infill.add_to_gguf(w)
+        if n_vocab == 49152:  # llama.cpp's rule for the small granite models
+            w.add_add_bos_token(False)
 
     def plan_tensor(self, name, t, bid):
         n_head = self.hparams["num_attention_heads"]

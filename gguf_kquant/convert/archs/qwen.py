@@ -5,6 +5,7 @@ from __future__ import annotations
 import gguf
 
 from ..base import Converter, register
+from ..vocab import set_vocab_sentencepiece_or_gpt2
 
 
 @register
@@ -16,6 +17,9 @@ class Qwen2Converter(Converter):
         super().set_parameters(w)
         if (pooling := self.pooling_type()) is not None:
             w.add_pooling_type(pooling)
+
+    def set_vocab(self, w):
+        set_vocab_sentencepiece_or_gpt2(self, w)  # convert_hf_to_gguf.py's Qwen2Model tries tokenizer.model too
 
     def check_shapes(self):
         h = self.hparams
