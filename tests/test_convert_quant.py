@@ -238,3 +238,27 @@ def test_imatrix_mix_equals_convert_then_quantize_model(tmp_path, llama256):
     plain = tmp_path / "plain.gguf"
     gguf_kquant.convert_hf(llama256, plain, "Q4_K_M")
     assert diff_gguf(ours, plain) != []  # the imatrix changed something
+
+
+@pytest.mark.parametrize("ftype", ["F16", "Q4_K_M"])
+def test_nonfinite_or_fp16_overflowing_weights_are_refused(tmp_path, tiny, ftype):
+    """NaN/Inf in the checkpoint, or F32 values beyond fp16's range in an F16 output: a clear error naming the
+    tensor, row and column; nothing is written."""
+    from gguf_kquant.convert.safetensors import open_checkpoint, write_safetensors
+    from gguf_kquant.errors import BadTensorDataError
+
+    name = "model.layers.1.mlp.down_proj.weight"
+    for bad, expect in ((np.nan, r"blk\.1\.ffn_down\.weight.*nan at row 5, column 7"),
+                        (1e6, r"blk\.1\.ffn_down\.weight.*1000000\.0 at row 5, column 7 overflows F16")):
+        d = _copy(tiny, tmp_path / f"m{bad}")
+        ckpt = open_checkpoint(d)
+        arrays = {n: np.array(t.array()) for n, t in ckpt.items()}
+        files = {t.file.path for _, t in ckpt.items()}
+        assert len(files) == 1 and arrays[name].dtype == np.float32
+        arrays[name][5, 7] = bad
+        del ckpt
+        write_safetensors(next(iter(files)), arrays)
+        out = tmp_path / f"o-{ftype}.gguf"
+        with pytest.raises(BadTensorDataError, match=expect):
+            gguf_kquant.convert_hf(d, out, ftype)
+        assert not out.exists() and not list(tmp_path.glob("*.tmp*"))

@@ -117,7 +117,7 @@ def quantize(x, qtype: TypeLike, imatrix=None, *, threads: Optional[int] = None)
     n_rows = x2d.shape[0]
     if x2d.size and not np.isfinite(x2d).all():
         row, col = _first_nonfinite(x2d)
-        raise BadTensorDataError(f"non-finite value {x2d[row, col]!r} at row {row}, column {col}")
+        raise BadTensorDataError(f"non-finite value {float(x2d[row, col])!r} at row {row}, column {col}")
 
     weights = None
     if imatrix is not None and info.imatrix is not Imatrix.IGNORED:
@@ -126,7 +126,7 @@ def quantize(x, qtype: TypeLike, imatrix=None, *, threads: Optional[int] = None)
             raise ImatrixError(f"imatrix has {weights.size} values but rows have {n_per_row} columns")
         if not np.isfinite(weights).all():
             col = int(np.argmax(~np.isfinite(weights)))
-            raise ImatrixError(f"imatrix value at column {col} is {weights[col]!r}")
+            raise ImatrixError(f"imatrix value at column {col} is {float(weights[col])!r}")
     elif info.imatrix is Imatrix.REQUIRED:
         raise ImatrixError(f"{info.name} cannot be quantized without an importance matrix")
 

@@ -22,9 +22,9 @@ import numpy as np
 
 import gguf
 
-from ..errors import ConversionError
+from ..errors import BadTensorDataError, ConversionError
 from ..types import GGMLType
-from .base import FLOAT_FTYPES, REGISTRY, Converter, PlannedTensor, count_parameters, load_source
+from .base import FLOAT_FTYPES, REGISTRY, Converter, PlannedTensor, count_parameters, load_source, widen_bf16
 from .safetensors import open_checkpoint
 from . import archs as _archs  # noqa: F401  (fills REGISTRY)
 
@@ -225,34 +225,62 @@ def _metadata(conv: Converter, planned: list, file_type, model_name) -> list:
 
 
 def _producer(p: PlannedTensor, im, progress):
+    """A callable for the writer: yields tensor ``p``'s output bytes, in row slabs when it is quantized.
+
+    A tensor without a transform is read from the mapped checkpoint slab by slab (peak: one slab); one with
+    a whole-tensor transform (q/k permutation, norm shift, ...) is transformed once, then F16 rounding (the
+    F16 file llama-quantize would read) and quantization go slab by slab (peak: one float32 copy).
+    """
+
     def make():
+        from ..model.quantize import SLAB_BYTES, _check_finite
+
         t0 = time.perf_counter()
-        x = load_source(p.source) if p.source is not None else None
-        y = p.make(x)
-        src_type = getattr(p, "src_type", None)
-        if src_type == GGMLType.F16 and y.dtype != np.float16:
-            y = y.astype(np.float16)  # the F16 file llama-quantize would have read
-        if p.qtype == GGMLType.F32:
-            out = np.array(y, dtype=np.float32, order="C")  # a copy, so the source pages can be dropped
-        elif p.qtype == GGMLType.F16:
-            out = np.array(y, dtype=np.float16, order="C")
+        widen = False
+        if p.make is None:  # stored elements (BF16 as uint16 bits), widened per slab
+            y = p.source.array()
+            widen = p.source.dtype == "BF16"
         else:
-            from .. import quantize
+            x = load_source(p.source) if p.source is not None else None
+            y = p.make(x)
+            del x
+        rows = y.reshape(-1, y.shape[-1]) if y.ndim else y.reshape(1, 1)
+        src_type = getattr(p, "src_type", None)
+        weights = None
+        if im is not None and p.qtype not in (GGMLType.F32, GGMLType.F16):
+            from ..model.quantize import _imatrix_for
 
-            weights = None
-            if im is not None:
-                from ..model.quantize import _imatrix_for
+            weights = _imatrix_for(_Row(p), im)
+        step = max(1, SLAB_BYTES // max(4 * rows.shape[1], 1))
+        n_out = 0
+        for r0 in range(0, rows.shape[0], step):
+            slab = widen_bf16(rows[r0:r0 + step]) if widen else rows[r0:r0 + step]
+            _check_finite(p.name, slab, r0)  # NaN/Inf weights: refuse, naming tensor, row and column
+            if src_type == GGMLType.F16 or p.qtype == GGMLType.F16:
+                with np.errstate(over="ignore"):  # overflow is reported below, with its position
+                    half = slab.astype(np.float16)
+                if not np.isfinite(half).all():  # finite, but beyond fp16's range: would be stored as inf
+                    r, c = np.argwhere(~np.isfinite(half))[0]
+                    raise BadTensorDataError(f"tensor {p.name}: value {float(slab[r, c])!r} at row {r0 + r}, "
+                                             f"column {c} overflows F16")
+                slab = half
+            if p.qtype == GGMLType.F32:
+                out = np.ascontiguousarray(slab, dtype=np.float32)
+            elif p.qtype == GGMLType.F16:
+                out = np.ascontiguousarray(slab)
+            else:
+                from .. import quantize
 
-                weights = _imatrix_for(_Row(p), im)
-            out = quantize(np.asarray(y, dtype=np.float32), p.qtype.name, imatrix=weights)
-        del x, y
+                out = quantize(slab, p.qtype.name, imatrix=weights)
+            n_out += out.nbytes
+            yield out
+        del y, rows
         if p.source is not None:
             p.source.release()
         if progress is not None:
             src = p.source.dtype if p.source is not None else "F32"
-            progress.tensor(p.name, p.shape[::-1], src, p.qtype.name, p.source.nbytes if p.source else out.nbytes,
-                            out.nbytes, time.perf_counter() - t0)
-        return out
+            progress.tensor(p.name, p.shape[::-1], src, p.qtype.name, p.source.nbytes if p.source else n_out,
+                            n_out, time.perf_counter() - t0)
 
     return make
 

@@ -57,7 +57,9 @@ class PlannedTensor:
     name: str
     shape: tuple
     source: SafeTensor
-    make: Callable[[np.ndarray], np.ndarray]  # source values (float32 or float16) -> output values
+    # source values (float32 or float16) -> output values; None: the source values unchanged, which lets the
+    # producer read the source slab by slab instead of as a whole
+    make: Optional[Callable[[np.ndarray], np.ndarray]]
     qtype: GGMLType = GGMLType.F32
     bid: Optional[int] = None
 
@@ -227,7 +229,7 @@ class Converter:
                                       f"F32, F16 and BF16 checkpoints are supported")
             bid = _bid(name)
             for new_name, shape, fn in self.plan_tensor(name, t, bid):
-                planned.append(PlannedTensor(new_name, tuple(shape), t, fn or (lambda x: x), bid=_bid(new_name)))
+                planned.append(PlannedTensor(new_name, tuple(shape), t, fn, bid=_bid(new_name)))
         seen = set()
         for p in planned:
             if p.name in seen:
@@ -248,11 +250,14 @@ class Converter:
 def load_source(t: SafeTensor) -> np.ndarray:
     """What convert_hf_to_gguf.py computes with: F16 and F32 as stored, BF16 widened to F32."""
     a = t.array()
-    if t.dtype == "BF16":
-        u = a.astype(np.uint32)
-        u <<= 16  # in place: no second full-size temporary
-        return u.view(np.float32)
-    return a
+    return widen_bf16(a) if t.dtype == "BF16" else a
+
+
+def widen_bf16(bits: np.ndarray) -> np.ndarray:
+    """BF16 bit patterns (uint16) -> float32, exactly."""
+    u = bits.astype(np.uint32)
+    u <<= 16  # in place: no second full-size temporary
+    return u.view(np.float32)
 
 
 def count_parameters(planned: list[PlannedTensor]) -> int:

@@ -60,7 +60,7 @@ class Imatrix:
             bad = ~np.isfinite(v)
             if bad.any():
                 col = int(np.argmax(bad))
-                raise ImatrixError(f"imatrix {self.path}: entry {name!r} has non-finite value {v[col]!r} "
+                raise ImatrixError(f"imatrix {self.path}: entry {name!r} has non-finite value {float(v[col])!r} "
                                    f"at index {col}")
 
     def kv(self) -> list:

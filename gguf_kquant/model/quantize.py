@@ -412,7 +412,7 @@ def _check_finite(name: str, x: np.ndarray, row0: int) -> None:
     if bad.any():
         r = int(np.argmax(bad.any(axis=1)))
         c = int(np.argmax(bad[r]))
-        raise BadTensorDataError(f"tensor {name} has invalid data: {x[r, c]!r} at row {row0 + r}, column {c}")
+        raise BadTensorDataError(f"tensor {name} has invalid data: {float(x[r, c])!r} at row {row0 + r}, column {c}")
 
 
 class _Stats:
