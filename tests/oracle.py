@@ -172,3 +172,39 @@ def dequantize_row_symbol(symbol: str, raw: np.ndarray, n_per_row: int) -> np.nd
     out = np.empty((raw.shape[0], n_per_row), dtype=np.float32)
     fn(raw.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.size)
     return out
+
+
+# llama-cpp-python's high-level Llama() crashes (SIGSEGV) evaluating quantized models on this machine's
+# CPU-repack ("extra buffer") path; the low-level API with use_extra_bufts=False works.  A subprocess keeps a
+# crash from taking pytest down.
+_LOGITS_DRIVER = """
+import sys, numpy as np, llama_cpp as L
+L.llama_backend_init()
+mp = L.llama_model_default_params(); mp.use_extra_bufts = False
+m = L.llama_model_load_from_file(sys.argv[1].encode(), mp)
+assert m, "llama.cpp could not load " + sys.argv[1]
+cp = L.llama_context_default_params(); cp.n_ctx = 64; cp.n_batch = 64; cp.n_threads = 1; cp.n_threads_batch = 1
+ctx = L.llama_init_from_model(m, cp)
+toks = [int(t) for t in sys.argv[3].split(",")]
+b = L.llama_batch_init(len(toks), 0, 1)
+for i, t in enumerate(toks):
+    b.token[i] = t; b.pos[i] = i; b.n_seq_id[i] = 1; b.seq_id[i][0] = 0; b.logits[i] = 1
+b.n_tokens = len(toks)
+assert L.llama_decode(ctx, b) == 0
+n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(m))
+np.save(sys.argv[2], np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(len(toks), n_vocab)).copy())
+"""
+
+
+
+
+def llama_logits(path, tokens, out) -> np.ndarray:
+    """llama.cpp's logits (n_tokens, n_vocab) for ``tokens`` through model file ``path`` (saved to ``out``)."""
+    import subprocess
+    import sys
+
+    libllama()
+    r = subprocess.run([sys.executable, "-c", _LOGITS_DRIVER, str(path), str(out), ",".join(map(str, tokens))],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"llama.cpp failed on {path}: rc {r.returncode}\n{r.stderr[-2000:]}"
+    return np.load(out)

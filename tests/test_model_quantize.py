@@ -13,8 +13,6 @@ import ctypes
 import filecmp
 import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ import gguf_kquant
 from gguf_kquant.errors import BadTensorDataError, ImatrixError, QuantizeError
 from gguf_kquant.model.mixes import MIXES
 from gguf_kquant.model.planner import allows_quantization
+from oracle import llama_logits
 
 ALL_MIXES = list(MIXES)
 SUBSET = ["F16", "Q8_0", "Q4_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S", "Q6_K"]
@@ -307,36 +306,6 @@ def test_keep_split_matches(models, tmp_path):
 
 
 # --- llama.cpp loads our output and computes the same logits -------------------------------------------
-# llama-cpp-python's high-level Llama() crashes (SIGSEGV) evaluating any quantized model on this machine's
-# CPU-repack ("extra buffer") path; the low-level API with use_extra_bufts=False works.  A subprocess keeps a
-# crash from taking pytest down.
-_EVAL = """
-import sys, numpy as np, llama_cpp as L
-L.llama_backend_init()
-mp = L.llama_model_default_params(); mp.use_extra_bufts = False
-m = L.llama_model_load_from_file(sys.argv[1].encode(), mp)
-assert m, "llama.cpp could not load " + sys.argv[1]
-cp = L.llama_context_default_params(); cp.n_ctx = 64; cp.n_batch = 64; cp.n_threads = 2; cp.n_threads_batch = 2
-ctx = L.llama_init_from_model(m, cp)
-toks = [int(t) for t in sys.argv[3].split(",")]
-b = L.llama_batch_init(len(toks), 0, 1)
-for i, t in enumerate(toks):
-    b.token[i] = t; b.pos[i] = i; b.n_seq_id[i] = 1; b.seq_id[i][0] = 0; b.logits[i] = 1
-b.n_tokens = len(toks)
-assert L.llama_decode(ctx, b) == 0
-n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(m))
-np.save(sys.argv[2], np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(len(toks), n_vocab)).copy())
-"""
-
-
-def llama_logits(path, tokens, out):
-    _llama()
-    r = subprocess.run([sys.executable, "-c", _EVAL, str(path), str(out), ",".join(map(str, tokens))],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, f"llama.cpp failed on {path}: rc {r.returncode}\n{r.stderr[-2000:]}"
-    return np.load(out)
-
-
 @pytest.mark.parametrize("model,mix", [("gqa", "Q4_K_M"), ("moe", "Q3_K_M"), ("odd", "Q5_K_M"), ("tied", "Q2_K")])
 def test_llama_cpp_runs_our_output(models, tmp_path, model, mix):
     src = models[model]

@@ -5,7 +5,6 @@ reader agrees with what we write; llama.cpp loads and evaluates models we wrote 
 from __future__ import annotations
 
 import ctypes
-import subprocess
 import sys
 from pathlib import Path
 
@@ -140,34 +139,11 @@ def test_gguf_py_reads_llama_cpp_roundtrip_identically(models, tmp_path):
 # ------------------------------------------------------------------------------------------------------
 # (c) llama.cpp loads and evaluates what we write
 # ------------------------------------------------------------------------------------------------------
-# llama-cpp-python's high-level Llama() crashes (SIGSEGV) evaluating quantized models on this machine's
-# CPU-repack path (see test_model_quantize.py); the low-level API with use_extra_bufts=False works.  A
-# subprocess keeps a crash from taking pytest down.
-_EVAL = """
-import sys, numpy as np, llama_cpp as L
-L.llama_backend_init()
-mp = L.llama_model_default_params(); mp.use_extra_bufts = False
-m = L.llama_model_load_from_file(sys.argv[1].encode(), mp)
-assert m, "llama.cpp could not load " + sys.argv[1]
-cp = L.llama_context_default_params(); cp.n_ctx = 64; cp.n_batch = 64; cp.n_threads = 1; cp.n_threads_batch = 1
-ctx = L.llama_init_from_model(m, cp)
-toks = [1, 300, 301, 302]
-b = L.llama_batch_init(len(toks), 0, 1)
-for i, t in enumerate(toks):
-    b.token[i] = t; b.pos[i] = i; b.n_seq_id[i] = 1; b.seq_id[i][0] = 0; b.logits[i] = 1
-b.n_tokens = len(toks)
-assert L.llama_decode(ctx, b) == 0
-n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(m))
-np.save(sys.argv[2], np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(len(toks), n_vocab)).copy())
-"""
+TOKENS = [1, 300, 301, 302]
 
 
 def llama_logits(path: Path, out: Path) -> np.ndarray:
-    oracle.libllama()
-    r = subprocess.run([sys.executable, "-c", _EVAL, str(path), str(out)], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, f"llama.cpp failed on {path}: rc {r.returncode}\n{r.stderr[-2000:]}"
-    return np.load(out)
+    return oracle.llama_logits(path, TOKENS, out)
 
 
 def test_llama_cpp_evaluates_models_we_wrote(models, tmp_path):

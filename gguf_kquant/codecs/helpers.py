@@ -284,84 +284,23 @@ def make_q3_quants(x, nmax, L, do_rmse):
     return np.float32(np.float32(1.0) / iscale)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def make_qkx2_quants(x, weights, nmax, L, Laux, rmin, rdelta, nstep, use_mad):
     """Port of ggml's ``make_qkx2_quants``: asymmetric (scale, min) search, ``x ~ scale * L - the_min``.
 
     ``L``/``Laux`` uint8 of ``len(x)``; returns ``(scale, the_min)`` (C returns the scale and writes
     ``*the_min``).  ``rmin``/``rdelta`` are float32 like C's ``float`` parameters.
 
+    With weights given, ggml's make_qkx2_quants and make_qkx3_quants perform the same float operations in
+    the same order (qkx2 gives up when ``max == min``, qkx3 when ``max <= min``, and ``max >= min`` always
+    holds), so this is make_qkx3_quants with C's argument order.
+
     >>> import numpy as np
     >>> x = np.linspace(-1, 2, 32).astype(np.float32)
     >>> L, Laux = np.empty(32, np.uint8), np.empty(32, np.uint8)
     >>> scale, the_min = make_qkx2_quants(x, np.abs(x), 15, L, Laux, -1.0, 0.1, 20, False)
     """
-    n = x.shape[0]
-    rmin = np.float32(rmin)
-    rdelta = np.float32(rdelta)
-    fmin = x[0]
-    fmax = x[0]
-    sum_w = np.float32(weights[0])
-    sum_x = np.float32(sum_w * x[0])
-    for i in range(1, n):
-        if x[i] < fmin:
-            fmin = x[i]
-        if x[i] > fmax:
-            fmax = x[i]
-        w = np.float32(weights[i])
-        sum_w = np.float32(sum_w + w)
-        sum_x = np.float32(sum_x + w * x[i])
-    if fmin > np.float32(0.0):
-        fmin = np.float32(0.0)
-    if fmax == fmin:
-        for i in range(n):
-            L[i] = 0
-        return np.float32(0.0), np.float32(-fmin)
-    fnmax = np.float32(nmax)
-    iscale = np.float32(fnmax / (fmax - fmin))
-    scale = np.float32(np.float32(1.0) / iscale)
-    best_error = np.float32(0.0)
-    for i in range(n):
-        l = nearest_int(iscale * (x[i] - fmin))
-        L[i] = max(0, min(nmax, l))
-        diff = np.float32(scale * np.float32(L[i]) + fmin - x[i])
-        diff = np.float32(abs(diff)) if use_mad else np.float32(diff * diff)
-        best_error = np.float32(best_error + np.float32(weights[i]) * diff)
-    if nstep < 1:
-        return scale, np.float32(-fmin)
-    for is_ in range(nstep + 1):
-        iscale = np.float32((rmin + rdelta * np.float32(is_) + fnmax) / (fmax - fmin))
-        sum_l = np.float32(0.0)
-        sum_l2 = np.float32(0.0)
-        sum_xl = np.float32(0.0)
-        for i in range(n):
-            l = nearest_int(iscale * (x[i] - fmin))
-            l = max(0, min(nmax, l))
-            Laux[i] = l
-            w = np.float32(weights[i])
-            fl = np.float32(l)
-            sum_l = np.float32(sum_l + w * fl)
-            sum_l2 = np.float32(sum_l2 + w * fl * fl)
-            sum_xl = np.float32(sum_xl + w * fl * x[i])
-        D = np.float32(sum_w * sum_l2 - sum_l * sum_l)
-        if D > np.float32(0.0):
-            this_scale = np.float32((sum_w * sum_xl - sum_x * sum_l) / D)
-            this_min = np.float32((sum_l2 * sum_x - sum_l * sum_xl) / D)
-            if this_min > np.float32(0.0):
-                this_min = np.float32(0.0)
-                this_scale = np.float32(sum_xl / sum_l2)
-            cur_error = np.float32(0.0)
-            for i in range(n):
-                diff = np.float32(this_scale * np.float32(Laux[i]) + this_min - x[i])
-                diff = np.float32(abs(diff)) if use_mad else np.float32(diff * diff)
-                cur_error = np.float32(cur_error + np.float32(weights[i]) * diff)
-            if cur_error < best_error:
-                for i in range(n):
-                    L[i] = Laux[i]
-                best_error = cur_error
-                scale = this_scale
-                fmin = this_min
-    return scale, np.float32(-fmin)
+    return make_qkx3_quants(x, nmax, weights, L, Laux, rmin, rdelta, nstep, use_mad)
 
 
 @njit(cache=True, nogil=True)
