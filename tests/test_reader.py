@@ -516,3 +516,18 @@ def test_any_metadata_reads_back(prop_dir, kvs, bo, version):
         assert list(f.metadata) == [k for k, _ in kvs]
         for key, (vt, value) in kvs:
             _check_against_built(f.metadata.typed(key), f.metadata[key], vt, value)
+
+
+def test_uint64_array_beyond_int64_roundtrips(tmp_path):
+    # numpy turns [0, 2**63] into float64; the value layer must keep every bit (issue 9, item 10)
+    from gguf_kquant.container.values import Value
+
+    p = tmp_path / "u64.gguf"
+    md = {"explicit": Value([0, 2**63, 2**64 - 1], VT.ARRAY, VT.UINT64), "inferred": [1, 2**63 + 1]}
+    gguf_kquant.write(p, md, {"t": np.zeros(4, np.float32)}, fsync=False)
+    with gguf_kquant.open(p) as f:
+        assert f.metadata["explicit"].tolist() == [0, 2**63, 2**64 - 1]
+        assert f.metadata.typed("inferred").element_type == VT.UINT64
+        assert f.metadata["inferred"].tolist() == [1, 2**63 + 1]
+    with pytest.raises(gguf_kquant.GGUFError, match="UINT64"):
+        Value([-1, 2**63], VT.ARRAY, VT.UINT64)

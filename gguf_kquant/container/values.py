@@ -15,7 +15,7 @@ Python value           GGUF type chosen by default (pass a :class:`Value` to cho
 numpy scalar           its own dtype (``np.uint8(3)`` -> UINT8, ``np.float64`` -> FLOAT64, ...)
 numpy 1-d array        ARRAY of its dtype
 ``list``/``tuple``     ARRAY: of STRING if all str, BOOL if all bool, INT32 if all ints fit (else
-                       INT64), FLOAT32 if floats; a list of lists is an ARRAY of ARRAYs
+                       INT64, else UINT64), FLOAT32 if floats; a list of lists is an ARRAY of ARRAYs
 =====================  ==========================================================================
 """
 
@@ -96,6 +96,21 @@ class Value:
             if self.element_type is None:
                 raise WriteError("an ARRAY value needs an element_type")
             object.__setattr__(self, "element_type", GGUFValueType(self.element_type))
+            if self.element_type == GGUFValueType.UINT64 and isinstance(self.value, (list, tuple)):
+                object.__setattr__(self, "value", _uint64_items(self.value))
+
+
+def _uint64_items(items):
+    """A list of Python ints with one >= 2**63 -> a list of ``np.uint64`` (``np.asarray`` would turn the
+    Python ints into float64, losing the low bits); any other list is left for the writer to check."""
+    if not any(isinstance(v, int) and not isinstance(v, bool) and v >= 2**63 for v in items):
+        return items
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in items):
+        return items
+    lo, hi = min(int(v) for v in items), max(int(v) for v in items)
+    if lo < 0 or hi >= 2**64:
+        raise WriteError(f"values [{lo}, {hi}] do not fit UINT64 [0, {2**64 - 1}]")
+    return [np.uint64(int(v)) for v in items]
 
 
 def _int_type(v: int) -> GGUFValueType:
@@ -141,8 +156,10 @@ def to_value(v: Any, key: str = "?") -> Value:
         if items and all(isinstance(i, (bool, np.bool_)) for i in items):
             return Value(items, GGUFValueType.ARRAY, GGUFValueType.BOOL)
         if items and all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in items):
-            fits32 = all(-(2**31) <= int(i) < 2**31 for i in items)
-            return Value(items, GGUFValueType.ARRAY, GGUFValueType.INT32 if fits32 else GGUFValueType.INT64)
+            lo, hi = min(int(i) for i in items), max(int(i) for i in items)
+            if -(2**31) <= lo and hi < 2**31:
+                return Value(items, GGUFValueType.ARRAY, GGUFValueType.INT32)
+            return Value(items, GGUFValueType.ARRAY, GGUFValueType.UINT64 if hi >= 2**63 else GGUFValueType.INT64)
         if items and all(isinstance(i, (int, float, np.integer, np.floating)) for i in items):
             return Value(items, GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
         if not items:
