@@ -10,7 +10,8 @@ import pytest
 
 import gguf_kquant
 from gguf_kquant.errors import UnknownTypeError
-from gguf_kquant.types import TYPES, GGMLType, Imatrix, TypeInfo, type_info
+from gguf_kquant import types as types_module
+from gguf_kquant.types import TYPES, GGMLType, Imatrix, TypeInfo, register_kernel, type_info
 
 # gguf 0.19.0 disagrees with ggml here; asserted explicitly below so the test notices when gguf is fixed.
 GGUF_PY_WRONG_SIZES = {GGMLType.Q8_1: (32, 40)}  # ggml: (32, 36) — gguf-py counts an fp32 s
@@ -116,9 +117,48 @@ def test_unknown_types(bad):
 
 
 def test_kernel_lookup_errors():
-    with pytest.raises(UnknownTypeError, match="no codec"):
+    with pytest.raises(UnknownTypeError, match="needs an importance matrix"):
         type_info("IQ2_XXS").kernel("quantize")
-    with pytest.raises(UnknownTypeError, match="no quantize imatrix kernel"):
+    with pytest.raises(UnknownTypeError, match="no importance-matrix quantizer"):
         type_info("F16").kernel("quantize_imatrix")
+    with pytest.raises(UnknownTypeError, match="no codec"):
+        type_info("I32").kernel("dequantize")
+    with pytest.raises(ValueError, match="unknown kernel operation"):
+        type_info("Q8_0").kernel("encode")
     assert callable(type_info("Q8_0").kernel("dequantize"))
     assert isinstance(type_info("q8_0"), TypeInfo)
+
+
+@pytest.mark.parametrize("row", [r for r in TYPES.values() if r.codec], ids=lambda r: r.name)
+def test_every_row_has_its_registered_kernels(row):
+    """Importing the modules a row names registers exactly the kernels the row says it has."""
+    for op in row.ops:
+        assert callable(row.kernel(op)), (row.name, op)
+    registered = {op for (t, op) in types_module._KERNELS if t is row.ggml_type}
+    assert registered == set(row.ops), row.name
+
+
+def test_rows_without_codec_are_the_integer_and_f64_types():
+    assert {r.name for r in TYPES.values() if not r.codec} == {"I8", "I16", "I32", "I64", "F64"}
+
+
+def test_registration_is_checked():
+    def quantize_fake(x, out):
+        pass
+
+    quantize_fake.__module__ = "gguf_kquant.codecs.elsewhere"
+    with pytest.raises(ImportError, match="whose row names"):
+        register_kernel("Q4_K", "quantize")(quantize_fake)
+    quantize_fake.__module__ = "gguf_kquant.codecs.legacy"
+    with pytest.raises(ImportError, match="whose row has only"):
+        register_kernel("Q8_0", "quantize_imatrix")(quantize_fake)
+    quantize_fake.__module__ = "gguf_kquant.codecs.kquants"
+    type_info("Q4_K").kernel("quantize")
+    with pytest.raises(ImportError, match="two quantize kernels"):
+        register_kernel("Q4_K", "quantize")(quantize_fake)
+
+
+def test_field_offsets_come_from_the_block_dtype():
+    assert type_info("Q4_K").field_offset("qs") == 16
+    assert type_info("Q2_K").field_offset("d") == 80
+    assert type_info("IQ4_XS").field_offset("qs") == 8
