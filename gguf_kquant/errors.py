@@ -45,6 +45,33 @@ class WriteError(GGUFError):
     """What the writer was asked to write is something llama.cpp would reject."""
 
 
+# --- files --------------------------------------------------------------------------------------------
+class GGUFIOError(GGUFError, OSError):
+    """A file could not be opened, read or written: missing, a directory or FIFO, no permission, disk full,
+    file too large.  Also an ``OSError`` whose ``errno``/``strerror``/``filename`` are those of the cause;
+    the message always names the file."""
+
+    def __init__(self, message: str, *, errno=None, strerror=None, filename=None):
+        super().__init__(message)
+        self.errno, self.strerror, self.filename = errno, strerror, filename
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+    @classmethod
+    def wrap(cls, path, exc: OSError, doing: str = "cannot read") -> "GGUFIOError":
+        """``path: cannot read: [Errno 28] No space left on device`` from an ``OSError``.
+
+        >>> raise GGUFIOError.wrap("m.gguf", exc, "cannot open")                # doctest: +SKIP
+        """
+        why = f"[Errno {exc.errno}] {exc.strerror}" if exc.errno is not None else str(exc)
+        return cls(f"{path}: {doing}: {why}", errno=exc.errno, strerror=exc.strerror, filename=str(path))
+
+
+class FileChangedError(GGUFIOError):
+    """A file being read shrank or was replaced while it was open (its mapped bytes are gone)."""
+
+
 # --- types and codecs ------------------------------------------------------------------------------
 class UnknownTypeError(GGUFError):
     """A ggml type name or id we do not know, or one we have no codec for."""
