@@ -7,7 +7,9 @@ import struct
 import numpy as np
 import pytest
 
-from gguf_kquant.errors import ImatrixError
+import gguf_kquant
+from gguf_kquant.container.values import GGUFValueType as V, Value
+from gguf_kquant.errors import GGUFIOError, ImatrixError
 from gguf_kquant.model.imatrix import load_imatrix, write_legacy_imatrix
 
 
@@ -93,5 +95,22 @@ def test_include_exclude_and_nonfinite(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(ImatrixError, match="cannot read"):
+    with pytest.raises(GGUFIOError, match=r"nope.dat: cannot open: \[Errno 2\]"):
         load_imatrix(tmp_path / "nope.dat")
+    with pytest.raises(GGUFIOError, match="a directory"):
+        load_imatrix(tmp_path)
+
+
+@pytest.mark.parametrize("key,value,why", [
+    ("imatrix.chunk_count", "ten", "imatrix.chunk_count must be of type UINT32, not STRING"),
+    ("imatrix.chunk_count", Value(-3, V.INT32), "imatrix.chunk_count must be of type UINT32, not INT32"),
+    ("imatrix.chunk_size", 1.5, "imatrix.chunk_size must be of type UINT32, not FLOAT32"),
+    ("imatrix.datasets", Value([1], V.ARRAY, V.INT32), "must be of type ARRAY of STRING, not ARRAY of INT32"),
+])
+def test_metadata_of_the_wrong_type(tmp_path, key, value, why):
+    md = {"imatrix.datasets": ["d"], "imatrix.chunk_count": 10, "imatrix.chunk_size": 512, key: value}
+    p = tmp_path / "im.gguf"
+    gguf_kquant.write(p, md, {"t.in_sum2": np.ones(4, np.float32), "t.counts": np.ones(1, np.float32)},
+                      fsync=False)
+    with pytest.raises(ImatrixError, match=why):
+        load_imatrix(p)

@@ -52,7 +52,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
+import sys
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
@@ -61,6 +63,8 @@ import numpy as np
 from ..errors import (
     BadMagicError,
     DuplicateError,
+    FileChangedError,
+    GGUFIOError,
     LimitExceededError,
     MalformedFileError,
     SplitError,
@@ -86,6 +90,7 @@ MAX_TYPE_ID = 1023  # ours: type ids above the ones we know but below this are "
 LAZY_STRING_ARRAY = 64  # string arrays longer than this are decoded on first access
 REMOVED_TYPE_IDS = frozenset({4, 5, 31, 32, 33, 36, 37, 38})
 _INT64_MAX = (1 << 63) - 1
+_LITTLE_ENDIAN = sys.byteorder == "little"
 _SIZE_MAX = (1 << 64) - 1
 
 _VT = GGUFValueType
@@ -295,30 +300,72 @@ class TensorInfo:
         return 8.0 * self.nbytes / n if n and self.nbytes_exact else None
 
     def raw(self) -> np.ndarray:
-        """The tensor's bytes as a read-only uint8 array viewing the memory-mapped file (no copy)."""
-        mm = self._mapping.mm
+        """The tensor's bytes as a read-only uint8 array viewing the memory-mapped file (no copy).
+
+        The file's size is checked first (:class:`~gguf_kquant.errors.FileChangedError` if it shrank).  A
+        view is only as safe as the file under it: if another program truncates the file while the view is
+        in use, reading it raises SIGBUS, as with any memory map.  :meth:`numpy` and :meth:`chunks` read
+        with ``pread`` and are immune.
+        """
+        mapping = self._mapping
+        mm = mapping.mm
         if mm is None:
-            raise ValueError(f"{self.path}: the GGUF file is closed")
+            raise GGUFIOError(f"{self.path}: the GGUF file is closed", filename=str(self.path))
         if self.nbytes == 0:
             out = np.empty(0, np.uint8)
             out.flags.writeable = False
             return out
+        mapping.check(self.offset + self.nbytes, f"tensor {self.name!r}")
         return np.frombuffer(mm, dtype=np.uint8, count=self.nbytes, offset=self.offset)
+
+    def read(self) -> np.ndarray:
+        """The tensor's bytes as a new, writable uint8 array, read with ``pread`` (a copy, never the map)."""
+        out = np.empty(self.nbytes, np.uint8)
+        if self.nbytes:
+            self._read_into(out, self.offset)
+        return out
+
+    def chunks(self, max_bytes: int = 16 << 20) -> Iterator[np.ndarray]:
+        """The tensor's bytes in order, as new uint8 arrays of at most ``max_bytes`` (a multiple of the
+        block size when the type is known), read with ``pread``: what a copier should use, because a file
+        that shrinks meanwhile raises :class:`~gguf_kquant.errors.FileChangedError` instead of SIGBUS."""
+        unit = TYPES[self.ggml_type].type_size if isinstance(self.ggml_type, GGMLType) else 1
+        step = max(unit, max_bytes // unit * unit)
+        for start in range(0, self.nbytes, step):
+            out = np.empty(min(step, self.nbytes - start), np.uint8)
+            self._read_into(out, self.offset + start)
+            yield out
+
+    def _read_into(self, out: np.ndarray, offset: int) -> None:
+        if self._mapping.fd is None:
+            raise GGUFIOError(f"{self.path}: the GGUF file is closed", filename=str(self.path))
+        self._mapping.read_into(out, offset, f"tensor {self.name!r}")
 
     def numpy(self, *, threads: Optional[int] = None) -> np.ndarray:
         """The tensor's values: float32 for float and quantized types (``gguf_kquant.dequantize``), the
-        stored dtype for I8/I16/I32/I64/F64; native byte order, a new array of shape :attr:`shape`."""
+        stored dtype for I8/I16/I32/I64/F64; native byte order, a new array of shape :attr:`shape`.
+
+        The bytes are read with ``pread`` (not through the map), so a file truncated meanwhile raises
+        :class:`~gguf_kquant.errors.FileChangedError` rather than killing the process."""
         if not isinstance(self.ggml_type, GGMLType):
             raise UnknownTypeError(
                 f"{self.path}: offset {self.offset}: tensor {self.name!r} has ggml type id {self.ggml_type}, "
                 f"newer than this version of gguf_kquant knows; its values cannot be decoded"
             )
         info = TYPES[self.ggml_type]
-        data = self.raw()
         block_dtype = info.block_dtype
+        native = self.byte_order == "=" or self.byte_order == ("<" if _LITTLE_ENDIAN else ">")
+        if native and (not info.codec or info.ggml_type == GGMLType.F32):
+            # F32, I8..I64, F64: read straight into the result (one copy, the file's own dtype)
+            dt = np.dtype(np.float32) if info.codec else block_dtype.newbyteorder("=")
+            out = np.empty(self.nbytes // dt.itemsize, dt)
+            if out.size:
+                self._read_into(out, self.offset)
+            return out.reshape(self.shape)
+        data = self.read()
         if self.byte_order == ">":
             data = _swap_blocks(data, info, self)
-        if not info.is_quantized and info.codec is None:  # I8..I64, F64: keep their own dtype
+        if not info.codec:  # I8..I64, F64: keep their own dtype
             return data.view(block_dtype).astype(block_dtype.newbyteorder("=")).reshape(self.shape)
         from ..codecs import dequantize
 
@@ -376,14 +423,57 @@ class TensorList(list):
 # The header parser
 # ------------------------------------------------------------------------------------------------------
 class _Mapping:
-    """The memory map of one file; ``close()`` tolerates numpy views still alive (they keep it mapped)."""
+    """The memory map of one file, and its descriptor (kept open for ``fstat`` and ``pread``).
+
+    Bytes read through a map whose file was truncated by another process raise SIGBUS, which kills the
+    interpreter; so every bulk read of tensor data (``numpy()``, :meth:`TensorInfo.chunks`) goes through
+    ``pread`` instead — a short read becomes :class:`~gguf_kquant.errors.FileChangedError` — and ``raw()``
+    and lazily decoded metadata check the file's size with ``fstat`` before touching the map.
+
+    ``close()`` tolerates numpy views still alive (they keep the map alive)."""
 
     def __init__(self, path: Path):
-        with open(path, "rb") as fh:
-            self.size = os.fstat(fh.fileno()).st_size
+        self.path = path
+        self.fd = open_regular(path)
+        try:
+            self.size = os.fstat(self.fd).st_size
             if self.size == 0:
                 raise TruncatedFileError(f"{path}: offset 0: the file is empty")
-            self.mm: Optional[mmap.mmap] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            try:
+                self.mm: Optional[mmap.mmap] = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                raise GGUFIOError.wrap(path, exc, "cannot map") from None
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def check(self, end: int, what: str) -> None:
+        """Raise FileChangedError unless the file still holds bytes up to ``end`` (the map is safe to read)."""
+        try:
+            now = os.fstat(self.fd).st_size if self.fd is not None else self.size
+        except OSError as exc:
+            raise GGUFIOError.wrap(self.path, exc, f"cannot read {what}") from None
+        if now < end:
+            raise FileChangedError(
+                f"{self.path}: {what}: the file shrank from {self.size} to {now} bytes while it was open; "
+                f"bytes up to offset {end} are gone (another program truncated or rewrote it)")
+
+    def read_into(self, out, offset: int, what: str) -> None:
+        """Fill the writable buffer ``out`` with the file's bytes at ``offset`` (pread, never the map)."""
+        if self.fd is None:
+            raise ValueError(f"{self.path}: the GGUF file is closed")
+        view = memoryview(out).cast("B")
+        done, n = 0, view.nbytes
+        while done < n:
+            try:
+                got = os.preadv(self.fd, [view[done:done + _PREAD_MAX]], offset + done)
+            except OSError as exc:
+                raise GGUFIOError.wrap(self.path, exc, f"cannot read {what}") from None
+            if got == 0:
+                self.check(offset + n, what)  # says by how much the file shrank
+                raise FileChangedError(f"{self.path}: {what}: the file ends at offset {offset + done} while "
+                                       f"reading up to {offset + n}; it changed while open")
+            done += got
 
     def close(self):
         mm, self.mm = self.mm, None
@@ -392,6 +482,37 @@ class _Mapping:
                 mm.close()
             except BufferError:
                 pass  # raw() views exist: the mapping goes away when the last of them does
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+_PREAD_MAX = 1 << 30  # Linux reads at most 0x7ffff000 bytes per call
+
+
+def open_regular(path) -> int:
+    """A read-only descriptor of ``path``, refusing what is not a regular file without blocking on it.
+
+    ``O_NONBLOCK`` lets a FIFO open at once (instead of waiting forever for a writer); ``fstat`` then refuses
+    it, like directories, sockets and devices.  Every ``OSError`` becomes
+    :class:`~gguf_kquant.errors.GGUFIOError` naming the file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise GGUFIOError.wrap(path, exc, "cannot open") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                    else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or
+                    stat.S_ISBLK(mode) else "not a regular file")
+            raise GGUFIOError(f"{path}: cannot read: {kind}, not a regular file", filename=str(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class _Parser:
@@ -400,6 +521,7 @@ class _Parser:
     def __init__(self, path: Path, mapping: _Mapping):
         self.path = path
         self.label = str(path)
+        self.mapping = mapping
         self.buf = mapping.mm
         self.size = mapping.size
         self.pos = 0
@@ -611,6 +733,10 @@ class _Parser:
 
         def decode() -> list:
             buf, base = state["buf"], state["base"]
+            if isinstance(buf, FileChangedError):
+                raise buf
+            if base == 0:
+                parser.mapping.check(end, what)  # still reading the map: is the file still whole?
             unpack = struct.Struct(parser.bo + "Q").unpack_from
             out = []
             append = out.append
@@ -628,6 +754,11 @@ class _Parser:
 
         def detach():
             if state["base"] == 0 and state["buf"] is not None:
+                try:
+                    parser.mapping.check(end, what)
+                except GGUFIOError as exc:  # the bytes are gone: decoding later says so
+                    state["buf"] = exc if isinstance(exc, FileChangedError) else FileChangedError(str(exc))
+                    return
                 state["buf"], state["base"] = bytes(state["buf"][start:end]), start
 
         decode.detach = detach
@@ -851,9 +982,11 @@ class GGUFFile:
             value = md[key]
             return list(value[:count]) if isinstance(value, (list, np.ndarray)) else [value]
         out = []
-        mm = self._shards[0].mapping.mm
+        mapping = self._shards[0].mapping
+        mm = mapping.mm
         if mm is None:
             return md[key][:count]
+        mapping.check(pending.end, f"metadata key {key!r}")
         unpack = struct.Struct(self.byte_order + "Q").unpack_from
         p = pending.start
         for _ in range(min(count, pending.count)):

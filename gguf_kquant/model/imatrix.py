@@ -28,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import GGUFError, ImatrixError
+from ..errors import GGUFError, GGUFIOError, ImatrixError
 
 __all__ = ["Imatrix", "load_imatrix", "write_legacy_imatrix"]
 
@@ -85,12 +85,16 @@ def _c_str127(s: str) -> str:
 def load_imatrix(path, *, include=(), exclude=()) -> Imatrix:
     """Read a GGUF or legacy imatrix file and normalise it the way llama-quantize does."""
     p = Path(path)
+    from ..container.reader import open_regular  # refuses FIFOs and directories without blocking
+
+    fd = open_regular(p)
     try:
-        with open(p, "rb") as fh:
+        with os.fdopen(fd, "rb") as fh:
             magic = fh.read(4)
+            legacy = None if magic == b"GGUF" else magic + fh.read()
     except OSError as exc:
-        raise ImatrixError(f"cannot read imatrix {path}: {exc}") from None
-    im = _load_gguf(p) if magic == b"GGUF" else _load_legacy(p)
+        raise GGUFIOError.wrap(p, exc, "cannot read imatrix") from None
+    im = _load_gguf(p) if legacy is None else _load_legacy(p, legacy)
     im.path = os.fspath(path)
     return im.filtered(include, exclude) if (include or exclude) else im
 
@@ -100,6 +104,8 @@ def _load_gguf(p: Path) -> Imatrix:
 
     try:
         f = open_gguf(p, split=False)
+    except GGUFIOError:
+        raise
     except GGUFError as exc:
         raise ImatrixError(f"imatrix {p}: {exc}") from None
     with f:
@@ -109,8 +115,15 @@ def _load_gguf(p: Path) -> Imatrix:
             raise ImatrixError(f"imatrix {p}: missing imatrix metadata {', '.join(missing)}")
         if len(f.tensors) < 1:
             raise ImatrixError(f"imatrix {p}: no data")
-        datasets = md["imatrix.datasets"]
-        datasets = [str(d) for d in datasets] if isinstance(datasets, (list, tuple)) else []
+        # common_imatrix_load reads these with gguf_get_val_u32 / gguf_get_arr_str, which abort on other types
+        for key, want in (("imatrix.chunk_count", "UINT32"), ("imatrix.chunk_size", "UINT32"),
+                          ("imatrix.datasets", "ARRAY")):
+            typed = md.typed(key)
+            if typed.type.name != want or (want == "ARRAY" and typed.element_type.name != "STRING"):
+                got = typed.type.name + (f" of {typed.element_type.name}" if typed.element_type else "")
+                raise ImatrixError(f"imatrix {p}: key {key} must be of type "
+                                   f"{'ARRAY of STRING' if want == 'ARRAY' else want}, not {got}")
+        datasets = [str(d) for d in md["imatrix.datasets"]]
         pairs: dict = {}
         for t in f.tensors:
             for suffix, slot in ((".in_sum2", 0), (".counts", 1)):
@@ -138,8 +151,7 @@ def _load_gguf(p: Path) -> Imatrix:
         return Imatrix(entries, datasets, int(md["imatrix.chunk_count"]), is_legacy=False)
 
 
-def _load_legacy(p: Path) -> Imatrix:
-    data = p.read_bytes()
+def _load_legacy(p: Path, data: bytes) -> Imatrix:
     pos = 0
 
     def take(fmt, what):
