@@ -63,6 +63,41 @@ def best_index_int8(n, val, x):
     return mu - 1 if _F32(x - _F32(val[mu - 1])) < _F32(_F32(val[mu]) - x) else mu
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _best_index_16(fval, x):
+    """best_index_int8(16, values, x) without branches; ``fval`` = the 16 values as float32.
+
+    Counts the midpoint tests ``!(x - v[k] < v[k+1] - x)`` that pass, k = 0..14.  For k below the interval
+    [v[ml], v[ml+1]) holding x the test passes by sign alone, above it fails by sign alone, and at k = ml it
+    is C's final comparison; x <= v[0], x >= v[15] and NaN give 0, 15, 15 as in C.  Unlike the binary
+    search this vectorizes over the elements of a block (see tests/test_codecs_small_types.py).
+    """
+    n = 0
+    for k in range(15):
+        n += not (_F32(x - fval[k]) < _F32(fval[k + 1] - x))
+    return n
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _pick_levels(fval, x, xb, idd, L, lb):
+    """L[lb + j] = best_index_int8(16, values, idd * x[xb + j]) for the 32 elements of a block."""
+    for j in range(_BLOCK):
+        L[lb + j] = _best_index_16(fval, _F32(idd * x[xb + j]))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _weighted_sums(fval, x, xb, weight, L, lb):
+    """(sumqx, sumq2) = sums of w*q*x and w*q*q over the block, q = values[L], accumulated in C's order."""
+    sumqx = _F32(0.0)
+    sumq2 = _F32(0.0)
+    for j in range(_BLOCK):
+        q = fval[L[lb + j]]
+        w = weight[j]
+        sumqx = _F32(sumqx + _F32(w * q) * x[xb + j])
+        sumq2 = _F32(sumq2 + _F32(w * q) * q)
+    return sumqx, sumq2
+
+
 # ---------------------------------------------------------------------------------------------------
 # quantize_row_iq4_nl_impl: per 32-element block, a weighted least-squares scale from 2*ntry+2 candidates;
 # with more than one block, the block scales are then quantized to 6 bits against d = -max_scale/32 and
@@ -77,11 +112,12 @@ def best_index_int8(n, val, x):
 
 @njit(cache=True, nogil=True)
 def quantize_row_iq4_nl_impl(super_block_size, x, xo, y, yo, d_off, qs_off, scales_h_off, scales_l_off,
-                             scales, weight, L, values, quant_weights, qwo, ntry):
+                             scales, weight, L, Laux, values, fval, quant_weights, qwo, ntry):
     """One super-block ``x[xo:xo+super_block_size]`` into the block at ``y[yo:]`` (field offsets given).
 
     ``quant_weights`` of length 0 stands for C's NULL; otherwise ``quant_weights[qwo + j]`` weighs x[xo + j].
-    ``scales``, ``weight``, ``L``: float32 (super_block_size/32), float32 (32), uint8 (super_block_size).
+    ``scales``, ``weight``, ``L``, ``Laux``: float32 (super_block_size/32), float32 (32), uint8
+    (super_block_size), uint8 (32) scratch; ``fval``: ``values`` as float32.
     """
     block_size = _BLOCK
     have_qw = quant_weights.shape[0] > 0
@@ -120,29 +156,15 @@ def quantize_row_iq4_nl_impl(super_block_size, x, xo, y, yo, d_off, qs_off, scal
             continue
         d = _F32(-vmax / v0) if ntry > 0 else _F32(vmax / v0)
         idd = _F32(_F32(1.0) / d)
-        sumqx = _F32(0.0)
-        sumq2 = _F32(0.0)
-        for j in range(block_size):
-            al = _F32(idd * x[xb + j])
-            l = best_index_int8(16, values, al)
-            L[lb + j] = l
-            q = _F32(values[l])
-            w = weight[j]
-            sumqx = _F32(sumqx + _F32(w * q) * x[xb + j])
-            sumq2 = _F32(sumq2 + _F32(w * q) * q)
+        _pick_levels(fval, x, xb, idd, L, lb)
+        sumqx, sumq2 = _weighted_sums(fval, x, xb, weight, L, lb)
         d = _F32(sumqx / sumq2) if sumq2 > _F32(0.0) else _F32(0.0)
         best = _F32(d * sumqx)
         for itry in range(-ntry, ntry + 1):
+            # C does not keep these levels (only d); Laux holds them for the sums
             idd = _F32(_F32(itry + np.int32(values[0])) / vmax)
-            sumqx = _F32(0.0)
-            sumq2 = _F32(0.0)
-            for j in range(block_size):
-                al = _F32(idd * x[xb + j])
-                l = best_index_int8(16, values, al)
-                q = _F32(values[l])
-                w = weight[j]
-                sumqx = _F32(sumqx + _F32(w * q) * x[xb + j])
-                sumq2 = _F32(sumq2 + _F32(w * q) * q)
+            _pick_levels(fval, x, xb, idd, Laux, 0)
+            sumqx, sumq2 = _weighted_sums(fval, x, xb, weight, Laux, 0)
             if sumq2 > _F32(0.0) and _F32(sumqx * sumqx) > _F32(best * sumq2):
                 d = _F32(sumqx / sumq2)
                 best = _F32(d * sumqx)
@@ -164,8 +186,7 @@ def quantize_row_iq4_nl_impl(super_block_size, x, xo, y, yo, d_off, qs_off, scal
             idl = _F32(_F32(1.0) / dl) if dl != _F32(0.0) else _F32(0.0)
             xb = xo + ib * block_size
             lb = ib * block_size
-            for j in range(block_size):
-                L[lb + j] = best_index_int8(16, values, _F32(idl * x[xb + j]))
+            _pick_levels(fval, x, xb, idl, L, lb)
             l += 32
             l_l = l & 0xF
             if ib % 2 == 0:
@@ -179,8 +200,8 @@ def quantize_row_iq4_nl_impl(super_block_size, x, xo, y, yo, d_off, qs_off, scal
         store_fp16(y, yo + d_off, scales[0])
         if ntry > 0:
             idd = _F32(_F32(1.0) / scales[0]) if scales[0] != _F32(0.0) else _F32(0.0)
-            for j in range(super_block_size):
-                L[j] = best_index_int8(16, values, _F32(idd * x[xo + j]))
+            for ib in range(nb):
+                _pick_levels(fval, x, xo + ib * block_size, idd, L, ib * block_size)
 
     for i in range(super_block_size // 32):
         for j in range(16):
@@ -193,9 +214,12 @@ def quantize_iq4_nl_row(x, y, quant_weights, values):
     scales = np.empty(1, np.float32)
     weight = np.empty(_BLOCK, np.float32)
     L = np.empty(QK4_NL, np.uint8)
+    Laux = np.empty(_BLOCK, np.uint8)
+    fval = values.astype(np.float32)
     for ibl in range(x.shape[0] // QK4_NL):
         quantize_row_iq4_nl_impl(QK4_NL, x, ibl * QK4_NL, y, ibl * _NL_BYTES, _NL_D, _NL_QS, -1, -1,
-                                 scales, weight, L, values, quant_weights, ibl * QK4_NL, _NTRY)
+                                 scales, weight, L, Laux, values, fval, quant_weights,
+                                 ibl * QK4_NL, _NTRY)
 
 
 @njit(cache=True, nogil=True)
@@ -204,9 +228,12 @@ def quantize_iq4_xs_row(x, y, quant_weights, values):
     scales = np.empty(QK_K // _BLOCK, np.float32)
     weight = np.empty(_BLOCK, np.float32)
     L = np.empty(QK_K, np.uint8)
+    Laux = np.empty(_BLOCK, np.uint8)
+    fval = values.astype(np.float32)
     for ibl in range(x.shape[0] // QK_K):
         quantize_row_iq4_nl_impl(QK_K, x, ibl * QK_K, y, ibl * _XS_BYTES, _XS_D, _XS_QS, _XS_SCALES_H,
-                                 _XS_SCALES_L, scales, weight, L, values, quant_weights, ibl * QK_K, _NTRY)
+                                 _XS_SCALES_L, scales, weight, L, Laux, values, fval, quant_weights,
+                                 ibl * QK_K, _NTRY)
 
 
 # ---------------------------------------------------------------------------------------------------
