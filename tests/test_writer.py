@@ -516,14 +516,80 @@ def test_split_matches_gguf_split_byte_for_byte(tmp_path, oracle):
         assert read_bytes(a) == read_bytes(b), a.name
 
 
-def test_rewriting_the_file_being_read(tmp_path):
-    # the temp file + rename leaves the mapped source intact until the copy is complete
+@pytest.mark.parametrize("alias", ["same", "symlink", "hardlink"])
+def test_rewriting_the_file_being_read_is_refused(tmp_path, alias):
+    # the target names the file the tensors are copied from: refused before anything is written
     p = tmp_path / "m.gguf"
     gguf_kquant.write(p, {"k": 1}, {"t": np.arange(64, dtype=np.float32)})
     before = p.read_bytes()
+    target = {"same": p, "symlink": tmp_path / "l.gguf", "hardlink": tmp_path / "h.gguf"}[alias]
+    if alias == "symlink":
+        target.symlink_to(p.name)
+    elif alias == "hardlink":
+        os.link(p, target)
     with gguf_kquant.open(p) as f:
-        gguf_kquant.write(p, f.metadata, f.tensors)
+        with pytest.raises(WriteError, match="refusing to write over an input"):
+            gguf_kquant.write(target, f.metadata, f.tensors)
     assert p.read_bytes() == before and leftovers(tmp_path) == []
+
+
+def test_split_shard_name_colliding_with_a_source_shard_is_refused(tmp_path):
+    md, tensors = {"k": 1}, [(f"t{i}", np.full(32, i, np.float32)) for i in range(3)]
+    shards = gguf_kquant.write(tmp_path / "m.gguf", md, tensors, split_max_tensors=1)
+    before = [s.read_bytes() for s in shards]
+    with gguf_kquant.open(shards[0]) as f:
+        with pytest.raises(WriteError, match="m-00002-of-00003.gguf: refusing to write over an input"):
+            gguf_kquant.write(tmp_path / "m-00002-of-00003.gguf", f.metadata, f.tensors)
+        with pytest.raises(WriteError, match="m-00001-of-00003.gguf: refusing"):  # same shard names again
+            gguf_kquant.write(tmp_path / "m.gguf", f.metadata, f.tensors, split_max_tensors=1)
+    assert [s.read_bytes() for s in shards] == before and leftovers(tmp_path) == []
+
+
+def test_side_files_are_committed_with_the_model(tmp_path):
+    target, side = tmp_path / "m.gguf", tmp_path / "m.json"
+    paths = gguf_kquant.write(target, {"k": 1}, {"t": np.zeros(32, np.float32)}, side_files=[(side, lambda: b"{}")])
+    assert paths == [target] and side.read_bytes() == b"{}"
+    target.write_bytes(b"old model")
+    side.write_bytes(b"old report")
+
+    def failing():
+        raise Boom("report")
+
+    with pytest.raises(Boom):
+        gguf_kquant.write(target, {"k": 2}, {"t": np.zeros(32, np.float32)}, side_files=[(side, failing)])
+    assert target.read_bytes() == b"old model" and side.read_bytes() == b"old report"
+    with pytest.raises(WriteError, match="written twice"):
+        gguf_kquant.write(target, {"k": 2}, {}, side_files=[(target, lambda: b"")])
+    assert target.read_bytes() == b"old model" and leftovers(tmp_path) == []
+
+
+def test_overwrite_false_and_bad_destinations(tmp_path):
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"keep")
+    with pytest.raises(WriteError, match="destination exists; pass overwrite=True"):
+        gguf_kquant.write(target, {"k": 1}, overwrite=False)
+    with pytest.raises(WriteError, match="is a folder"):
+        gguf_kquant.write(tmp_path, {"k": 1})
+    with pytest.raises(WriteError, match="folder .*nope does not exist"):
+        gguf_kquant.write(tmp_path / "nope" / "m.gguf", {"k": 1})
+    assert target.read_bytes() == b"keep" and leftovers(tmp_path) == []
+    gguf_kquant.write(tmp_path / "new.gguf", {"k": 1}, overwrite=False)
+
+
+def test_glob_characters_in_names_are_plain_characters(tmp_path):
+    for name in ("m[x].gguf", "m*.gguf", "m?.gguf"):
+        gguf_kquant.write(tmp_path / name, {"k": 1}, overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m*.gguf", "m?.gguf", "m[x].gguf"]
+
+
+def test_destination_name_of_255_bytes(tmp_path):
+    # the longest legal name (NAME_MAX): the temp file name must not be longer than the target's
+    for n in (242, 255):
+        target = tmp_path / ("é" * ((n - 5) // 2) + "x" * ((n - 5) % 2) + ".gguf")
+        assert len(target.name.encode()) == n
+        gguf_kquant.write(target, {"k": 1}, {"t": np.zeros(32, np.float32)})
+        assert target.read_bytes()[:4] == b"GGUF"
+    assert leftovers(tmp_path) == []
 
 
 def test_object_arrays_are_refused(tmp_path):

@@ -71,10 +71,8 @@ does not look for other shards.
 
 from __future__ import annotations
 
-import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -82,6 +80,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from ..errors import GGUFError, WriteError
+from ..safeio import AtomicFiles, check_outputs
 from ..types import GGMLType, TYPES, type_info
 from . import split as _split
 from .values import SCALAR_DTYPES, GGUFValueType, Value, to_value, typed_items
@@ -552,25 +551,6 @@ def _partition(tensors: list, alignment: int, max_size: Optional[int], max_tenso
 # ------------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------------
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_one(fh, plan: ShardPlan, byte_order: str) -> None:
     fh.write(plan.header)
     if fh.tell() != plan.data_offset:
@@ -596,33 +576,25 @@ def _write_one(fh, plan: ShardPlan, byte_order: str) -> None:
         raise WriteError(f"{plan.path}: file size {fh.tell()}, planned {plan.file_size}")
 
 
-def _write_plans(plans: list, byte_order: str, fsync: bool) -> list:
-    """Write every plan to a temp file, then rename them all into place (nothing is replaced on failure)."""
-    temps = []
-    mode = 0o666 & ~_umask()
-    try:
-        for plan in plans:
-            folder = plan.path.parent
-            fd, tmp = tempfile.mkstemp(prefix=f".{plan.path.name}.", suffix=".tmp", dir=folder)
-            temps.append(Path(tmp))
-            with os.fdopen(fd, "wb", buffering=1 << 20) as fh:
-                os.fchmod(fh.fileno(), mode)
+def _source_paths(plans: list) -> list:
+    """Files the tensors are copied from (TensorInfo sources): inputs the outputs must not overwrite."""
+    return [t.data.path for p in plans for t in p.tensors if _is_tensor_info(t.data) and hasattr(t.data, "path")]
+
+
+def _write_plans(plans: list, byte_order: str, fsync: bool, *, inputs=(), overwrite: bool = True,
+                 side_files=()) -> list:
+    """Check the paths, write every plan and side file to a temp file, then rename them all into place
+    (:class:`~gguf_kquant.safeio.AtomicFiles`: nothing is replaced on failure or on SIGINT/SIGTERM/SIGHUP)."""
+    side_files = list(side_files)
+    targets = [p.path for p in plans] + [Path(path) for path, _ in side_files]
+    check_outputs(targets, list(inputs) + _source_paths(plans), overwrite=overwrite)
+    with AtomicFiles(targets, fsync=fsync) as out:
+        for i, plan in enumerate(plans):
+            with out.writing(i) as fh:
                 _write_one(fh, plan, byte_order)
-                fh.flush()
-                if fsync:
-                    os.fsync(fh.fileno())
-        for tmp, plan in zip(temps, plans):
-            os.replace(tmp, plan.path)
-        temps = []
-        if fsync:
-            for folder in {p.path.parent for p in plans}:
-                _fsync_dir(folder)
-    finally:
-        for tmp in temps:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        for j, (_, make) in enumerate(side_files):
+            out.write_bytes(len(plans) + j, make())
+        out.commit()
     return [p.path for p in plans]
 
 
@@ -640,12 +612,23 @@ class GGUFWriter:
     or 32), ``version`` (3, or 2 — same layout, little-endian only), ``byte_order`` (``"<"``, ``">"``, or
     None: that of the TensorInfo sources, else little-endian), ``split_max_size`` / ``split_max_tensors``
     (gguf-split output, see the module docstring), ``fsync`` (default True).
+
+    Safety options (:mod:`gguf_kquant.safeio`): ``inputs`` — paths this job reads, which no output may
+    name (the files of TensorInfo sources are added automatically, so ``write(f.path, f.metadata,
+    f.tensors)`` is refused); ``overwrite`` — replace existing targets (default True, like ``open(path,
+    "wb")``; ``quantize_model`` and ``convert_hf`` default to False); ``side_files`` — ``[(path, make)]``,
+    files committed together with the model (``make()`` returns their bytes and is called after the last
+    tensor is written, e.g. a report of the tensors' errors).
     """
 
     def __init__(self, path, metadata=None, *, alignment: Optional[int] = None, version: int = 3,
                  byte_order: Optional[str] = None, split_max_size=None, split_max_tensors: Optional[int] = None,
-                 fsync: bool = True):
+                 fsync: bool = True, inputs=(), overwrite: bool = True, side_files=()):
         self.path = Path(path)
+        self.inputs = list(inputs)
+        self.overwrite = overwrite
+        self.side_files = list(side_files)
+        self._plans: Optional[list] = None
         if version not in (2, 3):
             raise WriteError(f"GGUF version {version!r}: only 2 and 3 can be written")
         if byte_order not in (None, "<", ">", "little", "big"):
@@ -656,9 +639,7 @@ class GGUFWriter:
         self.version = version
         self.alignment = alignment
         self.split_max_size = None if split_max_size is None else parse_size(split_max_size)
-        if split_max_tensors is not None and (isinstance(split_max_tensors, bool) or int(split_max_tensors) < 1):
-            raise WriteError(f"split_max_tensors {split_max_tensors!r} must be a positive integer")
-        self.split_max_tensors = None if split_max_tensors is None else int(split_max_tensors)
+        self.split_max_tensors = _positive_int(split_max_tensors, "split_max_tensors")
         self.fsync = fsync
         self._metadata: list = []
         self._keys: set = set()
@@ -681,6 +662,7 @@ class GGUFWriter:
             raise WriteError(str(exc)) from None
         self._keys.add(key)
         self._metadata.append((key, typed))
+        self._plans = None
 
     def add_metadata_from(self, metadata) -> None:
         """Add every key of a mapping (a reader's ``Metadata`` keeps its types) or of (key, value) pairs."""
@@ -708,6 +690,7 @@ class GGUFWriter:
             raise WriteError(f"duplicate tensor name {spec.name!r}")
         self._names.add(spec.name)
         self._tensors.append(spec)
+        self._plans = None
         return spec
 
     def add_tensors(self, tensors) -> None:
@@ -744,6 +727,15 @@ class GGUFWriter:
 
     def plan(self) -> list:
         """The :class:`ShardPlan` of every output file (validates everything; writes nothing)."""
+        if self._plans is None:
+            self._plans = self._make_plans()
+        return self._plans
+
+    def output_paths(self) -> list:
+        """Every path :meth:`close` will write: the GGUF file(s), then the side files."""
+        return [p.path for p in self.plan()] + [Path(path) for path, _ in self.side_files]
+
+    def _make_plans(self) -> list:
         bo = self._resolved_byte_order()
         alignment, pairs = _alignment_of(self._metadata, self.alignment)
         split = self.split_max_size is not None or self.split_max_tensors is not None
@@ -777,7 +769,8 @@ class GGUFWriter:
         """Plan and write every file; returns their paths.  Calling it again does nothing."""
         if self.paths is None:
             plans = self.plan()
-            self.paths = _write_plans(plans, self._resolved_byte_order(), self.fsync)
+            self.paths = _write_plans(plans, self._resolved_byte_order(), self.fsync, inputs=self.inputs,
+                                      overwrite=self.overwrite, side_files=self.side_files)
         return self.paths
 
     def __enter__(self) -> "GGUFWriter":
@@ -786,6 +779,14 @@ class GGUFWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
+
+
+def _positive_int(n, what: str) -> Optional[int]:
+    if n is None:
+        return None
+    if isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_)) and n >= 1:
+        return int(n)
+    raise WriteError(f"{what} {n!r} must be a positive integer")
 
 
 def _ggml_n_dims(t: TensorSpec) -> TensorSpec:
@@ -825,11 +826,12 @@ def write(path, metadata=None, tensors=(), **options) -> list:
 
 
 def write_shards(files, *, alignment: Optional[int] = None, version: int = 3, byte_order: str = "<",
-                 fsync: bool = True) -> list:
+                 fsync: bool = True, inputs=(), overwrite: bool = True, side_files=()) -> list:
     """Write several files with explicit per-file metadata and tensors, all or nothing.
 
     ``files``: [(path, metadata, tensors)].  No ``split.*`` keys are added or changed (for callers such as
     llama-quantize's ``--keep-split``, which decide them).  Temp files are renamed only after all are written.
+    ``inputs``, ``overwrite``, ``side_files``: as for :class:`GGUFWriter`.
     """
     plans = []
     names: dict = {}
@@ -844,4 +846,5 @@ def write_shards(files, *, alignment: Optional[int] = None, version: int = 3, by
         plan = ShardPlan(Path(path), pairs, list(w._tensors), alignment_)
         _encode_header(plan, version, w._resolved_byte_order())
         plans.append(plan)
-    return _write_plans(plans, w._resolved_byte_order(), fsync)
+    return _write_plans(plans, w._resolved_byte_order(), fsync, inputs=inputs, overwrite=overwrite,
+                        side_files=side_files)
