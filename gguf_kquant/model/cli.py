@@ -33,6 +33,7 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="codec threads (default: all)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (tensor -> type, sizes) only")
     p.add_argument("--report", metavar="FILE.json", help="write per-tensor RMSE / max error / cosine")
+    p.add_argument("--overwrite", action="store_true", help="replace DST (and the report) if they exist")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
 
 
@@ -48,7 +49,7 @@ def run(args) -> int:
         leave_output_tensor=args.leave_output_tensor, allow_requantize=args.allow_requantize,
         override_kv=args.override_kv, keep_split=args.keep_split, split_max_size=args.split_max_size,
         split_max_tensors=args.split_max_tensors, threads=args.threads,
-        dry_run=args.dry_run, report=report, quiet=args.quiet and not args.dry_run,
+        dry_run=args.dry_run, report=report, overwrite=args.overwrite, quiet=args.quiet and not args.dry_run,
         stream=sys.stdout if args.dry_run else sys.stderr)
     if report and not args.quiet and result.report:
         print(f"worst tensors (report in {report}):")

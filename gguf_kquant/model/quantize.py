@@ -8,9 +8,16 @@ True
 Streaming: tensors are read with ``pread`` in slabs of rows (at most :data:`SLAB_BYTES` of source data),
 converted, and written straight to a temporary file next to the destination, which is renamed into place
 only when everything succeeded — peak memory is one slab plus codec scratch, whatever the model's size.
-Every check that can fail (unknown mix, requantization, missing/mismatched/non-finite imatrix, source equal to
-destination) runs before the first byte is written; non-finite weights are found while streaming and abort
+Every check that can fail (unknown mix, requantization, missing/mismatched/non-finite imatrix, an output that
+is an input) runs before the first byte is written; non-finite weights are found while streaming and abort
 the job, leaving no destination behind.
+
+Outputs (see :mod:`gguf_kquant.safeio`): every path that will be written — each output shard (``--keep-split``
+and ``--split-max-*`` names included) and the report — is compared with every input (all source shards, the
+imatrix) before any work, by inode (symlinks, hard links) and real path; a collision is refused.  An existing
+destination is refused unless ``overwrite=True`` (``--overwrite``), the policy ``convert_hf`` follows too.
+Model shards and report are written to temp files and renamed into place together at the end; SIGINT,
+SIGTERM and SIGHUP remove the temps.
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import BadTensorDataError, ImatrixError, QuantizeError
+from ..safeio import check_outputs
 from ..types import GGMLType, TYPES
 from .imatrix import Imatrix, load_imatrix
 from .planner import ModelInfo, Plan, plan_tensors
 from .progress import Progress
+from .report import render_report
 
 __all__ = ["quantize_model", "QuantizeResult", "parse_kv_override", "SLAB_BYTES"]
 
@@ -83,13 +92,6 @@ def parse_kv_override(spec):
     raise QuantizeError(f"invalid type for KV override {spec!r}; expected int:, float:, bool: or str:")
 
 
-def _same_file(a, b) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return Path(a).resolve() == Path(b).resolve()
-
-
 def _prepare_imatrix(imatrix, include, exclude) -> Optional[Imatrix]:
     if imatrix is None or imatrix is False:
         if include or exclude:
@@ -108,17 +110,12 @@ def _prepare_imatrix(imatrix, include, exclude) -> Optional[Imatrix]:
     return im
 
 
-def _shard_path(dst: str, i: int, n: int) -> Path:
-    """llama_split_path: <prefix>-%05d-of-%05d.gguf"""
-    return Path(f"{dst}-{i + 1:05d}-of-{n:05d}.gguf")
-
-
 def quantize_model(src, dst, ftype, *, imatrix=None, include_weights: Sequence[str] = (),
                    exclude_weights: Sequence[str] = (), output_tensor_type=None, token_embedding_type=None,
                    tensor_types: Sequence = (), pure: bool = False, leave_output_tensor: bool = False,
                    allow_requantize: bool = False, override_kv: Sequence = (), keep_split: bool = False,
-                   split_max_size=None, split_max_tensors: Optional[int] = None, threads: Optional[int] = None, dry_run: bool = False, report=None, quiet: bool = True,
-                   stream=None) -> QuantizeResult:
+                   split_max_size=None, split_max_tensors: Optional[int] = None, threads: Optional[int] = None,
+                   dry_run: bool = False, report=None, overwrite: bool = False, quiet: bool = True, stream=None) -> QuantizeResult:
     """Quantize the GGUF model ``src`` to mix ``ftype`` (``"Q4_K_M"``, ...) and write ``dst``.
 
     Options mean what llama-quantize's flags of the same name mean: ``imatrix`` (path of a GGUF or legacy
@@ -129,8 +126,16 @@ def quantize_model(src, dst, ftype, *, imatrix=None, include_weights: Sequence[s
     ``split_max_size`` (bytes, or ``"500M"``/``"2G"``) / ``split_max_tensors`` split the output as
     ``llama-gguf-split --split`` would split llama-quantize's file (shards ``<dst>-0000i-of-0000n.gguf``;
     see :mod:`gguf_kquant.container.writer`).  ``dry_run`` plans
-    only; ``report`` (a path) writes per-tensor error statistics as JSON; ``quiet=False`` prints progress to
-    ``stream`` (stderr).
+    only; ``report`` (a path) writes per-tensor error statistics as JSON, committed with the model;
+    ``quiet=False`` prints progress to ``stream`` (stderr).
+
+    ``overwrite``: an existing destination (any output shard, the report) is refused unless True —
+    the same policy as :func:`gguf_kquant.convert_hf` and the CLI's ``--overwrite``.  Whatever
+    ``overwrite`` says, no output may name an input (source shard or imatrix, also through a symlink or hard
+    link): :class:`QuantizeError` before any work.  The outputs appear together when everything succeeded,
+    else none of them is touched (the limits POSIX sets are in :mod:`gguf_kquant.safeio`).
+
+    >>> quantize_model("m-f16.gguf", "m-q4.gguf", "Q4_K_M", report="m-q4.json", overwrite=True)  # doctest: +SKIP
     """
     from ..container.reader import open_gguf
     from ..container.values import GGUFValueType as V, Metadata, Value
@@ -142,14 +147,13 @@ def quantize_model(src, dst, ftype, *, imatrix=None, include_weights: Sequence[s
     from ..container.writer import parse_size
 
     max_bytes = parse_size(split_max_size) if split_max_size is not None else None
-    if split_max_tensors is not None and int(split_max_tensors) < 1:
-        raise QuantizeError(f"split_max_tensors must be >= 1, got {split_max_tensors}")
+    if split_max_tensors is not None and (not isinstance(split_max_tensors, (int, np.integer))
+                                          or isinstance(split_max_tensors, bool) or split_max_tensors < 1):
+        raise QuantizeError(f"split_max_tensors must be a positive integer, got {split_max_tensors!r}")
     if keep_split and (max_bytes or split_max_tensors):
         raise QuantizeError("--keep-split cannot be combined with --split-max-size/--split-max-tensors")
     if max_bytes and split_max_tensors:
         raise QuantizeError("give either --split-max-size or --split-max-tensors, not both")
-    if not dry_run and _same_file(src, dst):
-        raise QuantizeError(f"input and output files are the same: {os.fspath(src)!r}")
     im = _prepare_imatrix(imatrix, tuple(include_weights or ()), tuple(exclude_weights or ()))
     overrides = [parse_kv_override(s) for s in override_kv or ()]
     if im is not None:
@@ -207,43 +211,48 @@ def quantize_model(src, dst, ftype, *, imatrix=None, include_weights: Sequence[s
         # is not 32); we keep the source's alignment
         alignment = int(f.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
 
-        shards = [plan.rows]
-        if keep_split and len(f.shards) > 1:
-            shard_of = {t.name: f.shards.index(t.path) if t.path in f.shards else 0 for t in f.tensors}
-            shards = [[r for r in plan.rows if shard_of[r.name] == i] for i in range(len(f.shards))]
-            shard_meta = _split_metadata(metadata, len(shards), len(plan.rows))
-        else:
-            shard_meta = [metadata]
-        n_split = len(shards)
-        prefix = os.fspath(dst)
-        if keep_split:  # llama_split_path naming, even for one shard
-            if prefix.endswith(".gguf"):
-                prefix = prefix[:-5]
-            paths = [_shard_path(prefix, i, n_split) for i in range(n_split)]
-        else:
-            paths = [Path(dst)]
         stats = [] if report is not None else None
         conv = _Converter(by_name, im, threads, progress, stats)
-        from ..container.writer import write, write_shards
-
-        def specs(rows):
-            return [(r.name, r.shape, r.dst_type, (lambda r=r: conv.stream(r))) for r in rows]
-
-        if max_bytes or split_max_tensors:  # the writer cuts shards as llama-gguf-split would
-            paths = write(dst, metadata, specs(plan.rows), alignment=alignment, split_max_size=max_bytes,
-                          split_max_tensors=split_max_tensors)
-        else:  # metadata already carries the split keys llama-quantize --keep-split writes
-            write_shards([(p, m, specs(rows)) for p, m, rows in zip(paths, shard_meta, shards)],
-                         alignment=alignment)
+        side = [] if report is None else [(report, lambda: render_report(stats, plan, result))]
+        im_path = imatrix if isinstance(imatrix, (str, os.PathLike)) else getattr(imatrix, "path", None)
+        inputs = list(f.shards) + [im_path]
+        paths = _write(f, dst, plan, metadata, conv, alignment, keep_split, max_bytes, split_max_tensors,
+                       inputs, overwrite, side)
         result.paths = paths
         result.seconds = time.perf_counter() - t0
         progress.summary(plan.src_nbytes, plan.dst_nbytes, plan.n_elements, plan.n_fallback)
         if stats is not None:
-            from .report import write_report
-
             result.report = stats
-            write_report(report, stats, plan, result)
     return result
+
+
+def _write(f, dst, plan: Plan, metadata, conv, alignment: int, keep_split: bool, max_bytes, max_tensors,
+           inputs: list, overwrite: bool, side: list) -> list:
+    """Plan every output path, refuse collisions with the inputs, then stream all files and commit them."""
+    from ..container.split import shard_path
+    from ..container.writer import GGUFWriter, write_shards
+
+    def specs(rows):
+        return [(r.name, r.shape, r.dst_type, (lambda r=r: conv.stream(r))) for r in rows]
+
+    if max_bytes or max_tensors:  # the writer cuts shards as llama-gguf-split would
+        w = GGUFWriter(dst, metadata, alignment=alignment, split_max_size=max_bytes, split_max_tensors=max_tensors,
+                       inputs=inputs, overwrite=overwrite, side_files=side)
+        w.add_tensors(specs(plan.rows))
+        check_outputs(w.output_paths(), inputs, overwrite=overwrite, error=QuantizeError)
+        return w.close()
+    shards, shard_meta, paths = [plan.rows], [metadata], [Path(dst)]
+    if keep_split:  # metadata carries the split keys llama-quantize --keep-split writes, and its shard names
+        if len(f.shards) > 1:
+            shard_of = {t.name: f.shards.index(t.path) if t.path in f.shards else 0 for t in f.tensors}
+            shards = [[r for r in plan.rows if shard_of[r.name] == i] for i in range(len(f.shards))]
+            shard_meta = _split_metadata(metadata, len(shards), len(plan.rows))
+        prefix = os.fspath(dst)
+        prefix = prefix[:-5] if prefix.endswith(".gguf") else prefix
+        paths = [shard_path(prefix, i, len(shards)) for i in range(len(shards))]  # even for one shard
+    check_outputs(paths + [Path(p) for p, _ in side], inputs, overwrite=overwrite, error=QuantizeError)
+    return write_shards([(p, m, specs(rows)) for p, m, rows in zip(paths, shard_meta, shards)],
+                        alignment=alignment, inputs=inputs, overwrite=overwrite, side_files=side)
 
 
 def _split_metadata(metadata, n_split: int, n_tensors: int) -> list:
@@ -280,10 +289,8 @@ def _check_plan(plan: Plan, im: Optional[Imatrix], by_name, allow_requantize: bo
         if src_info.is_quantized and not allow_requantize:
             raise QuantizeError(f"tensor {r.name} is already quantized ({r.src_type.name}); requantizing is "
                                 f"disabled without --allow-requantize")
-        if src_info.codec is None:
+        if not src_info.has_kernel("dequantize"):
             raise QuantizeError(f"cannot dequantize/convert tensor {r.name} of type {r.src_type.name}")
-        if TYPES[r.dst_type].codec is None:
-            raise QuantizeError(f"tensor {r.name}: gguf_kquant has no {r.dst_type.name} quantizer yet")
         w = _imatrix_for(r, im)
         if w is None and r.requires_imatrix:
             raise ImatrixError(f"missing importance matrix for tensor {r.name} in a very low-bit quantization "
