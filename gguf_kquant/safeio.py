@@ -7,7 +7,9 @@
    same file when they resolve to the same inode (``st_dev``/``st_ino``: symlinks and hard links included) or,
    for files that do not exist yet, the same ``realpath``.  A collision, two outputs with one name, a missing
    destination folder, a destination that is a folder, or (with ``overwrite=False``) an existing destination
-   is refused with one line naming both paths.  Temp files cannot collide with anything: they are created
+   is refused with one line naming both paths.  For split outputs, any existing shard of the same prefix
+   (``m-00001-of-00003.gguf`` when writing ``m-0000i-of-00002.gguf``) counts as an existing destination;
+   with ``overwrite=True`` only the new shard names are replaced (old shards of another count stay).  Temp files cannot collide with anything: they are created
    with ``O_EXCL`` under fresh random names.
 2. :class:`AtomicFiles` — each target is written to a temp file ``.gguf-kquant-XXXXXXXX.tmp`` in the
    target's own folder (same file system, so the rename is atomic; a short fixed-length name, so targets
@@ -54,6 +56,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Optional
 
+from .container.split import parse_shard_path
 from .errors import GGUFIOError, WriteError
 
 __all__ = ["check_outputs", "AtomicFiles", "Interrupted", "TEMP_PREFIX", "TEMP_SUFFIX"]
@@ -124,9 +127,26 @@ def check_outputs(outputs: Iterable, inputs: Iterable = (), *, overwrite: bool =
             raise error(f"{out}: the destination folder {folder} does not exist")
         if out.is_dir():
             raise error(f"{out}: is a folder, not a file name")
-        if not overwrite and (fid is not None or out.is_symlink()):
-            raise error(f"{out}: destination exists; pass overwrite=True (--overwrite) to replace it")
+        if not overwrite:
+            taken = out if fid is not None or out.is_symlink() else _sibling_shard(out)
+            if taken is not None:
+                what = "destination exists" if taken == out else f"a shard of the same split output exists ({taken})"
+                raise error(f"{out}: {what}; pass overwrite=True (--overwrite) to replace it")
     return outs
+
+
+def _sibling_shard(out: Path) -> Optional[Path]:
+    """An existing ``{prefix}-*-of-*.gguf`` shard with the prefix of shard name ``out`` (plain string
+    comparison: ``[``, ``*`` and ``?`` in names are characters, not patterns)."""
+    parsed = parse_shard_path(out.name)
+    if parsed is None:
+        return None
+    with os.scandir(out.parent) as it:
+        for entry in it:
+            other = parse_shard_path(entry.name)
+            if other is not None and other[0] == parsed[0]:
+                return out.parent / entry.name
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -582,6 +582,16 @@ def test_glob_characters_in_names_are_plain_characters(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m*.gguf", "m?.gguf", "m[x].gguf"]
 
 
+def test_any_shard_of_a_split_destination_counts_as_existing(tmp_path):
+    md, tensors = {"k": 1}, [(f"t{i}", np.full(32, i, np.float32)) for i in range(3)]
+    (tmp_path / "mx-00001-of-00002.gguf").write_bytes(b"other")  # m[x] as a glob would match this name
+    three = gguf_kquant.write(tmp_path / "m[x].gguf", md, tensors, split_max_tensors=1, overwrite=False)
+    with pytest.raises(WriteError, match=r"m\[x\]-00001-of-00002.gguf: a shard of the same split output exists"):
+        gguf_kquant.write(tmp_path / "m[x].gguf", md, tensors, split_max_tensors=2, overwrite=False)
+    two = gguf_kquant.write(tmp_path / "m[x].gguf", md, tensors, split_max_tensors=2, overwrite=True)
+    assert all(p.exists() for p in three + two) and (tmp_path / "mx-00001-of-00002.gguf").read_bytes() == b"other"
+
+
 def test_destination_name_of_255_bytes(tmp_path):
     # the longest legal name (NAME_MAX): the temp file name must not be longer than the target's
     for n in (242, 255):
