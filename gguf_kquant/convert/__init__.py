@@ -14,6 +14,7 @@ at a time, so memory stays around one tensor.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,6 +24,7 @@ import numpy as np
 import gguf
 
 from ..errors import BadTensorDataError, ConversionError
+from ..safeio import check_outputs
 from ..types import GGMLType
 from .base import FLOAT_FTYPES, REGISTRY, Converter, PlannedTensor, count_parameters, load_source, widen_bf16
 from .safetensors import open_checkpoint
@@ -93,11 +95,11 @@ def _kv_from_gguf_writer(w: gguf.GGUFWriter) -> list:
     return out
 
 
-def _output_paths(dst: Path, split_max_size) -> list:
-    if split_max_size is None:
-        return [dst]
-    prefix = str(dst)[:-5] if str(dst).endswith(".gguf") else str(dst)
-    return sorted(dst.parent.glob(Path(prefix).name + "-*-of-*.gguf")) or [dst]
+def _inputs(model_dir: Path, ckpt, imatrix) -> list:
+    """What a conversion reads, which no output may name: every file of the model folder except GGUF files
+    (config, tokenizer, index, model card, weights...), the safetensors shards, the imatrix."""
+    files = [p for p in model_dir.iterdir() if not p.name.endswith(".gguf") and p.is_file()]
+    return files + [f.path for f in ckpt.files] + [imatrix if isinstance(imatrix, (str, os.PathLike)) else None]
 
 
 def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_size=None, overwrite: bool = False,
@@ -108,7 +110,10 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
     ``ftype``: ``F32``, ``F16`` (default), ``BF16``, ``Q8_0`` (what convert_hf_to_gguf.py offers) or a
     llama-quantize mix such as ``Q4_K_M`` (planned by :mod:`gguf_kquant.model.planner`; tensors go through
     F16 first, exactly as convert-then-quantize would).  ``imatrix``: path of an importance matrix (for the
-    k-quant mixes).  ``split_max_size``: gguf-split output (``"2G"``).  ``overwrite``: replace ``dst``.
+    k-quant mixes).  ``split_max_size``: gguf-split output (``"2G"``).  ``overwrite``: replace ``dst`` (or
+    its shards) if it exists — without it an existing destination is refused, the policy ``quantize_model``
+    follows too.  No output may name an input (see :func:`_inputs`; symlinks and hard links included),
+    whatever ``overwrite`` says; all shards are committed together (:mod:`gguf_kquant.safeio`).
     ``pre_tokenizer``: force ``tokenizer.ggml.pre`` when llama.cpp's hash table does not know the tokenizer.
     ``options`` go to the quantization planner (``pure``, ``output_tensor_type``, ...).
 
@@ -118,9 +123,8 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
     model_dir, dst = Path(model_dir), Path(dst)
     if not model_dir.is_dir():
         raise ConversionError(f"{model_dir}: not a directory")
-    existing = [p for p in _output_paths(dst, split_max_size) if p.exists()]
-    if existing and not overwrite:
-        raise ConversionError(f"{existing[0]}: destination exists (pass overwrite=True / --overwrite)")
+    if split_max_size is None:  # fail fast; the shard names of a split output are known after planning
+        check_outputs([dst], overwrite=overwrite, error=ConversionError)
 
     cfg = load_config(model_dir)
     archs = cfg.get("architectures") or []
@@ -186,9 +190,11 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
         except ImportError:  # pragma: no cover
             Progress = None
         progress = Progress(len(planned), quiet=quiet) if Progress else None
-    w = GGUFWriter(dst, metadata, split_max_size=split_max_size)
+    inputs = _inputs(model_dir, ckpt, imatrix)
+    w = GGUFWriter(dst, metadata, split_max_size=split_max_size, inputs=inputs, overwrite=overwrite)
     for p in planned:
         w.add_tensor(p.name, _producer(p, im, progress), shape=p.shape, ggml_type=p.qtype.name)
+    check_outputs(w.output_paths(), inputs, overwrite=overwrite, error=ConversionError)  # before any tensor
     paths = w.close()
     if progress is not None and hasattr(progress, "say"):
         progress.say(f"converted {len(planned)} tensors to {', '.join(map(str, paths))} "
