@@ -47,7 +47,11 @@ _XS_QS = _XS.field_offset("qs")
 
 @njit(cache=True, nogil=True, inline="always")
 def best_index_int8(n, val, x):
-    """Index of the entry of the sorted int8 table ``val[:n]`` nearest to ``x`` (ties: the upper one)."""
+    """Index of the entry of the sorted int8 table ``val[:n]`` nearest to ``x`` (ties: the upper one).
+
+    ggml's binary search, ported as written; the quantizers call :func:`_best_index_16`, its branch-free
+    equivalent, and tests/test_codecs_small_types.py checks that the two agree.
+    """
     if x <= _F32(val[0]):
         return 0
     if x >= _F32(val[n - 1]):
