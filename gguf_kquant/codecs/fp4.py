@@ -123,6 +123,13 @@ def best_index_mxfp4(x, e, kvalues):
     return best_index
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _best_indices(x, xo, n, e, kvalues, idx):
+    """idx[j] = best_index_mxfp4(x[xo + j], e) for j < n: a loop of its own vectorizes over the elements."""
+    for j in range(n):
+        idx[j] = best_index_mxfp4(x[xo + j], e, kvalues)
+
+
 # ---------------------------------------------------------------------------------------------------
 # MXFP4 — block_mxfp4, 17 bytes, 32 elements: x = 2^(e-128) * kvalues_mxfp4[q]
 #
@@ -143,6 +150,7 @@ def _mxfp4_exponent(amax):
 @njit(cache=True, nogil=True)
 def quantize_row_mxfp4_ref(x, y, kvalues):
     nb = x.shape[0] // QK_MXFP4
+    idx = np.empty(QK_MXFP4, np.uint8)
     for i in range(nb):
         base = i * QK_MXFP4
         amax = _F32(0.0)
@@ -153,10 +161,9 @@ def quantize_row_mxfp4_ref(x, y, kvalues):
         d = ggml_e8m0_to_fp32_half(e)
         o = i * _MX_BYTES
         y[o + _MX_E] = e
+        _best_indices(x, base, QK_MXFP4, d, kvalues, idx)
         for j in range(QK_MXFP4 // 2):
-            x0 = best_index_mxfp4(x[base + j], d, kvalues)
-            x1 = best_index_mxfp4(x[base + QK_MXFP4 // 2 + j], d, kvalues)
-            y[o + _MX_QS + j] = np.uint8(x0 | (x1 << 4))
+            y[o + _MX_QS + j] = idx[j] | (idx[QK_MXFP4 // 2 + j] << np.uint8(4))
 
 
 @njit(cache=True, nogil=True)
@@ -186,6 +193,7 @@ def dequantize_row_mxfp4(raw, y, kvalues):
 def quantize_row_nvfp4_ref(x, y, kvalues):
     nb = x.shape[0] // QK_NVFP4
     half = QK_NVFP4_SUB // 2
+    idx = np.empty(QK_NVFP4_SUB, np.uint8)
     for i in range(nb):
         o = i * _NV_BYTES
         for s in range(_NV_NSUB):
@@ -197,10 +205,9 @@ def quantize_row_nvfp4_ref(x, y, kvalues):
             ue = ggml_fp32_to_ue4m3(_F32(amax / _F32(6.0)))  # 6.0 = largest E2M1 value
             y[o + _NV_D + s] = ue
             d = ggml_ue4m3_to_fp32(ue)
+            _best_indices(x, xb, QK_NVFP4_SUB, d, kvalues, idx)
             for j in range(half):
-                x0 = best_index_mxfp4(x[xb + j], d, kvalues)
-                x1 = best_index_mxfp4(x[xb + half + j], d, kvalues)
-                y[o + _NV_QS + s * half + j] = np.uint8(x0 | (x1 << 4))
+                y[o + _NV_QS + s * half + j] = idx[j] | (idx[half + j] << np.uint8(4))
 
 
 @njit(cache=True, nogil=True)
