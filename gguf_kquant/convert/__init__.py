@@ -26,7 +26,8 @@ import gguf
 from ..errors import BadTensorDataError, ConversionError
 from ..safeio import check_outputs
 from ..types import GGMLType
-from .base import FLOAT_FTYPES, REGISTRY, Converter, PlannedTensor, count_parameters, load_source, widen_bf16
+from .base import (FLOAT_FTYPES, REGISTRY, Converter, PlannedTensor, count_parameters, load_config, load_source,
+                   widen_bf16)
 from .safetensors import open_checkpoint
 from . import archs as _archs  # noqa: F401  (fills REGISTRY)
 
@@ -35,21 +36,6 @@ __all__ = ["convert_hf", "supported_architectures", "REGISTRY", "Converter"]
 
 def supported_architectures() -> list:
     return sorted(REGISTRY)
-
-
-def load_config(model_dir: Path) -> dict:
-    path = model_dir / "config.json"
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConversionError(f"{model_dir}: no config.json (is this a Hugging Face model directory?)") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConversionError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise ConversionError(f"{path}: not a JSON object")
-    if isinstance(cfg.get("text_config"), dict):
-        cfg = {**cfg, **cfg["text_config"]}
-    return cfg
 
 
 def _hparams_defaults(arch: str, h: dict) -> dict:

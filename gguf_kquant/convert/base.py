@@ -21,7 +21,7 @@ import gguf
 
 from ..errors import ConversionError
 from ..types import GGMLType
-from .safetensors import FLOAT_DTYPES, Checkpoint, SafeTensor
+from .safetensors import FLOAT_DTYPES, Checkpoint, SafeTensor, read_json
 
 logging.getLogger("gguf").setLevel(logging.ERROR)  # gguf-py's SpecialVocab logs every special token
 
@@ -33,6 +33,71 @@ def register(cls):
     for name in cls.hf_architectures:
         REGISTRY[name] = cls
     return cls
+
+
+# ---- config.json ---------------------------------------------------------------------------------
+# What the converters read from config.json, and what each value must be.  Checked once, when the file is
+# loaded, so that the code after it can index and divide without guarding every use.
+MAX_DIM = 1 << 24  # sizes, heads, layers: far beyond any model, small enough that products stay sane
+MAX_VOCAB = 1 << 22  # 4M tokens; the largest vocabularies known have ~262k
+_COUNT_KEYS = (  # positive integers
+    "num_hidden_layers", "n_layers", "n_layer", "num_layers", "hidden_size", "n_embd", "dim", "intermediate_size",
+    "n_inner", "hidden_dim", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "n_kv_heads",
+    "head_dim", "max_position_embeddings", "n_ctx", "n_positions", "max_length", "sliding_window",
+    "type_vocab_size", "num_local_experts", "num_experts", "original_max_position_embeddings",
+    "sliding_window_pattern", "vocab_size", "vocab_size_per_layer_input",
+)
+_MAY_BE_ZERO = ("num_local_experts", "num_experts", "sliding_window", "sliding_window_pattern")
+_REAL_KEYS = (  # finite positive numbers
+    "rope_theta", "rotary_emb_base", "rope_local_base_freq", "rms_norm_eps", "norm_eps", "layer_norm_eps",
+    "layer_norm_epsilon", "norm_epsilon", "final_logit_softcapping", "factor", "low_freq_factor",
+    "high_freq_factor", "attn_logit_softcapping", "query_pre_attn_scalar",
+)
+_ROPE_KEYS = ("rope_parameters", "rope_scaling", "full_attention", "sliding_attention")
+
+
+def load_config(model_dir: Path) -> dict:
+    """``config.json`` (merged with its ``text_config``), every value the converters use type-checked."""
+    path = Path(model_dir) / "config.json"
+    if not path.exists() and not path.is_symlink():
+        raise ConversionError(f"{model_dir}: no config.json (is this a Hugging Face model directory?)")
+    cfg = read_json(path)
+    if "text_config" in cfg and cfg["text_config"] is not None:
+        if not isinstance(cfg["text_config"], dict):
+            raise ConversionError(f"{path}: key 'text_config' must be an object, not {cfg['text_config']!r:.40}")
+        cfg = {**cfg, **cfg["text_config"]}
+    check_hparams(path, cfg)
+    return cfg
+
+
+def check_hparams(path: Path, h: dict, where: str = "") -> None:
+    """Raise ConversionError naming ``path`` and the key for a value of the wrong type or range."""
+    archs = h.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise ConversionError(f"{path}: key 'architectures' must be a list of strings, not {archs!r:.60}")
+    for key, v in h.items():
+        name = f"{where}{key}"
+        if v is None:
+            continue
+        if key in _COUNT_KEYS:
+            limit = MAX_VOCAB if key.startswith("vocab_size") else MAX_DIM
+            low = 0 if key in _MAY_BE_ZERO else 1
+            if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= limit:
+                raise ConversionError(f"{path}: key {name!r} must be an integer in {low}..{limit}, not {v!r:.60}")
+        elif key in _REAL_KEYS:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (math.isfinite(v) and v > 0):
+                raise ConversionError(f"{path}: key {name!r} must be a finite number > 0, not {v!r:.60}")
+        elif key in _ROPE_KEYS:
+            if not isinstance(v, dict):
+                raise ConversionError(f"{path}: key {name!r} must be an object, not {v!r:.60}")
+            check_hparams(path, v, f"{name}.")
+        elif key in ("rope_type", "type") and where and not isinstance(v, str):
+            raise ConversionError(f"{path}: key {name!r} must be a string, not {v!r:.60}")
+        elif key == "is_causal" and not isinstance(v, bool):
+            raise ConversionError(f"{path}: key {name!r} must be true or false, not {v!r:.60}")
+    lo, hi = h.get("low_freq_factor"), h.get("high_freq_factor")
+    if lo is not None and hi is not None and lo == hi:
+        raise ConversionError(f"{path}: keys '{where}low_freq_factor' and '{where}high_freq_factor' are equal ({lo})")
 
 
 # llama.cpp's convert_hf_to_gguf.py outtypes (and ours): the ftype and the type of "big" tensors.
@@ -76,12 +141,18 @@ class Converter:
 
     hf_architectures: tuple = ()
     arch: gguf.MODEL_ARCH
+    required_hparams: tuple = ()  # config.json keys this architecture reads without a default
 
     def __init__(self, model_dir: Path, hparams: dict, checkpoint: Checkpoint):
         self.dir = Path(model_dir)
         self.hparams = hparams
         self.ckpt = checkpoint
         self.arch_name = gguf.MODEL_ARCH_NAMES[self.arch]
+        check_hparams(self.dir / "config.json", hparams)
+        for key in self.required_hparams:
+            if hparams.get(key) is None:
+                raise ConversionError(f"{self.dir / 'config.json'}: key {key!r} is missing (needed for "
+                                      f"{hparams.get('architectures', ['this architecture'])[0]})")
         self.block_count = self.find(["num_hidden_layers", "n_layers", "n_layer", "num_layers"])
         self.tensor_map = gguf.get_tensor_name_map(self.arch, self.block_count)
         rp = self.hparams.get("rope_parameters", self.hparams.get("rope_scaling")) or {}
@@ -100,7 +171,7 @@ class Converter:
     # ---- helpers ------------------------------------------------------------------------------------
     def find(self, keys, optional=False):
         for k in keys:
-            if k in self.hparams:
+            if self.hparams.get(k) is not None:
                 return self.hparams[k]
         if optional:
             return None
@@ -168,6 +239,9 @@ class Converter:
         elif rope_type == "yarn" and rope.get("factor") is not None:
             w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
             w.add_rope_scaling_factor(rope["factor"])
+            if rope.get("original_max_position_embeddings") is None:
+                raise ConversionError(f"{self.dir / 'config.json'}: YaRN RoPE scaling needs key "
+                                      f"'original_max_position_embeddings'")
             w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
         elif rope_type in ("su", "longrope"):
             w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
@@ -191,9 +265,14 @@ class Converter:
         modules = self.dir / "modules.json"
         if not modules.is_file():
             return None
-        for mod in json.loads(modules.read_text(encoding="utf-8")):
+        for mod in read_json(modules, list):
+            if not (isinstance(mod, dict) and isinstance(mod.get("type"), str) and isinstance(mod.get("path"), str)):
+                raise ConversionError(f"{modules}: each module must be an object with string 'type' and 'path'")
             if mod["type"].endswith("Pooling"):
-                cfg = json.loads((self.dir / mod["path"] / "config.json").read_text(encoding="utf-8"))
+                sub = Path(mod["path"])
+                if sub.is_absolute() or ".." in sub.parts:
+                    raise ConversionError(f"{modules}: module path {mod['path']!r} leaves the model folder")
+                cfg = read_json(self.dir / sub / "config.json")
                 modes = {"mean": gguf.PoolingType.MEAN, "cls": gguf.PoolingType.CLS,
                          "lasttoken": gguf.PoolingType.LAST}
                 if cfg.get("pooling_mode_mean_tokens"):

@@ -15,14 +15,16 @@ to the start of the data section) plus an optional ``"__metadata__"`` dict of st
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ..errors import ConversionError
+from ..container.reader import open_regular
+from ..errors import ConversionError, FileChangedError, GGUFIOError
 
 # safetensors dtype -> (numpy dtype of the stored element, bytes per element). BF16 is held as raw uint16.
 DTYPES = {
@@ -39,6 +41,45 @@ DTYPES = {
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
+MAX_JSON_BYTES = 1 << 30  # config/tokenizer JSON files: the largest tokenizer.json known is ~30 MB
+
+
+def read_file(path: Path, limit: int, what: str = "file") -> bytes:
+    """All bytes of a regular file of at most ``limit`` bytes (FIFOs, directories refused without blocking)."""
+    fd = open_regular(path)
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > limit:
+                raise ConversionError(f"{path}: {size} bytes is more than the {limit} bytes a {what} may have")
+            return fh.read(limit + 1)
+    except OSError as exc:
+        raise GGUFIOError.wrap(path, exc, "cannot read") from None
+
+
+def read_json(path: Path, expect=dict):
+    """A JSON file of a checkpoint (config.json, tokenizer.json, ...), parsed defensively: a missing or
+    non-regular file, bad UTF-8/JSON, nesting too deep for Python and a top level that is not ``expect``
+    all raise :class:`~gguf_kquant.errors.ConversionError` (or GGUFIOError) naming the file."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise ConversionError(f"{path.parent}: no {path.name}")
+    raw = read_file(path, MAX_JSON_BYTES, "JSON file")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConversionError(f"{path}: JSON nested too deeply") from None
+    if expect is not None and not isinstance(value, expect):
+        raise ConversionError(f"{path}: the top level is a JSON {_json_kind(value)}, expected an "
+                              f"{_json_kind(expect())}")
+    return value
+
+
+def _json_kind(v) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(v), type(v).__name__)
 
 
 @dataclass(frozen=True)
@@ -57,8 +98,13 @@ class SafeTensor:
         return self.end - self.begin
 
     def array(self) -> np.ndarray:
-        """The stored elements as a read-only array (BF16 as uint16 bit patterns)."""
+        """The stored elements as a read-only array (BF16 as uint16 bit patterns).
+
+        The file's size is checked first (:class:`~gguf_kquant.errors.FileChangedError` if it shrank since
+        it was opened); a truncation *while* the returned view is read still raises SIGBUS, as with any map.
+        """
         mm = self.file._map()
+        self.file.check_size(self.end, f"tensor {self.name!r}")
         a = np.frombuffer(mm, dtype=DTYPES[self.dtype], count=self.nbytes // DTYPES[self.dtype].itemsize,
                           offset=self.begin)
         return a.reshape(self.shape)
@@ -93,26 +139,32 @@ class SafetensorsFile:
 
     def __init__(self, path):
         self.path = Path(path)
+        fd = open_regular(self.path)
         try:
-            size = os.path.getsize(self.path)
+            with os.fdopen(fd, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ConversionError(f"{self.path}: truncated safetensors file ({size} bytes, no header length)")
+                n = int.from_bytes(head, "little")
+                if n > MAX_HEADER or 8 + n > size:
+                    raise ConversionError(
+                        f"{self.path}: header length {n} does not fit the file ({size} bytes); corrupt or truncated")
+                raw = f.read(n)
         except OSError as exc:
-            raise ConversionError(f"{self.path}: cannot open safetensors file: {exc.strerror}") from None
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ConversionError(f"{self.path}: truncated safetensors file ({size} bytes, no header length)")
-            n = int.from_bytes(head, "little")
-            if n > MAX_HEADER or 8 + n > size:
-                raise ConversionError(
-                    f"{self.path}: header length {n} does not fit the file ({size} bytes); corrupt or truncated")
-            raw = f.read(n)
+            raise GGUFIOError.wrap(self.path, exc, "cannot read") from None
+        self.size = size
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, ValueError) as exc:
             raise ConversionError(f"{self.path}: safetensors header is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ConversionError(f"{self.path}: safetensors header nests JSON too deeply") from None
         if not isinstance(header, dict):
             raise ConversionError(f"{self.path}: safetensors header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict):
+            raise ConversionError(f"{self.path}: safetensors __metadata__ is not a JSON object")
         data_start = 8 + n
         self.data_size = size - data_start
         self.tensors: dict[str, SafeTensor] = {}
@@ -141,7 +193,7 @@ class SafetensorsFile:
         if offs[1] > self.data_size:
             raise ConversionError(f"{where}: data ends at offset {offs[1]} but the data section has only "
                                   f"{self.data_size} bytes (truncated file?)")
-        want = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+        want = math.prod(shape) * DTYPES[dtype].itemsize  # Python ints: a huge shape cannot wrap around
         if offs[1] - offs[0] != want:
             raise ConversionError(f"{where}: {offs[1] - offs[0]} bytes for shape {shape} of {dtype} "
                                   f"(expected {want})")
@@ -149,11 +201,26 @@ class SafetensorsFile:
 
     def _map(self):
         if self._mm is None:
-            with open(self.path, "rb") as f:
-                if os.fstat(f.fileno()).st_size == 0:
+            fd = open_regular(self.path)
+            try:
+                if os.fstat(fd).st_size == 0:
                     return b""
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                raise GGUFIOError.wrap(self.path, exc, "cannot map") from None
+            finally:
+                os.close(fd)
         return self._mm
+
+    def check_size(self, end: int, what: str) -> None:
+        """FileChangedError unless the file still has ``end`` bytes (reading the map past EOF is SIGBUS)."""
+        try:
+            now = os.stat(self.path).st_size
+        except OSError as exc:
+            raise GGUFIOError.wrap(self.path, exc, f"cannot read {what}") from None
+        if now < end:
+            raise FileChangedError(f"{self.path}: {what}: the file shrank from {self.size} to {now} bytes while "
+                                   f"it was open; bytes up to offset {end} are gone")
 
     def close(self):
         self._mm = None  # views keep the map alive until they are dropped
@@ -167,13 +234,13 @@ class Checkpoint:
         index = self.dir / "model.safetensors.index.json"
         self.files: list[SafetensorsFile] = []
         self.tensors: dict[str, SafeTensor] = {}
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (ValueError, KeyError, AssertionError, TypeError):
-                raise ConversionError(f"{index}: no valid 'weight_map'") from None
+        if index.exists():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConversionError(f"{index}: key 'weight_map' must be an object of tensor name -> file name")
             shards = list(dict.fromkeys(weight_map.values()))
+            for s in shards:
+                self._check_shard_name(index, s)
             missing = [s for s in shards if not (self.dir / s).is_file()]
             if missing:
                 raise ConversionError(f"{self.dir}: missing safetensors shard(s) {missing} listed in {index.name}")
@@ -201,6 +268,14 @@ class Checkpoint:
                                       f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
             if extra:
                 raise ConversionError(f"{self.dir}: tensors in the shards but not in the index: {extra[:5]}")
+
+    def _check_shard_name(self, index: Path, name: str) -> None:
+        """A shard must be a plain file name inside the model folder: no '..', no absolute path, no folder."""
+        parts = PurePosixPath(name).parts
+        if (not name or "\\" in name or "\0" in name or PurePosixPath(name).is_absolute() or ".." in parts
+                or len(parts) != 1 or Path(name).is_absolute()):
+            raise ConversionError(f"{index}: weight_map names shard {name!r}, which is not a file name inside "
+                                  f"{self.dir}; refusing to read outside the model folder")
 
     def __getitem__(self, name) -> SafeTensor:
         return self.tensors[name]

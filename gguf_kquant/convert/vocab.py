@@ -26,6 +26,8 @@ import gguf
 
 from ..errors import ConversionError
 from .pretok_hashes import CHKTXT, HASHES
+from .base import MAX_VOCAB
+from .safetensors import _json_kind, read_json as _read_json
 
 # The split regex of a tokenizer.json pre_tokenizer -> the llama.cpp pre-tokenizer that implements it.
 KNOWN_REGEXES = {
@@ -34,15 +36,6 @@ KNOWN_REGEXES = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+": "qwen2",
 }
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConversionError(f"{path.parent}: no {path.name} (the tokenizer is needed)") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConversionError(f"{path}: not valid JSON: {exc}") from None
 
 
 def _split_regexes(pre) -> list:
@@ -58,6 +51,174 @@ def _split_regexes(pre) -> list:
     return []
 
 
+def read_json(path: Path, expect=dict):
+    """A tokenizer or config JSON file, with the parts the converters read type-checked (ConversionError
+    naming the file and key), so that the code using them needs no guard at every access."""
+    value = _read_json(path, expect)
+    check = _TOKENIZER_FILE_CHECKS.get(Path(path).name)
+    if check is not None:
+        check(Path(path), value)
+    return value
+
+
+def _want(path: Path, key: str, value, types, what: str, optional: bool = True) -> None:
+    if (value is None and optional) or (isinstance(value, types) and not (isinstance(value, bool)
+                                                                          and bool not in _as_tuple(types))):
+        return
+    raise ConversionError(f"{path}: key {key!r} must be {what}, not a JSON {_json_kind(value)}")
+
+
+def _as_tuple(t):
+    return t if isinstance(t, tuple) else (t,)
+
+
+def _check_token_id(path: Path, key: str, i) -> None:
+    if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < MAX_TOKEN_ID:
+        raise ConversionError(f"{path}: key {key!r} must be a token id in 0..{MAX_TOKEN_ID - 1}, not {i!r:.40}")
+
+
+def _check_pre_tokenizer(path: Path, pre, key: str, depth: int = 0) -> None:
+    _want(path, key, pre, dict, "an object")
+    if pre is None:
+        return
+    if depth > 8:
+        raise ConversionError(f"{path}: key {key!r} nests Sequence pre-tokenizers more than 8 deep")
+    _want(path, f"{key}.type", pre.get("type"), str, "a string")
+    if pre.get("type") == "Sequence":
+        subs = pre.get("pretokenizers", [])
+        _want(path, f"{key}.pretokenizers", subs, list, "a list", optional=False)
+        for j, sub in enumerate(subs):
+            _check_pre_tokenizer(path, sub, f"{key}.pretokenizers[{j}]", depth + 1)
+    if pre.get("type") == "Split":
+        pat = pre.get("pattern", {})
+        _want(path, f"{key}.pattern", pat, dict, "an object", optional=False)
+        for k in ("Regex", "String"):
+            _want(path, f"{key}.pattern.{k}", pat.get(k), str, "a string")
+
+
+def _check_tokenizer_json(path: Path, tj: dict) -> None:
+    model = tj.get("model")
+    _want(path, "model", model, dict, "an object")
+    model = model or {}
+    _want(path, "model.type", model.get("type"), str, "a string")
+    _want(path, "model.byte_fallback", model.get("byte_fallback"), bool, "true or false")
+    vocab = model.get("vocab")
+    if model.get("type") in ("BPE", "WordPiece"):
+        _want(path, "model.vocab", vocab, dict, "an object of token -> id")
+        for tok, i in (vocab or {}).items():
+            _check_token_id(path, f"model.vocab[{tok!r}]", i)
+    merges = model.get("merges")
+    _want(path, "model.merges", merges, list, "a list")
+    for j, m in enumerate(merges or ()):
+        if not (isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m))):
+            raise ConversionError(f"{path}: key 'model.merges[{j}]' must be a string or a pair of strings")
+    added = tj.get("added_tokens")
+    _want(path, "added_tokens", added, list, "a list")
+    for j, a in enumerate(added or ()):
+        _want(path, f"added_tokens[{j}]", a, dict, "an object", optional=False)
+        _want(path, f"added_tokens[{j}].content", a.get("content"), str, "a string", optional=False)
+        _check_token_id(path, f"added_tokens[{j}].id", a.get("id"))
+        _want(path, f"added_tokens[{j}].special", a.get("special"), bool, "true or false")
+    _check_pre_tokenizer(path, tj.get("pre_tokenizer"), "pre_tokenizer")
+    for key in ("normalizer", "post_processor", "decoder"):
+        _check_components(path, tj.get(key), key)
+
+
+def _check_components(path: Path, comp, key: str, depth: int = 0) -> None:
+    """normalizer / post_processor / decoder: objects, possibly a Sequence of them."""
+    _want(path, key, comp, dict, "an object")
+    if comp is None:
+        return
+    if depth > 8:
+        raise ConversionError(f"{path}: key {key!r} nests sequences more than 8 deep")
+    _want(path, f"{key}.type", comp.get("type"), str, "a string")
+    for sub_key in ("normalizers", "processors", "decoders"):
+        subs = comp.get(sub_key)
+        _want(path, f"{key}.{sub_key}", subs, list, "a list")
+        for j, sub in enumerate(subs or ()):
+            _check_components(path, sub, f"{key}.{sub_key}[{j}]", depth + 1)
+    for sub_key in ("single", "pair"):
+        items = comp.get(sub_key)
+        _want(path, f"{key}.{sub_key}", items, list, "a list")
+        for j, item in enumerate(items or ()):
+            _want(path, f"{key}.{sub_key}[{j}]", item, dict, "an object", optional=False)
+            for inner in item.values():
+                _want(path, f"{key}.{sub_key}[{j}]", inner, dict, "an object of objects", optional=False)
+    for sub_key in ("cls", "sep"):
+        pair = comp.get(sub_key)
+        _want(path, f"{key}.{sub_key}", pair, list, "a list")
+        if pair is not None and (len(pair) != 2 or not isinstance(pair[0], str)):
+            raise ConversionError(f"{path}: key '{key}.{sub_key}' must be a [token, id] pair")
+    special = comp.get("special_tokens")
+    _want(path, f"{key}.special_tokens", special, dict, "an object")
+    for name, st in (special or {}).items():
+        _want(path, f"{key}.special_tokens[{name!r}]", st, dict, "an object", optional=False)
+        ids = st.get("ids")
+        _want(path, f"{key}.special_tokens[{name!r}].ids", ids, list, "a list")
+        for i in ids or ():
+            _check_token_id(path, f"{key}.special_tokens[{name!r}].ids", i)
+
+
+def _check_tokenizer_config(path: Path, cfg: dict) -> None:
+    for key in ("add_prefix_space", "add_bos_token", "add_eos_token", "add_sep_token"):
+        _want(path, key, cfg.get(key), bool, "true or false")
+    _want(path, "tokenizer_class", cfg.get("tokenizer_class"), str, "a string")
+    _want(path, "chat_template", cfg.get("chat_template"), (str, list), "a string or a list")
+    for key in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
+        tok = cfg.get(key)
+        _want(path, key, tok, (str, dict), "a string or an object")
+        if isinstance(tok, dict):
+            _want(path, f"{key}.content", tok.get("content"), str, "a string", optional=False)
+    dec = cfg.get("added_tokens_decoder")
+    _want(path, "added_tokens_decoder", dec, dict, "an object of id -> token")
+    for i, a in (dec or {}).items():
+        if not i.isdecimal() or int(i) >= MAX_TOKEN_ID:
+            raise ConversionError(f"{path}: key 'added_tokens_decoder' has {i!r}, not a token id")
+        _want(path, f"added_tokens_decoder[{i!r}]", a, dict, "an object", optional=False)
+        _want(path, f"added_tokens_decoder[{i!r}].content", a.get("content"), str, "a string", optional=False)
+        _want(path, f"added_tokens_decoder[{i!r}].special", a.get("special"), bool, "true or false")
+
+
+def _check_added_tokens(path: Path, added: dict) -> None:
+    for tok, i in added.items():
+        _check_token_id(path, tok, i)
+
+
+MAX_TOKEN_ID = MAX_VOCAB
+_TOKENIZER_FILE_CHECKS = {
+    "tokenizer.json": _check_tokenizer_json,
+    "tokenizer_config.json": _check_tokenizer_config,
+    "added_tokens.json": _check_added_tokens,
+}
+
+
+# Every tokenizer.ggml.pre name llama.cpp's loader accepts (src/llama-vocab.cpp, llama-cpp-python 0.3.36; any
+# other name makes it throw "unknown pre-tokenizer type"); tests/test_convert_helpers.py compares with the source.
+LLAMA_CPP_PRE_TOKENIZERS = frozenset({
+    'a.x-4.0', 'afmoe', 'bailingmoe', 'bailingmoe2', 'bloom', 'chameleon', 'chatglm-bpe', 'codeshell',
+    'cohere2moe', 'command-r', 'dbrx', 'deepseek-coder', 'deepseek-llm', 'deepseek-r1-qwen', 'deepseek-v3',
+    'default', 'exaone', 'exaone-moe', 'exaone4', 'f2llmv2', 'falcon', 'falcon-h1', 'falcon3', 'gemma4',
+    'gigachat', 'glm4', 'glm5', 'gpt-2', 'gpt-4o', 'gpt3-finnish', 'granite-docling',
+    'granite-embed-multi-311m', 'granite-embed-multi-97m', 'grok-2', 'hunyuan', 'hunyuan-dense', 'hy_v4',
+    'jais', 'jais-2', 'jina-de', 'jina-es', 'jina-v1-en', 'jina-v2-code', 'jina-v2-de', 'jina-v2-es',
+    'jina-v5-nano', 'joyai-llm', 'kanana2', 'kimi-k2', 'kormo', 'laguna', 'lfm2', 'llada-moe', 'llama-bpe',
+    'llama-v3', 'llama3', 'llama4', 'megrez', 'mellum', 'mellum2', 'midm-2.0', 'minerva-7b', 'minicpm5',
+    'minimax-m2', 'modern-bert', 'mpt', 'olmo', 'phi-2', 'pixtral', 'poro-chat', 'qwen2', 'qwen35', 'refact',
+    'roberta-bpe', 'sarvam-moe', 'seed-coder', 'smaug-bpe', 'smollm', 'solar-open', 'spark2_5', 'stablelm2',
+    'starcoder', 'superbpe', 'talkie', 'tekken', 'tiny_aya', 'trillion', 'ufakzeka', 'viking', 'whitespace',
+    'youtu',
+})
+
+
+def checked_pre_tokenizer(conv):
+    """The ``pre_tokenizer`` option, refused unless llama.cpp knows the name; None when not given."""
+    pre = conv.options.get("pre_tokenizer")
+    if pre is not None and pre not in LLAMA_CPP_PRE_TOKENIZERS:
+        raise ConversionError(f"pre_tokenizer {pre!r} is not a pre-tokenizer llama.cpp knows; known names: "
+                              f"{', '.join(sorted(LLAMA_CPP_PRE_TOKENIZERS))}")
+    return pre
+
+
 def pre_tokenizer_name(model_dir: Path, tok_json: dict) -> str:
     """llama.cpp's ``tokenizer.ggml.pre`` for a BPE tokenizer (hash table first, then the split regex)."""
     try:
@@ -66,7 +227,11 @@ def pre_tokenizer_name(model_dir: Path, tok_json: dict) -> str:
         raise ConversionError(
             f"{model_dir}: naming the BPE pre-tokenizer needs the 'tokenizers' package: "
             f"pip install 'gguf-kquant[convert]' (or pass pre_tokenizer='<llama.cpp name>')") from None
-    ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(CHKTXT).ids
+    try:
+        ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(CHKTXT).ids
+    except Exception as exc:  # the Rust library raises plain Exception for a file it cannot load
+        raise ConversionError(f"{model_dir / 'tokenizer.json'}: the tokenizers library cannot load it: "
+                              f"{str(exc)[:200]}") from None
     if (name := HASHES.get(sha256(str(ids).encode()).hexdigest())) is not None:
         return name
     regexes = _split_regexes(tok_json.get("pre_tokenizer"))
@@ -140,7 +305,7 @@ def check_not_byte_fallback(conv, tok_json: dict) -> None:
 def set_vocab_gpt2(conv, w: gguf.GGUFWriter) -> None:
     tokens, types, tj = vocab_base(conv)
     check_not_byte_fallback(conv, tj)
-    pre = conv.options.get("pre_tokenizer") or pre_tokenizer_name(conv.dir, tj)
+    pre = checked_pre_tokenizer(conv) or pre_tokenizer_name(conv.dir, tj)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -245,7 +410,7 @@ def set_vocab_llama_hf(conv, w: gguf.GGUFWriter) -> None:
 
 def set_vocab_bert(conv, w: gguf.GGUFWriter) -> None:
     tokens, types, tj = vocab_base(conv)
-    pre = conv.options.get("pre_tokenizer")
+    pre = checked_pre_tokenizer(conv)
     if pre is None:
         try:
             pre = pre_tokenizer_name(conv.dir, tj)

@@ -12,6 +12,7 @@ from ..vocab import set_vocab_bert
 class BertConverter(Converter):
     hf_architectures = ("BertModel", "BertForMaskedLM")
     arch = gguf.MODEL_ARCH.BERT
+    required_hparams = ("hidden_size", "vocab_size", "max_position_embeddings", "intermediate_size")
 
     def check_shapes(self):
         h = self.hparams

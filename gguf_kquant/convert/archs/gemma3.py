@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gguf
 
+from ...errors import ConversionError
 from ..base import Converter, register
 from ..vocab import read_json, sentencepiece_vocab, set_vocab_sentencepiece_or_gpt2
 
@@ -12,6 +13,7 @@ from ..vocab import read_json, sentencepiece_vocab, set_vocab_sentencepiece_or_g
 class Gemma3Converter(Converter):
     hf_architectures = ("Gemma3ForCausalLM",)
     arch = gguf.MODEL_ARCH.GEMMA3
+    required_hparams = ("hidden_size", "vocab_size")
 
     def check_shapes(self):
         h = self.hparams
@@ -42,6 +44,8 @@ class Gemma3Converter(Converter):
         if h.get("final_logit_softcapping"):
             w.add_final_logit_softcapping(h["final_logit_softcapping"])
         if h.get("sliding_window_pattern") != 1:
+            if h.get("sliding_window") is None:
+                raise ConversionError(f"{self.dir / 'config.json'}: key 'sliding_window' is missing")
             w.add_sliding_window(h["sliding_window"])
         w.add_head_count_kv(h.get("num_key_value_heads", 4))
 

@@ -25,6 +25,7 @@ def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
 class LlamaConverter(Converter):
     hf_architectures = ("LlamaForCausalLM", "MistralForCausalLM")
     arch = gguf.MODEL_ARCH.LLAMA
+    required_hparams = ("hidden_size", "num_attention_heads", "vocab_size", "intermediate_size")
 
     def check_shapes(self):
         h = self.hparams

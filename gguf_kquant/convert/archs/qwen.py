@@ -12,6 +12,7 @@ from ..vocab import set_vocab_sentencepiece_or_gpt2
 class Qwen2Converter(Converter):
     hf_architectures = ("Qwen2ForCausalLM",)
     arch = gguf.MODEL_ARCH.QWEN2
+    required_hparams = ("hidden_size", "num_attention_heads", "vocab_size")
 
     def set_parameters(self, w):
         super().set_parameters(w)
