@@ -66,25 +66,38 @@ S_SIGNS = S_QS + QK_K // 8  # y->qs + QK_K/8: the sign bytes follow the 32 grid-
 # shared pieces of the three quantizers
 # --------------------------------------------------------------------------------------------------------
 @njit(cache=True, nogil=True)
-def iq2_find_best_neighbour(neighbours, start, points, xval, o, waux, scale, L):
+def iq2_find_best_neighbour(tables, start, xval, o, waux, scale, L, terms):
     """ggml's iq2_find_best_neighbour: of the record at ``neighbours[start]``, the grid point nearest to
-    ``xval[o:o+8]`` at ``scale`` under weights ``waux`` (first strictly best wins); writes its coordinates
-    ``(p - 1) / 2`` to ``L[o:o+8]`` and returns its grid index (-1 if none: every distance NaN)."""
+    ``xval[o:o+8]`` at ``scale`` under weights ``waux`` (first strictly best wins); writes its lattice
+    coordinates to ``L[o:o+8]`` and returns its grid index (-1 if none: every distance NaN).
+
+    ggml sums ``d2 += w[i]*diff*diff`` with ``diff = scale*q - x[i]`` and q in {1, 3, 5}: each term takes one
+    of 3 values per i, so they are computed once (``terms``, 8x4 scratch) and each neighbour's d2 adds its 8
+    terms in the same order — the same float32 operations on the same operands, hence the same bits.
+    ``term_index[g]`` packs grid point g's 8 term positions ``4*i + l_i`` as bytes.
+    """
+    lattice, term_index, _kmap, neighbours = tables
+    for i in range(8):
+        w = waux[o + i]
+        xi = xval[o + i]
+        for l in range(3):
+            diff = scale * _F(2 * l + 1) - xi
+            terms[4 * i + l] = w * diff * diff
     n = np.int64(neighbours[start])
     best_d2 = _F(3.4028234663852886e38)  # FLT_MAX
     grid_index = -1
     for j in range(1, n + 1):
         g = np.int64(neighbours[start + j])
+        v = term_index[g]
         d2 = _F(0.0)
         for i in range(8):
-            diff = scale * _F(points[g, i]) - xval[o + i]
-            d2 = d2 + waux[o + i] * diff * diff
+            d2 = d2 + terms[(v >> np.uint64(8 * i)) & np.uint64(0xFF)]
         if d2 < best_d2:
             best_d2 = d2
             grid_index = g
     if grid_index >= 0:
         for i in range(8):
-            L[o + i] = (points[grid_index, i] - 1) // 2
+            L[o + i] = lattice[grid_index, i]
     return grid_index
 
 
@@ -101,14 +114,14 @@ def _trial_group(xval, o, idv, L):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _snap_group(xval, o, idv, scale, L, waux, points, kmap, neighbours):
+def _snap_group(xval, o, idv, scale, L, waux, tables, terms):
     """Round group ``o`` at 1/``idv``, then move it onto the grid if it is off.
     Returns 1 if it was on the grid, 0 if moved, -1 if no neighbour fits (ggml aborts)."""
     u = _trial_group(xval, o, idv, L)
-    gi = kmap[u]
+    gi = tables[2][u]
     if gi >= 0:
         return 1
-    if iq2_find_best_neighbour(neighbours, -gi - 1, points, xval, o, waux, scale, L) < 0:
+    if iq2_find_best_neighbour(tables, -gi - 1, xval, o, waux, scale, L, terms) < 0:
         return -1
     return 0
 
@@ -191,7 +204,7 @@ def _sumx2(x, xo):
 # IQ2_XXS: quantize_row_iq2_xxs_impl
 # --------------------------------------------------------------------------------------------------------
 @njit(cache=True, nogil=True, error_model="numpy")
-def quantize_block_iq2_xxs(x, xo, qw, qo, out, oo, points, kmap, neighbours,
+def quantize_block_iq2_xxs(x, xo, qw, qo, out, oo, tables, terms,
                            scales, weight, xval, xb, L, Laux, Lq, waux, block_signs, q2):
     """One super-block of ``quantize_row_iq2_xxs_impl``; returns False where ggml aborts."""
     kMaxQ = 3
@@ -221,7 +234,7 @@ def quantize_block_iq2_xxs(x, xo, qw, qo, out, oo, points, kmap, neighbours,
             idv = (_F(2 * kMaxQ - 1) + _F(is_) * _F(0.1)) / eff_max
             this_scale = _F(1.0) / idv
             for k in range(4):
-                if _snap_group(xval, 8 * k, idv, this_scale, Laux, waux, points, kmap, neighbours) < 0:
+                if _snap_group(xval, 8 * k, idv, this_scale, Laux, waux, tables, terms) < 0:
                     return False  # GGML_ASSERT(grid_index >= 0)
             sumqx, sumq2 = _fit(weight, xval, Laux, 32)
             if sumq2 > _F(0.0) and sumqx * sumqx > best * sumq2:
@@ -233,13 +246,13 @@ def quantize_block_iq2_xxs(x, xo, qw, qo, out, oo, points, kmap, neighbours,
             idv = _F(1.0) / scale
             for k in range(4):
                 u = _trial_group(xval, 8 * k, idv, Laux)
-                gi = kmap[u]
+                gi = tables[2][u]
                 if gi < 0:
-                    gi = iq2_find_best_neighbour(neighbours, -gi - 1, points, xval, 8 * k, waux, scale, L)
+                    gi = iq2_find_best_neighbour(tables, -gi - 1, xval, 8 * k, waux, scale, L, terms)
                     if gi < 0:
                         return False  # GGML_ASSERT(grid_index >= 0)
                 for i in range(8):
-                    L[8 * k + i] = (points[gi, i] - 1) // 2
+                    L[8 * k + i] = tables[0][gi, i]
             sumqx, sumq2 = _fit(weight, xval, L, 32)
             if sumq2 > _F(0.0):
                 scale = sumqx / sumq2
@@ -248,7 +261,7 @@ def quantize_block_iq2_xxs(x, xo, qw, qo, out, oo, points, kmap, neighbours,
             for k in range(4):
                 block_signs[k] = (~block_signs[k]) & 127
         for k in range(4):
-            gi = kmap[_group_code(L, 8 * k)]
+            gi = tables[2][_group_code(L, 8 * k)]
             if gi < 0:
                 return False  # "Oops: found point not on grid"
             q2[2 * ib] |= np.uint32(gi) << np.uint32(8 * k)
@@ -276,7 +289,7 @@ def quantize_block_iq2_xxs(x, xo, qw, qo, out, oo, points, kmap, neighbours,
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _quantize_iq2_xxs(x, qw, out, points, kmap, neighbours, ok):
+def _quantize_iq2_xxs(x, qw, out, tables, ok):
     n_rows = x.shape[0]
     nb = x.shape[1] // QK_K
     for r in prange(n_rows):
@@ -290,11 +303,12 @@ def _quantize_iq2_xxs(x, qw, out, points, kmap, neighbours, ok):
         waux = np.empty(32, np.float32)
         block_signs = np.empty(4, np.int64)
         q2 = np.empty(16, np.uint32)
+        terms = np.empty(32, np.float32)
         xr = x[r]
         outr = out[r]
         for ibl in range(nb):
             ok[r, ibl] = quantize_block_iq2_xxs(xr, QK_K * ibl, qw, QK_K * ibl, outr, XXS_BYTES * ibl,
-                                                points, kmap, neighbours, scales, weight, xval, xb, L, Laux,
+                                                tables, terms, scales, weight, xval, xb, L, Laux,
                                                 Lq, waux, block_signs, q2)
 
 
@@ -302,7 +316,7 @@ def _quantize_iq2_xxs(x, qw, out, points, kmap, neighbours, ok):
 # IQ2_XS and IQ2_S: quantize_row_iq2_xs_impl / quantize_row_iq2_s_impl (one search, two packings)
 # --------------------------------------------------------------------------------------------------------
 @njit(cache=True, nogil=True, error_model="numpy")
-def _search_sub_block_16(xval, weight, waux, L, Laux, on_grid, on_grid_aux, vmax, points, kmap, neighbours):
+def _search_sub_block_16(xval, weight, waux, L, Laux, on_grid, on_grid_aux, vmax, tables, terms):
     """The scale search of the XS/S quantizers for one sub-block of 16; returns (scale, ok)."""
     kMaxQ = 3
     best = _F(0.0)
@@ -313,7 +327,7 @@ def _search_sub_block_16(xval, weight, waux, L, Laux, on_grid, on_grid_aux, vmax
         idv = (_F(2 * kMaxQ - 1) + _F(is_) * _F(0.1)) / vmax
         this_scale = _F(1.0) / idv
         for k in range(2):
-            snapped = _snap_group(xval, 8 * k, idv, this_scale, Laux, waux, points, kmap, neighbours)
+            snapped = _snap_group(xval, 8 * k, idv, this_scale, Laux, waux, tables, terms)
             if snapped < 0:
                 return scale, False  # GGML_ASSERT(grid_index >= 0)
             on_grid_aux[k] = snapped == 1
@@ -331,9 +345,9 @@ def _search_sub_block_16(xval, weight, waux, L, Laux, on_grid, on_grid_aux, vmax
             if on_grid[k]:
                 continue
             u = _trial_group(xval, 8 * k, idv, L)
-            gi = kmap[u]
+            gi = tables[2][u]
             if gi < 0:
-                if iq2_find_best_neighbour(neighbours, -gi - 1, points, xval, 8 * k, waux, scale, L) < 0:
+                if iq2_find_best_neighbour(tables, -gi - 1, xval, 8 * k, waux, scale, L, terms) < 0:
                     return scale, False  # GGML_ASSERT(grid_index >= 0)
         sumqx, sumq2 = _fit(weight, xval, L, 16)
         if sumq2 > _F(0.0):
@@ -342,7 +356,7 @@ def _search_sub_block_16(xval, weight, waux, L, Laux, on_grid, on_grid_aux, vmax
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def quantize_block_iq2_xs(x, xo, qw, qo, out, oo, points, kmap, neighbours,
+def quantize_block_iq2_xs(x, xo, qw, qo, out, oo, tables, terms,
                           scales, weight, xval, xb, L, Laux, waux, block_signs, q2, on_grid, on_grid_aux):
     """One super-block of ``quantize_row_iq2_xs_impl``; returns False where ggml aborts."""
     for i in range(32):
@@ -362,7 +376,7 @@ def quantize_block_iq2_xs(x, xo, qw, qo, out, oo, points, kmap, neighbours,
             scales[ib] = 0
             continue
         scale, ok = _search_sub_block_16(xval, weight, waux, L, Laux, on_grid, on_grid_aux, vmax,
-                                         points, kmap, neighbours)
+                                         tables, terms)
         if not ok:
             return False
         if scale < _F(0.0):
@@ -370,7 +384,7 @@ def quantize_block_iq2_xs(x, xo, qw, qo, out, oo, points, kmap, neighbours,
             for k in range(2):
                 block_signs[k] = (~block_signs[k]) & 127
         for k in range(2):
-            gi = kmap[_group_code(L, 8 * k)]
+            gi = tables[2][_group_code(L, 8 * k)]
             if gi < 0:
                 return False  # "Oops: found point not on grid"
             q2[2 * ib + k] = np.uint16(gi | (block_signs[k] << 9))
@@ -397,7 +411,7 @@ def quantize_block_iq2_xs(x, xo, qw, qo, out, oo, points, kmap, neighbours,
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def quantize_block_iq2_s(x, xo, qw, qo, has_qw, out, oo, points, kmap, neighbours,
+def quantize_block_iq2_s(x, xo, qw, qo, has_qw, out, oo, tables, terms,
                          scales, weight, xval, xb, L, Laux, waux, block_signs, on_grid, on_grid_aux):
     """One super-block of ``quantize_row_iq2_s_impl`` (``has_qw`` False: quant_weights == NULL)."""
     for i in range(S_BYTES):
@@ -425,7 +439,7 @@ def quantize_block_iq2_s(x, xo, qw, qo, has_qw, out, oo, points, kmap, neighbour
             scales[ib] = 0
             continue
         scale, ok = _search_sub_block_16(xval, weight, waux, L, Laux, on_grid, on_grid_aux, vmax,
-                                         points, kmap, neighbours)
+                                         tables, terms)
         if not ok:
             return False
         if scale < _F(0.0):
@@ -433,7 +447,7 @@ def quantize_block_iq2_s(x, xo, qw, qo, has_qw, out, oo, points, kmap, neighbour
             for k in range(2):
                 block_signs[k] = (~block_signs[k]) & 255
         for k in range(2):
-            gi = kmap[_group_code(L, 8 * k)]
+            gi = tables[2][_group_code(L, 8 * k)]
             if gi < 0:
                 return False  # "Oops: found point not on grid"
             i8 = 2 * ib + k
@@ -458,7 +472,7 @@ def quantize_block_iq2_s(x, xo, qw, qo, has_qw, out, oo, points, kmap, neighbour
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _quantize_iq2_xs(x, qw, out, points, kmap, neighbours, ok):
+def _quantize_iq2_xs(x, qw, out, tables, ok):
     nb = x.shape[1] // QK_K
     for r in prange(x.shape[0]):
         scales = np.empty(16, np.float32)
@@ -472,16 +486,17 @@ def _quantize_iq2_xs(x, qw, out, points, kmap, neighbours, ok):
         q2 = np.empty(32, np.uint16)
         on_grid = np.empty(2, np.bool_)
         on_grid_aux = np.empty(2, np.bool_)
+        terms = np.empty(32, np.float32)
         xr = x[r]
         outr = out[r]
         for ibl in range(nb):
             ok[r, ibl] = quantize_block_iq2_xs(xr, QK_K * ibl, qw, QK_K * ibl, outr, XS_BYTES * ibl,
-                                               points, kmap, neighbours, scales, weight, xval, xb, L, Laux,
+                                               tables, terms, scales, weight, xval, xb, L, Laux,
                                                waux, block_signs, q2, on_grid, on_grid_aux)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _quantize_iq2_s(x, qw, has_qw, out, points, kmap, neighbours, ok):
+def _quantize_iq2_s(x, qw, has_qw, out, tables, ok):
     nb = x.shape[1] // QK_K
     for r in prange(x.shape[0]):
         scales = np.empty(16, np.float32)
@@ -494,11 +509,12 @@ def _quantize_iq2_s(x, qw, has_qw, out, points, kmap, neighbours, ok):
         block_signs = np.empty(2, np.int64)
         on_grid = np.empty(2, np.bool_)
         on_grid_aux = np.empty(2, np.bool_)
+        terms = np.empty(32, np.float32)
         xr = x[r]
         outr = out[r]
         for ibl in range(nb):
             ok[r, ibl] = quantize_block_iq2_s(xr, QK_K * ibl, qw, QK_K * ibl, has_qw, outr, S_BYTES * ibl,
-                                              points, kmap, neighbours, scales, weight, xval, xb, L, Laux,
+                                              tables, terms, scales, weight, xval, xb, L, Laux,
                                               waux, block_signs, on_grid, on_grid_aux)
 
 
@@ -507,8 +523,18 @@ def _quantize_iq2_s(x, qw, has_qw, out, points, kmap, neighbours, ok):
 # --------------------------------------------------------------------------------------------------------
 @functools.cache
 def _search_tables(name):
+    """The kernels' ``tables`` tuple: (lattice, term_index, kmap, neighbours).
+
+    lattice[g]: the coordinates l = (p - 1) / 2 in {0, 1, 2} of grid point g; term_index[g]: bytes 4*i + l_i
+    (see iq2_find_best_neighbour); kmap and neighbours as :func:`.iq_grids.iq2_grid_tables` builds them.
+    """
     grid, kmap, neighbours = iq2_grid_tables(name)
-    return grid.view(np.int8).reshape(-1, 8), kmap, neighbours
+    lattice = ((grid.view(np.int8).reshape(-1, 8) - 1) // 2).astype(np.int8)
+    positions = lattice.astype(np.uint64) + np.uint64(4) * np.arange(8, dtype=np.uint64)
+    term_index = np.bitwise_or.reduce(positions << (np.uint64(8) * np.arange(8, dtype=np.uint64)), axis=1)
+    for a in (lattice, term_index):
+        a.flags.writeable = False
+    return lattice, term_index, kmap, neighbours
 
 
 def _raise_on_abort(name, ok):
@@ -527,7 +553,7 @@ def quantize_imatrix_iq2_xxs(x, qw, out):
     >>> out = np.empty((2, 66), np.uint8); quantize_imatrix_iq2_xxs(x, np.ones(256, np.float32), out)
     """
     ok = np.ones((x.shape[0], x.shape[1] // QK_K), np.bool_)
-    _quantize_iq2_xxs(x, qw, out, *_search_tables("IQ2_XXS"), ok)
+    _quantize_iq2_xxs(x, qw, out, _search_tables("IQ2_XXS"), ok)
     _raise_on_abort("IQ2_XXS", ok)
 
 
@@ -535,7 +561,7 @@ def quantize_imatrix_iq2_xxs(x, qw, out):
 def quantize_imatrix_iq2_xs(x, qw, out):
     """IQ2_XS with importance matrix ``qw`` (quantize_row_iq2_xs_impl)."""
     ok = np.ones((x.shape[0], x.shape[1] // QK_K), np.bool_)
-    _quantize_iq2_xs(x, qw, out, *_search_tables("IQ2_XS"), ok)
+    _quantize_iq2_xs(x, qw, out, _search_tables("IQ2_XS"), ok)
     _raise_on_abort("IQ2_XS", ok)
 
 
@@ -543,7 +569,7 @@ def quantize_imatrix_iq2_xs(x, qw, out):
 def quantize_iq2_s(x, out):
     """IQ2_S without importance matrix (quantize_iq2_s with quant_weights NULL)."""
     ok = np.ones((x.shape[0], x.shape[1] // QK_K), np.bool_)
-    _quantize_iq2_s(x, np.zeros(1, np.float32), False, out, *_search_tables("IQ2_S"), ok)
+    _quantize_iq2_s(x, np.zeros(1, np.float32), False, out, _search_tables("IQ2_S"), ok)
     _raise_on_abort("IQ2_S", ok)
 
 
@@ -551,7 +577,7 @@ def quantize_iq2_s(x, out):
 def quantize_imatrix_iq2_s(x, qw, out):
     """IQ2_S with importance matrix ``qw`` (quantize_row_iq2_s_impl)."""
     ok = np.ones((x.shape[0], x.shape[1] // QK_K), np.bool_)
-    _quantize_iq2_s(x, qw, True, out, *_search_tables("IQ2_S"), ok)
+    _quantize_iq2_s(x, qw, True, out, _search_tables("IQ2_S"), ok)
     _raise_on_abort("IQ2_S", ok)
 
 
