@@ -6,14 +6,15 @@
    is compared with every path that is read (source shards, imatrix, checkpoint files).  Two names are the
    same file when they resolve to the same inode (``st_dev``/``st_ino``: symlinks and hard links included) or,
    for files that do not exist yet, the same ``realpath``.  A collision, two outputs with one name, a missing
-   destination folder, a destination that is a folder, or (with ``overwrite=False``) an existing destination
-   is refused with one line naming both paths.  For split outputs, any existing shard of the same prefix
+   destination folder, a destination that is a folder or not a regular file (a FIFO, ``/dev/null``), or
+   (with ``overwrite=False``) an existing destination is refused with one line naming both paths.  For split outputs, any existing shard of the same prefix
    (``m-00001-of-00003.gguf`` when writing ``m-0000i-of-00002.gguf``) counts as an existing destination;
    with ``overwrite=True`` only the new shard names are replaced (old shards of another count stay).  Temp files cannot collide with anything: they are created
    with ``O_EXCL`` under fresh random names.
 2. :class:`AtomicFiles` — each target is written to a temp file ``.gguf-kquant-XXXXXXXX.tmp`` in the
    target's own folder (same file system, so the rename is atomic; a short fixed-length name, so targets
-   whose names are up to NAME_MAX = 255 bytes long work).  Only after *every* file is complete and
+   whose names are up to NAME_MAX = 255 bytes long work; a destination that is a symlink is followed, so the
+   file it names is replaced and the link stays, as ``open(path, "wb")`` would do).  Only after *every* file is complete and
    fsync'ed are the temps renamed over their targets, then the folders are fsync'ed.  On any exception
    the temps are removed and no target is touched.
 3. Signals — while the files are open, SIGINT, SIGTERM and SIGHUP (what Ctrl-C, ``timeout``, systemd and
@@ -127,6 +128,8 @@ def check_outputs(outputs: Iterable, inputs: Iterable = (), *, overwrite: bool =
             raise error(f"{out}: the destination folder {folder} does not exist")
         if out.is_dir():
             raise error(f"{out}: is a folder, not a file name")
+        if fid is not None and not out.is_file():  # a FIFO, socket or device (/dev/null) is not replaced
+            raise error(f"{out}: is not a regular file; refusing to replace it")
         if not overwrite:
             taken = out if fid is not None or out.is_symlink() else _sibling_shard(out)
             if taken is not None:
@@ -273,7 +276,8 @@ class AtomicFiles:
     """
 
     def __init__(self, targets: Iterable, *, fsync: bool = True):
-        self.targets = [Path(os.fspath(t)) for t in targets]
+        # a symlinked destination is followed (the file it names is replaced, the link stays), as open() would
+        self.targets = [Path(os.path.realpath(t)) if os.path.islink(t) else Path(os.fspath(t)) for t in targets]
         self.fsync = fsync
         self.temps: list = []
         self._fds: list = []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 
 import gguf_kquant
 from gguf_kquant import GGUFValueType as V
-from gguf_kquant import Value
+from gguf_kquant import Value, safeio
 from gguf_kquant.container.writer import GGUFWriter, TensorSpec, parse_size
 from gguf_kquant.errors import WriteError
 
@@ -605,3 +607,78 @@ def test_destination_name_of_255_bytes(tmp_path):
 def test_object_arrays_are_refused(tmp_path):
     with pytest.raises(WriteError, match="'x'.*Python objects"):
         gguf_kquant.write(tmp_path / "o.gguf", {}, [("x", (1,), "F64", np.array([object()]))])
+
+
+def test_fifo_destination_is_refused_and_symlink_destination_followed(tmp_path):
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(WriteError, match="pipe.gguf: is not a regular file"):
+        gguf_kquant.write(fifo, {"k": 1})
+    real = tmp_path / "real.gguf"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.gguf"
+    link.symlink_to(real.name)
+    assert gguf_kquant.write(link, {"k": 1}) == [link]
+    assert link.is_symlink() and real.read_bytes()[:4] == b"GGUF" and leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------------------
+# Signals: handlers only while writing, in the main thread; previous ones restored; ignored stays ignored
+# ------------------------------------------------------------------------------------------------------
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _probe(seen: list, then=None):
+    def gen():
+        seen.append({s: signal.getsignal(s) for s in SIGNALS})
+        if then is not None:
+            then()
+        yield b"\0" * 128
+    return gen
+
+
+def test_handlers_installed_while_writing_and_restored(tmp_path):
+    before = {s: signal.getsignal(s) for s in SIGNALS}
+    old_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+    try:
+        seen = []
+        gguf_kquant.write(tmp_path / "m.gguf", {}, [("t", (32,), "F32", _probe(seen))])
+        during = seen[0]
+        assert during[signal.SIGHUP] == signal.SIG_IGN  # an ignored signal stays ignored
+        assert during[signal.SIGTERM] not in (before[signal.SIGTERM], signal.SIG_DFL)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, old_hup)
+    assert {s: signal.getsignal(s) for s in SIGNALS} == before
+
+
+def test_no_handlers_from_another_thread(tmp_path):
+    before = {s: signal.getsignal(s) for s in SIGNALS}
+    seen = []
+    t = threading.Thread(target=gguf_kquant.write, args=(tmp_path / "m.gguf", {}, [("t", (32,), "F32", _probe(seen))]))
+    t.start()
+    t.join()
+    assert seen == [before] and (tmp_path / "m.gguf").exists()
+
+
+def test_sigint_in_library_use_raises_keyboard_interrupt(tmp_path):
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        gguf_kquant.write(target, {}, [("t", (32,), "F32", _probe([], lambda: os.kill(os.getpid(), signal.SIGINT)))])
+    assert target.read_bytes() == b"old" and leftovers(tmp_path) == []
+
+
+def test_sigterm_with_a_program_handler_cleans_up_then_calls_it(tmp_path):
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"old")
+    calls = []
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append((signum, leftovers(tmp_path))))
+    try:
+        with pytest.raises(safeio.Interrupted, match="SIGTERM"):
+            gguf_kquant.write(target, {}, [("t", (32,), "F32",
+                                             _probe([], lambda: os.kill(os.getpid(), signal.SIGTERM)))])
+        assert calls == [(signal.SIGTERM, [])]  # called once, after the temp file was removed
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert target.read_bytes() == b"old" and leftovers(tmp_path) == []
