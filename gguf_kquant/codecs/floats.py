@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..types import register_kernel
+
 from .helpers import bf16_bits_to_fp32, fp16_bits_to_fp32, fp32_to_bf16_bits, fp32_to_fp16_bits
 
 # Unsigned (np.uint64) indices skip numba's negative-index wraparound, which keeps LLVM from vectorizing.
@@ -73,36 +75,42 @@ def _bytes_to_fp32_row(raw, y):
         y[j] = np.uint32(u).view(np.float32)
 
 
+@register_kernel("F32", "quantize")
 @njit(cache=True, nogil=True, parallel=True)
 def quantize_f32(x, out):
     for r in prange(x.shape[0]):
         _fp32_to_bytes_row(x[r], out[r])
 
 
+@register_kernel("F32", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
 def dequantize_f32(raw, out):
     for r in prange(out.shape[0]):
         _bytes_to_fp32_row(raw[r], out[r])
 
 
+@register_kernel("F16", "quantize")
 @njit(cache=True, nogil=True, parallel=True)
 def quantize_f16(x, out):
     for r in prange(x.shape[0]):
         _fp32_to_fp16_row(x[r], out[r])
 
 
+@register_kernel("F16", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
 def dequantize_f16(raw, out):
     for r in prange(out.shape[0]):
         _fp16_to_fp32_row(raw[r], out[r])
 
 
+@register_kernel("BF16", "quantize")
 @njit(cache=True, nogil=True, parallel=True)
 def quantize_bf16(x, out):
     for r in prange(x.shape[0]):
         _fp32_to_bf16_row_ref(x[r], out[r])
 
 
+@register_kernel("BF16", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
 def dequantize_bf16(raw, out):
     for r in prange(out.shape[0]):

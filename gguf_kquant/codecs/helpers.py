@@ -4,10 +4,9 @@ Everything here is ``@njit(cache=True, nogil=True)`` without fastmath: bit-exact
 float32 evaluation in C's order.  C float literals are float32, so literals are wrapped in ``np.float32``
 wherever the C code computes in float; a bare Python float would widen the arithmetic to float64.
 
-Ownership while the codec families are being written (append only, never rewrite another's function):
-  fp16/bf16 conversion, nearest_int ............ initial skeleton
-  make_qx_quants, make_q3_quants, make_qkx2_quants, get_scale_min_k4 ... k-quant reference port
-  make_qkx3_quants, make_qp_quants ............. importance-matrix (_impl) port
+Format-level pieces that both algorithm paths of a family use (ggml's ``_ref`` and ``_impl`` quantizers
+write the same block layouts) live here too, once: the fp16 store, ``nearest_int``, the k-quant 6-bit
+scale packing, the 2-bit / Q3_K / Q5 / Q6_K quant packers.
 """
 
 from __future__ import annotations
@@ -73,15 +72,20 @@ def fp16_round(f):
     return fp16_bits_to_fp32(fp32_to_fp16_bits(f))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def store_fp16(out, pos, f):
-    """Write ``f`` as little-endian fp16 into the uint8 array ``out`` at byte ``pos``."""
+    """Write ``f`` as little-endian fp16 into the uint8 array ``out`` at byte ``pos``.
+
+    Returns the float32 that ggml reads back (``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(f))``), which the
+    k-quants use to requantize against the stored scale.
+    """
     h = fp32_to_fp16_bits(f)
     out[pos] = np.uint8(h & np.uint16(0xFF))
     out[pos + 1] = np.uint8(h >> np.uint16(8))
+    return fp16_bits_to_fp32(h)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def load_fp16(raw, pos):
     """Read little-endian fp16 at byte ``pos`` of the uint8 array ``raw`` as float32."""
     return fp16_bits_to_fp32(np.uint16(raw[pos]) | (np.uint16(raw[pos + 1]) << np.uint16(8)))
@@ -114,7 +118,7 @@ def bf16_bits_to_fp32(h):
 # ---------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")  # inlined at numba level: the hot loops call it per element
 def nearest_int(fval):
     val = np.float32(np.float32(fval) + np.float32(12582912.0))
     i = np.int32(val.view(np.int32))
@@ -487,3 +491,211 @@ def make_qp_quants(x, nmax, L, quant_weights):
         if n_changed == 0:
             break
     return np.float32(sumlx / suml2) if suml2 > np.float32(0.0) else np.float32(0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Block pieces shared by the reference (_ref) and importance-matrix (_impl) quantizers: both paths end
+# with integer quants L and scales and write them into the same layout (drawn in kquants.py / legacy.py),
+# and both requantize against the scales as stored.  Field offsets are passed in by the callers, which
+# take them from the type table.  C's uint8_t stores keep the low byte: reproduced by ``& 0xFF``.
+# ---------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True, inline="always")
+def pack_q5_0(y, qho, qso, L):
+    """Q5_0 / Q5_1 quants: ``qs`` (16 bytes at y[qso]) and ``qh`` (u32 LE at y[qho]) from 32 quants L.
+
+        qs[j] = L[j] & 15 | (L[j+16] & 15) << 4        qh bit j = bit 4 of L[j]  (j = 0..31)
+    """
+    qh = np.uint32(0)
+    for j in range(16):
+        a = np.uint32(L[j] & 0xFF)
+        b = np.uint32(L[j + 16] & 0xFF)
+        y[qso + j] = np.uint8((a & np.uint32(0x0F)) | ((b & np.uint32(0x0F)) << np.uint32(4)))
+        qh |= ((a & np.uint32(0x10)) >> np.uint32(4)) << np.uint32(j)
+        qh |= ((b & np.uint32(0x10)) >> np.uint32(4)) << np.uint32(j + 16)
+    for k in range(4):
+        y[qho + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def pack_2bit_k(y, qo, L):
+    """Q2_K / Q3_K ``qs`` (64 bytes at y[qo]): 2-bit planes of two 128-value halves (L already < 4).
+
+        qs[32h + l] = L[128h+l] | L[128h+l+32] << 2 | L[128h+l+64] << 4 | L[128h+l+96] << 6
+    """
+    for h in range(2):
+        for l in range(32):
+            b = 128 * h + l
+            y[qo + 32 * h + l] = np.uint8((L[b] | (L[b + 32] << 2) | (L[b + 64] << 4) | (L[b + 96] << 6)) & 0xFF)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def requantize_q2_k(x, xo, y, so, d_all, dmin_all, L):
+    """Q2_K's final quants against the stored 4-bit scale/min bytes at y[so] and fp16 d/dmin (L in [0, 3])."""
+    for j in range(16):
+        sc = np.int64(y[so + j])
+        d = np.float32(d_all * np.float32(sc & 0xF))
+        if d == np.float32(0.0):
+            continue  # keep the scale search's L
+        dm = np.float32(dmin_all * np.float32(sc >> 4))
+        for ii in range(16):
+            l = nearest_int(np.float32(x[xo + 16 * j + ii] + dm) / d)
+            L[16 * j + ii] = max(0, min(3, l))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def q3_k_scale(raw, so, j):
+    """Six-bit scale j (0..63, stored +32) of Q3_K's 12-byte ``scales`` at raw[so].
+
+        byte k      (k = 0..7) : | s(k+8)[3:0] | s(k)[3:0] |
+        byte 8 + k  (k = 0..3) : | s(k+12)[5:4] | s(k+8)[5:4] | s(k+4)[5:4] | s(k)[5:4] |
+    """
+    lo = (np.int64(raw[so + j]) & 0xF) if j < 8 else (np.int64(raw[so + j - 8]) >> 4)
+    hi = (np.int64(raw[so + 8 + j % 4]) >> (2 * (j // 4))) & 3
+    return lo | (hi << 4)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def pack_q3_k_scales(y, so, Ls):
+    """Pack sixteen 6-bit scales Ls (already +32) into Q3_K's 12 bytes at y[so] (layout: :func:`q3_k_scale`)."""
+    for k in range(12):
+        y[so + k] = 0
+    for j in range(16):
+        l = np.int64(Ls[j])
+        if j < 8:
+            y[so + j] = np.uint8(l & 0xF)
+        else:
+            y[so + j - 8] = np.uint8((np.int64(y[so + j - 8]) | ((l & 0xF) << 4)) & 0xFF)
+        y[so + 8 + j % 4] = np.uint8((np.int64(y[so + 8 + j % 4]) | ((l >> 4) << (2 * (j // 4)))) & 0xFF)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def requantize_q3_k(x, xo, y, so, d_all, L, n16):
+    """Q3_K's final quants against the stored scales: L = clamp(nearest_int(x/d), -4, 3) + 4.
+
+    ``n16`` == 16 at run time (a constant trip count gets unrolled instead of vectorized).
+    """
+    for j in range(16):
+        d = np.float32(d_all * np.float32(q3_k_scale(y, so, j) - 32))
+        if d == np.float32(0.0):
+            continue
+        xs = x[xo + 16 * j: xo + 16 * j + n16]
+        Ls = L[16 * j: 16 * j + n16]
+        for ii in range(n16):
+            Ls[ii] = max(-4, min(3, nearest_int(xs[ii] / d))) + 4
+
+
+@njit(cache=True, nogil=True, inline="always")
+def pack_q3_k(y, hmo, qso, L):
+    """Q3_K ``hmask`` (32 bytes at y[hmo]) and ``qs`` (at y[qso]) from 256 quants L in [0, 7] (L is consumed).
+
+    C: ``if (L[j] > 3) { hmask[j % 32] |= 1 << (j / 32); L[j] -= 4; }``, then the 2-bit planes.
+    """
+    for m in range(32):
+        hb = 0
+        for b in range(8):
+            v = L[32 * b + m]
+            hb |= (v >> 2) << b
+            L[32 * b + m] = v & 3
+        y[hmo + m] = np.uint8(hb & 0xFF)
+    pack_2bit_k(y, qso, L)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def pack_scale_min_k4(y, so, Ls, Lm):
+    """Pack 8 six-bit scales ``Ls`` and mins ``Lm`` into Q4_K/Q5_K's 12 bytes at y[so] (see get_scale_min_k4).
+
+    C's uint8_t arithmetic: a value above 63 (the importance-matrix Q4_K does not clamp) ORs its low bits in.
+    """
+    for j in range(8):
+        ls = np.int64(Ls[j])
+        lm = np.int64(Lm[j])
+        if j < 4:
+            y[so + j] = np.uint8(ls & 0xFF)
+            y[so + j + 4] = np.uint8(lm & 0xFF)
+        else:
+            y[so + j + 4] = np.uint8(((ls & 0xF) | ((lm & 0xF) << 4)) & 0xFF)
+            y[so + j - 4] = np.uint8((np.int64(y[so + j - 4]) | ((ls >> 4) << 6)) & 0xFF)
+            y[so + j] = np.uint8((np.int64(y[so + j]) | ((lm >> 4) << 6)) & 0xFF)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def requantize_k4(x, xo, y, so, d_all, dmin_all, nmax, L):
+    """Q4_K/Q5_K final quants against the stored 6-bit scales at y[so] and fp16 d/dmin: L in [0, nmax]."""
+    for j in range(8):
+        sc, m = get_scale_min_k4(j, y, so)
+        d = np.float32(d_all * np.float32(sc))
+        if d == np.float32(0.0):
+            continue  # keep the scale search's L
+        dm = np.float32(dmin_all * np.float32(m))
+        for ii in range(32):
+            l = nearest_int(np.float32(x[xo + 32 * j + ii] + dm) / d)
+            L[32 * j + ii] = max(0, min(nmax, l))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def pack_q4_k(y, qso, L):
+    """Q4_K ``qs`` (128 bytes at y[qso]): qs[32c + l] = L[64c + l] | L[64c + l + 32] << 4."""
+    for c in range(4):
+        for l in range(32):
+            y[qso + 32 * c + l] = np.uint8((L[64 * c + l] | (L[64 * c + l + 32] << 4)) & 0xFF)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def pack_q5_k(y, qho, qso, L):
+    """Q5_K ``qh`` (32 bytes at y[qho]) and ``qs`` (128 at y[qso]) from 256 quants L in [0, 31].
+
+        bit 2c of qh[l] = bit 4 of L[64c + l],  bit 2c+1 = bit 4 of L[64c + l + 32];  qs as Q4_K's
+    """
+    for l in range(32):
+        y[qho + l] = 0
+    for c in range(4):
+        m1 = 1 << (2 * c)
+        for l in range(32):
+            l1 = np.int64(L[64 * c + l])
+            if l1 > 15:
+                l1 -= 16
+                y[qho + l] = np.uint8(np.int64(y[qho + l]) | m1)
+            l2 = np.int64(L[64 * c + l + 32])
+            if l2 > 15:
+                l2 -= 16
+                y[qho + l] = np.uint8(np.int64(y[qho + l]) | (m1 << 1))
+            y[qso + 32 * c + l] = np.uint8((l1 | (l2 << 4)) & 0xFF)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def quantize_q6_k_scales_and_pack(x, xo, y, yo, qlo, qho, sco, do, block_bytes, L, scales, max_scale,
+                                  max_abs_scale):
+    """The common end of quantize_row_q6_K_ref / _impl: int8 scales, fp16 d, final quants, packing.
+
+        ql[64h + l]      = L[128h + l] & 15      | (L[128h + l + 64] & 15) << 4
+        ql[64h + 32 + l] = L[128h + l + 32] & 15 | (L[128h + l + 96] & 15) << 4
+        qh[32h + l]      = L[128h+l] >> 4 | L[128h+l+32] >> 4 << 2 | L[128h+l+64] >> 4 << 4 | L[128h+l+96] >> 4 << 6
+    """
+    if max_abs_scale < GROUP_MAX_EPS:  # memset(&y[i], 0, sizeof(block_q6_K)); d = fp16(0) is 0 too
+        for k in range(block_bytes):
+            y[yo + k] = 0
+        return
+    iscale = np.float32(np.float32(-128.0) / max_scale)
+    d_all = store_fp16(y, yo + do, np.float32(np.float32(1.0) / iscale))
+    for ib in range(16):
+        y[yo + sco + ib] = np.uint8(min(127, nearest_int(iscale * scales[ib])) & 0xFF)  # int8_t store
+    for j in range(16):
+        d = np.float32(d_all * np.float32(np.int8(y[yo + sco + j])))
+        if d == np.float32(0.0):
+            continue
+        for ii in range(16):
+            l = nearest_int(x[xo + 16 * j + ii] / d)
+            L[16 * j + ii] = max(-32, min(31, l)) + 32
+    for h in range(2):
+        for l in range(32):
+            b = 128 * h + l
+            q1 = np.int64(L[b])
+            q2 = np.int64(L[b + 32])
+            q3 = np.int64(L[b + 64])
+            q4 = np.int64(L[b + 96])
+            y[yo + qlo + 64 * h + l] = np.uint8(((q1 & 0xF) | ((q3 & 0xF) << 4)) & 0xFF)
+            y[yo + qlo + 64 * h + 32 + l] = np.uint8(((q2 & 0xF) | ((q4 & 0xF) << 4)) & 0xFF)
+            y[yo + qho + 32 * h + l] = np.uint8(((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4)
+                                                 | ((q4 >> 4) << 6)) & 0xFF)

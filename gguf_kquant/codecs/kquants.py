@@ -46,32 +46,51 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .helpers import GROUP_MAX_EPS, fp16_bits_to_fp32, fp32_to_fp16_bits, get_scale_min_k4, nearest_int
+from ..types import QK_K, TYPES, GGMLType, register_kernel
 
-QK_K = 256
+from .helpers import (
+    GROUP_MAX_EPS,
+    get_scale_min_k4,
+    load_fp16,
+    nearest_int,
+    pack_2bit_k,
+    pack_q3_k,
+    pack_q3_k_scales,
+    pack_q4_k,
+    pack_q5_k,
+    pack_scale_min_k4,
+    q3_k_scale,
+    quantize_q6_k_scales_and_pack,
+    requantize_k4,
+    requantize_q2_k,
+    requantize_q3_k,
+    store_fp16,
+)
+
 _F32 = np.float32
 _CHUNK = 16  # super-blocks per parallel work item
 
-BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "Q8_K": 292}
+# Block sizes and field offsets, from the type table (layouts drawn at each codec below).  Shared with
+# kquants_imatrix; numba compiles them in as constants.
+_T = {name: TYPES[GGMLType[name]] for name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K")}
+Q2_K_BYTES = _T["Q2_K"].type_size
+Q2_K_SCALES, Q2_K_QS, Q2_K_D, Q2_K_DMIN = (_T["Q2_K"].field_offset(f) for f in ("scales", "qs", "d", "dmin"))
+Q3_K_BYTES = _T["Q3_K"].type_size
+Q3_K_HMASK, Q3_K_QS, Q3_K_SCALES, Q3_K_D = (_T["Q3_K"].field_offset(f) for f in ("hmask", "qs", "scales", "d"))
+Q4_K_BYTES = _T["Q4_K"].type_size
+Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, Q4_K_QS = (_T["Q4_K"].field_offset(f) for f in ("d", "dmin", "scales", "qs"))
+Q5_K_BYTES = _T["Q5_K"].type_size
+Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, Q5_K_QH, Q5_K_QS = (
+    _T["Q5_K"].field_offset(f) for f in ("d", "dmin", "scales", "qh", "qs"))
+Q6_K_BYTES = _T["Q6_K"].type_size
+Q6_K_QL, Q6_K_QH, Q6_K_SCALES, Q6_K_D = (_T["Q6_K"].field_offset(f) for f in ("ql", "qh", "scales", "d"))
+Q8_K_BYTES = _T["Q8_K"].type_size
+Q8_K_D, Q8_K_QS, Q8_K_BSUMS = (_T["Q8_K"].field_offset(f) for f in ("d", "qs", "bsums"))
 
 
 # ---------------------------------------------------------------------------------------------------
 # small shared pieces
 # ---------------------------------------------------------------------------------------------------
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _put_fp16(out, pos, f):
-    """Store fp16(f) little-endian; return the float32 ggml reads back (GGML_FP16_TO_FP32 of it)."""
-    h = fp32_to_fp16_bits(f)
-    out[pos] = np.uint8(h & np.uint16(0xFF))
-    out[pos + 1] = np.uint8(h >> np.uint16(8))
-    return fp16_bits_to_fp32(h)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _get_fp16(raw, pos):
-    return fp16_bits_to_fp32(np.uint16(raw[pos]) | (np.uint16(raw[pos + 1]) << np.uint16(8)))
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -412,50 +431,40 @@ def _quantize_block_q2_k(x, xo, y, yo, nl, L, Lt, Lat, xt, wt, xm, st, scales, m
         if m > max_min:
             max_min = m
     q4scale = _F32(15.0)
+    so = yo + Q2_K_SCALES
     if max_scale > _F32(0.0):
         iscale = _F32(q4scale / max_scale)
         for j in range(16):
-            y[yo + j] = np.uint8(nearest_int(iscale * scales[j]) & 0xFF)  # uint8_t store keeps the low byte
-        d = _put_fp16(y, yo + 80, _F32(max_scale / q4scale))
+            y[so + j] = np.uint8(nearest_int(iscale * scales[j]) & 0xFF)  # uint8_t store keeps the low byte
+        d = store_fp16(y, yo + Q2_K_D, _F32(max_scale / q4scale))
     else:
         for j in range(16):
-            y[yo + j] = 0
-        d = _put_fp16(y, yo + 80, _F32(0.0))
+            y[so + j] = 0
+        d = store_fp16(y, yo + Q2_K_D, _F32(0.0))
     if max_min > _F32(0.0):
         iscale = _F32(q4scale / max_min)
         for j in range(16):
             l = nearest_int(iscale * mins[j])
-            y[yo + j] = np.uint8(y[yo + j] | ((l << 4) & 0xFF))
-        dmin = _put_fp16(y, yo + 82, _F32(max_min / q4scale))
+            y[so + j] = np.uint8(y[so + j] | ((l << 4) & 0xFF))
+        dmin = store_fp16(y, yo + Q2_K_DMIN, _F32(max_min / q4scale))
     else:
-        dmin = _put_fp16(y, yo + 82, _F32(0.0))
-    for j in range(16):
-        sc = np.int64(y[yo + j])
-        dj = _F32(d * _F32(sc & 0xF))
-        if dj == _F32(0.0):
-            continue  # keep make_qkx2_quants' L
-        dm = _F32(dmin * _F32(sc >> 4))
-        for ii in range(16):
-            l = nearest_int(_F32(x[xo + 16 * j + ii] + dm) / dj)
-            L[16 * j + ii] = _clamp(l, 0, 3)
-    for h in range(2):
-        for l in range(32):
-            b = 128 * h + l
-            y[yo + 16 + 32 * h + l] = np.uint8(L[b] | (L[b + 32] << 2) | (L[b + 64] << 4) | (L[b + 96] << 6))
+        dmin = store_fp16(y, yo + Q2_K_DMIN, _F32(0.0))
+    requantize_q2_k(x, xo, y, so, d, dmin, L)
+    pack_2bit_k(y, yo + Q2_K_QS, L)
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _dequantize_block_q2_k(rb, yb, n16):
     """One block: rb = its 84 bytes, yb = its 256 floats; n16 == 16 (run-time so that LLVM vectorizes)."""
-    d = _get_fp16(rb, 80)
-    dmin = _get_fp16(rb, 82)
+    d = load_fp16(rb, Q2_K_D)
+    dmin = load_fp16(rb, Q2_K_DMIN)
     for h in range(2):
         for shift in range(4):  # 2-bit plane
             for half in range(2):
-                sc = np.int64(rb[8 * h + 2 * shift + half])
+                sc = np.int64(rb[Q2_K_SCALES + 8 * h + 2 * shift + half])
                 dl = _F32(d * _F32(sc & 0xF))
                 ml = _F32(dmin * _F32(sc >> 4))
-                q = rb[16 + 32 * h + 16 * half: 16 + 32 * h + 16 * half + n16]
+                q = rb[Q2_K_QS + 32 * h + 16 * half: Q2_K_QS + 32 * h + 16 * half + n16]
                 yy = yb[128 * h + 32 * shift + 16 * half: 128 * h + 32 * shift + 16 * half + n16]
                 for l in range(n16):
                     yy[l] = _F32(_F32(dl * _F32((np.int32(q[l]) >> (2 * shift)) & 3)) - ml)
@@ -471,14 +480,6 @@ def _dequantize_block_q2_k(rb, yb, n16):
 #                    byte 8 + k  (k = 0..3) : | s(k+12)[5:4] | s(k+8)[5:4] | s(k+4)[5:4] | s(k)[5:4] |
 #   byte 108..109  d       fp16
 # ---------------------------------------------------------------------------------------------------
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _q3_k_scale(raw, so, j):
-    """Six-bit scale j (0..63, stored +32) of Q3_K's 12-byte ``scales`` at raw[so]."""
-    lo = (np.int64(raw[so + j]) & 0xF) if j < 8 else (np.int64(raw[so + j - 8]) >> 4)
-    hi = (np.int64(raw[so + 8 + j % 4]) >> (2 * (j // 4))) & 3
-    return lo | (hi << 4)
 
 
 @njit(cache=True, nogil=True)
@@ -498,56 +499,33 @@ def _quantize_block_q3_k(x, xo, y, yo, nl, L, Lt, xt, w, wx, st, scales):
         if a > amax:
             amax = a
             max_scale = s
-    so = yo + 96
-    for k in range(12):
-        y[so + k] = 0
+    so = yo + Q3_K_SCALES
+    Ls = Lt  # free again: the quants were copied to L
     if max_scale != _F32(0.0):
         iscale = _F32(_F32(-32.0) / max_scale)
         for j in range(16):
             l = np.int32(np.int8(nearest_int(iscale * scales[j])))  # int8_t l = nearest_int(..)
-            l = _clamp(l, -32, 31) + 32
-            if j < 8:
-                y[so + j] = np.uint8(l & 0xF)
-            else:
-                y[so + j - 8] = np.uint8(y[so + j - 8] | ((l & 0xF) << 4))
-            y[so + 8 + j % 4] = np.uint8(y[so + 8 + j % 4] | ((l >> 4) << (2 * (j // 4))))
-        d_all = _put_fp16(y, yo + 108, _F32(_F32(1.0) / iscale))
+            Ls[j] = _clamp(l, -32, 31) + 32
+        pack_q3_k_scales(y, so, Ls)
+        d_all = store_fp16(y, yo + Q3_K_D, _F32(_F32(1.0) / iscale))
     else:
-        d_all = _put_fp16(y, yo + 108, _F32(0.0))
-    n16 = nl  # == 16, run-time: lets LLVM vectorize the loop below
-    for j in range(16):
-        sc = _q3_k_scale(y, so, j) - 32
-        d = _F32(d_all * _F32(sc))
-        if d == _F32(0.0):
-            continue
-        xs = x[xo + 16 * j: xo + 16 * j + n16]
-        Ls = L[16 * j: 16 * j + n16]
-        for ii in range(n16):
-            Ls[ii] = _clamp(nearest_int(xs[ii] / d), -4, 3) + 4
-    # C: if (L[j] > 3) { hmask[j % 32] |= 1 << (j / 32); L[j] -= 4; }   (L in [0, 7])
-    for m in range(32):
-        hb = 0
-        for b in range(8):
-            v = L[32 * b + m]
-            hb |= (v >> 2) << b
-            L[32 * b + m] = v & 3
-        y[yo + m] = np.uint8(hb)
-    for h in range(2):
-        for l in range(32):
-            b = 128 * h + l
-            y[yo + 32 + 32 * h + l] = np.uint8(L[b] | (L[b + 32] << 2) | (L[b + 64] << 4) | (L[b + 96] << 6))
+        for k in range(12):  # memset(y[i].scales, 0, 12)
+            y[so + k] = 0
+        d_all = store_fp16(y, yo + Q3_K_D, _F32(0.0))
+    requantize_q3_k(x, xo, y, so, d_all, L, nl)  # nl == 16, run-time: lets LLVM vectorize
+    pack_q3_k(y, yo + Q3_K_HMASK, yo + Q3_K_QS, L)
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _dequantize_block_q3_k(rb, yb, n16):
-    d_all = _get_fp16(rb, 108)
+    d_all = load_fp16(rb, Q3_K_D)
     for h in range(2):
         for shift in range(4):
             bit = 4 * h + shift
             for half in range(2):
-                dl = _F32(d_all * _F32(_q3_k_scale(rb, 96, 8 * h + 2 * shift + half) - 32))
-                q = rb[32 + 32 * h + 16 * half: 32 + 32 * h + 16 * half + n16]
-                hm = rb[16 * half: 16 * half + n16]
+                dl = _F32(d_all * _F32(q3_k_scale(rb, Q3_K_SCALES, 8 * h + 2 * shift + half) - 32))
+                q = rb[Q3_K_QS + 32 * h + 16 * half: Q3_K_QS + 32 * h + 16 * half + n16]
+                hm = rb[Q3_K_HMASK + 16 * half: Q3_K_HMASK + 16 * half + n16]
                 yy = yb[128 * h + 32 * shift + 16 * half: 128 * h + 32 * shift + 16 * half + n16]
                 for l in range(n16):
                     # ((q >> shift) & 3) - (hm & m ? 0 : 4)
@@ -574,20 +552,13 @@ def _dequantize_block_q3_k(rb, yb, n16):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _pack_scale_min_k4(y, so, scales, mins, max_scale, max_min):
-    """Quantize 8 scales and mins to 6 bits and pack them (quantize_row_q4_K_ref / q5_K_ref)."""
+def _scale_min_k4_ref(scales, mins, max_scale, max_min, Ls, Lm):
+    """The 6-bit scales and mins of quantize_row_q4_K_ref / q5_K_ref (packed by helpers.pack_scale_min_k4)."""
     inv_scale = _F32(_F32(63.0) / max_scale) if max_scale > _F32(0.0) else _F32(0.0)
     inv_min = _F32(_F32(63.0) / max_min) if max_min > _F32(0.0) else _F32(0.0)
     for j in range(8):
-        ls = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)  # uint8_t ls = nearest_int(..)
-        lm = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
-        if j < 4:
-            y[so + j] = np.uint8(ls)
-            y[so + j + 4] = np.uint8(lm)
-        else:
-            y[so + j + 4] = np.uint8((ls & 0xF) | ((lm & 0xF) << 4))
-            y[so + j - 4] = np.uint8(y[so + j - 4] | ((ls >> 4) << 6))
-            y[so + j] = np.uint8(y[so + j] | ((lm >> 4) << 6))
+        Ls[j] = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)  # uint8_t ls = nearest_int(..)
+        Lm[j] = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -621,46 +592,37 @@ def _scales_q4_k_like(x, xo, nmax, nl, L, Lt, Lat, xt, wt, xm, st, scales, mins,
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _requantize_q4_k_like(x, xo, y, yo, L, nmax):
-    """Final quants against the stored fp16/6-bit scales: L = nearest((x + dm)/d) in [0, nmax]."""
-    d_all = fp16_bits_to_fp32(np.uint16(y[yo]) | (np.uint16(y[yo + 1]) << np.uint16(8)))
-    dmin_all = fp16_bits_to_fp32(np.uint16(y[yo + 2]) | (np.uint16(y[yo + 3]) << np.uint16(8)))
-    for j in range(8):
-        sc, m = get_scale_min_k4(j, y, yo + 4)
-        d = _F32(d_all * _F32(sc))
-        if d == _F32(0.0):
-            continue
-        dm = _F32(dmin_all * _F32(m))
-        for ii in range(32):
-            l = nearest_int(_F32(x[xo + 32 * j + ii] + dm) / d)
-            L[32 * j + ii] = _clamp(l, 0, nmax)
+def _scales_and_requantize_k4(x, xo, y, yo, do, dmo, so, nmax, max_scale, max_min, scales, mins, L, Ls, Lm):
+    """Q4_K/Q5_K (ref): 6-bit scales/mins at so, fp16 d/dmin at do/dmo, final quants L in [0, nmax]."""
+    _scale_min_k4_ref(scales, mins, max_scale, max_min, Ls, Lm)
+    pack_scale_min_k4(y, yo + so, Ls, Lm)
+    d_all = store_fp16(y, yo + do, _F32(max_scale / _F32(63.0)))
+    dmin_all = store_fp16(y, yo + dmo, _F32(max_min / _F32(63.0)))
+    requantize_k4(x, xo, y, yo + so, d_all, dmin_all, nmax, L)
 
 
 @njit(cache=True, nogil=True)
 def _quantize_block_q4_k(x, xo, y, yo, nl, L, Lt, Lat, xt, wt, xm, st, scales, mins):
     max_scale, max_min = _scales_q4_k_like(x, xo, 15, nl, L, Lt, Lat, xt, wt, xm, st, scales, mins,
                                            _F32(-1.0), 20)
-    _pack_scale_min_k4(y, yo + 4, scales, mins, max_scale, max_min)
-    _put_fp16(y, yo, _F32(max_scale / _F32(63.0)))
-    _put_fp16(y, yo + 2, _F32(max_min / _F32(63.0)))
-    _requantize_q4_k_like(x, xo, y, yo, L, 15)
-    for c in range(4):
-        for l in range(32):
-            y[yo + 16 + 32 * c + l] = np.uint8(L[64 * c + l] | (L[64 * c + l + 32] << 4))
+    # Lt, Lat are free again (the quants are in L): scratch for the 6-bit scales and mins
+    _scales_and_requantize_k4(x, xo, y, yo, Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, 15, max_scale, max_min, scales, mins,
+                              L, Lt, Lat)
+    pack_q4_k(y, yo + Q4_K_QS, L)
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _dequantize_block_q4_k(rb, yb, n32):
-    d = _get_fp16(rb, 0)
-    dmin = _get_fp16(rb, 2)
+    d = load_fp16(rb, Q4_K_D)
+    dmin = load_fp16(rb, Q4_K_DMIN)
     for c in range(4):
-        sc1, m1i = get_scale_min_k4(2 * c, rb, 4)
-        sc2, m2i = get_scale_min_k4(2 * c + 1, rb, 4)
+        sc1, m1i = get_scale_min_k4(2 * c, rb, Q4_K_SCALES)
+        sc2, m2i = get_scale_min_k4(2 * c + 1, rb, Q4_K_SCALES)
         d1 = _F32(d * _F32(sc1))
         m1 = _F32(dmin * _F32(m1i))
         d2 = _F32(d * _F32(sc2))
         m2 = _F32(dmin * _F32(m2i))
-        q = rb[16 + 32 * c: 16 + 32 * c + n32]
+        q = rb[Q4_K_QS + 32 * c: Q4_K_QS + 32 * c + n32]
         y1 = yb[64 * c: 64 * c + n32]
         y2 = yb[64 * c + 32: 64 * c + 32 + n32]
         for l in range(n32):
@@ -673,29 +635,14 @@ def _dequantize_block_q4_k(rb, yb, n32):
 def _quantize_block_q5_k(x, xo, y, yo, nl, L, Lt, Lat, xt, wt, xm, st, scales, mins):
     max_scale, max_min = _scales_q4_k_like(x, xo, 31, nl, L, Lt, Lat, xt, wt, xm, st, scales, mins,
                                            _F32(-0.5), 15)
-    _pack_scale_min_k4(y, yo + 4, scales, mins, max_scale, max_min)
-    _put_fp16(y, yo, _F32(max_scale / _F32(63.0)))
-    _put_fp16(y, yo + 2, _F32(max_min / _F32(63.0)))
-    _requantize_q4_k_like(x, xo, y, yo, L, 31)
-    for l in range(32):
-        y[yo + 16 + l] = 0
-    for c in range(4):
-        m1 = 1 << (2 * c)
-        for l in range(32):
-            l1 = np.int32(L[64 * c + l])
-            if l1 > 15:
-                l1 -= 16
-                y[yo + 16 + l] = np.uint8(y[yo + 16 + l] | m1)
-            l2 = np.int32(L[64 * c + l + 32])
-            if l2 > 15:
-                l2 -= 16
-                y[yo + 16 + l] = np.uint8(y[yo + 16 + l] | (m1 << 1))
-            y[yo + 48 + 32 * c + l] = np.uint8(l1 | (l2 << 4))
+    _scales_and_requantize_k4(x, xo, y, yo, Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, 31, max_scale, max_min, scales, mins,
+                              L, Lt, Lat)
+    pack_q5_k(y, yo + Q5_K_QH, yo + Q5_K_QS, L)
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _dm_k4(rb, j, d, dmin):
-    sc, m = get_scale_min_k4(j, rb, 4)
+    sc, m = get_scale_min_k4(j, rb, Q5_K_SCALES)
     return _F32(d * _F32(sc)), _F32(dmin * _F32(m))
 
 
@@ -707,8 +654,8 @@ def _q5(a, h, bit):
 
 @njit(cache=True, nogil=True, inline="always")
 def _dequantize_block_q5_k(rb, yb, n32):
-    d = _get_fp16(rb, 0)
-    dmin = _get_fp16(rb, 2)
+    d = load_fp16(rb, Q5_K_D)
+    dmin = load_fp16(rb, Q5_K_DMIN)
     d0, m0 = _dm_k4(rb, 0, d, dmin)
     d1, m1 = _dm_k4(rb, 1, d, dmin)
     d2, m2 = _dm_k4(rb, 2, d, dmin)
@@ -717,11 +664,11 @@ def _dequantize_block_q5_k(rb, yb, n32):
     d5, m5 = _dm_k4(rb, 5, d, dmin)
     d6, m6 = _dm_k4(rb, 6, d, dmin)
     d7, m7 = _dm_k4(rb, 7, d, dmin)
-    qh = rb[16: 16 + n32]
-    q0 = rb[48: 48 + n32]
-    q1 = rb[80: 80 + n32]
-    q2 = rb[112: 112 + n32]
-    q3 = rb[144: 144 + n32]
+    qh = rb[Q5_K_QH: Q5_K_QH + n32]
+    q0 = rb[Q5_K_QS: Q5_K_QS + n32]
+    q1 = rb[Q5_K_QS + 32: Q5_K_QS + 32 + n32]
+    q2 = rb[Q5_K_QS + 64: Q5_K_QS + 64 + n32]
+    q3 = rb[Q5_K_QS + 96: Q5_K_QS + 96 + n32]
     lo = np.uint8(0xF)
     four = np.uint8(4)
     # one pass over l for the whole block (fewer, longer vector loops); uint8 operands keep vectors wide
@@ -771,43 +718,20 @@ def _quantize_block_q6_k(x, xo, y, yo, nl, L, Lt, Lat, xt, w, wx, st, scales):
         if a > max_abs_scale:
             max_abs_scale = a
             max_scale = s
-    if max_abs_scale < GROUP_MAX_EPS:  # memset(&y[i], 0, sizeof(block_q6_K)); d = fp16(0) is 0 too
-        for k in range(210):
-            y[yo + k] = 0
-        return
-    iscale = _F32(_F32(-128.0) / max_scale)
-    d_all = _put_fp16(y, yo + 208, _F32(_F32(1.0) / iscale))
-    for ib in range(16):
-        y[yo + 192 + ib] = np.uint8(min(127, nearest_int(iscale * scales[ib])) & 0xFF)  # int8_t store
-    for j in range(16):
-        d = _F32(d_all * _F32(np.int8(y[yo + 192 + j])))
-        if d == _F32(0.0):
-            continue
-        for ii in range(16):
-            l = nearest_int(x[xo + 16 * j + ii] / d)
-            L[16 * j + ii] = _clamp(l, -32, 31) + 32
-    for h in range(2):
-        for l in range(32):
-            b = 128 * h + l
-            q1 = L[b]
-            q2 = L[b + 32]
-            q3 = L[b + 64]
-            q4 = L[b + 96]
-            y[yo + 64 * h + l] = np.uint8((q1 & 0xF) | ((q3 & 0xF) << 4))
-            y[yo + 64 * h + 32 + l] = np.uint8((q2 & 0xF) | ((q4 & 0xF) << 4))
-            y[yo + 128 + 32 * h + l] = np.uint8((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6))
+    quantize_q6_k_scales_and_pack(x, xo, y, yo, Q6_K_QL, Q6_K_QH, Q6_K_SCALES, Q6_K_D, Q6_K_BYTES, L, scales,
+                                  max_scale, max_abs_scale)
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _dequantize_block_q6_k(rb, yb, n16):
-    d = _get_fp16(rb, 208)
+    d = load_fp16(rb, Q6_K_D)
     for h in range(2):
         for half in range(2):  # C's is = l/16
             o = 16 * half
-            ql1 = rb[64 * h + o: 64 * h + o + n16]
-            ql2 = rb[64 * h + 32 + o: 64 * h + 32 + o + n16]
-            qh = rb[128 + 32 * h + o: 128 + 32 * h + o + n16]
-            sc = 192 + 8 * h + half
+            ql1 = rb[Q6_K_QL + 64 * h + o: Q6_K_QL + 64 * h + o + n16]
+            ql2 = rb[Q6_K_QL + 64 * h + 32 + o: Q6_K_QL + 64 * h + 32 + o + n16]
+            qh = rb[Q6_K_QH + 32 * h + o: Q6_K_QH + 32 * h + o + n16]
+            sc = Q6_K_SCALES + 8 * h + half
             s1 = _F32(d * _F32(np.int8(rb[sc])))  # C: d * sc[is] * q == (d * sc[is]) * q
             s2 = _F32(d * _F32(np.int8(rb[sc + 2])))
             s3 = _F32(d * _F32(np.int8(rb[sc + 4])))
@@ -850,7 +774,7 @@ def _quantize_block_q8_k(xb, yb, n256, n16):
     for j in range(n256):
         abits = max(abits, _abs_bits(xb[j]))
     if abits == 0:  # !amax: d = 0, qs zeroed; ggml leaves bsums as they were (we write zeros)
-        for k in range(292):
+        for k in range(Q8_K_BYTES):
             yb[k] = 0
         return
     vmax = _F32(0.0)
@@ -861,7 +785,7 @@ def _quantize_block_q8_k(xb, yb, n256, n16):
     # -127.f/max overflows to -inf for a tiny subnormal max; nearest_int's bit trick then gives values
     # whose low byte ggml stores — reproduced exactly by the same trick and the uint8 store.
     iscale = _F32(_F32(-127.0) / vmax)
-    q = yb[4: 4 + n256]
+    q = yb[Q8_K_QS: Q8_K_QS + n256]
     for j in range(n256):
         q[j] = np.uint8(min(np.int32(127), nearest_int(iscale * xb[j])) & np.int32(0xFF))
     for j in range(16):
@@ -869,19 +793,20 @@ def _quantize_block_q8_k(xb, yb, n256, n16):
         qs = q[16 * j: 16 * j + n16]
         for ii in range(n16):
             acc += np.int32(np.int8(qs[ii]))
-        yb[260 + 2 * j] = np.uint8(acc & 0xFF)
-        yb[261 + 2 * j] = np.uint8((acc >> 8) & 0xFF)
+        yb[Q8_K_BSUMS + 2 * j] = np.uint8(acc & 0xFF)
+        yb[Q8_K_BSUMS + 2 * j + 1] = np.uint8((acc >> 8) & 0xFF)
     bits = _F32(_F32(1.0) / iscale).view(np.uint32)
     for k in range(4):
-        yb[k] = np.uint8((bits >> np.uint32(8 * k)) & np.uint32(0xFF))
+        yb[Q8_K_D + k] = np.uint8((bits >> np.uint32(8 * k)) & np.uint32(0xFF))
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _dequantize_block_q8_k(rb, yb, n256):
-    bits = (np.uint32(rb[0]) | (np.uint32(rb[1]) << np.uint32(8))
-            | (np.uint32(rb[2]) << np.uint32(16)) | (np.uint32(rb[3]) << np.uint32(24)))
+    o = Q8_K_D
+    bits = (np.uint32(rb[o]) | (np.uint32(rb[o + 1]) << np.uint32(8))
+            | (np.uint32(rb[o + 2]) << np.uint32(16)) | (np.uint32(rb[o + 3]) << np.uint32(24)))
     d = np.uint32(bits).view(np.float32)
-    q = rb[4: 4 + n256]
+    q = rb[Q8_K_QS: Q8_K_QS + n256]
     for j in range(n256):
         yb[j] = _F32(d * _F32(np.int8(q[j])))
 
@@ -897,6 +822,7 @@ def _chunks(n_rows, nb):
     return total, (total + _CHUNK - 1) // _CHUNK
 
 
+@register_kernel("Q2_K", "quantize")
 @njit(cache=True, nogil=True, parallel=True)
 def quantize_q2_k(x, out):
     """Q2_K quantization of float32 rows ``x`` into ``out`` (bytes of ggml's quantize_row_q2_K_ref).
@@ -921,8 +847,9 @@ def quantize_q2_k(x, out):
         for b in range(c * _CHUNK, min(total, (c + 1) * _CHUNK)):
             r = b // nb
             k = b - r * nb
-            _quantize_block_q2_k(x[r], k * QK_K, out[r], k * 84, nl, L, Lt, Lat, xt, wt, xm, st, scales, mins)
+            _quantize_block_q2_k(x[r], k * QK_K, out[r], k * Q2_K_BYTES, nl, L, Lt, Lat, xt, wt, xm, st, scales, mins)
 
+@register_kernel("Q3_K", "quantize")
 @njit(cache=True, nogil=True, parallel=True)
 def quantize_q3_k(x, out):
     """Q3_K quantization (quantize_row_q3_K_ref)."""
@@ -940,9 +867,10 @@ def quantize_q3_k(x, out):
         for b in range(c * _CHUNK, min(total, (c + 1) * _CHUNK)):
             r = b // nb
             k = b - r * nb
-            _quantize_block_q3_k(x[r], k * QK_K, out[r], k * 110, nl, L, Lt, xt, w, wx, st, scales)
+            _quantize_block_q3_k(x[r], k * QK_K, out[r], k * Q3_K_BYTES, nl, L, Lt, xt, w, wx, st, scales)
 
 
+@register_kernel("Q4_K", "quantize")
 @njit(cache=True, nogil=True, parallel=True)
 def quantize_q4_k(x, out):
     """Q4_K quantization (quantize_row_q4_K_ref)."""
@@ -962,8 +890,9 @@ def quantize_q4_k(x, out):
         for b in range(c * _CHUNK, min(total, (c + 1) * _CHUNK)):
             r = b // nb
             k = b - r * nb
-            _quantize_block_q4_k(x[r], k * QK_K, out[r], k * 144, nl, L, Lt, Lat, xt, wt, xm, st, scales, mins)
+            _quantize_block_q4_k(x[r], k * QK_K, out[r], k * Q4_K_BYTES, nl, L, Lt, Lat, xt, wt, xm, st, scales, mins)
 
+@register_kernel("Q5_K", "quantize")
 @njit(cache=True, nogil=True, parallel=True)
 def quantize_q5_k(x, out):
     """Q5_K quantization (quantize_row_q5_K_ref)."""
@@ -983,8 +912,9 @@ def quantize_q5_k(x, out):
         for b in range(c * _CHUNK, min(total, (c + 1) * _CHUNK)):
             r = b // nb
             k = b - r * nb
-            _quantize_block_q5_k(x[r], k * QK_K, out[r], k * 176, nl, L, Lt, Lat, xt, wt, xm, st, scales, mins)
+            _quantize_block_q5_k(x[r], k * QK_K, out[r], k * Q5_K_BYTES, nl, L, Lt, Lat, xt, wt, xm, st, scales, mins)
 
+@register_kernel("Q6_K", "quantize")
 @njit(cache=True, nogil=True, parallel=True)
 def quantize_q6_k(x, out):
     """Q6_K quantization (quantize_row_q6_K_ref)."""
@@ -1004,8 +934,9 @@ def quantize_q6_k(x, out):
         for b in range(c * _CHUNK, min(total, (c + 1) * _CHUNK)):
             r = b // nb
             k = b - r * nb
-            _quantize_block_q6_k(x[r], k * QK_K, out[r], k * 210, nl, L, Lt, Lat, xt, wt, xm, st, scales)
+            _quantize_block_q6_k(x[r], k * QK_K, out[r], k * Q6_K_BYTES, nl, L, Lt, Lat, xt, wt, xm, st, scales)
 
+@register_kernel("Q8_K", "quantize")
 @njit(cache=True, nogil=True, parallel=True)
 def quantize_q8_k(x, out):
     """Q8_K quantization (quantize_row_q8_K_ref)."""
@@ -1017,9 +948,11 @@ def quantize_q8_k(x, out):
         for b in range(c * _CHUNK, min(total, (c + 1) * _CHUNK)):
             r = b // nb
             k = b - r * nb
-            _quantize_block_q8_k(x[r, k * QK_K: (k + 1) * QK_K], out[r, k * 292: (k + 1) * 292], n256, n16)
+            yb = out[r, k * Q8_K_BYTES: (k + 1) * Q8_K_BYTES]
+            _quantize_block_q8_k(x[r, k * QK_K: (k + 1) * QK_K], yb, n256, n16)
 
 
+@register_kernel("Q2_K", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
 def dequantize_q2_k(raw, out):
     """ggml's dequantize_row_q2_K over every row of ``raw`` into float32 ``out``."""
@@ -1029,9 +962,10 @@ def dequantize_q2_k(raw, out):
         rr = raw[r]
         oo = out[r]
         for k in range(nb):
-            _dequantize_block_q2_k(rr[k * 84: (k + 1) * 84], oo[k * QK_K: (k + 1) * QK_K], nn)
+            _dequantize_block_q2_k(rr[k * Q2_K_BYTES: (k + 1) * Q2_K_BYTES], oo[k * QK_K: (k + 1) * QK_K], nn)
 
 
+@register_kernel("Q3_K", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
 def dequantize_q3_k(raw, out):
     """ggml's dequantize_row_q3_K."""
@@ -1041,9 +975,10 @@ def dequantize_q3_k(raw, out):
         rr = raw[r]
         oo = out[r]
         for k in range(nb):
-            _dequantize_block_q3_k(rr[k * 110: (k + 1) * 110], oo[k * QK_K: (k + 1) * QK_K], nn)
+            _dequantize_block_q3_k(rr[k * Q3_K_BYTES: (k + 1) * Q3_K_BYTES], oo[k * QK_K: (k + 1) * QK_K], nn)
 
 
+@register_kernel("Q4_K", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
 def dequantize_q4_k(raw, out):
     """ggml's dequantize_row_q4_K."""
@@ -1053,9 +988,10 @@ def dequantize_q4_k(raw, out):
         rr = raw[r]
         oo = out[r]
         for k in range(nb):
-            _dequantize_block_q4_k(rr[k * 144: (k + 1) * 144], oo[k * QK_K: (k + 1) * QK_K], nn)
+            _dequantize_block_q4_k(rr[k * Q4_K_BYTES: (k + 1) * Q4_K_BYTES], oo[k * QK_K: (k + 1) * QK_K], nn)
 
 
+@register_kernel("Q5_K", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
 def dequantize_q5_k(raw, out):
     """ggml's dequantize_row_q5_K."""
@@ -1065,9 +1001,10 @@ def dequantize_q5_k(raw, out):
         rr = raw[r]
         oo = out[r]
         for k in range(nb):
-            _dequantize_block_q5_k(rr[k * 176: (k + 1) * 176], oo[k * QK_K: (k + 1) * QK_K], nn)
+            _dequantize_block_q5_k(rr[k * Q5_K_BYTES: (k + 1) * Q5_K_BYTES], oo[k * QK_K: (k + 1) * QK_K], nn)
 
 
+@register_kernel("Q6_K", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
 def dequantize_q6_k(raw, out):
     """ggml's dequantize_row_q6_K."""
@@ -1077,9 +1014,10 @@ def dequantize_q6_k(raw, out):
         rr = raw[r]
         oo = out[r]
         for k in range(nb):
-            _dequantize_block_q6_k(rr[k * 210: (k + 1) * 210], oo[k * QK_K: (k + 1) * QK_K], nn)
+            _dequantize_block_q6_k(rr[k * Q6_K_BYTES: (k + 1) * Q6_K_BYTES], oo[k * QK_K: (k + 1) * QK_K], nn)
 
 
+@register_kernel("Q8_K", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
 def dequantize_q8_k(raw, out):
     """ggml's dequantize_row_q8_K."""
@@ -1089,4 +1027,4 @@ def dequantize_q8_k(raw, out):
         rr = raw[r]
         oo = out[r]
         for k in range(nb):
-            _dequantize_block_q8_k(rr[k * 292: (k + 1) * 292], oo[k * QK_K: (k + 1) * QK_K], nn)
+            _dequantize_block_q8_k(rr[k * Q8_K_BYTES: (k + 1) * Q8_K_BYTES], oo[k * QK_K: (k + 1) * QK_K], nn)

@@ -40,18 +40,8 @@ Exact speed-ups (same outcome as C, fewer operations):
   reached the best error can only stay there: that candidate's loop stops early (only when all weights
   are >= 0 or NaN; with negative weights the full sum is computed as in C).
 
-Layouts (identical to the reference path, see :mod:`.kquants`; small local packers here):
-
-  Q2_K (84 B):  scales[16] (m<<4 | sc) | qs[64] | d fp16 | dmin fp16
-                qs[32h + l] = q[128h+l] | q[128h+l+32] << 2 | q[128h+l+64] << 4 | q[128h+l+96] << 6
-  Q3_K (110 B): hmask[32] | qs[64] (as Q2_K) | scales[12] | d fp16
-                hmask bit b of byte m: high bit of q[32b + m];
-                scales byte k (k<8): s(k)[3:0] | s(k+8)[3:0] << 4; byte 8+k (k<4): s(k+4i)[5:4] << 2i
-  Q4_K (144 B): d | dmin | scales[12] (get_scale_min_k4 layout) | qs[128]: qs[32c+l] = q[64c+l] | q[64c+l+32]<<4
-  Q5_K (176 B): d | dmin | scales[12] | qh[32]: bit 2c / 2c+1 of qh[l] = bit 4 of q[64c+l] / q[64c+l+32] | qs[128]
-  Q6_K (210 B): ql[128] | qh[64] | scales int8[16] | d fp16
-                ql[64h+l] = q[128h+l] & 15 | (q[128h+l+64] & 15) << 4, ql[64h+32+l] likewise for +32/+96;
-                qh[32h+l] = q[128h+l]>>4 | q[128h+l+32]>>4 << 2 | q[128h+l+64]>>4 << 4 | q[128h+l+96]>>4 << 6
+Block layouts are those of the reference path (drawn in :mod:`.kquants`); both paths write them with the
+same packers (:mod:`.helpers`).
 """
 
 from __future__ import annotations
@@ -59,24 +49,33 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..types import QK_K, register_kernel
+
 from .helpers import (
     GROUP_MAX_EPS,
-    fp16_bits_to_fp32,
-    fp32_to_fp16_bits,
-    get_scale_min_k4,
     make_qp_quants,
     nearest_int,
+    pack_2bit_k,
+    pack_q3_k,
+    pack_q3_k_scales,
+    pack_q4_k,
+    pack_q5_k,
+    pack_scale_min_k4,
+    quantize_q6_k_scales_and_pack,
+    requantize_k4,
+    requantize_q2_k,
+    requantize_q3_k,
+    store_fp16,
+)
+from .kquants import (
+    Q2_K_BYTES, Q2_K_D, Q2_K_DMIN, Q2_K_QS, Q2_K_SCALES,
+    Q3_K_BYTES, Q3_K_D, Q3_K_HMASK, Q3_K_QS, Q3_K_SCALES,
+    Q4_K_BYTES, Q4_K_D, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES,
+    Q5_K_BYTES, Q5_K_D, Q5_K_DMIN, Q5_K_QH, Q5_K_QS, Q5_K_SCALES,
+    Q6_K_BYTES, Q6_K_D, Q6_K_QH, Q6_K_QL, Q6_K_SCALES,
 )
 
-QK_K = 256
 _F32 = np.float32
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _nint(fval):
-    """helpers.nearest_int, inlined at numba level (the hot loops call it per element)."""
-    val = _F32(_F32(fval) + _F32(12582912.0))
-    return np.int32((val.view(np.int32) & np.int32(0x007FFFFF)) - np.int32(0x00400000))
 
 # _OPAQUE_N: qkx3_fast gets the sub-block length as ``Laux.shape[0]`` rather than a literal 16/32.  With
 # both n and nmax literal, LLVM specialises it and it runs ~2x slower (measured: 0.54 s vs 0.28 s for
@@ -122,7 +121,7 @@ def qx_weighted(x, xo, n, nmax, L, lo, w, wx, tr):
     for i in range(n):
         v = x[xo + i]
         wx[i] = _F32(w[i] * v)  # C: w*x[i]*l == (w*x[i])*l, the same product in every trial
-        l = max(lo_l, min(hi_l, _nint(iscale * v)))
+        l = max(lo_l, min(hi_l, nearest_int(iscale * v)))
         L[lo + i] = l + nmax
         fl = _F32(l)
         sumlx = _F32(sumlx + wx[i] * fl)
@@ -142,7 +141,7 @@ def qx_weighted(x, xo, n, nmax, L, lo, w, wx, tr):
         a = wx[i]
         b = w[i]
         for t in range(18):
-            f = _F32(max(lo_l, min(hi_l, _nint(isc[t] * v))))
+            f = _F32(max(lo_l, min(hi_l, nearest_int(isc[t] * v))))
             sx[t] = _F32(sx[t] + a * f)
             s2[t] = _F32(s2[t] + b * f * f)
     for t in range(18):
@@ -150,7 +149,7 @@ def qx_weighted(x, xo, n, nmax, L, lo, w, wx, tr):
         suml2 = s2[t]
         if suml2 > _F32(0.0) and sumlx * sumlx > best * suml2:
             for i in range(n):
-                L[lo + i] = max(lo_l, min(hi_l, _nint(isc[t] * x[xo + i]))) + nmax
+                L[lo + i] = max(lo_l, min(hi_l, nearest_int(isc[t] * x[xo + i]))) + nmax
             scale = _F32(sumlx / suml2)
             best = _F32(scale * sumlx)
     return scale
@@ -193,7 +192,7 @@ def qkx3_fast(x, xo, n, w, nmax, L, lo, Laux, xm, nonneg):
     scale = _F32(_F32(1.0) / iscale)
     best_mad = _F32(0.0)
     for i in range(n):
-        l = max(0, min(nmax, _nint(iscale * xm[i])))
+        l = max(0, min(nmax, nearest_int(iscale * xm[i])))
         L[lo + i] = l
         diff = _F32(scale * _F32(l) + fmin - x[xo + i])
         best_mad = _F32(best_mad + w[i] * _F32(diff * diff))  # C: diff = diff*diff; mad += w*diff
@@ -202,7 +201,7 @@ def qkx3_fast(x, xo, n, w, nmax, L, lo, Laux, xm, nonneg):
         iscale = _F32((rmin + rdelta * _F32(is_) + fnmax) / rng)
         changed = np.int32(0)
         for i in range(n):
-            l = np.int32(max(0, min(nmax, _nint(iscale * xm[i]))))
+            l = np.int32(max(0, min(nmax, nearest_int(iscale * xm[i]))))
             changed |= l ^ Laux[i]
             Laux[i] = l
         if have_prev and changed == 0:
@@ -250,15 +249,6 @@ def qkx3_fast(x, xo, n, w, nmax, L, lo, Laux, xm, nonneg):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _put_fp16(y, pos, f):
-    """Store fp16(f) little-endian at y[pos]; return GGML_FP16_TO_FP32 of what was stored."""
-    h = fp32_to_fp16_bits(f)
-    y[pos] = np.uint8(h & np.uint16(0xFF))
-    y[pos + 1] = np.uint8(h >> np.uint16(8))
-    return fp16_bits_to_fp32(h)
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _sum_squares(x, xo):
     s = _F32(0.0)
     for j in range(QK_K):
@@ -282,44 +272,6 @@ def _sub_weights(x, xo, qw, sigma2, n, w):
     return sumw, nonneg
 
 
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _pack_2bit(y, qo, L):
-    """qs of Q2_K/Q3_K: 2-bit planes of two 128-value halves (L already < 4)."""
-    for h in range(2):
-        for l in range(32):
-            b = 128 * h + l
-            y[qo + 32 * h + l] = np.uint8((L[b] | (L[b + 32] << 2) | (L[b + 64] << 4) | (L[b + 96] << 6)) & 0xFF)
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _pack_scale_min_k4(y, so, Ls, Lm):
-    """Q4_K/Q5_K 12-byte scales from 8 scale and 8 min bytes (C's uint8 arithmetic: ORs keep the low byte)."""
-    for j in range(8):
-        ls = np.int64(Ls[j])
-        lm = np.int64(Lm[j])
-        if j < 4:
-            y[so + j] = np.uint8(ls)
-            y[so + j + 4] = np.uint8(lm)
-        else:
-            y[so + j + 4] = np.uint8(((ls & 0xF) | ((lm & 0xF) << 4)) & 0xFF)
-            y[so + j - 4] = np.uint8((np.int64(y[so + j - 4]) | ((ls >> 4) << 6)) & 0xFF)
-            y[so + j] = np.uint8((np.int64(y[so + j]) | ((lm >> 4) << 6)) & 0xFF)
-
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _requantize_k4(x, xo, y, yo, d_all, dmin_all, nmax, L):
-    """L = clamp(nearest_int((x + dm)/d), 0, nmax) against the stored 6-bit scales and fp16 d/dmin."""
-    for j in range(8):
-        sc, m = get_scale_min_k4(j, y, yo + 4)
-        d = _F32(d_all * _F32(sc))
-        if d == _F32(0.0):
-            continue  # keep make_qkx3_quants' L
-        dm = _F32(dmin_all * _F32(m))
-        for ii in range(32):
-            l = nearest_int(_F32(x[xo + 32 * j + ii] + dm) / d)
-            L[32 * j + ii] = max(0, min(nmax, l))
-
-
 # ---------------------------------------------------------------------------------------------------
 # Row kernels (serial): quantize_row_<t>_K_impl
 # ---------------------------------------------------------------------------------------------------
@@ -331,7 +283,7 @@ def quantize_row_q2_k_impl(x, qw, y, L, Laux, w, xm, scales, mins, sw, Ls, Lm):
     n = Laux.shape[0]  # sub-block length; not a literal: see _OPAQUE_N
     for i in range(x.shape[0] // QK_K):
         xo = i * QK_K
-        yo = i * 84
+        yo = i * Q2_K_BYTES
         sigma2 = _F32(_sum_squares(x, xo) / _F32(QK_K))
         for j in range(16):
             sumw, nonneg = _sub_weights(x, xo + 16 * j, qw, sigma2, 16, w)
@@ -339,20 +291,13 @@ def quantize_row_q2_k_impl(x, qw, y, L, Laux, w, xm, scales, mins, sw, Ls, Lm):
             scales[j], mins[j] = qkx3_fast(x, xo + 16 * j, n, w, 3, L, 16 * j, Laux, xm, nonneg)
         dm = make_qp_quants(scales, 15, Ls, sw)
         mm = make_qp_quants(mins, 15, Lm, sw)
-        dm = _put_fp16(y, yo + 80, dm)
-        mm = _put_fp16(y, yo + 82, mm)
+        dm = store_fp16(y, yo + Q2_K_D, dm)
+        mm = store_fp16(y, yo + Q2_K_DMIN, mm)
+        so = yo + Q2_K_SCALES
         for j in range(16):
-            y[yo + j] = np.uint8((np.int64(Ls[j]) | (np.int64(Lm[j]) << 4)) & 0xFF)
-        for j in range(16):
-            sc = np.int64(y[yo + j])
-            d = _F32(dm * _F32(sc & 0xF))
-            if d == _F32(0.0):
-                continue
-            m = _F32(mm * _F32(sc >> 4))
-            for ii in range(16):
-                l = nearest_int(_F32(x[xo + 16 * j + ii] + m) / d)
-                L[16 * j + ii] = max(0, min(3, l))
-        _pack_2bit(y, yo + 16, L)
+            y[so + j] = np.uint8((np.int64(Ls[j]) | (np.int64(Lm[j]) << 4)) & 0xFF)
+        requantize_q2_k(x, xo, y, so, dm, mm, L)
+        pack_2bit_k(y, yo + Q2_K_QS, L)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -360,41 +305,18 @@ def quantize_row_q3_k_impl(x, qw, y, L, tr, w, wx, scales, sw, Ls):
     """One row -> Q3_K blocks (scratch: L/Ls int32[256]/[16], tr f32[3, 18], w/wx/scales/sw f32[16])."""
     for i in range(x.shape[0] // QK_K):
         xo = i * QK_K
-        yo = i * 110
+        yo = i * Q3_K_BYTES
         sigma2 = _F32(_F32(_F32(2.0) * _sum_squares(x, xo)) / _F32(QK_K))
         for j in range(16):
             sumw, _nonneg = _sub_weights(x, xo + 16 * j, qw, sigma2, 16, w)
             sw[j] = sumw
             scales[j] = qx_weighted(x, xo + 16 * j, 16, 4, L, 16 * j, w, wx, tr)
-        so = yo + 96
-        for k in range(12):
-            y[so + k] = 0
+        so = yo + Q3_K_SCALES
         d_block = qx_weighted(scales, 0, 16, 32, Ls, 0, sw, wx, tr)
-        for j in range(16):
-            l = np.int64(Ls[j])
-            if j < 8:
-                y[so + j] = np.uint8(l & 0xF)
-            else:
-                y[so + j - 8] = np.uint8(np.int64(y[so + j - 8]) | ((l & 0xF) << 4))
-            l >>= 4
-            y[so + 8 + j % 4] = np.uint8((np.int64(y[so + 8 + j % 4]) | (l << (2 * (j // 4)))) & 0xFF)
-        d_all = _put_fp16(y, yo + 108, d_block)
-        for j in range(16):
-            lo4 = (np.int64(y[so + j]) & 0xF) if j < 8 else (np.int64(y[so + j - 8]) >> 4)
-            sc = (lo4 | (((np.int64(y[so + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
-            d = _F32(d_all * _F32(sc))
-            if d == _F32(0.0):
-                continue
-            for ii in range(16):
-                l = nearest_int(x[xo + 16 * j + ii] / d)
-                L[16 * j + ii] = max(-4, min(3, l)) + 4
-        for m in range(32):
-            y[yo + m] = 0
-        for j in range(QK_K):  # high bit of the first 32 quants into bit 0, the next 32 into bit 1, ...
-            if L[j] > 3:
-                y[yo + j % 32] = np.uint8(np.int64(y[yo + j % 32]) | (1 << (j // 32)))
-                L[j] -= 4
-        _pack_2bit(y, yo + 32, L)
+        pack_q3_k_scales(y, so, Ls)
+        d_all = store_fp16(y, yo + Q3_K_D, d_block)
+        requantize_q3_k(x, xo, y, so, d_all, L, Ls.shape[0])  # Ls.shape[0] == 16, opaque: vectorizes
+        pack_q3_k(y, yo + Q3_K_HMASK, yo + Q3_K_QS, L)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
@@ -415,15 +337,13 @@ def quantize_row_q4_k_impl(x, qw, y, L, Laux, w, xm, scales, mins, sw, Ls, Lm):
     """One row -> Q4_K blocks (scratch: L int32[256], Laux int32[32], w/xm f32[32], scales/mins/sw f32[8], Ls/Lm u8[8])."""
     for i in range(x.shape[0] // QK_K):
         xo = i * QK_K
-        yo = i * 144
+        yo = i * Q4_K_BYTES
         d_block, m_block = _q4_k_like_scales(x, xo, qw, 15, L, Laux, w, xm, scales, mins, sw, Ls, Lm)
-        _pack_scale_min_k4(y, yo + 4, Ls, Lm)
-        d_all = _put_fp16(y, yo, d_block)
-        dmin_all = _put_fp16(y, yo + 2, m_block)
-        _requantize_k4(x, xo, y, yo, d_all, dmin_all, 15, L)
-        for c in range(4):
-            for l in range(32):
-                y[yo + 16 + 32 * c + l] = np.uint8(L[64 * c + l] | (L[64 * c + l + 32] << 4))
+        pack_scale_min_k4(y, yo + Q4_K_SCALES, Ls, Lm)
+        d_all = store_fp16(y, yo + Q4_K_D, d_block)
+        dmin_all = store_fp16(y, yo + Q4_K_DMIN, m_block)
+        requantize_k4(x, xo, y, yo + Q4_K_SCALES, d_all, dmin_all, 15, L)
+        pack_q4_k(y, yo + Q4_K_QS, L)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -431,29 +351,16 @@ def quantize_row_q5_k_impl(x, qw, y, L, Laux, w, xm, scales, mins, sw, Ls, Lm):
     """One row -> Q5_K blocks (scratch as quantize_row_q4_k_impl)."""
     for i in range(x.shape[0] // QK_K):
         xo = i * QK_K
-        yo = i * 176
+        yo = i * Q5_K_BYTES
         d_block, m_block = _q4_k_like_scales(x, xo, qw, 31, L, Laux, w, xm, scales, mins, sw, Ls, Lm)
         for j in range(8):  # uint8_t ls = MIN(63, ls), likewise lm
             Ls[j] = min(np.uint8(63), Ls[j])
             Lm[j] = min(np.uint8(63), Lm[j])
-        _pack_scale_min_k4(y, yo + 4, Ls, Lm)
-        d_all = _put_fp16(y, yo, d_block)
-        dmin_all = _put_fp16(y, yo + 2, m_block)
-        _requantize_k4(x, xo, y, yo, d_all, dmin_all, 31, L)
-        for l in range(32):
-            y[yo + 16 + l] = 0
-        for c in range(4):
-            m1 = 1 << (2 * c)
-            for l in range(32):
-                l1 = np.int64(L[64 * c + l])
-                if l1 > 15:
-                    l1 -= 16
-                    y[yo + 16 + l] = np.uint8(np.int64(y[yo + 16 + l]) | m1)
-                l2 = np.int64(L[64 * c + l + 32])
-                if l2 > 15:
-                    l2 -= 16
-                    y[yo + 16 + l] = np.uint8(np.int64(y[yo + 16 + l]) | (m1 << 1))
-                y[yo + 48 + 32 * c + l] = np.uint8((l1 | (l2 << 4)) & 0xFF)
+        pack_scale_min_k4(y, yo + Q5_K_SCALES, Ls, Lm)
+        d_all = store_fp16(y, yo + Q5_K_D, d_block)
+        dmin_all = store_fp16(y, yo + Q5_K_DMIN, m_block)
+        requantize_k4(x, xo, y, yo + Q5_K_SCALES, d_all, dmin_all, 31, L)
+        pack_q5_k(y, yo + Q5_K_QH, yo + Q5_K_QS, L)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -461,7 +368,7 @@ def quantize_row_q6_k_impl(x, qw, y, L, tr, w, wx, scales):
     """One row -> Q6_K blocks (scratch: L int32[256], tr f32[3, 18], w/wx/scales f32[16])."""
     for i in range(x.shape[0] // QK_K):
         xo = i * QK_K
-        yo = i * 210
+        yo = i * Q6_K_BYTES
         max_scale = _F32(0.0)
         max_abs_scale = _F32(0.0)
         for ib in range(16):
@@ -473,34 +380,8 @@ def quantize_row_q6_k_impl(x, qw, y, L, tr, w, wx, scales):
             if a > max_abs_scale:
                 max_abs_scale = a
                 max_scale = s
-        if max_abs_scale < GROUP_MAX_EPS:  # memset(&y[i], 0, sizeof(block_q6_K)); d = fp16(0) = 0
-            for k in range(210):
-                y[yo + k] = 0
-            continue
-        iscale = _F32(_F32(-128.0) / max_scale)
-        d_all = _put_fp16(y, yo + 208, _F32(_F32(1.0) / iscale))
-        for ib in range(16):
-            v = min(127, nearest_int(iscale * scales[ib]))
-            y[yo + 192 + ib] = np.uint8(v & 0xFF)  # int8_t store keeps the low byte
-        for j in range(16):
-            sc = np.int64(np.int8(y[yo + 192 + j]))
-            d = _F32(d_all * _F32(sc))
-            if d == _F32(0.0):
-                continue
-            for ii in range(16):
-                l = nearest_int(x[xo + 16 * j + ii] / d)
-                L[16 * j + ii] = max(-32, min(31, l)) + 32
-        for h in range(2):
-            j = 128 * h
-            for l in range(32):
-                a = np.int64(L[j + l])
-                b = np.int64(L[j + l + 32])
-                c = np.int64(L[j + l + 64])
-                e = np.int64(L[j + l + 96])
-                y[yo + 64 * h + l] = np.uint8(((a & 0xF) | ((c & 0xF) << 4)) & 0xFF)
-                y[yo + 64 * h + l + 32] = np.uint8(((b & 0xF) | ((e & 0xF) << 4)) & 0xFF)
-                y[yo + 128 + 32 * h + l] = np.uint8(
-                    ((a >> 4) | ((b >> 4) << 2) | ((c >> 4) << 4) | ((e >> 4) << 6)) & 0xFF)
+        quantize_q6_k_scales_and_pack(x, xo, y, yo, Q6_K_QL, Q6_K_QH, Q6_K_SCALES, Q6_K_D, Q6_K_BYTES, L,
+                                      scales, max_scale, max_abs_scale)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -509,6 +390,7 @@ def quantize_row_q6_k_impl(x, qw, y, L, tr, w, wx, scales):
 # ---------------------------------------------------------------------------------------------------
 
 
+@register_kernel("Q2_K", "quantize_imatrix")
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def quantize_imatrix_q2_k(x, qw, out):
     """Q2_K with importance matrix ``qw`` (n_per_row,): bytes of ggml_quantize_chunk(Q2_K, ..., qw).
@@ -524,6 +406,7 @@ def quantize_imatrix_q2_k(x, qw, out):
             np.empty(16, np.float32), np.empty(16, np.uint8), np.empty(16, np.uint8))
 
 
+@register_kernel("Q3_K", "quantize_imatrix")
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def quantize_imatrix_q3_k(x, qw, out):
     """Q3_K with importance matrix ``qw`` (quantize_row_q3_K_impl)."""
@@ -534,6 +417,7 @@ def quantize_imatrix_q3_k(x, qw, out):
             np.empty(16, np.int32))
 
 
+@register_kernel("Q4_K", "quantize_imatrix")
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def quantize_imatrix_q4_k(x, qw, out):
     """Q4_K with importance matrix ``qw`` (quantize_row_q4_K_impl)."""
@@ -544,6 +428,7 @@ def quantize_imatrix_q4_k(x, qw, out):
             np.empty(8, np.float32), np.empty(8, np.uint8), np.empty(8, np.uint8))
 
 
+@register_kernel("Q5_K", "quantize_imatrix")
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def quantize_imatrix_q5_k(x, qw, out):
     """Q5_K with importance matrix ``qw`` (quantize_row_q5_K_impl)."""
@@ -554,6 +439,7 @@ def quantize_imatrix_q5_k(x, qw, out):
             np.empty(8, np.float32), np.empty(8, np.uint8), np.empty(8, np.uint8))
 
 
+@register_kernel("Q6_K", "quantize_imatrix")
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def quantize_imatrix_q6_k(x, qw, out):
     """Q6_K with importance matrix ``qw`` (quantize_row_q6_K_impl)."""

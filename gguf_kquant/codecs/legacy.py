@@ -24,9 +24,27 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .helpers import load_fp16, store_fp16
+from ..types import TYPES, GGMLType, register_kernel
 
-QK = 32  # elements per block for every type in this module
+from .helpers import load_fp16, pack_q5_0, store_fp16
+
+# Block sizes and field offsets, from the type table (layouts drawn at each codec below).  Shared with
+# legacy_imatrix; numba compiles them in as constants.
+_T = {name: TYPES[GGMLType[name]] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_1")}
+QK = _T["Q4_0"].block_size  # elements per block, the same for every type in this module
+assert all(t.block_size == QK for t in _T.values())
+Q4_0_BYTES = _T["Q4_0"].type_size
+Q4_0_D, Q4_0_QS = (_T["Q4_0"].field_offset(f) for f in ("d", "qs"))
+Q4_1_BYTES = _T["Q4_1"].type_size
+Q4_1_D, Q4_1_M, Q4_1_QS = (_T["Q4_1"].field_offset(f) for f in ("d", "m", "qs"))
+Q5_0_BYTES = _T["Q5_0"].type_size
+Q5_0_D, Q5_0_QH, Q5_0_QS = (_T["Q5_0"].field_offset(f) for f in ("d", "qh", "qs"))
+Q5_1_BYTES = _T["Q5_1"].type_size
+Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS = (_T["Q5_1"].field_offset(f) for f in ("d", "m", "qh", "qs"))
+Q8_0_BYTES = _T["Q8_0"].type_size
+Q8_0_D, Q8_0_QS = (_T["Q8_0"].field_offset(f) for f in ("d", "qs"))
+Q8_1_BYTES = _T["Q8_1"].type_size
+Q8_1_D, Q8_1_S, Q8_1_QS = (_T["Q8_1"].field_offset(f) for f in ("d", "s", "qs"))
 
 _F32 = np.float32
 _U = np.uint64
@@ -94,12 +112,6 @@ def _load_u32(raw, pos):
             | (np.uint32(raw[pos + 2]) << np.uint32(16)) | (np.uint32(raw[pos + 3]) << np.uint32(24)))
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _store_u32(out, pos, v):
-    for k in range(4):
-        out[pos + k] = np.uint8((v >> np.uint32(8 * k)) & np.uint32(0xFF))
-
-
 # ---------------------------------------------------------------------------------------------------
 # Q4_0 — block_q4_0, 18 bytes: x = d * (q - 8)
 #
@@ -116,25 +128,25 @@ def quantize_row_q4_0_ref(x, y):
         _amax, vmax = _absmax_signed(x, base)
         d = _F32(vmax / _F32(-8.0))
         idd = _inverse(d)
-        o = i * 18
-        store_fp16(y, o, d)
+        o = i * Q4_0_BYTES
+        store_fp16(y, o + Q4_0_D, d)
         for j in range(16):
             x0 = _F32(x[base + j] * idd)
             x1 = _F32(x[base + 16 + j] * idd)
             # (int8_t)(x + 8.5f), then MIN(15, .) as signed, then uint8
             q0 = min(np.int32(15), np.int32(np.int8(_cvt_i32(_F32(x0 + _F32(8.5)))))) & 0xFF
             q1 = min(np.int32(15), np.int32(np.int8(_cvt_i32(_F32(x1 + _F32(8.5)))))) & 0xFF
-            y[o + 2 + j] = np.uint8((q0 | (q1 << 4)) & 0xFF)
+            y[o + Q4_0_QS + j] = np.uint8((q0 | (q1 << 4)) & 0xFF)
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _dequantize_block_q4_0(raw, y, i):
-    o = _U(i * 18)
-    d = load_fp16(raw, o)
+    o = _U(i * Q4_0_BYTES)
+    d = load_fp16(raw, o + _U(Q4_0_D))
     base = _U(i * QK)
     for jj in range(16):
         j = _U(jj)
-        b = np.int32(raw[o + _U(2) + j])
+        b = np.int32(raw[o + _U(Q4_0_QS) + j])
         y[base + j] = _F32((b & np.int32(0x0F)) - np.int32(8)) * d
         y[base + _U(16) + j] = _F32((b >> np.int32(4)) - np.int32(8)) * d
 
@@ -144,14 +156,14 @@ def dequantize_row_q4_0(raw, y):
     # Two blocks per iteration and unsigned indices: see _PAIRS_NOTE.
     nb = y.shape[0] // QK
     for p in range(nb // 2):
-        o = _U(p * 36)
-        d0 = load_fp16(raw, o)
-        d1 = load_fp16(raw, o + _U(18))
-        base = _U(p * 64)
+        o = _U(p * 2 * Q4_0_BYTES)
+        d0 = load_fp16(raw, o + _U(Q4_0_D))
+        d1 = load_fp16(raw, o + _U(Q4_0_BYTES + Q4_0_D))
+        base = _U(p * 2 * QK)
         for jj in range(16):
             j = _U(jj)
-            b = np.int32(raw[o + _U(2) + j])
-            c = np.int32(raw[o + _U(20) + j])
+            b = np.int32(raw[o + _U(Q4_0_QS) + j])
+            c = np.int32(raw[o + _U(Q4_0_BYTES + Q4_0_QS) + j])
             y[base + j] = _F32((b & np.int32(0x0F)) - np.int32(8)) * d0
             y[base + _U(16) + j] = _F32((b >> np.int32(4)) - np.int32(8)) * d0
             y[base + _U(32) + j] = _F32((c & np.int32(0x0F)) - np.int32(8)) * d1
@@ -177,26 +189,26 @@ def quantize_row_q4_1_ref(x, y):
         vmin, vmax = _minmax(x, base)
         d = _F32(_F32(vmax - vmin) / _F32(15.0))
         idd = _inverse(d)
-        o = i * 20
-        store_fp16(y, o, d)
-        store_fp16(y, o + 2, vmin)
+        o = i * Q4_1_BYTES
+        store_fp16(y, o + Q4_1_D, d)
+        store_fp16(y, o + Q4_1_M, vmin)
         for j in range(16):
             x0 = _F32(_F32(x[base + j] - vmin) * idd)
             x1 = _F32(_F32(x[base + 16 + j] - vmin) * idd)
             q0 = min(np.int32(15), np.int32(np.int8(_cvt_i32(_F32(x0 + _F32(0.5)))))) & 0xFF
             q1 = min(np.int32(15), np.int32(np.int8(_cvt_i32(_F32(x1 + _F32(0.5)))))) & 0xFF
-            y[o + 4 + j] = np.uint8((q0 | (q1 << 4)) & 0xFF)
+            y[o + Q4_1_QS + j] = np.uint8((q0 | (q1 << 4)) & 0xFF)
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _dequantize_block_q4_1(raw, y, i):
-    o = _U(i * 20)
-    d = load_fp16(raw, o)
-    m = load_fp16(raw, o + _U(2))
+    o = _U(i * Q4_1_BYTES)
+    d = load_fp16(raw, o + _U(Q4_1_D))
+    m = load_fp16(raw, o + _U(Q4_1_M))
     base = _U(i * QK)
     for jj in range(16):
         j = _U(jj)
-        b = np.int32(raw[o + _U(4) + j])
+        b = np.int32(raw[o + _U(Q4_1_QS) + j])
         y[base + j] = _F32(_F32(b & np.int32(0x0F)) * d) + m
         y[base + _U(16) + j] = _F32(_F32(b >> np.int32(4)) * d) + m
 
@@ -206,16 +218,16 @@ def dequantize_row_q4_1(raw, y):
     # Two blocks per iteration and unsigned indices: see _PAIRS_NOTE.
     nb = y.shape[0] // QK
     for p in range(nb // 2):
-        o = _U(p * 40)
-        d0 = load_fp16(raw, o)
-        m0 = load_fp16(raw, o + _U(2))
-        d1 = load_fp16(raw, o + _U(20))
-        m1 = load_fp16(raw, o + _U(22))
-        base = _U(p * 64)
+        o = _U(p * 2 * Q4_1_BYTES)
+        d0 = load_fp16(raw, o + _U(Q4_1_D))
+        m0 = load_fp16(raw, o + _U(Q4_1_M))
+        d1 = load_fp16(raw, o + _U(Q4_1_BYTES + Q4_1_D))
+        m1 = load_fp16(raw, o + _U(Q4_1_BYTES + Q4_1_M))
+        base = _U(p * 2 * QK)
         for jj in range(16):
             j = _U(jj)
-            b = np.int32(raw[o + _U(4) + j])
-            c = np.int32(raw[o + _U(24) + j])
+            b = np.int32(raw[o + _U(Q4_1_QS) + j])
+            c = np.int32(raw[o + _U(Q4_1_BYTES + Q4_1_QS) + j])
             y[base + j] = _F32(_F32(b & np.int32(0x0F)) * d0) + m0
             y[base + _U(16) + j] = _F32(_F32(b >> np.int32(4)) * d0) + m0
             y[base + _U(32) + j] = _F32(_F32(c & np.int32(0x0F)) * d1) + m1
@@ -236,35 +248,31 @@ def dequantize_row_q4_1(raw, y):
 @njit(cache=True, nogil=True)
 def quantize_row_q5_0_ref(x, y):
     nb = x.shape[0] // QK
+    L = np.empty(QK, np.int32)
     for i in range(nb):
         base = i * QK
         _amax, vmax = _absmax_signed(x, base)
         d = _F32(vmax / _F32(-16.0))
         idd = _inverse(d)
-        o = i * 22
-        store_fp16(y, o, d)
-        qh = np.uint32(0)
-        for j in range(16):
-            x0 = _F32(x[base + j] * idd)
-            x1 = _F32(x[base + 16 + j] * idd)
-            q0 = np.uint32(min(np.int32(31), np.int32(np.int8(_cvt_i32(_F32(x0 + _F32(16.5)))))) & 0xFF)
-            q1 = np.uint32(min(np.int32(31), np.int32(np.int8(_cvt_i32(_F32(x1 + _F32(16.5)))))) & 0xFF)
-            y[o + 6 + j] = np.uint8((q0 & np.uint32(0x0F)) | ((q1 & np.uint32(0x0F)) << np.uint32(4)))
-            qh |= ((q0 & np.uint32(0x10)) >> np.uint32(4)) << np.uint32(j)
-            qh |= ((q1 & np.uint32(0x10)) >> np.uint32(4)) << np.uint32(j + 16)
-        _store_u32(y, o + 2, qh)
+        o = i * Q5_0_BYTES
+        store_fp16(y, o + Q5_0_D, d)
+        for j in range(QK):
+            # (int8_t)(x + 16.5f), then MIN(31, .) as signed, then uint8
+            q = min(np.int32(31), np.int32(np.int8(_cvt_i32(_F32(_F32(x[base + j] * idd) + _F32(16.5))))))
+            L[j] = q & 0xFF
+        pack_q5_0(y, o + Q5_0_QH, o + Q5_0_QS, L)
 
 
 @njit(cache=True, nogil=True)
 def dequantize_row_q5_0(raw, y):
     nb = y.shape[0] // QK
     for i in range(nb):
-        o = i * 22
-        d = load_fp16(raw, o)
-        qh = _load_u32(raw, o + 2)
+        o = i * Q5_0_BYTES
+        d = load_fp16(raw, o + Q5_0_D)
+        qh = _load_u32(raw, o + Q5_0_QH)
         base = i * QK
         for j in range(16):
-            b = np.uint32(raw[o + 6 + j])
+            b = np.uint32(raw[o + Q5_0_QS + j])
             h0 = ((qh >> np.uint32(j)) << np.uint32(4)) & np.uint32(0x10)
             h1 = (qh >> np.uint32(j + 12)) & np.uint32(0x10)
             y[base + j] = _F32(np.int32((b & np.uint32(0x0F)) | h0) - 16) * d
@@ -284,38 +292,32 @@ def dequantize_row_q5_0(raw, y):
 @njit(cache=True, nogil=True)
 def quantize_row_q5_1_ref(x, y):
     nb = x.shape[0] // QK
+    L = np.empty(QK, np.int32)
     for i in range(nb):
         base = i * QK
         vmin, vmax = _minmax(x, base)
         d = _F32(_F32(vmax - vmin) / _F32(31.0))
         idd = _inverse(d)
-        o = i * 24
-        store_fp16(y, o, d)
-        store_fp16(y, o + 2, vmin)
-        qh = np.uint32(0)
-        for j in range(16):
-            x0 = _F32(_F32(x[base + j] - vmin) * idd)
-            x1 = _F32(_F32(x[base + 16 + j] - vmin) * idd)
+        o = i * Q5_1_BYTES
+        store_fp16(y, o + Q5_1_D, d)
+        store_fp16(y, o + Q5_1_M, vmin)
+        for j in range(QK):
             # (uint8_t)(x + 0.5f): no MIN() here in ggml
-            q0 = np.uint32(_cvt_i32(_F32(x0 + _F32(0.5))) & 0xFF)
-            q1 = np.uint32(_cvt_i32(_F32(x1 + _F32(0.5))) & 0xFF)
-            y[o + 8 + j] = np.uint8((q0 & np.uint32(0x0F)) | ((q1 & np.uint32(0x0F)) << np.uint32(4)))
-            qh |= ((q0 & np.uint32(0x10)) >> np.uint32(4)) << np.uint32(j)
-            qh |= ((q1 & np.uint32(0x10)) >> np.uint32(4)) << np.uint32(j + 16)
-        _store_u32(y, o + 4, qh)
+            L[j] = _cvt_i32(_F32(_F32(_F32(x[base + j] - vmin) * idd) + _F32(0.5))) & 0xFF
+        pack_q5_0(y, o + Q5_1_QH, o + Q5_1_QS, L)
 
 
 @njit(cache=True, nogil=True)
 def dequantize_row_q5_1(raw, y):
     nb = y.shape[0] // QK
     for i in range(nb):
-        o = i * 24
-        d = load_fp16(raw, o)
-        m = load_fp16(raw, o + 2)
-        qh = _load_u32(raw, o + 4)
+        o = i * Q5_1_BYTES
+        d = load_fp16(raw, o + Q5_1_D)
+        m = load_fp16(raw, o + Q5_1_M)
+        qh = _load_u32(raw, o + Q5_1_QH)
         base = i * QK
         for j in range(16):
-            b = np.uint32(raw[o + 8 + j])
+            b = np.uint32(raw[o + Q5_1_QS + j])
             h0 = ((qh >> np.uint32(j)) << np.uint32(4)) & np.uint32(0x10)
             h1 = (qh >> np.uint32(j + 12)) & np.uint32(0x10)
             y[base + j] = _F32(_F32(np.int32((b & np.uint32(0x0F)) | h0)) * d) + m
@@ -345,31 +347,32 @@ def quantize_row_q8_0_ref(x, y):
         base = i * QK
         d = _F32(_absmax(x, base) / _F32(127.0))
         idd = _inverse(d)
-        o = i * 34
-        store_fp16(y, o, d)
+        o = i * Q8_0_BYTES
+        store_fp16(y, o + Q8_0_D, d)
         for j in range(QK):
-            y[o + 2 + j] = np.uint8(_cvt_i32(_roundf(_F32(x[base + j] * idd))) & 0xFF)
+            y[o + Q8_0_QS + j] = np.uint8(_cvt_i32(_roundf(_F32(x[base + j] * idd))) & 0xFF)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _dequantize_q8_blocks(raw, y, block_bytes, qs_off):
-    """x = d * q for Q8_0 (34-byte blocks, qs at 2) and Q8_1 (36-byte blocks, qs at 4)."""
+def _dequantize_q8_blocks(raw, y, block_bytes, d_off, qs_off):
+    """x = d * q for Q8_0 and Q8_1 (blocks of ``block_bytes`` with d and qs at the given offsets)."""
     # Two blocks per iteration and unsigned indices: see _PAIRS_NOTE.
     nb = y.shape[0] // QK
     bb = _U(block_bytes)
+    do = _U(d_off)
     qo = _U(qs_off)
     for p in range(nb // 2):
         o = _U(p) * (bb + bb)
-        d0 = load_fp16(raw, o)
-        d1 = load_fp16(raw, o + bb)
-        base = _U(p * 64)
+        d0 = load_fp16(raw, o + do)
+        d1 = load_fp16(raw, o + bb + do)
+        base = _U(p * 2 * QK)
         for jj in range(QK):
             j = _U(jj)
             y[base + j] = _F32(np.int8(raw[o + qo + j])) * d0
-            y[base + _U(32) + j] = _F32(np.int8(raw[o + bb + qo + j])) * d1
+            y[base + _U(QK) + j] = _F32(np.int8(raw[o + bb + qo + j])) * d1
     if nb % 2:
         o = _U(nb - 1) * bb
-        d = load_fp16(raw, o)
+        d = load_fp16(raw, o + do)
         base = _U((nb - 1) * QK)
         for jj in range(QK):
             j = _U(jj)
@@ -378,7 +381,7 @@ def _dequantize_q8_blocks(raw, y, block_bytes, qs_off):
 
 @njit(cache=True, nogil=True)
 def dequantize_row_q8_0(raw, y):
-    _dequantize_q8_blocks(raw, y, 34, 2)
+    _dequantize_q8_blocks(raw, y, Q8_0_BYTES, Q8_0_D, Q8_0_QS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -397,20 +400,20 @@ def quantize_row_q8_1_ref(x, y):
         base = i * QK
         d = _F32(_absmax(x, base) / _F32(127.0))
         idd = _inverse(d)
-        o = i * 36
-        store_fp16(y, o, d)
+        o = i * Q8_1_BYTES
+        store_fp16(y, o + Q8_1_D, d)
         total = np.int32(0)
         for j in range(QK):
             q = np.int8(_cvt_i32(_roundf(_F32(x[base + j] * idd))))
-            y[o + 4 + j] = np.uint8(np.int32(q) & 0xFF)
+            y[o + Q8_1_QS + j] = np.uint8(np.int32(q) & 0xFF)
             total += np.int32(q)
-        store_fp16(y, o + 2, _F32(_F32(total) * d))
+        store_fp16(y, o + Q8_1_S, _F32(_F32(total) * d))
 
 
 @njit(cache=True, nogil=True)
 def dequantize_row_q8_1(raw, y):
     # ggml-base has no dequantize_row_q8_1; the format's meaning is x = d * q (s is redundant)
-    _dequantize_q8_blocks(raw, y, 36, 4)
+    _dequantize_q8_blocks(raw, y, Q8_1_BYTES, Q8_1_D, Q8_1_QS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -418,72 +421,84 @@ def dequantize_row_q8_1(raw, y):
 # ---------------------------------------------------------------------------------------------------
 
 
+@register_kernel("Q4_0", "quantize")
 @njit(cache=True, nogil=True, parallel=True)
 def quantize_q4_0(x, out):
     for r in prange(x.shape[0]):
         quantize_row_q4_0_ref(x[r], out[r])
 
 
+@register_kernel("Q4_1", "quantize")
 @njit(cache=True, nogil=True, parallel=True)
 def quantize_q4_1(x, out):
     for r in prange(x.shape[0]):
         quantize_row_q4_1_ref(x[r], out[r])
 
 
+@register_kernel("Q5_0", "quantize")
 @njit(cache=True, nogil=True, parallel=True)
 def quantize_q5_0(x, out):
     for r in prange(x.shape[0]):
         quantize_row_q5_0_ref(x[r], out[r])
 
 
+@register_kernel("Q5_1", "quantize")
 @njit(cache=True, nogil=True, parallel=True)
 def quantize_q5_1(x, out):
     for r in prange(x.shape[0]):
         quantize_row_q5_1_ref(x[r], out[r])
 
 
+@register_kernel("Q8_0", "quantize")
 @njit(cache=True, nogil=True, parallel=True)
 def quantize_q8_0(x, out):
     for r in prange(x.shape[0]):
         quantize_row_q8_0_ref(x[r], out[r])
 
 
+@register_kernel("Q8_1", "quantize")
 @njit(cache=True, nogil=True, parallel=True)
 def quantize_q8_1(x, out):
     for r in prange(x.shape[0]):
         quantize_row_q8_1_ref(x[r], out[r])
 
 
+@register_kernel("Q4_0", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
 def dequantize_q4_0(raw, out):
     for r in prange(out.shape[0]):
         dequantize_row_q4_0(raw[r], out[r])
 
 
+@register_kernel("Q4_1", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
 def dequantize_q4_1(raw, out):
     for r in prange(out.shape[0]):
         dequantize_row_q4_1(raw[r], out[r])
 
 
+@register_kernel("Q5_0", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
 def dequantize_q5_0(raw, out):
     for r in prange(out.shape[0]):
         dequantize_row_q5_0(raw[r], out[r])
 
 
+@register_kernel("Q5_1", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
 def dequantize_q5_1(raw, out):
     for r in prange(out.shape[0]):
         dequantize_row_q5_1(raw[r], out[r])
 
 
+@register_kernel("Q8_0", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
 def dequantize_q8_0(raw, out):
     for r in prange(out.shape[0]):
         dequantize_row_q8_0(raw[r], out[r])
 
 
+@register_kernel("Q8_1", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
 def dequantize_q8_1(raw, out):
     for r in prange(out.shape[0]):

@@ -22,13 +22,8 @@ re-statements of helpers.make_qx_quants / make_qkx3_quants (same float operation
 independent trials summed side by side, repeated or provably losing candidates cut short).
 tests/test_codecs_imatrix.py checks them against the plain ports and everything against the oracle.
 
-Block layouts (packing is the same as the reference path in :mod:`.legacy`; a small local packer here):
-
-  Q4_0 (18 B): d fp16 | qs[16]            qs[j] = q[j] | q[j+16] << 4
-  Q4_1 (20 B): d fp16 | m fp16 | qs[16]
-  Q5_0 (22 B): d fp16 | qh u32 | qs[16]   qs[j] = q[j] & 15 | (q[j+16] & 15) << 4;
-                                          qh bit j = bit 4 of q[j], qh bit j+16 = bit 4 of q[j+16] (little endian)
-  Q5_1 (24 B): d fp16 | m fp16 | qh u32 | qs[16]
+Block layouts are those of the reference path (drawn in :mod:`.legacy`, whose offsets this module uses);
+Q5 quants are packed by the same :func:`.helpers.pack_q5_0`.
 """
 
 from __future__ import annotations
@@ -36,10 +31,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .helpers import store_fp16
-from .kquants_imatrix import qkx3_fast, qx_weighted
+from ..types import register_kernel
 
-QK = 32
+from .helpers import pack_q5_0, store_fp16
+from .kquants_imatrix import qkx3_fast, qx_weighted
+from .legacy import (
+    Q4_0_BYTES, Q4_0_D, Q4_0_QS, Q4_1_BYTES, Q4_1_D, Q4_1_M, Q4_1_QS,
+    Q5_0_BYTES, Q5_0_D, Q5_0_QH, Q5_0_QS, Q5_1_BYTES, Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS, QK,
+)
+
 _F32 = np.float32
 
 
@@ -65,20 +65,6 @@ def _block_weights(x, xo, qw, sigma2, w):
     return nonneg
 
 
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _pack_q5(y, o, L):
-    """qs (16 bytes at y[o+4]) and qh (u32 little endian at y[o]) of a 5-bit block."""
-    qh = np.uint32(0)
-    for j in range(16):
-        a = np.uint32(L[j])
-        b = np.uint32(L[j + 16])
-        y[o + 4 + j] = np.uint8((a & np.uint32(0x0F)) | ((b & np.uint32(0x0F)) << np.uint32(4)))
-        qh |= ((a & np.uint32(0x10)) >> np.uint32(4)) << np.uint32(j)
-        qh |= ((b & np.uint32(0x10)) >> np.uint32(4)) << np.uint32(j + 16)
-    for k in range(4):
-        y[o + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
-
-
 # ---------------------------------------------------------------------------------------------------
 # Row kernels (serial): quantize_row_<t>_impl
 # ---------------------------------------------------------------------------------------------------
@@ -92,10 +78,10 @@ def quantize_row_q4_0_impl(x, qw, y, L, tr, w, wx):
         xo = ib * QK
         _block_weights(x, xo, qw, sigma2, w)
         d = qx_weighted(x, xo, QK, 8, L, 0, w, wx, tr)
-        o = ib * 18
-        store_fp16(y, o, d)
+        o = ib * Q4_0_BYTES
+        store_fp16(y, o + Q4_0_D, d)
         for j in range(16):
-            y[o + 2 + j] = np.uint8(L[j] | (L[j + 16] << 4))
+            y[o + Q4_0_QS + j] = np.uint8(L[j] | (L[j + 16] << 4))
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -105,9 +91,9 @@ def quantize_row_q5_0_impl(x, qw, y, L, tr, w, wx):
         xo = ib * QK
         _block_weights(x, xo, qw, sigma2, w)
         d = qx_weighted(x, xo, QK, 16, L, 0, w, wx, tr)
-        o = ib * 22
-        store_fp16(y, o, d)
-        _pack_q5(y, o + 2, L)
+        o = ib * Q5_0_BYTES
+        store_fp16(y, o + Q5_0_D, d)
+        pack_q5_0(y, o + Q5_0_QH, o + Q5_0_QS, L)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -118,11 +104,11 @@ def quantize_row_q4_1_impl(x, qw, y, L, Laux, w, xm):
         xo = ib * QK
         nonneg = _block_weights(x, xo, qw, sigma2, w)
         d, the_min = qkx3_fast(x, xo, n, w, 15, L, 0, Laux, xm, nonneg)
-        o = ib * 20
-        store_fp16(y, o, d)
-        store_fp16(y, o + 2, _F32(-the_min))
+        o = ib * Q4_1_BYTES
+        store_fp16(y, o + Q4_1_D, d)
+        store_fp16(y, o + Q4_1_M, _F32(-the_min))
         for j in range(16):
-            y[o + 4 + j] = np.uint8(L[j] | (L[j + 16] << 4))
+            y[o + Q4_1_QS + j] = np.uint8(L[j] | (L[j + 16] << 4))
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -133,10 +119,10 @@ def quantize_row_q5_1_impl(x, qw, y, L, Laux, w, xm):
         xo = ib * QK
         nonneg = _block_weights(x, xo, qw, sigma2, w)
         d, the_min = qkx3_fast(x, xo, n, w, 31, L, 0, Laux, xm, nonneg)
-        o = ib * 24
-        store_fp16(y, o, d)
-        store_fp16(y, o + 2, _F32(-the_min))
-        _pack_q5(y, o + 4, L)
+        o = ib * Q5_1_BYTES
+        store_fp16(y, o + Q5_1_D, d)
+        store_fp16(y, o + Q5_1_M, _F32(-the_min))
+        pack_q5_0(y, o + Q5_1_QH, o + Q5_1_QS, L)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,6 +130,7 @@ def quantize_row_q5_1_impl(x, qw, y, L, Laux, w, xm):
 # ---------------------------------------------------------------------------------------------------
 
 
+@register_kernel("Q4_0", "quantize_imatrix")
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def quantize_imatrix_q4_0(x, qw, out):
     """Q4_0 with importance matrix ``qw`` (n_per_row,): bytes of ggml_quantize_chunk(Q4_0, ..., qw).
@@ -160,6 +147,7 @@ def quantize_imatrix_q4_0(x, qw, out):
         quantize_row_q4_0_impl(x[r], qw, out[r], L, tr, w, wx)
 
 
+@register_kernel("Q4_1", "quantize_imatrix")
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def quantize_imatrix_q4_1(x, qw, out):
     """Q4_1 with importance matrix ``qw`` (quantize_row_q4_1_impl)."""
@@ -171,6 +159,7 @@ def quantize_imatrix_q4_1(x, qw, out):
         quantize_row_q4_1_impl(x[r], qw, out[r], L, Laux, w, xm)
 
 
+@register_kernel("Q5_0", "quantize_imatrix")
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def quantize_imatrix_q5_0(x, qw, out):
     """Q5_0 with importance matrix ``qw`` (quantize_row_q5_0_impl)."""
@@ -182,6 +171,7 @@ def quantize_imatrix_q5_0(x, qw, out):
         quantize_row_q5_0_impl(x[r], qw, out[r], L, tr, w, wx)
 
 
+@register_kernel("Q5_1", "quantize_imatrix")
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def quantize_imatrix_q5_1(x, qw, out):
     """Q5_1 with importance matrix ``qw`` (quantize_row_q5_1_impl)."""
