@@ -346,3 +346,57 @@ def test_no_struct_or_index_errors_on_every_field_boundary(tmp_path):
         assert f.byte_order == ">" and f.metadata["k"][69] == "abc"
     for n in range(len(data)):
         assert isinstance(exercise(open_bytes(tmp_path, data[:n])), GGUFError), n
+
+
+# ------------------------------------------------------------------------------------------------------
+# resource bombs: tiny in the file, huge as Python objects (issue 9, item 7)
+# ------------------------------------------------------------------------------------------------------
+def _bomb(kind: str, n: int) -> bytes:
+    head = b"GGUF" + struct.pack("<I", 3)
+    if kind == "nested":  # one key: an ARRAY of n empty UINT8 arrays (12 bytes each)
+        return (head + struct.pack("<qq", 0, 1) + enc_str("a") + struct.pack("<IIQ", VT.ARRAY, VT.ARRAY, n)
+                + struct.pack("<IQ", VT.UINT8, 0) * n)
+    if kind == "kv":  # n one-byte keys
+        return head + struct.pack("<qq", 0, n) + b"".join(enc_str(f"{i:x}") + struct.pack("<IB", VT.UINT8, 1)
+                                                         for i in range(n))
+    if kind == "tensors":  # n empty F32 tensors
+        out = (head + struct.pack("<qq", n, 0)
+               + b"".join(enc_str(f"{i:x}") + struct.pack("<IqiQ", 1, 0, 0, 0) for i in range(n)))
+        return out + b"\0" * (-len(out) % 32)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind,n", [("nested", 2_000_000), ("kv", 2_000_000), ("tensors", 1_000_000)])
+def test_resource_bombs_are_refused_before_they_are_built(tmp_path, kind, n):
+    import tracemalloc
+
+    path = open_bytes(tmp_path, _bomb(kind, n))
+    tracemalloc.start()
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(LimitExceededError, match="resource bomb"):
+            gguf_kquant.open(path)
+        elapsed = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 1.0 and peak < 8 << 20, (elapsed, peak)
+
+
+@pytest.mark.parametrize("kind,n", [("nested", 40_000), ("kv", 40_000), ("tensors", 30_000)])
+def test_header_memory_stays_within_the_budget(tmp_path, kind, n):
+    """Just under the budget the file opens, and what it holds stays below the budget the reader charged."""
+    import tracemalloc
+
+    from gguf_kquant.container.reader import HEADER_MEMORY_FACTOR, HEADER_MEMORY_MIN
+
+    data = _bomb(kind, n)
+    path = open_bytes(tmp_path, data)
+    tracemalloc.start()
+    try:
+        f = gguf_kquant.open(path)
+        peak = tracemalloc.get_traced_memory()[1]
+        f.close()
+    finally:
+        tracemalloc.stop()
+    assert peak < max(HEADER_MEMORY_MIN, HEADER_MEMORY_FACTOR * len(data)), peak

@@ -103,6 +103,12 @@ _VALUE_TYPES = {int(t): t for t in GGUFValueType}
 # (empty name, n_dims, type, offset): used to reject absurd counts before looping over them.
 _MIN_KV_BYTES = 8 + 4 + 1
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
+# Memory the parsed header may take: a file whose header would need more (millions of tiny keys, tensors or
+# nested arrays, each a few bytes in the file but hundreds as Python objects) is refused before it is
+# built.  Costs are measured upper bounds (CPython 3.11, tracemalloc) of what each parsed item holds.
+HEADER_MEMORY_MIN = 64 << 20
+HEADER_MEMORY_FACTOR = 8  # times the file size
+_COST_KV, _COST_ARRAY, _COST_STRING, _COST_TENSOR = 320, 400, 80, 480
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -527,6 +533,7 @@ class _Parser:
         self.pos = 0
         self.bo = "<"
         self.kv_offsets: dict[str, int] = {}
+        self.memory_left = max(HEADER_MEMORY_MIN, HEADER_MEMORY_FACTOR * self.size)
 
     # -- errors
     def fail(self, cls, offset: int, message: str):
@@ -537,6 +544,15 @@ class _Parser:
             left = max(self.size - offset, 0)
             self.fail(TruncatedFileError, offset,
                       f"file ends inside {what} (needs {nbytes} bytes, {left} left; file size {self.size})")
+
+    def spend(self, nbytes: int, offset: int, what: str) -> None:
+        """Charge ``nbytes`` of Python memory for ``what``; LimitExceededError once the header's budget is gone."""
+        self.memory_left -= nbytes
+        if self.memory_left < 0:
+            budget = max(HEADER_MEMORY_MIN, HEADER_MEMORY_FACTOR * self.size)
+            self.fail(LimitExceededError, offset,
+                      f"{what}: the header would take more than {budget} bytes of memory ({HEADER_MEMORY_FACTOR}x "
+                      f"the file's {self.size} bytes, at least {HEADER_MEMORY_MIN}); refusing it as a resource bomb")
 
     # -- primitive fields
     def scalar(self, fmt: str, nbytes: int, what: str):
@@ -592,6 +608,7 @@ class _Parser:
         if n_kv < 0 or n_kv * _MIN_KV_BYTES > left:
             self.fail(LimitExceededError, 16,
                       f"metadata key-value count {n_kv} is impossible for a file of {size} bytes")
+        self.spend(n_kv * _COST_KV + n_tensors * _COST_TENSOR, 8, f"{n_tensors} tensors and {n_kv} key-values")
 
         metadata = LazyMetadata()
         for i in range(n_kv):
@@ -674,6 +691,7 @@ class _Parser:
             self.fail(LimitExceededError, p, f"{what} claims {n} elements, more than the limit of {MAX_ARRAY_ELEMENTS}")
         start = self.pos
         left = self.size - start
+        base_cost = _COST_ARRAY if depth == 0 else 0  # an inner array was paid for by its parent
         if et == _VT.STRING:
             if n * 8 > left:
                 self.fail(TruncatedFileError, p, f"{what} claims {n} strings but only {left} bytes are left")
@@ -682,6 +700,7 @@ class _Parser:
                 metadata._set_pending(key, _Pending(n, self.string_decoder(start, n, end, what), start, end))
                 self.pos = end
                 return None, None
+            self.spend(base_cost + n * _COST_STRING, p, what)
             items = [self.string(f"element {j} of {what}") for j in range(n)]
             return Value(items, _VT.ARRAY, _VT.STRING), items
         if et == _VT.ARRAY:
@@ -689,6 +708,7 @@ class _Parser:
                 self.fail(LimitExceededError, p, f"{what} nests arrays more than {MAX_ARRAY_NESTING} deep")
             if n * 12 > left:
                 self.fail(TruncatedFileError, p, f"{what} claims {n} arrays but only {left} bytes are left")
+            self.spend(base_cost + n * _COST_ARRAY, p, what)
             typed_items, plain_items = [], []
             for j in range(n):
                 typed, plain = self.array(f"element {j} of {what}", depth + 1)
@@ -700,6 +720,7 @@ class _Parser:
             self.fail(TruncatedFileError, p,
                       f"{what} claims {n} {et.name} elements ({n * dt.itemsize} bytes) but only {left} bytes are left")
         file_dt = dt if self.bo == "<" else dt.newbyteorder(">")
+        self.spend(base_cost + n * dt.itemsize, p, what)
         arr = np.frombuffer(self.buf, dtype=file_dt, count=n, offset=start)
         arr = arr.astype(dt.newbyteorder("="), copy=True)
         if et == _VT.BOOL:

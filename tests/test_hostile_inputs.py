@@ -1,0 +1,311 @@
+"""Hostile inputs beyond the GGUF header (tests/test_reader_hostile.py has those): files that change or are not
+files, untrusted checkpoint JSON, metadata of the wrong type, resource bombs, I/O errors.  Every case must
+raise a GGUFError subclass naming the file — never another exception, never a crash or a hang.
+
+Cases that could kill or hang the interpreter on a regression run in a child process with a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gguf_kquant
+from gguf_kquant.errors import FileChangedError, GGUFError, GGUFIOError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_child(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter: a SIGBUS or a hang fails the test instead of killing pytest."""
+    try:
+        return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                              timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"child process hung for {timeout} s")
+
+
+def _model(path: Path) -> Path:
+    tokens = [f"tok{i}" for i in range(200)]  # > LAZY_STRING_ARRAY: decoded on first access
+    gguf_kquant.write(path, {"general.architecture": "llama", "tokenizer.ggml.tokens": tokens},
+                      {"a": np.arange(64 * 1024, dtype=np.float32).reshape(64, 1024),
+                       "b": np.ones((4, 256), np.float32)}, fsync=False)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------
+# files that shrink while open (SIGBUS through the memory map) and files that are not files
+# ------------------------------------------------------------------------------------------------------
+SHRINK = """
+    import os, sys, numpy as np, gguf_kquant
+    from gguf_kquant.errors import GGUFIOError
+    src, op = {src!r}, {op!r}
+    f = gguf_kquant.open(src)
+    t = f.tensors["a"]
+    os.truncate(src, t.offset + 100)   # another program truncates the file: its data pages are gone
+    try:
+        if op == "numpy":
+            t.numpy()
+        elif op == "raw":
+            t.raw().sum()
+        elif op == "chunks":
+            for c in t.chunks(4096):
+                pass
+        elif op == "tokens":
+            f.metadata["tokenizer.ggml.tokens"]
+        elif op == "close-then-tokens":
+            f.close()
+            f.metadata["tokenizer.ggml.tokens"]
+        elif op == "write":
+            gguf_kquant.write({dst!r}, f.metadata, f.tensors, fsync=False)
+    except GGUFIOError as exc:  # FileChangedError, or the writer's error wrapping it
+        print("TYPED:", exc)
+        sys.exit(0)
+    print("no error")
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("op", ["numpy", "raw", "chunks", "tokens", "close-then-tokens", "write"])
+def test_file_truncated_while_open_raises_typed_error(tmp_path, op):
+    src = _model(tmp_path / "m.gguf")
+    if op.endswith("tokens"):  # truncate into the vocabulary instead of the tensor data
+        code = SHRINK.replace("t.offset + 100", "200")
+    else:
+        code = SHRINK
+    proc = run_child(code.format(src=str(src), op=op, dst=str(tmp_path / "copy.gguf")))
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert "TYPED:" in proc.stdout and str(src) in proc.stdout, proc.stdout
+    assert "shrank" in proc.stdout or "ends at offset" in proc.stdout
+    assert not (tmp_path / "copy.gguf").exists()
+
+
+def test_numpy_and_chunks_read_the_same_bytes_as_raw(tmp_path):
+    src = _model(tmp_path / "m.gguf")
+    with gguf_kquant.open(src) as f:
+        t = f.tensors["a"]
+        assert np.array_equal(t.numpy(), np.arange(64 * 1024, dtype=np.float32).reshape(64, 1024))
+        assert t.numpy().flags.writeable
+        assert b"".join(c.tobytes() for c in t.chunks(1000)) == t.raw().tobytes() == t.read().tobytes()
+        assert all(c.size % 4 == 0 for c in t.chunks(1000))
+
+
+def test_closed_file_raises_typed_error(tmp_path):
+    src = _model(tmp_path / "m.gguf")
+    f = gguf_kquant.open(src)
+    t = f.tensors["a"]
+    f.close()
+    for op in (t.raw, t.numpy, t.read):
+        with pytest.raises(GGUFIOError, match="closed"):
+            op()
+
+
+FIFO_OPEN = """
+    import sys, gguf_kquant
+    from gguf_kquant.errors import GGUFIOError
+    try:
+        {call}
+    except GGUFIOError as exc:
+        print("TYPED:", exc)
+        sys.exit(0)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("what", ["gguf", "imatrix", "safetensors"])
+def test_fifo_input_is_refused_without_hanging(tmp_path, what):
+    fifo = tmp_path / f"pipe.{what}"
+    os.mkfifo(fifo)
+    call = {
+        "gguf": f"gguf_kquant.open({str(fifo)!r})",
+        "imatrix": f"from gguf_kquant.model.imatrix import load_imatrix; load_imatrix({str(fifo)!r})",
+        "safetensors": f"from gguf_kquant.convert.safetensors import SafetensorsFile; "
+                       f"SafetensorsFile({str(fifo)!r})",
+    }[what]
+    proc = run_child(FIFO_OPEN.format(call=call), timeout=30)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr[-2000:])
+    assert "FIFO" in proc.stdout and str(fifo) in proc.stdout
+
+
+def test_directory_missing_and_unreadable_inputs(tmp_path):
+    with pytest.raises(GGUFIOError, match="directory") as info:
+        gguf_kquant.open(tmp_path)
+    assert isinstance(info.value, OSError) and isinstance(info.value, GGUFError)
+    missing = tmp_path / "missing.gguf"
+    with pytest.raises(GGUFIOError) as info:
+        gguf_kquant.open(missing)
+    assert info.value.errno == 2 and str(missing) in str(info.value) and "[Errno 2]" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------------
+# untrusted checkpoint JSON
+# ------------------------------------------------------------------------------------------------------
+import json  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from gguf_kquant.errors import ConversionError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    from test_convert_helpers import make_model
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama", d, hidden_size=32)
+    return d
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit(path: Path, fn) -> None:
+    doc = json.loads(path.read_text())
+    fn(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _convert(model_dir: Path, out: Path):
+    """convert_hf must finish, or raise a GGUFError naming a file of the checkpoint — nothing else."""
+    if out.exists():
+        out.unlink()
+    t0 = time.perf_counter()
+    try:
+        gguf_kquant.convert_hf(model_dir, out, "F32", overwrite=True)
+    except GGUFError as exc:
+        assert str(model_dir) in str(exc), exc
+        return exc
+    finally:
+        assert time.perf_counter() - t0 < 30
+    return None
+
+
+def _set(key, value):
+    def fn(doc):
+        doc[key] = value
+    return fn
+
+
+def _deep(n):
+    v = []
+    for _ in range(n):
+        v = [v]
+    return v
+
+
+CONFIG_CASES = [
+    ("hidden_size", "64", "config.json: key 'hidden_size' must be an integer"),
+    ("num_attention_heads", 0, "key 'num_attention_heads' must be an integer in 1.."),
+    ("num_attention_heads", [4], "key 'num_attention_heads'"),
+    ("num_hidden_layers", None, "none of ['num_hidden_layers'"),
+    ("vocab_size", 10**12, "key 'vocab_size' must be an integer in 1..4194304"),
+    ("intermediate_size", 2**70, "key 'intermediate_size'"),
+    ("rms_norm_eps", "1e-5", "key 'rms_norm_eps' must be a finite number"),
+    ("rope_scaling", [1, 2], "key 'rope_scaling' must be an object"),
+    ("rope_parameters", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0},
+     "are equal"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0}, "original_max_position_embeddings"),
+    ("rope_parameters", {"rope_type": 3}, "key 'rope_parameters.rope_type' must be a string"),
+    ("rope_parameters", {"rope_type": "linear", "factor": 0}, "key 'rope_parameters.factor' must be a finite"),
+    ("architectures", {"LlamaForCausalLM": 1}, "key 'architectures' must be a list of strings"),
+    ("architectures", [["LlamaForCausalLM"]], "key 'architectures' must be a list of strings"),
+    ("text_config", [1], "key 'text_config' must be an object"),
+    ("num_key_value_heads", 3, "config.json implies"),  # 4 heads of 8 for 32 dims: the k_proj shape disagrees
+    ("deep", _deep(100_000), "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize("key,value,frag", CONFIG_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CONFIG_CASES)])
+def test_hostile_config_json(tiny_llama, tmp_path, key, value, frag):
+    d = _copy(tiny_llama, tmp_path / "m")
+    if key == "deep":
+        (d / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    elif key == "num_hidden_layers":
+        _edit(d / "config.json", lambda doc: doc.pop("num_hidden_layers"))
+    else:
+        _edit(d / "config.json", _set(key, value))
+    exc = _convert(d, tmp_path / "out.gguf")
+    assert isinstance(exc, ConversionError), exc
+    assert frag in str(exc), str(exc)
+
+
+def _tok_cases():
+    def added_id_str(doc):
+        doc["added_tokens"][0]["id"] = "0"
+
+    def vocab_list(doc):
+        doc["model"]["vocab"] = list(doc["model"]["vocab"])
+
+    def merges_dict(doc):
+        doc["model"]["merges"] = {"a": "b"}
+
+    def pre_list(doc):
+        doc["pre_tokenizer"]["pretokenizers"] = "Split"
+
+    def post_str(doc):
+        doc["post_processor"] = "TemplateProcessing"
+
+    def huge_id(doc):
+        doc["model"]["vocab"]["zzz-huge"] = 10**15
+
+    return [
+        ("tokenizer.json", added_id_str, "key 'added_tokens[0].id' must be a token id"),
+        ("tokenizer.json", vocab_list, "key 'model.vocab' must be an object"),
+        ("tokenizer.json", merges_dict, "key 'model.merges' must be a list"),
+        ("tokenizer.json", pre_list, "key 'pre_tokenizer.pretokenizers' must be a list"),
+        ("tokenizer.json", post_str, "key 'post_processor' must be an object"),
+        ("tokenizer.json", huge_id, "must be a token id"),
+        ("tokenizer_config.json", _set("add_prefix_space", "yes"), "key 'add_prefix_space' must be true or false"),
+        ("tokenizer_config.json", _set("added_tokens_decoder", {"x": {}}), "not a token id"),
+        ("tokenizer_config.json", _set("added_tokens_decoder", {"5": "tok"}), "key \"added_tokens_decoder['5']\""),
+        ("tokenizer_config.json", _set("bos_token", 7), "key 'bos_token' must be a string or an object"),
+    ]
+
+
+@pytest.mark.parametrize("name,fn,frag", _tok_cases(), ids=lambda v: getattr(v, "__name__", None))
+def test_hostile_tokenizer_json(tiny_llama, tmp_path, name, fn, frag):
+    d = _copy(tiny_llama, tmp_path / "m")
+    _edit(d / name, fn)
+    exc = _convert(d, tmp_path / "out.gguf")
+    assert isinstance(exc, ConversionError), exc
+    assert name in str(exc) and frag in str(exc), str(exc)
+
+
+@pytest.mark.parametrize("target", ["../outside.safetensors", "/etc/passwd", "sub/model.safetensors", ""])
+def test_index_weight_map_cannot_leave_the_model_folder(tiny_llama, tmp_path, target):
+    d = _copy(tiny_llama, tmp_path / "m")
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    from gguf_kquant.convert.safetensors import SafetensorsFile
+
+    names = list(SafetensorsFile(d / "model.safetensors").tensors)
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: (target if i == 0 else "model.safetensors") for i, n in enumerate(names)}}))
+    exc = _convert(d, tmp_path / "out.gguf")
+    assert isinstance(exc, ConversionError) and "outside the model folder" in str(exc), exc
+
+
+def test_unknown_pre_tokenizer_name_is_refused(tiny_llama, tmp_path):
+    with pytest.raises(ConversionError, match="'no-such-pre' is not a pre-tokenizer llama.cpp knows"):
+        gguf_kquant.convert_hf(tiny_llama, tmp_path / "o.gguf", "F32", pre_tokenizer="no-such-pre")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_known_pre_tokenizers_are_llama_cpp_s(oracle):
+    import re
+
+    from gguf_kquant.convert.vocab import LLAMA_CPP_PRE_TOKENIZERS
+
+    src = (oracle.vendor_llama_cpp() / "src" / "llama-vocab.cpp").read_text()
+    assert LLAMA_CPP_PRE_TOKENIZERS == set(re.findall(r'tokenizer_pre == "([^"]*)"', src))
