@@ -1,4 +1,60 @@
-"""gguf_kquant: read, write, inspect and quantize GGUF files, bit-for-bit faithful to llama.cpp."""
+"""gguf_kquant: read, write, inspect and quantize GGUF files, bit-for-bit faithful to llama.cpp.
+
+Compiled kernels are cached by Numba (``cache=True``) in ``gguf_kquant/codecs/__pycache__`` — or, when that
+folder is not writable, in Numba's user cache (``~/.cache/numba``).  When neither is writable (a read-only
+container) the cache goes to ``$TMPDIR/gguf-kquant-numba-<uid>`` (a private folder; a fresh temporary one if
+that name is taken by someone else).  ``NUMBA_CACHE_DIR`` overrides all of these.  Clearing the cache is
+deleting those folders' ``*.nbi``/``*.nbc`` files; it is rebuilt on the next call of each kernel.
+"""
+
+import os as _os
+import sys as _sys
+import tempfile as _tempfile
+
+
+def _writable_dir(path: str) -> bool:
+    """Numba's own test (caching._CacheLocator.ensure_cache_path): create the folder, write a file in it."""
+    try:
+        _os.makedirs(path, exist_ok=True)
+        _tempfile.TemporaryFile(dir=path).close()
+        return True
+    except OSError:
+        return False
+
+
+def _private_dir(path: str) -> bool:
+    """A folder only we can write (cached kernels are pickles: a folder others can write would run their code)."""
+    try:
+        _os.makedirs(path, mode=0o700, exist_ok=True)
+        st = _os.lstat(path)
+    except OSError:
+        return False
+    import stat
+
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == _os.getuid() and not st.st_mode & 0o022
+            and _writable_dir(path))
+
+
+def _ensure_numba_cache_dir() -> None:
+    """Pick a writable NUMBA_CACHE_DIR when Numba's own places are not, so that cache=True never fails."""
+    if _os.environ.get("NUMBA_CACHE_DIR") or not hasattr(_os, "getuid"):
+        return
+    in_tree = _os.path.join(_os.path.dirname(__file__), "codecs", "__pycache__")
+    xdg = _os.environ.get("XDG_CACHE_HOME") or _os.path.join(_os.path.expanduser("~"), ".cache")
+    if _writable_dir(in_tree) or _writable_dir(_os.path.join(xdg, "numba")):
+        return
+    fallback = _os.path.join(_tempfile.gettempdir(), f"gguf-kquant-numba-{_os.getuid()}")
+    if not _private_dir(fallback):
+        try:
+            fallback = _tempfile.mkdtemp(prefix="gguf-kquant-numba-")  # this process only
+        except OSError:
+            return  # nowhere to write at all: Numba will say so
+    _os.environ["NUMBA_CACHE_DIR"] = fallback
+    if "numba" in _sys.modules:  # imported before us: its config has already read the environment
+        _sys.modules["numba"].config.CACHE_DIR = fallback
+
+
+_ensure_numba_cache_dir()
 
 from .errors import *  # noqa: F401,F403  (the GGUFError family is part of the public API)
 from .errors import GGUFError

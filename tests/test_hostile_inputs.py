@@ -309,3 +309,42 @@ def test_known_pre_tokenizers_are_llama_cpp_s(oracle):
 
     src = (oracle.vendor_llama_cpp() / "src" / "llama-vocab.cpp").read_text()
     assert LLAMA_CPP_PRE_TOKENIZERS == set(re.findall(r'tokenizer_pre == "([^"]*)"', src))
+
+
+# ------------------------------------------------------------------------------------------------------
+# a read-only installation: no writable __pycache__, no writable HOME (issue 9, item 11)
+# ------------------------------------------------------------------------------------------------------
+READ_ONLY_INSTALL = """
+    import os, sys, numpy as np
+    import gguf_kquant
+    assert gguf_kquant.__file__.startswith({pkg!r}), gguf_kquant.__file__
+    p = {model!r}
+    gguf_kquant.write(p, {{"general.architecture": "llama"}}, {{"w": np.arange(64, dtype=np.float32).reshape(2, 32)}},
+                      fsync=False)
+    with gguf_kquant.open(p) as f:
+        assert f.tensors["w"].numpy().sum() == np.arange(64).sum()
+        q = gguf_kquant.quantize(f.tensors["w"].numpy(), "Q8_0")
+    assert gguf_kquant.dequantize(q, "Q8_0", (2, 32)).shape == (2, 32)
+    print("CACHE", os.environ["NUMBA_CACHE_DIR"])
+"""
+
+
+def test_numba_cache_falls_back_when_install_and_home_are_read_only(tmp_path):
+    """Even root cannot create a folder where a regular file is: that makes both of Numba's places unusable."""
+    pkg = tmp_path / "site"
+    shutil.copytree(REPO / "gguf_kquant", pkg / "gguf_kquant", ignore=shutil.ignore_patterns("__pycache__"))
+    for d in [pkg / "gguf_kquant", *(p for p in (pkg / "gguf_kquant").rglob("*") if p.is_dir())]:
+        (d / "__pycache__").write_bytes(b"")  # no __pycache__ folder can be made here
+    blocker = tmp_path / "home-is-a-file"
+    blocker.write_bytes(b"")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_CACHE_DIR", "XDG_CACHE_HOME"))}
+    env.update(PYTHONPATH=str(pkg), HOME=str(blocker / "home"), TMPDIR=str(tmp_path / "tmp"),
+               PYTHONDONTWRITEBYTECODE="1")
+    (tmp_path / "tmp").mkdir()
+    code = textwrap.dedent(READ_ONLY_INSTALL.format(pkg=str(pkg), model=str(tmp_path / "m.gguf")))
+    for run in range(2):  # the second run loads the kernels the first one cached
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        cache = Path(proc.stdout.split("CACHE ", 1)[1].strip())
+        assert cache.parent == tmp_path / "tmp" and any(cache.rglob("*.nbi")), cache
