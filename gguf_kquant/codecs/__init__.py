@@ -11,9 +11,10 @@ import os
 from typing import Optional
 
 import numpy as np
+from numba import njit, prange
 
 from ..errors import BadTensorDataError, ImatrixError, ShapeError
-from ..types import Imatrix, TypeLike, type_info
+from ..types import Imatrix, TypeInfo, TypeLike, type_info
 
 __all__ = ["quantize", "dequantize", "set_num_threads", "get_num_threads", "to_float32"]
 
@@ -57,38 +58,95 @@ def to_float32(x) -> np.ndarray:
     raise BadTensorDataError(f"cannot quantize an array of dtype {x.dtype}; expected float32/float16/bfloat16/float64")
 
 
-def _first_nonfinite(x2d: np.ndarray) -> tuple[int, int]:
-    bad = ~np.isfinite(x2d)
-    row = int(np.argmax(bad.any(axis=1)))
-    col = int(np.argmax(bad[row]))
-    return row, col
+# ---------------------------------------------------------------------------------------------------
+# Input and output checks, each one parallel Numba pass (a numpy isfinite() pass cost as much as some
+# kernels).  Both compare integer bit patterns, which vectorizes: |x| as bits orders like |x| itself.
+# ---------------------------------------------------------------------------------------------------
+
+_EXP_F32 = 0x7F800000  # |x| bits >= this: inf or NaN
+# The smallest |x| (as fp32 bits) that rounds to inf when stored: fp16 max 65504, ties-to-even from 65520;
+# bf16 rounds on the bit pattern (+0x7FFF + lsb), so 0x7F7F8000 and up carry into the exponent.
+_OVERFLOW_BITS = {"F16": 0x477FF000, "BF16": 0x7F7F8000}
 
 
-def _check_fp16_scales(out: np.ndarray, info, n_rows: int) -> None:
+@njit(cache=True, nogil=True, parallel=True)
+def _row_max_abs_bits(xi, out):
+    """out[r] = max over the row of the int32 bits of |x| (xi: the float32 rows viewed as int32)."""
+    n = xi.shape[1]
+    for r in prange(xi.shape[0]):
+        row = xi[r]
+        m = np.int32(0)
+        for j in range(n):
+            m = max(m, row[j] & np.int32(0x7FFFFFFF))
+        out[r] = m
+
+
+def _check_input(x2d: np.ndarray, info: TypeInfo) -> None:
+    """Raise, naming row and column, on a non-finite value or one the float type cannot store (inf)."""
+    if not x2d.size:
+        return
+    row_max = np.empty(x2d.shape[0], np.int32)
+    _row_max_abs_bits(x2d.view(np.int32), row_max)
+    limit = _OVERFLOW_BITS.get(info.name, _EXP_F32)
+    if int(row_max.max()) < limit:
+        return
+    bits = x2d.view(np.int32)
+    if int(row_max.max()) >= _EXP_F32:
+        row = int(np.argmax(row_max >= _EXP_F32))
+        col = int(np.argmax((bits[row] & 0x7FFFFFFF) >= _EXP_F32))
+        raise BadTensorDataError(f"non-finite value {float(x2d[row, col])!r} at row {row}, column {col}")
+    row = int(np.argmax(row_max >= limit))
+    col = int(np.argmax((bits[row] & 0x7FFFFFFF) >= limit))
+    raise BadTensorDataError(f"{info.name}: value at row {row}, column {col} overflows {info.name}")
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _first_inf_fp16_block(out, type_size, offsets, first):
+    """first[r] = the first block of row r with an fp16 field (at ``offsets`` in the block) of exponent 31."""
+    nb = out.shape[1] // type_size
+    for r in prange(out.shape[0]):
+        row = out[r]
+        first[r] = -1
+        for b in range(nb):
+            bad = False
+            for o in offsets:
+                bad |= (row[b * type_size + o + 1] & np.uint8(0x7C)) == np.uint8(0x7C)  # high byte: s eeeee mm
+            if bad:
+                first[r] = b
+                break
+
+
+_FP16_FIELDS: dict = {}
+
+
+def _fp16_fields(info: TypeInfo) -> list:
+    """[(name, byte offset)] of every fp16 value in one block of a quantized type (from its block dtype)."""
+    if info.ggml_type not in _FP16_FIELDS:
+        found = []
+        for name, (fdt, off, *_rest) in (info.block_dtype.fields or {}).items():
+            if fdt.base == np.dtype("<f2"):
+                found += [(name, off + 2 * k) for k in range(int(np.prod(fdt.shape, dtype=int)))]
+        _FP16_FIELDS[info.ggml_type] = found
+    return _FP16_FIELDS[info.ggml_type]
+
+
+def _check_fp16_scales(out: np.ndarray, info: TypeInfo) -> None:
     """Raise if a block's fp16 scale overflowed (ggml would silently store inf)."""
-    if info.name in ("F16", "BF16"):  # finite float32 beyond the type's range rounds to inf
-        bits = out.view("<u2").reshape(n_rows, -1)
-        overflow = (bits & 0x7FFF) == (0x7C00 if info.name == "F16" else 0x7F80)
-        if overflow.any():
-            row = int(np.argmax(overflow.any(axis=1)))
-            col = int(np.argmax(overflow[row]))
-            raise BadTensorDataError(f"{info.name}: value at row {row}, column {col} overflows {info.name}")
+    fields = _fp16_fields(info) if info.is_quantized else []
+    if not fields or not out.size:
         return
-    dt = info.block_dtype
-    if dt.fields is None:
+    first = np.empty(out.shape[0], np.int64)
+    _first_inf_fp16_block(out, info.type_size, np.array([o for _n, o in fields], np.int64), first)
+    if int(first.max()) < 0:
         return
-    blocks = out.reshape(-1).view(dt)
-    for name, (fdt, *_rest) in dt.fields.items():
-        if fdt == np.dtype("<f2"):
-            vals = blocks[name]
-            if not np.isfinite(vals).all():
-                idx = int(np.argmax(~np.isfinite(vals)))
-                per_row = blocks.size // max(n_rows, 1)
-                row, blk = divmod(idx, per_row)
-                raise BadTensorDataError(
-                    f"{info.name}: scale {name!r} of row {row}, block {blk} overflows fp16 "
-                    f"(values too large to quantize to {info.name})"
-                )
+    row = int(np.argmax(first >= 0))
+    blk = int(first[row])
+    block = out[row, blk * info.type_size:(blk + 1) * info.type_size]
+    name = next(n for n, o in fields if (block[o + 1] & 0x7C) == 0x7C)
+    raise BadTensorDataError(
+        f"{info.name}: scale {name!r} of row {row}, block {blk} overflows fp16 "
+        f"(values too large to quantize to {info.name})"
+    )
 
 
 def quantize(x, qtype: TypeLike, imatrix=None, *, threads: Optional[int] = None) -> np.ndarray:
@@ -115,9 +173,8 @@ def quantize(x, qtype: TypeLike, imatrix=None, *, threads: Optional[int] = None)
     if not x2d.flags.c_contiguous:
         x2d = np.ascontiguousarray(x2d)
     n_rows = x2d.shape[0]
-    if x2d.size and not np.isfinite(x2d).all():
-        row, col = _first_nonfinite(x2d)
-        raise BadTensorDataError(f"non-finite value {float(x2d[row, col])!r} at row {row}, column {col}")
+    with _threads(threads):
+        _check_input(x2d, info)
 
     weights = None
     if imatrix is not None and info.imatrix is not Imatrix.IGNORED:
@@ -138,7 +195,7 @@ def quantize(x, qtype: TypeLike, imatrix=None, *, threads: Optional[int] = None)
             info.kernel("quantize")(x2d, out)
         else:
             info.kernel("quantize_imatrix")(x2d, weights, out)
-    _check_fp16_scales(out, info, n_rows)
+        _check_fp16_scales(out, info)
     return out
 
 
