@@ -6,7 +6,10 @@ Each sub-command module provides ``add_arguments(parser)`` and ``run(args) -> in
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import io
+import os
 import sys
 
 from .errors import GGUFError
@@ -38,18 +41,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ClosedStream(io.TextIOBase):
+    """Stands in for a standard stream whose descriptor was closed (``cmd >&-``): writing fails with EBADF,
+    which ``main`` reports in one line, like any other I/O error."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        raise OSError(errno.EBADF, f"cannot write to standard {self.name}: it is closed")
+
+    def flush(self) -> None:
+        pass
+
+
+def _sane_std_streams() -> None:
+    """No traceback for streams that are closed or cannot encode what we print (PYTHONIOENCODING=latin-1)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, _ClosedStream("output" if name == "stdout" else "error"))
+        elif isinstance(stream, io.TextIOWrapper):
+            try:
+                stream.reconfigure(errors="backslashreplace")  # keep the user's encoding, escape the rest
+            except (ValueError, OSError):  # pragma: no cover - a stream that cannot be reconfigured
+                pass
+
+
+def _report(command: str, exc: BaseException) -> None:
+    try:
+        print(f"gguf-kquant {command}: error: {exc}", file=sys.stderr)
+    except (OSError, ValueError):  # stderr is closed too: the exit status says it
+        pass
+
+
 def main(argv=None) -> int:
+    _sane_std_streams()
     args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:  # `gguf-kquant inspect ... | head`: silence the flush at exit (Python docs' recipe)
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+        return 141  # what a shell reports for a command killed by SIGPIPE
     except GGUFError as exc:
-        print(f"gguf-kquant {args.command}: error: {exc}", file=sys.stderr)
+        _report(args.command, exc)
         return 1
-    except OSError as exc:  # missing file, permission, disk full: say which file, no traceback
-        print(f"gguf-kquant {args.command}: error: {exc}", file=sys.stderr)
+    except OSError as exc:  # missing file, permission, disk full, closed stdout: one line, no traceback
+        _report(args.command, exc)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _report(args.command, "interrupted")
         return 130
 
 

@@ -169,3 +169,54 @@ def test_split_model(tmp_path, capsys):
     assert "2 shards" in out and out.splitlines()[-1].split() == ["t1", "2×4", "F32", "32", "32.000", "2"]
     assert main(["inspect", str(second), "--no-split", "--json"]) == 0
     assert [t["name"] for t in json.loads(capsys.readouterr().out)["tensors"]] == ["t1"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# hostile terminals: closed stdout, encodings that cannot show the metadata, pipes closed early
+# ------------------------------------------------------------------------------------------------------
+def _cli(args: str, env_extra=None, redirect: str = ""):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, **(env_extra or {}))
+    encoding = env.get("PYTHONIOENCODING", "utf-8")
+    return subprocess.run(["bash", "-c", f"{sys.executable} -m gguf_kquant {args} {redirect}"],
+                          capture_output=True, encoding=encoding, env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def unicode_file(tmp_path_factory):
+    import numpy as np
+
+    import gguf_kquant
+
+    p = tmp_path_factory.mktemp("u") / "u.gguf"
+    gguf_kquant.write(p, {"general.name": "modèle 日本 🦙", "t.arr": ["ü"] * 3}, {"w": np.zeros(4, np.float32)},
+                      fsync=False)
+    return p
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+@pytest.mark.parametrize("flags", ["--metadata", "--json"])
+def test_cli_non_utf8_terminal(unicode_file, encoding, flags):
+    proc = _cli(f"inspect {unicode_file} {flags}", {"PYTHONIOENCODING": encoding})
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "general.name" in proc.stdout and "\\u65e5" in proc.stdout  # unencodable characters escaped
+
+
+def test_cli_closed_stdout_is_one_line(unicode_file):
+    proc = _cli(f"inspect {unicode_file}", redirect=">&-")
+    assert proc.returncode == 1, proc
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "gguf-kquant inspect: error: [Errno 9] cannot write to standard output: it is closed"
+
+
+def test_cli_closed_stdout_and_stderr_no_crash(unicode_file):
+    proc = _cli(f"inspect {unicode_file}", redirect=">&- 2>&-")
+    assert proc.returncode == 1
+
+
+def test_cli_pipe_closed_early(unicode_file):
+    proc = _cli(f"inspect {unicode_file} --metadata --tensors", redirect="| head -c 10; exit ${PIPESTATUS[0]}")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
