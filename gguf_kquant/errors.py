@@ -72,6 +72,10 @@ class FileChangedError(GGUFIOError):
     """A file being read shrank or was replaced while it was open (its mapped bytes are gone)."""
 
 
+class InvalidArgumentError(GGUFError):
+    """An argument of the wrong type or out of range: ``threads=0``, ``split_max_tensors="abc"``..."""
+
+
 # --- types and codecs ------------------------------------------------------------------------------
 class UnknownTypeError(GGUFError):
     """A ggml type name or id we do not know, or one we have no codec for."""

@@ -531,3 +531,11 @@ def test_uint64_array_beyond_int64_roundtrips(tmp_path):
         assert f.metadata["inferred"].tolist() == [1, 2**63 + 1]
     with pytest.raises(gguf_kquant.GGUFError, match="UINT64"):
         Value([-1, 2**63], VT.ARRAY, VT.UINT64)
+
+
+def test_deeply_nested_lists_are_a_write_error_not_a_recursion_error(tmp_path):
+    v = 1
+    for _ in range(5000):
+        v = [v]
+    with pytest.raises(gguf_kquant.GGUFError, match="nested more than 16 deep"):
+        gguf_kquant.write(tmp_path / "deep.gguf", {"a": v}, {}, fsync=False)

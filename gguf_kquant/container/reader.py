@@ -74,7 +74,7 @@ from ..errors import (
 )
 from ..types import TYPES, GGMLType
 from . import split as _split
-from .values import SCALAR_DTYPES, GGUFValueType, Metadata, Value
+from .values import MAX_ARRAY_NESTING, SCALAR_DTYPES, GGUFValueType, Metadata, Value
 
 __all__ = ["open_gguf", "GGUFFile", "TensorInfo", "TensorList", "LazyMetadata"]
 
@@ -85,7 +85,6 @@ MAX_STRING_LENGTH = 1 << 30  # GGUF_MAX_STRING_LENGTH
 MAX_ARRAY_ELEMENTS = 1 << 30  # GGUF_MAX_ARRAY_ELEMENTS
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME = 64  # GGML_MAX_NAME (names must be shorter: the C struct keeps a NUL)
-MAX_ARRAY_NESTING = 16  # ours: ggml has no arrays of arrays at all
 MAX_TYPE_ID = 1023  # ours: type ids above the ones we know but below this are "newer than us"
 LAZY_STRING_ARRAY = 64  # string arrays longer than this are decoded on first access
 REMOVED_TYPE_IDS = frozenset({4, 5, 31, 32, 33, 36, 37, 38})

@@ -29,6 +29,8 @@ import numpy as np
 
 from ..errors import WriteError
 
+MAX_ARRAY_NESTING = 16  # arrays of arrays nest at most this deep (ours: ggml has no arrays of arrays at all)
+
 
 class GGUFValueType(enum.IntEnum):
     """``enum gguf_type`` (ggml/include/gguf.h); agrees with ``gguf.GGUFValueType``."""
@@ -125,8 +127,10 @@ def _int_type(v: int) -> GGUFValueType:
     raise WriteError(f"integer {v} does not fit any GGUF integer type")
 
 
-def to_value(v: Any, key: str = "?") -> Value:
+def to_value(v: Any, key: str = "?", _depth: int = 0) -> Value:
     """Type a Python value with the documented defaults (see the module docstring)."""
+    if _depth > MAX_ARRAY_NESTING:
+        raise WriteError(f"metadata key {key!r}: lists nested more than {MAX_ARRAY_NESTING} deep")
     if isinstance(v, Value):
         return v
     if isinstance(v, (bool, np.bool_)):
@@ -152,7 +156,7 @@ def to_value(v: Any, key: str = "?") -> Value:
         if all(isinstance(i, str) for i in items) and items:
             return Value(items, GGUFValueType.ARRAY, GGUFValueType.STRING)
         if items and all(isinstance(i, (list, tuple, np.ndarray, Value)) for i in items):
-            return Value([to_value(i, key) for i in items], GGUFValueType.ARRAY, GGUFValueType.ARRAY)
+            return Value([to_value(i, key, _depth + 1) for i in items], GGUFValueType.ARRAY, GGUFValueType.ARRAY)
         if items and all(isinstance(i, (bool, np.bool_)) for i in items):
             return Value(items, GGUFValueType.ARRAY, GGUFValueType.BOOL)
         if items and all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in items):
