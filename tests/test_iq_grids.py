@@ -7,11 +7,18 @@ checked here against a plain numpy lexsort.  The quantizers' oracle tests then c
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+import gguf_kquant
 from gguf_kquant.codecs import grids
-from gguf_kquant.errors import UnknownTypeError
+from gguf_kquant.errors import QuantizeError, UnknownTypeError
+from gguf_kquant.types import type_info
 from gguf_kquant.codecs.iq_grids import KMAP_SIZE, iq2_grid_tables
 
 # type -> (ggml-common.h grid, value of search coordinates 1, 3, 5 in it, nwant)
@@ -82,3 +89,34 @@ def test_iq1_types_share_one_table_and_other_types_refused():
     assert all(a is b for a, b in zip(iq2_grid_tables("IQ1_S"), iq2_grid_tables("IQ1_M")))
     with pytest.raises(UnknownTypeError):
         iq2_grid_tables("Q4_K")
+
+
+# --- where the neighbour search finds nothing: ggml aborts, the IQ2 quantizers raise ------------------------
+_GGML_QUANTIZE = """
+import sys, numpy as np
+sys.path.insert(0, {tests!r})
+import oracle
+x = np.random.default_rng(3).standard_normal((2, 512)).astype(np.float32)
+oracle.quantize_chunk({type_id}, x, np.full(512, {weight}, np.float32))
+"""
+
+
+def _ggml_survives(type_id: int, weight: float) -> bool:
+    code = _GGML_QUANTIZE.format(tests=str(Path(__file__).parent), type_id=type_id, weight=weight)
+    env = dict(os.environ, GGML_NO_BACKTRACE="1")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("name, weight, aborts", [("IQ2_XS", -1.0, True), ("IQ2_S", 3e38, True),
+                                                  ("IQ2_XXS", -1.0, False)])
+def test_iq2_raises_exactly_where_ggml_aborts(name, weight, aborts, oracle):
+    """Negative importance weights make every neighbour distance NaN, overflowing ones inf or NaN (none below
+    FLT_MAX): ggml's GGML_ASSERT(grid_index >= 0) kills the process; we raise QuantizeError — and only then."""
+    assert _ggml_survives(type_info(name).id, weight) is not aborts
+    x = np.random.default_rng(3).standard_normal((2, 512)).astype(np.float32)
+    w = np.full(512, weight, np.float32)
+    if aborts:
+        with pytest.raises(QuantizeError, match="row 0, block 0"):
+            gguf_kquant.quantize(x, name, imatrix=w)
+    else:
+        assert np.array_equal(gguf_kquant.quantize(x, name, imatrix=w), oracle.quantize_chunk(type_info(name).id, x, w))

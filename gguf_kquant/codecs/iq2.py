@@ -19,6 +19,11 @@ Float evaluation follows the C exactly: float32, left to right, no FMA (``w*xval
 ("found point not on grid", ``GGML_ASSERT(scale >= 0)`` on a NaN scale) the kernels flag the block and the
 registered function raises :class:`~gguf_kquant.errors.QuantizeError`.
 
+Kernels take the search tables as one tuple argument (``_search_tables``: the grid points' lattice
+coordinates, their packed term positions, kmap, neighbours).  One exact speed-up: the neighbour search
+computes its 24 possible ``w*diff*diff`` terms once and adds 8 of them per neighbour, in C's order (see
+:func:`iq2_find_best_neighbour`).
+
 Layouts (little-endian):
 
   IQ2_XXS (66 B): d fp16 | qs u16[32], read as 8 pairs of u32 (a0, a1) per 32 values:
@@ -42,13 +47,12 @@ from numba import njit, prange
 from ..errors import QuantizeError
 from ..types import TYPES, GGMLType, register_kernel
 from . import grids
-from .helpers import fp16_bits_to_fp32, make_qp_quants, nearest_int, store_fp16
+from .helpers import GROUP_MAX_EPS, load_fp16, make_qp_quants, nearest_int, store_fp16
 from .iq_grids import iq2_grid_tables
 
 QK_K = 256
 _F = np.float32
 
-GROUP_MAX_EPS = np.float32(1e-15)  # ggml-quants.c: GROUP_MAX_EPS
 GROUP_MAX_EPS_IQ2_S = np.float32(1e-8)  # ggml-quants.c: GROUP_MAX_EPS_IQ2_S
 
 _XXS = TYPES[GGMLType.IQ2_XXS]
@@ -69,7 +73,8 @@ S_SIGNS = S_QS + QK_K // 8  # y->qs + QK_K/8: the sign bytes follow the 32 grid-
 def iq2_find_best_neighbour(tables, start, xval, o, waux, scale, L, terms):
     """ggml's iq2_find_best_neighbour: of the record at ``neighbours[start]``, the grid point nearest to
     ``xval[o:o+8]`` at ``scale`` under weights ``waux`` (first strictly best wins); writes its lattice
-    coordinates to ``L[o:o+8]`` and returns its grid index (-1 if none: every distance NaN).
+    coordinates to ``L[o:o+8]`` and returns its grid index (-1 if none: every distance NaN or >= FLT_MAX,
+    where ggml's GGML_ASSERT(grid_index >= 0) aborts).
 
     ggml sums ``d2 += w[i]*diff*diff`` with ``diff = scale*q - x[i]`` and q in {1, 3, 5}: each term takes one
     of 3 values per i, so they are computed once (``terms``, 8x4 scratch) and each neighbour's d2 adds its 8
@@ -599,7 +604,7 @@ def _dequantize_iq2_xxs(raw, out, gridb, ksigns, kmask):
         y = out[r]
         for i in range(nb):
             bo = i * XXS_BYTES
-            d = fp16_bits_to_fp32(np.uint16(rr[bo + XXS_D]) | (np.uint16(rr[bo + XXS_D + 1]) << np.uint16(8)))
+            d = load_fp16(rr, bo + XXS_D)
             for ib32 in range(QK_K // 32):
                 qo = bo + XXS_QS + 8 * ib32
                 aux1 = (np.uint32(rr[qo + 4]) | (np.uint32(rr[qo + 5]) << np.uint32(8))
@@ -618,7 +623,7 @@ def _dequantize_iq2_xs(raw, out, gridb, ksigns, kmask):
         y = out[r]
         for i in range(nb):
             bo = i * XS_BYTES
-            d = fp16_bits_to_fp32(np.uint16(rr[bo + XS_D]) | (np.uint16(rr[bo + XS_D + 1]) << np.uint16(8)))
+            d = load_fp16(rr, bo + XS_D)
             for ib32 in range(QK_K // 32):
                 sc = rr[bo + XS_SCALES + ib32]
                 db0 = d * (_F(0.5) + _F(sc & 0xF)) * _F(0.25)
@@ -638,7 +643,7 @@ def _dequantize_iq2_s(raw, out, gridb, kmask):
         y = out[r]
         for i in range(nb):
             bo = i * S_BYTES
-            d = fp16_bits_to_fp32(np.uint16(rr[bo + S_D]) | (np.uint16(rr[bo + S_D + 1]) << np.uint16(8)))
+            d = load_fp16(rr, bo + S_D)
             for ib32 in range(QK_K // 32):
                 sc = rr[bo + S_SCALES + ib32]
                 db0 = d * (_F(0.5) + _F(sc & 0xF)) * _F(0.25)
