@@ -5,18 +5,20 @@
 1. :func:`check_outputs` — before any work, every path that will be written (each output shard, the report)
    is compared with every path that is read (source shards, imatrix, checkpoint files).  Two names are the
    same file when they resolve to the same inode (``st_dev``/``st_ino``: symlinks and hard links included) or,
-   for files that do not exist yet, the same ``realpath``.  A collision, two outputs with one name, a missing
-   destination folder, a destination that is a folder or not a regular file (a FIFO, ``/dev/null``), or
-   (with ``overwrite=False``) an existing destination is refused with one line naming both paths.  For split outputs, any existing shard of the same prefix
-   (``m-00001-of-00003.gguf`` when writing ``m-0000i-of-00002.gguf``) counts as an existing destination;
-   with ``overwrite=True`` only the new shard names are replaced (old shards of another count stay).  Temp files cannot collide with anything: they are created
-   with ``O_EXCL`` under fresh random names.
+   for files that do not exist yet, the same ``realpath``.  Refused with one line naming the paths: a
+   collision, two outputs that are one file, a missing destination folder, a destination that is a folder
+   or not a regular file (a FIFO, ``/dev/null``), and with ``overwrite=False`` an existing destination.  For
+   split outputs any existing shard of the same prefix (``m-00001-of-00003.gguf`` when writing
+   ``m-0000i-of-00002.gguf``) counts as an existing destination; with ``overwrite=True`` only the new shard
+   names are replaced (old shards of another count stay).  Temp files cannot collide with anything: they are
+   created with ``O_EXCL`` under fresh random names.
 2. :class:`AtomicFiles` — each target is written to a temp file ``.gguf-kquant-XXXXXXXX.tmp`` in the
-   target's own folder (same file system, so the rename is atomic; a short fixed-length name, so targets
-   whose names are up to NAME_MAX = 255 bytes long work; a destination that is a symlink is followed, so the
-   file it names is replaced and the link stays, as ``open(path, "wb")`` would do).  Only after *every* file is complete and
-   fsync'ed are the temps renamed over their targets, then the folders are fsync'ed.  On any exception
-   the temps are removed and no target is touched.
+   target's own folder: the same file system, so the rename is atomic, and a short fixed-length name, so
+   targets whose names are up to NAME_MAX = 255 bytes long work.  A destination that is a symlink is
+   followed (the file it names is replaced, the link stays, as ``open(path, "wb")`` would do).  Only after
+   *every* file is complete and fsync'ed are the temps renamed over their targets, in the order given (the
+   model's shards, then the report), then the folders are fsync'ed.  On any exception the temps are removed
+   and no target is touched.
 3. Signals — while the files are open, SIGINT, SIGTERM and SIGHUP (what Ctrl-C, ``timeout``, systemd and
    ``docker stop`` send) interrupt the work, the temps are removed, the previous handlers are restored and
    the signal takes its normal course: SIGINT raises ``KeyboardInterrupt`` (the CLI exits 130), SIGTERM
@@ -206,11 +208,16 @@ class _SignalGuard:
 # ------------------------------------------------------------------------------------------------------
 # Temp files committed together
 # ------------------------------------------------------------------------------------------------------
-def _create_temp(folder: Path, target: Path) -> tuple:
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _create_temp(folder: Path, target: Path) -> Path:
     for _ in range(100):
         tmp = folder / f"{TEMP_PREFIX}{secrets.token_hex(4)}{TEMP_SUFFIX}"
         try:  # 0o666 and the umask give the target the permissions a plain open() would
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o666))
+            return tmp  # closed again: a split output may have more shards than a process may open files
         except FileExistsError:
             continue
         except OSError as exc:
@@ -280,19 +287,15 @@ class AtomicFiles:
         self.targets = [Path(os.path.realpath(t)) if os.path.islink(t) else Path(os.fspath(t)) for t in targets]
         self.fsync = fsync
         self.temps: list = []
-        self._fds: list = []
         self._guard = _SignalGuard()
-        self._committed = False
 
     def __enter__(self) -> "AtomicFiles":
         self._guard.install()
         try:
             for t in self.targets:
-                fd, tmp = _create_temp(t.parent, t)
-                self._fds.append(fd)
-                self.temps.append(tmp)
-        except BaseException:
-            self.__exit__(None, None, None)
+                self.temps.append(_create_temp(t.parent, t))
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
@@ -301,7 +304,12 @@ class AtomicFiles:
         """A buffered binary file on temp ``i`` (``write``, ``tell``); its OS errors (disk full, EFBIG...)
         become :class:`~gguf_kquant.errors.GGUFIOError` naming the target — errors of the code producing
         the data pass unchanged.  The data is flushed (and fsync'ed) when the block ends."""
-        fh = _TargetFile(os.fdopen(os.dup(self._fds[i]), "wb", buffering=1 << 20), self.targets[i], self.temps[i])
+        target, tmp = self.targets[i], self.temps[i]
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | _O_CLOEXEC | _O_NOFOLLOW)
+        except OSError as exc:
+            raise _io_error(target, exc, f"cannot open the temp file {tmp.name}") from None
+        fh = _TargetFile(os.fdopen(fd, "wb", buffering=1 << 20), target, tmp)
         try:
             yield fh
             fh.finish(self.fsync)
@@ -315,9 +323,6 @@ class AtomicFiles:
     def commit(self) -> list:
         """Rename every temp over its target, back to back with signals held back; returns the targets."""
         with self._guard.deferred():
-            for fd in self._fds:
-                os.close(fd)
-            self._fds = []
             done = 0
             try:
                 for tmp, target in zip(self.temps, self.targets):
@@ -328,7 +333,6 @@ class AtomicFiles:
                 raise _io_error(self.targets[done], exc, "cannot rename the finished temp file into place") \
                     from None
             self.temps = []
-            self._committed = True
             if self.fsync:
                 for folder in dict.fromkeys(t.parent for t in self.targets):
                     _fsync_dir(folder)
@@ -339,12 +343,6 @@ class AtomicFiles:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         with self._guard.deferred():
-            for fd in self._fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._fds = []
             for tmp in self.temps:
                 try:
                     os.unlink(tmp)

@@ -184,7 +184,7 @@ def test_signal_at_a_random_point(world, tmp_path, op, signame):
         assert r.returncode == expected, msg
         assert all(t.read_bytes() == PRECIOUS for t in job.targets), f"a target was touched; {msg}"
         if signame == "SIGINT" and job.argv:
-            assert r.stderr.strip().splitlines()[-1] == "interrupted", msg
+            assert r.stderr.strip().splitlines()[-1].endswith("interrupted"), msg
     check_inputs_and_temps(job, before, tmp_path, msg, allow_temps=signame == "SIGKILL")
 
 
@@ -369,3 +369,34 @@ def test_convert_refuses_outputs_that_are_inputs(world, tmp_path, no_output_file
     with pytest.raises(ConversionError, match="refusing to write over an input of this job"):
         gguf_kquant.convert_hf(ckpt, dst, "Q4_K_M" if kw else "Q8_0", overwrite=True, **kw)
     assert digest(files) == before
+
+
+# ------------------------------------------------------------------------------------------------------
+# One policy for an existing destination (quantize and convert alike); names are names, not patterns
+# ------------------------------------------------------------------------------------------------------
+def test_quantize_and_convert_refuse_an_existing_destination_without_overwrite(world, tmp_path):
+    from gguf_kquant.cli import main
+
+    for op, argv in (("quantize", [str(world["src"]), "Q8_0"]), ("convert", [str(world["ckpt"]), "--type", "F16"])):
+        dst = tmp_path / f"{op}.gguf"
+        dst.write_bytes(PRECIOUS)
+        args = [op, argv[0], str(dst)] + argv[1:] + ["-q"]
+        assert main(args) == 1 and dst.read_bytes() == PRECIOUS
+        assert main(args + ["--overwrite"]) == 0 and dst.read_bytes()[:4] == b"GGUF"
+    with pytest.raises(QuantizeError, match="destination exists; pass overwrite=True"):
+        gguf_kquant.quantize_model(world["src"], tmp_path / "quantize.gguf", "Q8_0")
+    with pytest.raises(ConversionError, match="destination exists; pass overwrite=True"):
+        gguf_kquant.convert_hf(world["ckpt"], tmp_path / "convert.gguf")
+    assert temps(tmp_path) == []
+
+
+def test_convert_split_destination_names_are_not_glob_patterns(world, tmp_path):
+    (tmp_path / "mx-00001-of-00002.gguf").write_bytes(PRECIOUS)  # what m[x] or m? would match as a glob
+    paths = gguf_kquant.convert_hf(world["ckpt"], tmp_path / "m[x].gguf", "F32", split_max_size=200_000)
+    assert len(paths) > 1 and all(p.name.startswith("m[x]-0000") for p in paths)
+    gguf_kquant.convert_hf(world["ckpt"], tmp_path / "m?.gguf", "F32", split_max_size=200_000)
+    with pytest.raises(ConversionError, match=r"m\[x\]-00001-of-0000\d.gguf: destination exists"):
+        gguf_kquant.convert_hf(world["ckpt"], tmp_path / "m[x].gguf", "F32", split_max_size=200_000)
+    with pytest.raises(ConversionError, match="a shard of the same split output exists"):
+        gguf_kquant.convert_hf(world["ckpt"], tmp_path / "m[x].gguf", "F16", split_max_size=400_000)
+    assert (tmp_path / "mx-00001-of-00002.gguf").read_bytes() == PRECIOUS and temps(tmp_path) == []

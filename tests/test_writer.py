@@ -682,3 +682,18 @@ def test_sigterm_with_a_program_handler_cleans_up_then_calls_it(tmp_path):
     finally:
         signal.signal(signal.SIGTERM, old)
     assert target.read_bytes() == b"old" and leftovers(tmp_path) == []
+
+
+def test_more_shards_than_open_files_allowed(tmp_path):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    try:
+        paths = gguf_kquant.write(tmp_path / "m.gguf", {}, [(f"t{i}", np.full(32, i, np.float32)) for i in range(100)],
+                                  split_max_tensors=1)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(paths) == 100 and leftovers(tmp_path) == []
+    with gguf_kquant.open(paths[0]) as f:
+        assert (f.tensors["t99"].numpy() == 99).all()

@@ -5,10 +5,12 @@ ggml's ``gguf_init_from_file_impl`` / llama.cpp's loader would, and computes eac
 running sum of sizes padded to the alignment).  Only then does it write: the header, then each tensor's
 bytes, one tensor at a time, pulled from its producer — so peak memory is one tensor (or one chunk, for a
 streaming producer).  After each tensor the file position must equal the plan, otherwise
-:class:`~gguf_kquant.errors.WriteError` names the tensor.  Each file is written to a temporary file in the
-target's folder, fsync'ed and renamed into place (then the folder is fsync'ed); on any exception —
-including ``KeyboardInterrupt`` or a producer raising mid-stream — no target is touched and the temporary
-files are removed.
+:class:`~gguf_kquant.errors.WriteError` names the tensor.  Output goes through :mod:`gguf_kquant.safeio`:
+no target may name a file being read (the files of TensorInfo sources, ``inputs=``); every file is written
+to a temporary file in its target's folder, fsync'ed, and all are renamed into place together at the end
+(then the folders are fsync'ed); on any exception — a producer raising mid-stream, disk full (a
+:class:`~gguf_kquant.errors.GGUFIOError` naming the file), ``KeyboardInterrupt``, SIGTERM or SIGHUP — no
+target is touched and the temporary files are removed.
 
 >>> import numpy as np, gguf_kquant
 >>> gguf_kquant.write("tiny.gguf", {"general.architecture": "llama"},
