@@ -107,6 +107,9 @@ def check_outputs(outputs: Iterable, inputs: Iterable = (), *, overwrite: bool =
     """
     outs = [Path(os.fspath(p)) for p in outputs]
     ins = [Path(os.fspath(p)) for p in inputs if p is not None and os.fspath(p) != ""]
+    for p in outs + ins:
+        if "\0" in str(p):
+            raise error(f"{str(p)!r}: a file name cannot contain a NUL byte")
     in_ids = {}
     for p in ins:
         fid = _file_id(p)

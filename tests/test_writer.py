@@ -574,6 +574,8 @@ def test_overwrite_false_and_bad_destinations(tmp_path):
         gguf_kquant.write(tmp_path, {"k": 1})
     with pytest.raises(WriteError, match="folder .*nope does not exist"):
         gguf_kquant.write(tmp_path / "nope" / "m.gguf", {"k": 1})
+    with pytest.raises(WriteError, match="cannot contain a NUL byte"):
+        gguf_kquant.write(tmp_path / "m\0.gguf", {"k": 1})
     assert target.read_bytes() == b"keep" and leftovers(tmp_path) == []
     gguf_kquant.write(tmp_path / "new.gguf", {"k": 1}, overwrite=False)
 
