@@ -699,3 +699,10 @@ def test_more_shards_than_open_files_allowed(tmp_path):
     assert len(paths) == 100 and leftovers(tmp_path) == []
     with gguf_kquant.open(paths[0]) as f:
         assert (f.tensors["t99"].numpy() == 99).all()
+
+
+def test_write_shards_needs_files():
+    from gguf_kquant.container.writer import write_shards
+
+    with pytest.raises(WriteError, match="no files given"):
+        write_shards([])

@@ -848,5 +848,7 @@ def write_shards(files, *, alignment: Optional[int] = None, version: int = 3, by
         plan = ShardPlan(Path(path), pairs, list(w._tensors), alignment_)
         _encode_header(plan, version, w._resolved_byte_order())
         plans.append(plan)
+    if not plans:
+        raise WriteError("write_shards: no files given")
     return _write_plans(plans, w._resolved_byte_order(), fsync, inputs=inputs, overwrite=overwrite,
                         side_files=side_files)
