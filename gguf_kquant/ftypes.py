@@ -54,6 +54,36 @@ class LlamaFileType(enum.IntEnum):
         return self.name.split("_", 1)[1]
 
 
+# llama_model_loader's guess when a file has no general.file_type: its most common tensor type -> file type
+# (other types: ALL_F32), marked with the GUESSED bit.  Keyed by ggml type name (this module sits below types).
+GUESSED_FROM_TYPE = {
+    "F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16, "BF16": LlamaFileType.MOSTLY_BF16,
+    "Q4_0": LlamaFileType.MOSTLY_Q4_0, "Q4_1": LlamaFileType.MOSTLY_Q4_1, "Q5_0": LlamaFileType.MOSTLY_Q5_0,
+    "Q5_1": LlamaFileType.MOSTLY_Q5_1, "Q8_0": LlamaFileType.MOSTLY_Q8_0, "Q2_K": LlamaFileType.MOSTLY_Q2_K,
+    "Q3_K": LlamaFileType.MOSTLY_Q3_K_M, "Q4_K": LlamaFileType.MOSTLY_Q4_K_M, "Q5_K": LlamaFileType.MOSTLY_Q5_K_M,
+    "Q6_K": LlamaFileType.MOSTLY_Q6_K, "TQ1_0": LlamaFileType.MOSTLY_TQ1_0, "TQ2_0": LlamaFileType.MOSTLY_TQ2_0,
+    "IQ2_XXS": LlamaFileType.MOSTLY_IQ2_XXS, "IQ2_XS": LlamaFileType.MOSTLY_IQ2_XS,
+    "IQ2_S": LlamaFileType.MOSTLY_IQ2_S, "IQ3_XXS": LlamaFileType.MOSTLY_IQ3_XXS,
+    "IQ1_S": LlamaFileType.MOSTLY_IQ1_S, "IQ1_M": LlamaFileType.MOSTLY_IQ1_M,
+    "IQ4_NL": LlamaFileType.MOSTLY_IQ4_NL, "IQ4_XS": LlamaFileType.MOSTLY_IQ4_XS,
+    "IQ3_S": LlamaFileType.MOSTLY_IQ3_S, "NVFP4": LlamaFileType.MOSTLY_NVFP4, "Q1_0": LlamaFileType.MOSTLY_Q1_0,
+    "Q2_0": LlamaFileType.MOSTLY_Q2_0,
+}
+
+
+def guess_file_type(type_names) -> int:
+    """llama_model_loader's ftype for a file without general.file_type: the tensor type that first reaches
+    the highest count, over ``type_names`` in tensor-name order, mapped by :data:`GUESSED_FROM_TYPE`, with
+    the GUESSED bit (``["F16", "F32", "F16"]`` -> ``MOSTLY_F16 | GUESSED`` = 1025)."""
+    counts: dict = {}
+    best, best_n = "F32", 0
+    for name in type_names:
+        counts[name] = counts.get(name, 0) + 1
+        if counts[name] > best_n:
+            best, best_n = name, counts[name]
+    return int(GUESSED_FROM_TYPE.get(best, LlamaFileType.ALL_F32)) | LlamaFileType.GUESSED
+
+
 def file_type_name(value) -> str:
     """``general.file_type`` value -> name (``15`` -> ``"MOSTLY_Q4_K_M"``); unknown ids -> ``"UNKNOWN(<id>)"``."""
     try:

@@ -1,17 +1,26 @@
-"""The planner decides every tensor's type exactly as llama-quantize does (checked against the types in the
-oracle's output files), and it works from plain (name, shape, type) tuples without a file."""
+"""The planner decides every tensor's type exactly as llama-quantize does, and it works from plain
+(name, shape, type) tuples without a file.
+
+Every mix (36, COPY included) on every test model (GQA 4, tied embeddings, rows of 320/640 that trigger the
+fallbacks, 8-expert MoE), with and without an importance matrix, is compared with llama_model_quantize's
+own plan: its --dry-run log (tensor -> type), its refusals (a tensor that needs an imatrix, a row length
+with no fallback type) — 288 cases at the cost of loading the model, no quantization.
+"""
 
 from __future__ import annotations
+
+import ctypes
+import re
 
 import pytest
 
 import gguf_kquant
 from gguf_kquant.errors import QuantizeError
-from gguf_kquant.model.mixes import MIXES
+from gguf_kquant.model.mixes import ALIASES, MIXES, NAMES, NOT_WRITABLE
 from gguf_kquant.model.planner import ModelInfo, order_key, parse_mix, plan_model, plan_tensors
-from gguf_kquant.types import GGMLType as T
+from gguf_kquant.types import GGMLType as T, TYPES
 
-from test_model_quantize import imatrices, models, oracle_quantize  # noqa: F401  (fixtures)
+from test_model_quantize import _llama, imatrices, models, oracle_quantize  # noqa: F401  (fixtures)
 
 
 def _types(path):
@@ -19,20 +28,143 @@ def _types(path):
         return [(t.name, t.type_name) for t in f.tensors]
 
 
-def _plan_cases():
-    for model in ("gqa", "tied", "odd", "moe"):
-        for mix in MIXES:
-            yield model, mix
+_DRY_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s+(\S+), size =\s+[\d.]+ MiB"
+                       r"(?: ->\s+[\d.]+ MiB \((\S+)\))?$", re.M)
 
 
-@pytest.mark.parametrize("model,mix", list(_plan_cases()))
-def test_plan_matches_oracle_types(models, imatrices, tmp_path, model, mix):
+def oracle_plan(src, mix, *, imatrix=None, **params):
+    """llama_model_quantize(..., dry_run=True): [(tensor, type name)] in its order, None if it refuses, and
+    whether it warns that the real run would need an imatrix.  Read from llama.cpp's log."""
+    lc = _llama()
+    from llama_cpp import _logger
+
+    text = []
+
+    @lc.llama_log_callback
+    def capture(_level, msg, _user):
+        text.append(msg.decode("utf-8", "replace"))
+
+    lc.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        oracle_quantize(src, "unused.gguf", mix, imatrix=imatrix, dry_run=True,
+                        only_copy=mix == "COPY", **params)
+        ok = True
+    except AssertionError:
+        ok = False
+    finally:
+        lc.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    log = "".join(text)
+    if not ok:
+        return None, log
+    rows = [(m.group(1), (m.group(3) or m.group(2)).upper()) for m in _DRY_LINE.finditer(log)]
+    assert rows, log[-2000:]
+    return rows, "will require an imatrix" in log
+
+
+def _ours(src, mix, use_im):
+    """Our plan in the oracle's terms: rows, whether a real run needs an imatrix; None where we refuse."""
+    try:
+        plan = plan_model(src, mix, imatrix=use_im)
+    except QuantizeError as exc:
+        return None, str(exc)
+    needs = any(r.allows_quantization and r.requires_imatrix for r in plan.rows)
+    return [(r.name, r.dst_type.name) for r in plan.rows], needs and not use_im
+
+
+@pytest.mark.parametrize("model", ["gqa", "tied", "odd", "moe"])
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_plan_matches_oracle(models, imatrices, model, mix):
     src = models[model]
-    use_im = mix == "Q2_K_S"  # the oracle refuses Q2_K_S without one
-    okw = dict(imatrix=imatrices[model][1]) if use_im else {}
-    theirs = oracle_quantize(src, tmp_path / "theirs.gguf", mix, **okw)
-    plan = plan_model(src, mix, imatrix=use_im)
-    assert [(r.name, r.dst_type.name) for r in plan.rows] == _types(theirs)
+    for use_im in (False, True):
+        theirs, t_info = oracle_plan(src, mix, imatrix=imatrices[model][1] if use_im else None)
+        ours, o_info = _ours(src, mix, use_im)
+        assert (ours is None) == (theirs is None), (use_im, o_info if ours is None else t_info[-500:])
+        if ours is not None:
+            assert ours == theirs, use_im
+            assert o_info == t_info, use_im  # the dry run's "will require an imatrix"
+
+
+def test_no_fallback_type_is_a_typed_error_naming_the_tensor(models):
+    theirs, log = oracle_plan(models["odd"], "Q1_0")
+    assert theirs is None and "no tensor type fallback is defined for type q1_0" in log
+    # the tensor llama.cpp was planning when it threw: the last one it warned about
+    culprit = re.findall(r"warning: (\S+)\s+- ncols\s+320 not divisible by 128", log)[-1]
+    with pytest.raises(QuantizeError, match=rf"tensor {re.escape(culprit)}: rows of 320 are not a multiple of "
+                                            r"128 .*no tensor type fallback is defined for type Q1_0"):
+        plan_model(models["odd"], "Q1_0")
+    rows = [("blk.0.attn_q.weight", (8, 96), "F32")]  # NVFP4 (64-blocks) has no fallback either
+    with pytest.raises(QuantizeError, match="attn_q.*NVFP4"):
+        plan_tensors(rows, ModelInfo("llama", 1, 8, 8), "Q8_0", tensor_types=["attn_q=nvfp4"])
+
+
+def test_fallback_to_iq4_nl_then_f16():
+    """IQ types fall back to IQ4_NL for rows of 32k, and to F16 when even that does not fit."""
+    rows = [("token_embd.weight", (64, 256), "F32"), ("output.weight", (64, 256), "F32"),
+            ("blk.0.attn_q.weight", (32, 96), "F32"), ("blk.0.attn_k.weight", (32, 80), "F32")]
+    plan = {r.name: r for r in plan_tensors(rows, ModelInfo("llama", 1, 8, 8), "IQ4_XS")}
+    assert plan["blk.0.attn_q.weight"].dst_type == T.IQ4_NL and plan["blk.0.attn_q.weight"].fallback
+    assert plan["blk.0.attn_k.weight"].dst_type == T.F16 and plan["blk.0.attn_k.weight"].fallback
+
+
+def test_copy_keeps_the_source_file_type(models, tmp_path):
+    """COPY writes general.file_type = the source's, or llama_model_loader's guess (with the GUESSED bit)."""
+    import gguf
+
+    for model in ("gqa", "tied"):
+        theirs = oracle_quantize(models[model], tmp_path / f"{model}.gguf", "COPY", only_copy=True)
+        with gguf_kquant.open(theirs) as f:
+            assert int(plan_model(models[model], "COPY").file_type) == int(f.metadata["general.file_type"])
+    # a source without general.file_type: F16 weights outnumber the F32 norms
+    r = gguf.GGUFReader(str(models["tied"]))
+    w = gguf.GGUFWriter(str(tmp_path / "noft.gguf"), "llama")
+    for fld in r.fields.values():
+        if not fld.name.startswith("GGUF.") and fld.name not in ("general.architecture", "general.file_type"):
+            vt = fld.types[0]
+            w.add_key_value(fld.name, fld.contents(), vt, fld.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, t.data.copy(), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    theirs = oracle_quantize(tmp_path / "noft.gguf", tmp_path / "noft-copy.gguf", "COPY", only_copy=True)
+    with gguf_kquant.open(theirs) as f:
+        assert f.metadata["general.file_type"] == 1024 + 1
+    plan = plan_model(tmp_path / "noft.gguf", "COPY")
+    assert plan.file_type == 1024 + 1 and all(r.dst_type == r.src_type for r in plan.rows)
+
+
+_WRITABLE = [t for t in TYPES if t not in NOT_WRITABLE]
+
+
+@pytest.mark.parametrize("model", ["gqa", "odd"])
+def test_type_options_accept_every_type(models, model):
+    """--tensor-type, --output-tensor-type and --token-embedding-type take every type ggml can write (with
+    the fallbacks, or llama.cpp's refusal, of types that do not fit the rows), as llama.cpp plans them."""
+    lc = _llama()
+    n = len(_WRITABLE)
+    for k, t in enumerate(_WRITABLE):
+        out_t, emb_t = _WRITABLE[(k + 7) % n], _WRITABLE[(k + 13) % n]
+        tt = (lc.llama_model_tensor_override * 2)()
+        pat = b"attn_(q|output)"
+        tt[0].pattern, tt[0].type = pat, int(t)
+        tt[1].pattern = None
+        theirs, _ = oracle_plan(models[model], "Q4_K_M", tt_overrides=tt, output_tensor_type=int(out_t),
+                                token_embedding_type=int(emb_t))
+        try:
+            plan = plan_model(models[model], "Q4_K_M", tensor_types=[f"ATTN_(Q|OUTPUT)={t.name.lower()}"],
+                              output_tensor_type=out_t.name, token_embedding_type=emb_t.name.lower())
+        except QuantizeError:
+            assert theirs is None, t.name
+            continue
+        assert [(r.name, r.dst_type.name) for r in plan.rows] == theirs, t.name
+
+
+def test_types_ggml_cannot_write_are_refused_before_work():
+    rows = [("token_embd.weight", (64, 256), "F32"), ("blk.0.attn_q.weight", (32, 256), "F32")]
+    for t in ("Q8_1", "Q8_K", "I32", "F64"):
+        with pytest.raises(QuantizeError, match=f"attn_q.*{t}"):
+            plan_tensors(rows, ModelInfo("llama", 1, 8, 8), "Q4_K_M", tensor_types=[f"attn_q={t}"])
 
 
 def test_plan_with_imatrix_changes_q4_0_ffn_down(models, imatrices, tmp_path):
@@ -91,6 +223,13 @@ def test_tensor_type_first_match_wins_and_pure():
 
 def test_parse_mix():
     assert parse_mix("q4_k_m")[0] == "Q4_K_M" and parse_mix("Q4_K")[0] == "Q4_K_M" and parse_mix(15)[0] == "Q4_K_M"
+    # llama-quantize's 39 names; the aliases name the _M mixes; ftype 0 is F32, not COPY
+    assert len(NAMES) == 39 and {n: parse_mix(n)[0] for n in ALIASES} == {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M",
+                                                                          "Q5_K": "Q5_K_M"}
+    assert parse_mix(0)[0] == "F32" and parse_mix("copy")[0] == "COPY" and parse_mix("iq2_m")[2] == T.IQ2_S
+    assert parse_mix("MOSTLY_IQ4_XS")[:2] == ("IQ4_XS", 30) and parse_mix(38)[0] == "MXFP4_MOE"
+    with pytest.raises(QuantizeError, match="IQ1_M.*COPY"):
+        parse_mix("IQ5_K")
     with pytest.raises(QuantizeError, match="Q5_K_S"):
         parse_mix("Q7_K")
 
@@ -109,7 +248,11 @@ def test_plan_invariants(n_layer, ne0, mix, n_expert, tied, picks):
     rows = [("token_embd.weight", (64, ne0), "F32")] + ([] if tied else [("output.weight", (64, ne0), "F32")])
     for i in range(n_layer):
         rows += [(f"blk.{i}.{n}.weight", (ne0,) if n.endswith("norm") else (32, ne0), "F32") for n in picks]
-    plan = plan_tensors(rows, ModelInfo("llama", n_layer, 8, 2, n_expert), mix, imatrix=True)
+    try:
+        plan = plan_tensors(rows, ModelInfo("llama", n_layer, 8, 2, n_expert), mix, imatrix=True)
+    except QuantizeError as exc:  # Q1_0's 128-blocks are the only default with no fallback type
+        assert mix == "Q1_0" and ne0 % 128 and "no tensor type fallback" in str(exc)
+        return
     assert sorted(r.name for r in plan.rows) == sorted(r[0] for r in rows)
     assert [order_key(r.name) for r in plan.rows] == sorted(order_key(r.name) for r in plan.rows)
     for r in plan.rows:
@@ -119,3 +262,23 @@ def test_plan_invariants(n_layer, ne0, mix, n_expert, tied, picks):
         if not r.allows_quantization:
             assert r.dst_type == r.src_type
     assert plan.n_fallback == sum(r.fallback for r in plan.rows)
+
+
+def test_cli_dry_run_takes_new_mixes_and_any_type(models, tmp_path, capsys):
+    from gguf_kquant.cli import main
+
+    lc = _llama()
+    tt = (lc.llama_model_tensor_override * 2)()
+    tt[0].pattern, tt[0].type = b"attn_q", int(T.IQ2_S)
+    tt[1].pattern = None
+    theirs, needs_im = oracle_plan(models["gqa"], "IQ4_XS", tt_overrides=tt, output_tensor_type=int(T.MXFP4),
+                                   token_embedding_type=int(T.TQ2_0))
+    assert needs_im  # attn_q as IQ2_S needs an imatrix: the dry run says so, the real run refuses
+    argv = ["quantize", str(models["gqa"]), str(tmp_path / "o.gguf"), "iq4_xs", "--tensor-type", "attn_q=iq2_s",
+            "--output-tensor-type", "MXFP4", "--token-embedding-type", "tq2_0"]
+    assert main(argv + ["--dry-run"]) == 0
+    text = capsys.readouterr().out
+    for name, t in theirs:
+        assert re.search(rf"\] {re.escape(name)} .*-> {t}\b|\] {re.escape(name)} .*, +{t} ", text), (name, t)
+    assert "will require an imatrix" in text
+    assert main(argv + ["-q"]) == 1 and not (tmp_path / "o.gguf").exists()

@@ -1,10 +1,17 @@
 """Whole-model quantization against llama.cpp's own llama_model_quantize (the oracle): byte-identical files.
 
 Models (small, realistic structure; built once per session with fixtures/make_example_model.py):
-  gqa  : F32, 8 layers, n_head 8 / n_head_kv 2 (GQA 4), untied output          — every mix, +/- imatrix
-  tied : F16, 4 layers, GQA 2, tied embeddings                                    — every mix, +/- imatrix
-  odd  : F32, rows of 320 (not a multiple of 256: fallbacks)                      — a subset of mixes
-  moe  : F16, 8 experts                                                           — a subset, +/- imatrix
+  gqa  : F32, 8 layers, n_head 8 / n_head_kv 2 (GQA 4), untied output
+  tied : F16, 4 layers, GQA 2, tied embeddings
+  odd  : F32, rows of 320 and 640 (not multiples of 256 or 128: fallbacks, and Q1_0's refusal)
+  moe  : F16, 2 layers, 8 experts (3-D expert tensors), GQA 4
+
+The legacy/k-quant/float mixes (K_MIXES) run on gqa and tied with and without an imatrix, a subset on odd
+and moe.  The other file types (IQ*, TQ*, MXFP4_MOE, Q1_0, Q2_0, COPY, the aliases) run as NEW_CASES: every
+tensor type they produce, every imatrix-dependent rule both ways, each fallback (IQ -> IQ4_NL, Q2_K/TQ1_0 ->
+Q4_0, Q1_0's "no fallback"), the expert rules and MXFP4 on moe, and each refusal — not the full product:
+tests/test_model_plan.py checks the tensor -> type plan of every mix x model x imatrix against llama.cpp,
+so here each case is chosen for the codec path (imatrix or not, per-expert imatrix slices) it puts through.
 """
 
 from __future__ import annotations
@@ -20,11 +27,12 @@ import pytest
 
 import gguf_kquant
 from gguf_kquant.errors import BadTensorDataError, ImatrixError, QuantizeError
-from gguf_kquant.model.mixes import MIXES
-from gguf_kquant.model.planner import allows_quantization
+from gguf_kquant.model.mixes import ONLY_COPY
+from gguf_kquant.model.planner import allows_quantization, parse_mix
 from oracle import llama_logits
 
-ALL_MIXES = list(MIXES)
+K_MIXES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M",
+           "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
 SUBSET = ["F16", "Q8_0", "Q4_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S", "Q6_K"]
 
 MODELS = {
@@ -50,7 +58,8 @@ def oracle_quantize(src, dst, mix, *, imatrix=None, imatrix_kv=(), nthread=2, **
     imatrix_kv: [(key, tag, value)] overrides quantize.cpp would add."""
     lc = _llama()
     p = lc.llama_model_quantize_default_params()
-    p.ftype = int(MIXES[mix][0])
+    p.ftype = int(parse_mix(mix)[1])
+    p.only_copy = parse_mix(mix)[0] in ONLY_COPY
     p.nthread = nthread
     keep = []
     for k, v in params.items():
@@ -174,8 +183,50 @@ def _check_same(ours: Path, theirs: Path):
                          f"{where or '(header)'}")
 
 
+# (model, mix, imatrix, what it covers) — see the module docstring
+NEW_CASES = [
+    ("tied", "IQ2_XXS", True, "tied token_embd -> Q5_K; attn_v, first ffn_down Q2_K"),
+    ("gqa", "IQ2_XXS", False, "refused: IQ2_XXS needs an imatrix"),
+    ("tied", "IQ2_XS", True, "IQ2_XS with imatrix"),
+    ("tied", "IQ2_S", True, "mostly IQ2_XS; IQ3_S attn_v, attn_output, first ffn_down"),
+    ("gqa", "IQ2_M", True, "IQ2_S; gqa4 attn_v Q4_K; untied token_embd IQ3_S, output Q5_K"),
+    ("tied", "IQ1_S", True, "IQ1_S; attn_output IQ2_XXS"),
+    ("moe", "IQ1_M", True, "IQ1_M experts with per-expert imatrix; 8 experts: attn_k Q4_K, attn_output Q5_K"),
+    ("odd", "IQ1_M", True, "fallbacks IQ1_M -> IQ4_NL, Q2_K -> Q4_0"),
+    ("tied", "IQ1_M", False, "refused without an imatrix"),
+    ("gqa", "IQ3_XXS", True, "IQ3_XXS; attn_q/attn_k IQ2_S, attn_output IQ3_S"),
+    ("gqa", "IQ3_XXS", False, "refused: its attn_q/attn_k become IQ2_S, which needs an imatrix"),
+    ("odd", "IQ3_XXS", False, "no imatrix: attn_v IQ3_S, ffn_down Q4_K/Q3_K, all falling back"),
+    ("gqa", "IQ3_XS", True, "IQ3_S; attn_q/attn_k and middle ffn_gate/ffn_up IQ3_XXS"),
+    ("tied", "IQ3_S", False, "IQ3_S without imatrix"),
+    ("gqa", "IQ3_S", True, "IQ3_S with imatrix; gqa4 attn_v Q4_K"),
+    ("tied", "IQ3_M", True, "attn_v, attn_output, first ffn_down Q4_K"),
+    ("moe", "IQ3_M", False, "8 experts: attn_output Q5_K, more_bits ffn_down Q4_K"),
+    ("tied", "IQ4_NL", False, "IQ4_NL without imatrix"),
+    ("odd", "IQ4_NL", True, "IQ4_NL with imatrix on rows of 320; ragged output Q8_0"),
+    ("gqa", "IQ4_XS", False, "gqa4 attn_v Q5_K; first ffn_down Q5_K only without imatrix"),
+    ("gqa", "IQ4_XS", True, "IQ4_XS with imatrix"),
+    ("odd", "IQ4_XS", False, "fallback IQ4_XS -> IQ4_NL"),
+    ("gqa", "TQ1_0", False, "TQ1_0; untied token_embd Q4_K"),
+    ("odd", "TQ1_0", True, "fallback TQ1_0 -> Q4_0; imatrix keys only"),
+    ("tied", "TQ2_0", True, "TQ2_0"),
+    ("moe", "MXFP4_MOE", False, "expert tensors MXFP4, the rest Q8_0"),
+    ("moe", "MXFP4_MOE", True, "the same with imatrix keys"),
+    ("gqa", "MXFP4_MOE", False, "no experts: all Q8_0"),
+    ("gqa", "Q1_0", True, "Q1_0"),
+    ("odd", "Q1_0", False, "refused: rows of 320 and Q1_0's 128-blocks have no fallback type"),
+    ("gqa", "Q2_0", False, "Q2_0; token_embd Q4_K"),
+    ("odd", "Q2_0", True, "Q2_0 on rows of 320 and 640"),
+    ("gqa", "COPY", False, "every tensor copied"),
+    ("gqa", "COPY", True, "copied, imatrix keys added"),
+    ("tied", "Q3_K", False, "alias of Q3_K_M"),
+    ("tied", "Q4_K", True, "alias of Q4_K_M"),
+    ("moe", "Q5_K", False, "alias of Q5_K_M"),
+]
+
+
 def _cases():
-    for mix in ALL_MIXES:
+    for mix in K_MIXES:
         for model in ("gqa", "tied"):
             for im in (False, True):
                 yield model, mix, im
@@ -185,15 +236,16 @@ def _cases():
     for mix in ("Q4_K_M", "Q2_K_S", "Q4_0"):
         yield "odd", mix, True
         yield "moe", mix, True
+    for model, mix, im, _why in NEW_CASES:
+        yield model, mix, im
 
 
 @pytest.mark.parametrize("model,mix,use_imatrix", list(_cases()))
 def test_byte_identical_to_llama_quantize(models, imatrices, tmp_path, model, mix, use_imatrix):
     src = models[model]
-    if mix == "Q2_K_S" and not use_imatrix:
-        with pytest.raises(ImatrixError, match="importance matrix"):
-            gguf_kquant.quantize_model(src, tmp_path / "ours.gguf", mix)
-        assert not (tmp_path / "ours.gguf").exists()
+    refusal = _REFUSED.get((model, mix, use_imatrix))
+    if refusal is not None:
+        _check_refused(src, tmp_path, mix, *refusal)
         return
     kw = {}
     okw = {}
@@ -204,7 +256,34 @@ def test_byte_identical_to_llama_quantize(models, imatrices, tmp_path, model, mi
     theirs = oracle_quantize(src, tmp_path / "theirs.gguf", mix, **okw)
     res = gguf_kquant.quantize_model(src, tmp_path / "ours.gguf", mix, threads=2, **kw)
     _check_same(tmp_path / "ours.gguf", theirs)
-    assert res.dst_nbytes < res.src_nbytes or mix in ("F32", "F16", "BF16")
+    assert res.dst_nbytes < res.src_nbytes or mix in ("F32", "F16", "BF16", "COPY")
+
+
+# (model, mix, imatrix) -> (error, message) where llama-quantize refuses too
+_REFUSED = {(m, mix, False): (ImatrixError, "importance matrix")
+            for m in ("gqa", "tied", "odd", "moe") for mix in ("Q2_K_S",)}
+_REFUSED.update({(m, mix, im): (ImatrixError, r"\(%s\) requires an importance matrix: tensor blk\.0\." % mix)
+                 for m, mix, im, why in NEW_CASES if why.startswith("refused") and "imatrix" in why})
+_REFUSED[("odd", "Q1_0", False)] = (QuantizeError, r"rows of 320 .*no tensor type fallback is defined for type Q1_0")
+
+
+def _check_refused(src, tmp_path, mix, error, message):
+    """llama-quantize fails, and so do we: a typed error naming the cause, before any tensor is converted."""
+    with pytest.raises(AssertionError, match="oracle failed"):
+        oracle_quantize(src, tmp_path / "theirs.gguf", mix)
+    import gguf_kquant.codecs as codecs
+
+    def no_work(*_a, **_k):
+        raise AssertionError("a tensor was converted before the refusal")
+
+    saved = codecs.quantize
+    codecs.quantize = no_work
+    try:
+        with pytest.raises(error, match=message):
+            gguf_kquant.quantize_model(src, tmp_path / "ours.gguf", mix)
+    finally:
+        codecs.quantize = saved
+    assert not list(tmp_path.glob("ours*"))
 
 
 # --- options ----------------------------------------------------------------------------------------

@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import sys
 
-from .mixes import ALIASES, MIXES
+from .mixes import mix_names
+
+_ANY_TYPE = ("any type ggml can write, case-insensitive (f32, f16, bf16, q4_0 ... q8_0, q2_k ... q6_k, iq1_s ... "
+             "iq4_xs, tq1_0, tq2_0, mxfp4, nvfp4, q1_0, q2_0)")
 
 
 def add_arguments(p) -> None:
     p.add_argument("src", help="input GGUF model (F32/F16/BF16, or quantized with --allow-requantize)")
     p.add_argument("dst", help="output GGUF path (with --keep-split: the shard prefix)")
     p.add_argument("ftype", metavar="MIX",
-                   help=f"quantization mix, case-insensitive: {', '.join(MIXES)} (aliases {', '.join(ALIASES)})")
+                   help=f"llama-quantize file type, case-insensitive: {', '.join(mix_names())} "
+                        "(Q3_K/Q4_K/Q5_K are Q3_K_M/Q4_K_M/Q5_K_M; COPY copies every tensor as it is; the IQ1/IQ2 "
+                        "mixes need --imatrix)")
     p.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama-imatrix GGUF or legacy .dat)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--include-weights", action="append", default=[], metavar="NAME",
                    help="use the imatrix only for tensors whose name contains NAME (repeatable)")
     g.add_argument("--exclude-weights", action="append", default=[], metavar="NAME",
                    help="do not use the imatrix for tensors whose name contains NAME (repeatable)")
-    p.add_argument("--output-tensor-type", metavar="TYPE", help="ggml type for output.weight")
-    p.add_argument("--token-embedding-type", metavar="TYPE", help="ggml type for token_embd.weight")
+    p.add_argument("--output-tensor-type", metavar="TYPE", help=f"type for output.weight: {_ANY_TYPE}")
+    p.add_argument("--token-embedding-type", metavar="TYPE", help=f"type for token_embd.weight: {_ANY_TYPE}")
     p.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
-                   help="quantize tensors matching REGEX to TYPE (repeatable; first match wins)")
+                   help="quantize tensors matching REGEX to TYPE (repeatable; first match wins; TYPE as above)")
     p.add_argument("--pure", action="store_true", help="no mix rules: every tensor gets the default type")
     p.add_argument("--leave-output-tensor", action="store_true", help="leave output.weight as it is")
     p.add_argument("--allow-requantize", action="store_true", help="allow requantizing quantized tensors")

@@ -20,7 +20,10 @@ The rows come back in llama-quantize's write order (non-``blk.`` tensors first, 
 name) because the per-layer counters of the rules depend on it.  The rules themselves are data in
 :mod:`gguf_kquant.model.mixes`; this module only evaluates them (``llama_tensor_get_type`` of
 src/llama-quant.cpp, including the ``--tensor-type``/``--pure``/``--output-tensor-type`` options and
-``tensor_type_fallback`` for rows that do not fit a 256-element block).
+``tensor_type_fallback`` for rows that do not fit a 256-element block).  Where llama-quantize fails while
+planning (a row length no type fits, a type ggml cannot write) the planner raises, so nothing is done; each
+row also says whether it needs an importance matrix, which the quantizer checks before any work.  COPY plans
+every tensor unchanged and keeps the source's ``general.file_type`` (:attr:`Plan.file_type`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 from ..errors import QuantizeError
-from ..ftypes import LlamaFileType
+from ..ftypes import LlamaFileType, guess_file_type
 from ..types import GGMLType, TYPES, type_info
 from . import mixes as M
 
@@ -47,6 +50,7 @@ class ModelInfo:
     n_head: int = 0  # layer 0's head count
     n_head_kv: int = 0  # layer 0's KV head count (0: same as n_head)
     n_expert: int = 0
+    file_type: Optional[int] = None  # the source's general.file_type (what COPY keeps), None if absent
 
     @property
     def n_gqa(self) -> int:
@@ -75,8 +79,10 @@ class ModelInfo:
             return int(v)
 
         n_head = first("attention.head_count")
+        ftype = metadata.get("general.file_type")
         return cls(arch=arch, n_layer=first("block_count"), n_head=n_head,
-                   n_head_kv=first("attention.head_count_kv", n_head), n_expert=first("expert_count"))
+                   n_head_kv=first("attention.head_count_kv", n_head), n_expert=first("expert_count"),
+                   file_type=None if ftype is None else int(ftype))
 
 
 @dataclass
@@ -119,7 +125,7 @@ class Plan:
     """The plan of a whole model: rows in write order plus what the summary prints."""
 
     mix: str
-    file_type: LlamaFileType
+    file_type: int  # general.file_type of the output (a LlamaFileType, or COPY's guess with the GUESSED bit)
     rows: list
     model: ModelInfo
     n_fallback: int = 0
@@ -179,8 +185,7 @@ def parse_mix(ftype) -> tuple:
             return (key,) + M.MIXES[key]
         if key.isdigit():
             return parse_mix(int(key))
-    raise QuantizeError(f"unknown quantization mix {ftype!r}; valid: {', '.join(M.MIXES)} "
-                        f"(aliases: {', '.join(M.ALIASES)})")
+    raise QuantizeError(f"unknown quantization mix {ftype!r}; valid: {', '.join(M.mix_names())}")
 
 
 _BLK = re.compile(r"blk\.\s*([+-]?\d+)")
@@ -221,48 +226,88 @@ def allows_quantization(name: str, n_dims: int, arch: str, quantize_output: bool
 
 
 def requires_imatrix(name: str, dst: GGMLType, mix: str) -> bool:
-    """tensor_requires_imatrix (for the mixes we support: Q2_K tensors of a Q2_K_S file)."""
+    """tensor_requires_imatrix: the IQ1/IQ2/IQ3_XXS types, and Q2_K in a Q2_K_S file (token_embd/output
+    exempt)."""
     if M.CATEGORY_EXACT.get(name) in ("output", "token_embd"):
         return False
-    return dst in M.IMATRIX_REQUIRED.get(mix, ())
+    return dst in M.IMATRIX_REQUIRED[None] or dst in M.IMATRIX_REQUIRED.get(mix, ())
 
 
 def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
+@dataclass
+class _Tensor:
+    """What the rule predicates look at for one tensor."""
+
+    name: str
+    shape: tuple
+    model: ModelInfo
+    has_imatrix: bool
+    default: GGMLType
+    i: int = 0  # layer (or running count) and its total, see mixes' docstring
+    n: int = 0
+    count: int = 0  # the category's running count
+
+
+# predicate name -> test of (tensor, type chosen so far); the vocabulary of mixes.RULES
+PREDICATES = {
+    "gqa4": lambda t, _c: t.model.n_gqa >= 4,
+    "expert8": lambda t, _c: t.model.n_expert == 8,
+    "expert4": lambda t, _c: t.model.n_expert >= 4,
+    "experts": lambda t, _c: len(t.shape) >= 3 and t.shape[-3] > 1,
+    "falcon": lambda t, _c: t.model.arch == "falcon",
+    "bailingmoe3": lambda t, _c: t.model.arch == "bailingmoe3",
+    "arch_keeps_q8_0": lambda t, _c: any(s in t.name for s in M.KEEP_Q8_0_BY_ARCH.get(t.model.arch, ())),
+    "model70b": lambda t, _c: t.model.is_70b,
+    "imatrix": lambda t, _c: t.has_imatrix,
+    "ragged": lambda t, _c: t.shape[-1] % TYPES[t.default].block_size != 0,
+    "default_q8_0": lambda t, _c: t.default == GGMLType.Q8_0,
+    "more_bits": lambda t, _c: _more_bits(t.i, t.n),
+    "first_8th": lambda t, _c: t.i < t.n // 8,
+    "first_16th": lambda t, _c: t.i < t.n // 16,
+    "last_8th": lambda t, _c: t.i >= 7 * t.n // 8,
+    "count_first_8th": lambda t, _c: t.count < t.n // 8,
+    "i_lt2": lambda t, _c: t.i < 2,
+    "i_lt4": lambda t, _c: t.i < 4,
+    "q3k_or_q4k": lambda _t, c: c in (GGMLType.Q3_K, GGMLType.Q4_K),
+}
+
+
 def _compile(when: str):
-    terms = []
-    for t in when.split("&"):
-        t = t.strip()
-        if t:
-            terms.append((t[1:], False) if t.startswith("!") else (t, True))
-    return terms
+    """``"a & !b | c"`` -> [[(a, True), (b, False)], [(c, True)]] (or of ands); "" always holds."""
+    clauses = []
+    for clause in when.split("|"):
+        terms = []
+        for t in clause.split("&"):
+            t = t.strip()
+            if t:
+                terms.append((t[1:], False) if t.startswith("!") else (t, True))
+        for name, _want in terms:
+            if name not in PREDICATES:
+                raise ValueError(f"mixes: unknown predicate {name!r} in {when!r}")
+        clauses.append(terms)
+    return clauses
 
 
-_RULES = [(cat, frozenset(mixes), _compile(when), t) for cat, mixes, when, t in M.RULES]
-_ADJUST = [(cat, frozenset(mixes), _compile(when), t) for cat, mixes, when, t in M.ADJUST]
+def _compile_rules(rules):
+    out = []
+    for cat, mixes, when, t in rules:
+        cats = None if cat == "*" else frozenset((cat,) if isinstance(cat, str) else cat)
+        out.append((cats, frozenset(mixes), _compile(when), t))
+    return out
 
 
-def _predicates(model: ModelInfo, has_imatrix: bool, ne0: int, default: GGMLType, i: int, n: int):
-    return {
-        "gqa4": lambda _t: model.n_gqa >= 4,
-        "expert8": lambda _t: model.n_expert == 8,
-        "falcon": lambda _t: model.arch == "falcon",
-        "model70b": lambda _t: model.is_70b,
-        "imatrix": lambda _t: has_imatrix,
-        "ragged": lambda _t: ne0 % TYPES[default].block_size != 0,
-        "more_bits": lambda _t: _more_bits(i, n),
-        "first_8th": lambda _t: i < n // 8,
-        "first_16th": lambda _t: i < n // 16,
-        "i_lt2": lambda _t: i < 2,
-        "i_lt4": lambda _t: i < 4,
-        "q3k_or_q4k": lambda t: t in (GGMLType.Q3_K, GGMLType.Q4_K),
-    }
+_RULES = _compile_rules(M.RULES)
+_ADJUST = _compile_rules(M.ADJUST)
 
 
-def _holds(terms, preds, current) -> bool:
-    return all(preds[name](current) == want for name, want in terms)
+def _matches(rule, cat: str, mix: str, tensor: _Tensor, current: GGMLType) -> bool:
+    cats, mixes, clauses, _t = rule
+    if mix not in mixes or (cats is not None and cat not in cats):
+        return False
+    return any(all(PREDICATES[name](tensor, current) == want for name, want in terms) for terms in clauses)
 
 
 def parse_tensor_types(specs) -> list:
@@ -304,8 +349,10 @@ def _fallback(name: str, ne0: int, target: GGMLType, warnings: list) -> tuple:
         return target, False
     ret = info.fallback
     if ret is None:
-        if info.block_size > 32:
-            raise QuantizeError(f"no tensor type fallback is defined for type {info.name} ({name})")
+        if info.block_size > 32:  # Q1_0 (128), NVFP4 (64): llama.cpp throws
+            raise QuantizeError(f"tensor {name}: rows of {ne0} are not a multiple of {info.block_size} "
+                                f"({info.name}'s block) and no tensor type fallback is defined for type "
+                                f"{info.name}")
         ret = target
     msg = (f"warning: {name:<36s} - ncols {ne0:6d} not divisible by {info.block_size:3d} "
            f"(required for type {info.name:>7s}) ")
@@ -331,6 +378,8 @@ def plan_tensors(tensors: Iterable, model: ModelInfo, ftype, *, imatrix: bool = 
 
     ``imatrix``: whether an importance matrix will be used (some rules depend on it).  The other options
     mean what llama-quantize's flags of the same name mean.  Returns a :class:`Plan` in write order.
+    Raises :class:`~gguf_kquant.errors.QuantizeError` where llama-quantize would fail or abort: a row length
+    with no fallback type, a type ggml cannot write, an ffn tensor of a MoE model without a layer number.
     """
     mix, file_type, default = parse_mix(ftype)
     out_type = _user_type(output_tensor_type, "--output-tensor-type")
@@ -344,78 +393,100 @@ def plan_tensors(tensors: Iterable, model: ModelInfo, ftype, *, imatrix: bool = 
             raise QuantizeError(f"duplicate tensor name {name!r}")
         seen.add(name)
         items.append((name, _normalize_shape(shape), type_info(src).ggml_type))
+    if mix in M.ONLY_COPY:  # the output keeps the source's file type (llama_model_loader's ftype)
+        file_type = model.file_type
+        if file_type is None:
+            file_type = guess_file_type(t.name for _n, _s, t in sorted(items, key=lambda it: it[0].encode()))
+        file_type = _as_file_type(file_type)
     if not keep_order:  # --keep-split keeps the source order
         items.sort(key=lambda it: order_key(it[0]))
 
     cats = [category_of(name) for name, _s, _t in items]
-    n_wv = sum(1 for c in cats if c == "attn_v")
-    tied = "output" not in cats
-    counters = {c: 0 for c in M.COUNTED}
-    n_layer = model.n_layer
-    warnings: list = []
-    n_fallback = 0
+    state = _State(n_wv=sum(1 for c in cats if c == "attn_v"), tied="output" not in cats)
     rows = []
     for (name, shape, src), cat in zip(items, cats):
-        ne0 = shape[-1]
-        allowed = allows_quantization(name, len(shape), model.arch, not leave_output_tensor)
+        allowed = mix not in M.ONLY_COPY and allows_quantization(name, len(shape), model.arch,
+                                                                 not leave_output_tensor)
         row = PlanRow(name, shape, src, src, cat, allowed)
         if allowed:
-            rule_cat = "output" if cat == "output" or (tied and cat == "token_embd") else cat
-            new = None
-            if emb_type is not None and cat == "token_embd":
-                new = emb_type
-                if name == "per_layer_token_embd.weight" and any(rx.search(name) for rx, _ in patterns):
-                    new = None
-            if new is None and out_type is not None and cat == "output":
-                new = out_type
-            if new is None:
-                new = default
-                if TYPES[default].is_quantized:
-                    manual = False
-                    for rx, t in patterns:
-                        if rx.search(name):
-                            new, manual = t, True
-                            break
-                    row.manual = manual
-                    if not manual and not pure:
-                        new = _mix_type(name, rule_cat, mix, new, default, model, imatrix, ne0, counters,
-                                        n_wv, n_layer, out_type)
-                    new, fell = _fallback(name, ne0, new, warnings)
-                    row.fallback = fell
-                    n_fallback += fell
-            row.dst_type = new
+            tensor = _Tensor(name, shape, model, bool(imatrix), default)
+            row.dst_type = _tensor_type(row, tensor, mix, state, emb_type, out_type, patterns, pure)
+            if row.convert and row.dst_type in M.NOT_WRITABLE:
+                raise QuantizeError(f"tensor {name}: ggml cannot quantize to type {row.dst_type.name}")
         row.requires_imatrix = requires_imatrix(name, row.dst_type, mix)
         rows.append(row)
-    return Plan(mix=mix, file_type=file_type, rows=rows, model=model, n_fallback=n_fallback, warnings=warnings)
+    return Plan(mix=mix, file_type=file_type, rows=rows, model=model, n_fallback=state.n_fallback,
+                warnings=state.warnings)
 
 
-def _mix_type(name, cat, mix, current, default, model, has_imatrix, ne0, counters, n_wv, n_layer, out_type):
-    """llama_tensor_get_type_impl for one tensor (mutates the running counters)."""
+@dataclass
+class _State:
+    """quantize_state_impl: the running counters the rules read, and the fallback tally."""
+
+    n_wv: int  # n_attention_wv
+    tied: bool  # has_tied_embeddings: no output.weight
+    counters: dict = field(default_factory=lambda: {c: 0 for c in M.COUNTED})
+    n_fallback: int = 0
+    warnings: list = field(default_factory=list)
+
+
+def _tensor_type(row, tensor, mix, state, emb_type, out_type, patterns, pure) -> GGMLType:
+    """llama_tensor_get_type for a tensor that allows quantization."""
+    if emb_type is not None and row.category == "token_embd":
+        # per_layer_token_embd follows --token-embedding-type unless a --tensor-type pattern names it
+        if row.name != "per_layer_token_embd.weight" or not any(rx.search(row.name) for rx, _ in patterns):
+            return emb_type
+    if out_type is not None and row.category == "output":
+        return out_type
+    new = tensor.default
+    if not TYPES[new].is_quantized:
+        return new
+    for rx, t in patterns:
+        if rx.search(row.name):
+            new, row.manual = t, True
+            break
+    if not row.manual and not pure:
+        new = _mix_type(row, tensor, mix, state, out_type)
+    new, row.fallback = _fallback(row.name, row.shape[-1], new, state.warnings)
+    state.n_fallback += row.fallback
+    return new
+
+
+def _as_file_type(v: int) -> int:
+    try:
+        return LlamaFileType(int(v))
+    except ValueError:
+        return int(v)
+
+
+def _mix_type(row, tensor, mix, state, out_type) -> GGMLType:
+    """llama_tensor_get_type_impl for one tensor (advances the running counters)."""
+    cat = "output" if row.category == "output" or (state.tied and row.category == "token_embd") else row.category
     if cat == "output" and out_type is not None:
         return out_type
+    model, name = tensor.model, row.name
     if cat == "attn_v":
-        i, n = counters["attn_v"], n_wv
+        tensor.i, tensor.n = state.counters["attn_v"], state.n_wv
     elif cat in ("ffn_down", "ffn_gate", "ffn_up"):
-        i, n = counters[cat], n_layer
-        if max(1, model.n_expert) > 1:
+        tensor.i = tensor.count = state.counters[cat]
+        tensor.n = model.n_layer
+        if max(1, model.n_expert) > 1 and mix not in M.LAYER_FROM_NAME_EXEMPT:  # layer_info
             layer = _layer_of(name)
             if layer is None:
                 raise QuantizeError(f"Failed to determine layer for tensor {name}")
-            if not 0 <= layer < n_layer:
-                raise QuantizeError(f"Bad layer {layer} for tensor {name}. Must be in [0, {n_layer})")
-            i = layer
-    else:
-        i, n = 0, 0
-    preds = _predicates(model, has_imatrix, ne0, default, i, n)
-    for rcat, mixes, terms, t in _RULES:
-        if rcat == cat and mix in mixes and _holds(terms, preds, current):
-            current = t
+            if not 0 <= layer < model.n_layer:
+                raise QuantizeError(f"Bad layer {layer} for tensor {name}. Must be in [0, {model.n_layer})")
+            tensor.i = layer
+    current = tensor.default
+    for rule in _RULES:
+        if _matches(rule, cat, mix, tensor, current):
+            current = rule[3]
             break
-    for rcat, mixes, terms, t in _ADJUST:
-        if rcat == cat and mix in mixes and _holds(terms, preds, current):
-            current = t
-    if cat in counters:
-        counters[cat] += 1
+    for rule in _ADJUST:
+        if _matches(rule, cat, mix, tensor, current):
+            current = rule[3]
+    if cat in state.counters:
+        state.counters[cat] += 1
     return current
 
 
