@@ -24,7 +24,8 @@
    the signal takes its normal course: SIGINT raises ``KeyboardInterrupt`` (the CLI exits 130), SIGTERM
    and SIGHUP with their default action kill the process with status 128 + signum.  During the renames and
    the clean-up a signal is held back until they are finished.  Handlers are installed only in the main
-   thread (Python allows no other) and a signal that is ignored (``nohup``) stays ignored.
+   thread (Python allows no other) and a signal that is ignored (``nohup``) stays ignored.  SIGXFSZ is
+   ignored while writing, so a file-size limit (``ulimit -f``) is an EFBIG error naming the file.
 
 What POSIX cannot make atomic, and how it is kept small:
 
@@ -177,6 +178,10 @@ class _SignalGuard:
                 continue  # set from C (unknown to Python, cannot be restored) or ignored on purpose (nohup)
             self.previous[s] = prev
             signal.signal(s, self._handler)
+        if hasattr(signal, "SIGXFSZ") and signal.getsignal(signal.SIGXFSZ) == signal.SIG_DFL:
+            # beyond RLIMIT_FSIZE, SIGXFSZ's default action kills the process; ignored, write() fails with
+            # EFBIG and the temps are cleaned up (Python ignores it already unless embedded)
+            self.previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     def restore(self) -> None:
         for s, prev in self.previous.items():

@@ -70,7 +70,9 @@ elif cfg["point"] == "commit":
     os.replace = replace_then_signal
 
 if cfg["op"] == "write":
+    import signal
     import gguf_kquant
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # as in a program that embeds Python: the library ignores it
     try:
         with gguf_kquant.open(cfg["src"]) as f:
             gguf_kquant.write(cfg["dst"], f.metadata, f.tensors, split_max_tensors=cfg["split"])
