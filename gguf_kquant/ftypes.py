@@ -85,8 +85,12 @@ def guess_file_type(type_names) -> int:
 
 
 def file_type_name(value) -> str:
-    """``general.file_type`` value -> name (``15`` -> ``"MOSTLY_Q4_K_M"``); unknown ids -> ``"UNKNOWN(<id>)"``."""
+    """``general.file_type`` value -> name (``15`` -> ``"MOSTLY_Q4_K_M"``, ``1025`` -> ``"MOSTLY_F16 (guessed)"``);
+    unknown ids -> ``"UNKNOWN(<id>)"``."""
     try:
-        return LlamaFileType(int(value)).name
+        v = int(value)
+        if v & LlamaFileType.GUESSED and v != LlamaFileType.GUESSED:
+            return f"{LlamaFileType(v & ~LlamaFileType.GUESSED).name} (guessed)"
+        return LlamaFileType(v).name
     except (ValueError, TypeError):
         return f"UNKNOWN({value})"

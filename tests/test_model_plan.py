@@ -154,8 +154,14 @@ def test_type_options_accept_every_type(models, model):
         try:
             plan = plan_model(models[model], "Q4_K_M", tensor_types=[f"ATTN_(Q|OUTPUT)={t.name.lower()}"],
                               output_tensor_type=out_t.name, token_embedding_type=emb_t.name.lower())
-        except QuantizeError:
-            assert theirs is None, t.name
+        except QuantizeError as exc:
+            if "not a multiple" in str(exc) and theirs is not None:
+                # llama.cpp's dry run passes; its real run would write a file llama.cpp cannot load
+                with gguf_kquant.open(models[model]) as f:
+                    ne0 = {x.name: x.shape[-1] for x in f.tensors}
+                assert any(ne0[n] % TYPES[T[tn]].block_size for n, tn in theirs), t.name
+            else:
+                assert theirs is None, t.name
             continue
         assert [(r.name, r.dst_type.name) for r in plan.rows] == theirs, t.name
 
@@ -165,6 +171,10 @@ def test_types_ggml_cannot_write_are_refused_before_work():
     for t in ("Q8_1", "Q8_K", "I32", "F64"):
         with pytest.raises(QuantizeError, match=f"attn_q.*{t}"):
             plan_tensors(rows, ModelInfo("llama", 1, 8, 8), "Q4_K_M", tensor_types=[f"attn_q={t}"])
+    # no fallback applies to --output-tensor-type: a type that does not fit the rows is refused
+    rows = [("token_embd.weight", (64, 320), "F32"), ("output.weight", (64, 320), "F32")]
+    with pytest.raises(QuantizeError, match="output.weight: rows of 320 .* 256, the block size of Q4_K"):
+        plan_tensors(rows, ModelInfo("llama", 1, 8, 8), "Q8_0", output_tensor_type="q4_k")
 
 
 def test_plan_with_imatrix_changes_q4_0_ffn_down(models, imatrices, tmp_path):
@@ -282,3 +292,14 @@ def test_cli_dry_run_takes_new_mixes_and_any_type(models, tmp_path, capsys):
         assert re.search(rf"\] {re.escape(name)} .*-> {t}\b|\] {re.escape(name)} .*, +{t} ", text), (name, t)
     assert "will require an imatrix" in text
     assert main(argv + ["-q"]) == 1 and not (tmp_path / "o.gguf").exists()
+
+
+def test_guessed_file_type_and_its_name():
+    from gguf_kquant.ftypes import file_type_name, guess_file_type
+
+    # llama_model_loader: the type that first reaches the highest count, in name order
+    assert guess_file_type(["F32", "F16", "F16", "F32"]) == 1024 + 1
+    assert guess_file_type(["Q4_K", "Q6_K", "Q6_K", "Q4_K"]) == 1024 + 18  # Q6_K reached 2 first
+    assert guess_file_type(["Q4_K", "Q6_K", "Q6_K", "F32", "F32", "F32"]) == 1024 + 0
+    assert guess_file_type(["Q3_K", "Q3_K"]) == 1024 + 12 and guess_file_type(["I32"]) == 1024  # unknown: F32
+    assert file_type_name(1025) == "MOSTLY_F16 (guessed)" and file_type_name(38) == "MOSTLY_MXFP4_MOE"

@@ -411,12 +411,24 @@ def plan_tensors(tensors: Iterable, model: ModelInfo, ftype, *, imatrix: bool = 
         if allowed:
             tensor = _Tensor(name, shape, model, bool(imatrix), default)
             row.dst_type = _tensor_type(row, tensor, mix, state, emb_type, out_type, patterns, pure)
-            if row.convert and row.dst_type in M.NOT_WRITABLE:
-                raise QuantizeError(f"tensor {name}: ggml cannot quantize to type {row.dst_type.name}")
+            if row.convert:
+                _check_writable(row)
         row.requires_imatrix = requires_imatrix(name, row.dst_type, mix)
         rows.append(row)
     return Plan(mix=mix, file_type=file_type, rows=rows, model=model, n_fallback=state.n_fallback,
                 warnings=state.warnings)
+
+
+def _check_writable(row: PlanRow) -> None:
+    """Types ggml cannot produce (llama-quantize aborts), and --output-tensor-type/--token-embedding-type
+    types that do not fit the rows (no fallback applies to them: llama-quantize writes a file llama.cpp
+    cannot load)."""
+    info = TYPES[row.dst_type]
+    if row.dst_type in M.NOT_WRITABLE:
+        raise QuantizeError(f"tensor {row.name}: ggml cannot quantize to type {info.name}")
+    if row.shape[-1] % info.block_size:
+        raise QuantizeError(f"tensor {row.name}: rows of {row.shape[-1]} are not a multiple of {info.block_size}, "
+                            f"the block size of {info.name}")
 
 
 @dataclass
