@@ -348,3 +348,115 @@ def test_numba_cache_falls_back_when_install_and_home_are_read_only(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         cache = Path(proc.stdout.split("CACHE ", 1)[1].strip())
         assert cache.parent == tmp_path / "tmp" and any(cache.rglob("*.nbi")), cache
+
+
+# ------------------------------------------------------------------------------------------------------
+# properties: generated hostile GGUF headers and checkpoint JSON
+# ------------------------------------------------------------------------------------------------------
+import struct  # noqa: E402
+import tracemalloc  # noqa: E402
+
+from test_reader_hostile import enc_str, exercise  # noqa: E402
+
+from gguf_kquant.container.reader import HEADER_MEMORY_FACTOR, HEADER_MEMORY_MIN  # noqa: E402
+from gguf_kquant.container.values import GGUFValueType as VT  # noqa: E402
+
+_LIES = st.sampled_from([0, 1, 2, 3, 7, 64, 65, 255, 2**16, 2**30, 2**30 + 1, 2**31, 2**32, 2**62, 2**63, 2**64 - 1])
+_SCALARS = {VT.UINT8: "B", VT.INT8: "b", VT.UINT16: "H", VT.INT16: "h", VT.UINT32: "I", VT.INT32: "i",
+            VT.FLOAT32: "f", VT.BOOL: "B", VT.UINT64: "Q", VT.INT64: "q", VT.FLOAT64: "d"}
+
+
+@st.composite
+def _value_bytes(draw, depth=0):
+    """Type tag + value bytes; counts and lengths are sometimes honest, sometimes lies."""
+    vt = draw(st.sampled_from(list(range(14))))  # 13 is invalid
+    out = struct.pack("<I", vt)
+    if vt in _SCALARS:
+        return out + draw(st.binary(min_size=struct.calcsize(_SCALARS[VT(vt)]),
+                                    max_size=struct.calcsize(_SCALARS[VT(vt)])))
+    if vt == VT.STRING:
+        s = draw(st.binary(max_size=12))
+        n = draw(st.one_of(st.just(len(s)), _LIES))
+        return out + struct.pack("<Q", n) + s
+    if vt == VT.ARRAY:
+        et = draw(st.sampled_from(list(range(14))))
+        count = draw(st.integers(0, 5))
+        n = draw(st.one_of(st.just(count), _LIES))
+        head = out + struct.pack("<IQ", et, n)
+        if et == VT.ARRAY and depth < 18:
+            return head + b"".join(draw(_value_bytes(depth + 1))[4:] for _ in range(count))
+        return head + draw(st.binary(max_size=8 * count + 8))
+    return out + draw(st.binary(max_size=8))
+
+
+@st.composite
+def hostile_headers(draw) -> bytes:
+    kvs = [enc_str(draw(st.binary(max_size=6))) + draw(_value_bytes()) for _ in range(draw(st.integers(0, 6)))]
+    tensors = []
+    for _ in range(draw(st.integers(0, 4))):
+        n_dims = draw(st.one_of(st.integers(0, 4), _LIES.map(lambda v: v & 0xFFFFFFFF)))
+        dims = [draw(st.one_of(st.integers(-2, 70), _LIES.map(lambda v: v & (2**63 - 1))))
+                for _ in range(min(n_dims, 5))]
+        type_id = draw(st.one_of(st.integers(-1, 45), st.sampled_from([1023, 1024, 2**31 - 1])))
+        tensors.append(enc_str(draw(st.binary(max_size=8))) + struct.pack("<I", n_dims & 0xFFFFFFFF)
+                       + struct.pack(f"<{len(dims)}q", *dims) + struct.pack("<i", type_id)
+                       + struct.pack("<Q", draw(st.one_of(st.integers(0, 256), _LIES))))
+    n_t = draw(st.one_of(st.just(len(tensors)), _LIES.map(lambda v: v - 2**63 if v >= 2**63 else v)))
+    n_kv = draw(st.one_of(st.just(len(kvs)), _LIES.map(lambda v: v - 2**63 if v >= 2**63 else v)))
+    version = draw(st.sampled_from([3, 2, 1, 0x03000000, 4]))
+    data = b"GGUF" + struct.pack("<Iqq", version, n_t, n_kv) + b"".join(kvs) + b"".join(tensors)
+    return data + draw(st.binary(max_size=200))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=hostile_headers())
+def test_generated_hostile_headers(tmp_path_factory, data):
+    """Open and touch everything: a GGUFError naming the file or success, within 1 s and the memory budget."""
+    path = tmp_path_factory.mktemp("h", numbered=True) / "h.gguf"
+    path.write_bytes(data)
+    tracemalloc.start()
+    try:
+        exercise(path)  # asserts: GGUFError with the path in the message, or none; < 1 s
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < max(HEADER_MEMORY_MIN, HEADER_MEMORY_FACTOR * len(data)), peak
+
+
+_JSON_HOSTILE = st.one_of(
+    st.none(), st.booleans(), st.integers(-2, 3), st.sampled_from([10**6, 2**31, 2**63, 10**30, -(10**30)]),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5), st.sampled_from(["64", "1e-5", ""]),
+    st.lists(st.integers(0, 5), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+_CONFIG_KEYS = ["architectures", "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                "num_key_value_heads", "vocab_size", "head_dim", "max_position_embeddings", "rms_norm_eps",
+                "rope_parameters", "rope_scaling", "rope_theta", "text_config", "tie_word_embeddings", "is_causal"]
+_TOKENIZER_PATHS = [("model",), ("model", "vocab"), ("model", "merges"), ("model", "type"), ("added_tokens",),
+                    ("added_tokens", 0), ("added_tokens", 0, "id"), ("added_tokens", 0, "content"),
+                    ("pre_tokenizer",), ("pre_tokenizer", "pretokenizers"), ("post_processor",), ("decoder",),
+                    ("normalizer",)]
+
+
+def _put(doc, path, value):
+    for k in path[:-1]:
+        doc = doc[k]
+    doc[path[-1]] = value
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_generated_hostile_checkpoint_json(tiny_llama, tmp_path, data):
+    """Any value at any key the converters read: converts, or a GGUFError naming a checkpoint file."""
+    d = _copy(tiny_llama, tmp_path / "m")
+    which = data.draw(st.sampled_from(["config.json", "tokenizer.json", "tokenizer_config.json"]))
+    value = data.draw(_JSON_HOSTILE)
+    if which == "config.json":
+        _edit(d / which, _set(data.draw(st.sampled_from(_CONFIG_KEYS)), value))
+    elif which == "tokenizer.json":
+        _edit(d / which, lambda doc: _put(doc, data.draw(st.sampled_from(_TOKENIZER_PATHS)), value))
+    else:
+        key = data.draw(st.sampled_from(["add_prefix_space", "added_tokens_decoder", "bos_token", "eos_token",
+                                         "tokenizer_class", "chat_template", "add_bos_token"]))
+        _edit(d / which, _set(key, value))
+    _convert(d, tmp_path / "out.gguf")

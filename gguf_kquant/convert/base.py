@@ -61,13 +61,19 @@ def load_config(model_dir: Path) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.exists() and not path.is_symlink():
         raise ConversionError(f"{model_dir}: no config.json (is this a Hugging Face model directory?)")
-    cfg = read_json(path)
-    if "text_config" in cfg and cfg["text_config"] is not None:
+    cfg = _drop_nulls(read_json(path))
+    if "text_config" in cfg:
         if not isinstance(cfg["text_config"], dict):
             raise ConversionError(f"{path}: key 'text_config' must be an object, not {cfg['text_config']!r:.40}")
         cfg = {**cfg, **cfg["text_config"]}
     check_hparams(path, cfg)
     return cfg
+
+
+def _drop_nulls(h: dict) -> dict:
+    """``"head_dim": null`` means "not set" to transformers: drop such keys (also in nested objects) so that
+    ``h.get(key, default)`` gives the default."""
+    return {k: _drop_nulls(v) if isinstance(v, dict) else v for k, v in h.items() if v is not None}
 
 
 def check_hparams(path: Path, h: dict, where: str = "") -> None:
