@@ -72,6 +72,10 @@ class FileChangedError(GGUFIOError):
     """A file being read shrank or was replaced while it was open (its mapped bytes are gone)."""
 
 
+class MetadataTypeError(GGUFError):
+    """A metadata key llama.cpp reads with a fixed type holds another (``block_count`` as a STRING...)."""
+
+
 class InvalidArgumentError(GGUFError):
     """An argument of the wrong type or out of range: ``threads=0``, ``split_max_tensors="abc"``..."""
 

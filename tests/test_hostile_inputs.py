@@ -460,3 +460,35 @@ def test_generated_hostile_checkpoint_json(tiny_llama, tmp_path, data):
                                          "tokenizer_class", "chat_template", "add_bos_token"]))
         _edit(d / which, _set(key, value))
     _convert(d, tmp_path / "out.gguf")
+
+
+# ------------------------------------------------------------------------------------------------------
+# hyper-parameters of the wrong GGUF type (issue 9, item 6): read like llama.cpp's GGUFMeta::GKV<uint32_t>
+# ------------------------------------------------------------------------------------------------------
+from gguf_kquant.container.values import Value, uint32_key  # noqa: E402
+from gguf_kquant.errors import MetadataTypeError  # noqa: E402
+
+
+@pytest.mark.parametrize("value,per_layer,result", [
+    (32, False, 32),
+    (Value(32, VT.UINT32), False, 32),
+    (Value([8, 8, 4], VT.ARRAY, VT.INT32), True, 8),
+    ("32", False, "must be UINT32, not STRING"),
+    (Value(32, VT.INT32), False, "must be UINT32, not INT32"),
+    (1.5, False, "must be UINT32, not FLOAT32"),
+    (Value([8], VT.ARRAY, VT.INT32), False, "must be UINT32, not ARRAY of INT32"),
+    (Value([], VT.ARRAY, VT.UINT32), True, "not an empty array"),
+    (Value([-1], VT.ARRAY, VT.INT32), True, "not negative values"),
+    (["a"], True, "not ARRAY of STRING"),
+])
+def test_uint32_hyper_parameters_are_type_checked(tmp_path, value, per_layer, result):
+    p = tmp_path / "m.gguf"
+    gguf_kquant.write(p, {"general.architecture": "llama", "llama.block_count": value}, {}, fsync=False)
+    with gguf_kquant.open(p) as f:
+        if isinstance(result, int):
+            assert uint32_key(f.metadata, "llama.block_count", per_layer=per_layer) == result
+        else:
+            with pytest.raises(MetadataTypeError, match=result) as info:
+                uint32_key(f.metadata, "llama.block_count", per_layer=per_layer, where=str(p))
+            assert str(info.value).startswith(f"{p}: metadata key llama.block_count must be")
+        assert uint32_key(f.metadata, "llama.missing", 7) == 7

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import WriteError
+from ..errors import MetadataTypeError, WriteError
 
 MAX_ARRAY_NESTING = 16  # arrays of arrays nest at most this deep (ours: ggml has no arrays of arrays at all)
 
@@ -246,3 +246,35 @@ def _metadata_from_typed(pairs) -> Metadata:
     for k, typed in pairs:
         m.set_typed(k, typed, plain(typed))
     return m
+
+
+_INT_ELEMENTS = ("UINT32", "INT32")
+
+
+def uint32_key(metadata, key: str, default: Optional[int] = None, *, per_layer: bool = False,
+               where: str = "") -> Optional[int]:
+    """``metadata[key]`` read the way llama.cpp's model loader reads a u32 hyper-parameter.
+
+    ``GGUFMeta::GKV<uint32_t>`` throws unless the value is a UINT32; with ``per_layer`` (``get_key_or_arr``,
+    e.g. ``attention.head_count`` of hybrid models) an ARRAY of UINT32/INT32 is accepted too and its first
+    element returned (llama.cpp's ``n_gqa()`` looks at layer 0).  Anything else raises
+    :class:`~gguf_kquant.errors.MetadataTypeError` naming the key; an absent key gives ``default``.
+
+    >>> uint32_key(f.metadata, "llama.block_count")                        # doctest: +SKIP
+    32
+    """
+    if key not in metadata:
+        return default
+    typed = metadata.typed(key) if hasattr(metadata, "typed") else to_value(metadata[key], key)
+    prefix = f"{where}: " if where else ""
+    if typed.type == GGUFValueType.UINT32:
+        return int(typed.value)
+    if per_layer and typed.type == GGUFValueType.ARRAY and typed.element_type.name in _INT_ELEMENTS:
+        items = list(typed.value)
+        if items and all(0 <= int(v) < 2**32 for v in items):
+            return int(items[0])
+        got = "an empty array" if not items else "negative values"
+    else:
+        got = typed.type.name + (f" of {typed.element_type.name}" if typed.element_type is not None else "")
+    want = "UINT32" + (" or an ARRAY of UINT32/INT32 (one per layer)" if per_layer else "")
+    raise MetadataTypeError(f"{prefix}metadata key {key} must be {want}, not {got}")
