@@ -31,6 +31,20 @@ Validation (at least as strict as ggml's ``gguf_init_from_file_impl``; every vio
   (int64 / size_t, computed with Python ints so nothing wraps); ``ne0`` a multiple of the type's block size;
 * each tensor's offset equal to the running sum of the padded sizes of the tensors before it (ggml requires
   exactly that: aligned, in order, no gap, no overlap), and its data inside the file.
+* the parsed header may take at most ``max(64 MiB, 8 x the file size)`` of memory (each key, tensor, array
+  and string is charged before it is built), so a small file of millions of tiny entries is refused with
+  :class:`~gguf_kquant.errors.LimitExceededError` instead of taking gigabytes (:data:`HEADER_MEMORY_MIN`,
+  :data:`HEADER_MEMORY_FACTOR`); long string arrays decoded lazily are charged nothing until accessed.
+
+Inputs that are not files, or change: a FIFO, directory, socket or device is refused when opened, without
+blocking (:class:`~gguf_kquant.errors.GGUFIOError`, which is also an ``OSError`` with the errno).  Reading
+through a memory map a file that another program truncated raises SIGBUS, which no Python code can catch; so
+``numpy()``, ``read()`` and ``chunks()`` read tensor bytes with ``pread`` (a short read raises
+:class:`~gguf_kquant.errors.FileChangedError`), and ``raw()``, lazily decoded metadata and ``peek`` check the
+file's size with ``fstat`` before touching the map.  What remains: a ``raw()`` view still being read when the
+file is truncated, and a truncation during ``open()``'s own header parse (a window of milliseconds), can
+still raise SIGBUS — use ``chunks()`` to copy tensors from files that may change.  A file *replaced* (renamed
+over) while open is safe: the open descriptor and map keep the old contents.
 
 Tensor type ids: ids ggml removed (4, 5, 31-33, 36-38) and negative ids are rejected like ggml does.  An id
 above the last one we know (42) — a type newer than this library — is *listed* (``ggml_type`` is then the

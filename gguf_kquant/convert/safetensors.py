@@ -41,7 +41,7 @@ DTYPES = {
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
-MAX_JSON_BYTES = 1 << 30  # config/tokenizer JSON files: the largest tokenizer.json known is ~30 MB
+MAX_JSON_BYTES = 256 << 20  # config/tokenizer JSON files: the largest tokenizer.json known is ~35 MB
 
 
 def read_file(path: Path, limit: int, what: str = "file") -> bytes:
