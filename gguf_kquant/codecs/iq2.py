@@ -69,7 +69,7 @@ S_SIGNS = S_QS + QK_K // 8  # y->qs + QK_K/8: the sign bytes follow the 32 grid-
 # --------------------------------------------------------------------------------------------------------
 # shared pieces of the three quantizers
 # --------------------------------------------------------------------------------------------------------
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")  # inlined: numba then drops the per-call refcounting
 def iq2_find_best_neighbour(tables, start, xval, o, waux, scale, L, terms):
     """ggml's iq2_find_best_neighbour: of the record at ``neighbours[start]``, the grid point nearest to
     ``xval[o:o+8]`` at ``scale`` under weights ``waux`` (first strictly best wins); writes its lattice
@@ -119,16 +119,32 @@ def _trial_group(xval, o, idv, L):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _snap_group(xval, o, idv, scale, L, waux, tables, terms):
-    """Round group ``o`` at 1/``idv``, then move it onto the grid if it is off.
-    Returns 1 if it was on the grid, 0 if moved, -1 if no neighbour fits (ggml aborts)."""
-    u = _trial_group(xval, o, idv, L)
-    gi = tables[2][u]
-    if gi >= 0:
+def _round_trial(xval, ngroups, idv, scale, Laux, waux, tables, terms, prev, on_grid):
+    """ggml's inner loop for one trial scale: round each group of 8 at 1/``idv`` into ``Laux`` and move a group
+    that is off the grid to its best neighbour at ``scale``; ``on_grid[k]``: group k needed no move.
+
+    Returns -1 where ggml aborts (no neighbour fits), 0 when every group is on the grid with the same codes as
+    the previous such trial (``prev``) — its sums, hence the search state, would not change, so the caller
+    skips it — and 1 otherwise.  Only on-grid repeats are skipped: a moved group depends on ``scale``.
+    """
+    kmap = tables[2]
+    all_on = True
+    same = True
+    for k in range(ngroups):
+        u = _trial_group(xval, 8 * k, idv, Laux)
+        gi = kmap[u]
+        on_grid[k] = gi >= 0
+        if gi < 0:
+            all_on = False
+            if iq2_find_best_neighbour(tables, -gi - 1, xval, 8 * k, waux, scale, Laux, terms) < 0:
+                return -1
+        same = same and u == prev[k]
+        prev[k] = u
+    if not all_on:
+        for k in range(ngroups):
+            prev[k] = -1
         return 1
-    if iq2_find_best_neighbour(tables, -gi - 1, xval, o, waux, scale, L, terms) < 0:
-        return -1
-    return 0
+    return 0 if same else 1
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -197,7 +213,7 @@ def _sub_block_weights(x, xo, qw, qo, has_qw, sigma2, n, weight, waux, xb):
         waux[i] = np.sqrt(weight[i])
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _sumx2(x, xo):
     s = _F(0.0)
     for i in range(QK_K):
@@ -210,7 +226,7 @@ def _sumx2(x, xo):
 # --------------------------------------------------------------------------------------------------------
 @njit(cache=True, nogil=True, error_model="numpy")
 def quantize_block_iq2_xxs(x, xo, qw, qo, out, oo, tables, terms,
-                           scales, weight, xval, xb, L, Laux, Lq, waux, block_signs, q2):
+                           scales, weight, xval, xb, L, Laux, Lq, waux, block_signs, q2, prev, on_grid):
     """One super-block of ``quantize_row_iq2_xxs_impl``; returns False where ggml aborts."""
     kMaxQ = 3
     for i in range(16):
@@ -235,12 +251,16 @@ def quantize_block_iq2_xxs(x, xo, qw, qo, out, oo, tables, terms,
             scales[ib] = 0
             continue
         best = _F(0.0)
+        for k in range(4):
+            prev[k] = -1
         for is_ in range(-6, 7):
             idv = (_F(2 * kMaxQ - 1) + _F(is_) * _F(0.1)) / eff_max
             this_scale = _F(1.0) / idv
-            for k in range(4):
-                if _snap_group(xval, 8 * k, idv, this_scale, Laux, waux, tables, terms) < 0:
-                    return False  # GGML_ASSERT(grid_index >= 0)
+            status = _round_trial(xval, 4, idv, this_scale, Laux, waux, tables, terms, prev, on_grid)
+            if status < 0:
+                return False  # GGML_ASSERT(grid_index >= 0)
+            if status == 0:
+                continue
             sumqx, sumq2 = _fit(weight, xval, Laux, 32)
             if sumq2 > _F(0.0) and sumqx * sumqx > best * sumq2:
                 scale = sumqx / sumq2
@@ -309,33 +329,37 @@ def _quantize_iq2_xxs(x, qw, out, tables, ok):
         block_signs = np.empty(4, np.int64)
         q2 = np.empty(16, np.uint32)
         terms = np.empty(32, np.float32)
+        prev = np.empty(4, np.int64)
+        on_grid = np.empty(4, np.bool_)
         xr = x[r]
         outr = out[r]
         for ibl in range(nb):
             ok[r, ibl] = quantize_block_iq2_xxs(xr, QK_K * ibl, qw, QK_K * ibl, outr, XXS_BYTES * ibl,
                                                 tables, terms, scales, weight, xval, xb, L, Laux,
-                                                Lq, waux, block_signs, q2)
+                                                Lq, waux, block_signs, q2, prev, on_grid)
 
 
 # --------------------------------------------------------------------------------------------------------
 # IQ2_XS and IQ2_S: quantize_row_iq2_xs_impl / quantize_row_iq2_s_impl (one search, two packings)
 # --------------------------------------------------------------------------------------------------------
-@njit(cache=True, nogil=True, error_model="numpy")
-def _search_sub_block_16(xval, weight, waux, L, Laux, on_grid, on_grid_aux, vmax, tables, terms):
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _search_sub_block_16(xval, weight, waux, L, Laux, on_grid, on_grid_aux, prev, vmax, tables, terms):
     """The scale search of the XS/S quantizers for one sub-block of 16; returns (scale, ok)."""
     kMaxQ = 3
     best = _F(0.0)
     scale = vmax / _F(2 * kMaxQ - 1)
     on_grid[0] = True
     on_grid[1] = True
+    prev[0] = -1
+    prev[1] = -1
     for is_ in range(-9, 10):
         idv = (_F(2 * kMaxQ - 1) + _F(is_) * _F(0.1)) / vmax
         this_scale = _F(1.0) / idv
-        for k in range(2):
-            snapped = _snap_group(xval, 8 * k, idv, this_scale, Laux, waux, tables, terms)
-            if snapped < 0:
-                return scale, False  # GGML_ASSERT(grid_index >= 0)
-            on_grid_aux[k] = snapped == 1
+        status = _round_trial(xval, 2, idv, this_scale, Laux, waux, tables, terms, prev, on_grid_aux)
+        if status < 0:
+            return scale, False  # GGML_ASSERT(grid_index >= 0)
+        if status == 0:
+            continue
         sumqx, sumq2 = _fit(weight, xval, Laux, 16)
         if sumq2 > _F(0.0) and sumqx * sumqx > best * sumq2:
             scale = sumqx / sumq2
@@ -362,7 +386,7 @@ def _search_sub_block_16(xval, weight, waux, L, Laux, on_grid, on_grid_aux, vmax
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def quantize_block_iq2_xs(x, xo, qw, qo, out, oo, tables, terms,
-                          scales, weight, xval, xb, L, Laux, waux, block_signs, q2, on_grid, on_grid_aux):
+                          scales, weight, xval, xb, L, Laux, waux, block_signs, q2, on_grid, on_grid_aux, prev):
     """One super-block of ``quantize_row_iq2_xs_impl``; returns False where ggml aborts."""
     for i in range(32):
         q2[i] = 0
@@ -380,7 +404,7 @@ def quantize_block_iq2_xs(x, xo, qw, qo, out, oo, tables, terms,
         if vmax < GROUP_MAX_EPS:
             scales[ib] = 0
             continue
-        scale, ok = _search_sub_block_16(xval, weight, waux, L, Laux, on_grid, on_grid_aux, vmax,
+        scale, ok = _search_sub_block_16(xval, weight, waux, L, Laux, on_grid, on_grid_aux, prev, vmax,
                                          tables, terms)
         if not ok:
             return False
@@ -417,7 +441,7 @@ def quantize_block_iq2_xs(x, xo, qw, qo, out, oo, tables, terms,
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def quantize_block_iq2_s(x, xo, qw, qo, has_qw, out, oo, tables, terms,
-                         scales, weight, xval, xb, L, Laux, waux, block_signs, on_grid, on_grid_aux):
+                         scales, weight, xval, xb, L, Laux, waux, block_signs, on_grid, on_grid_aux, prev):
     """One super-block of ``quantize_row_iq2_s_impl`` (``has_qw`` False: quant_weights == NULL)."""
     for i in range(S_BYTES):
         out[oo + i] = 0
@@ -443,7 +467,7 @@ def quantize_block_iq2_s(x, xo, qw, qo, has_qw, out, oo, tables, terms,
         if vmax < GROUP_MAX_EPS_IQ2_S:
             scales[ib] = 0
             continue
-        scale, ok = _search_sub_block_16(xval, weight, waux, L, Laux, on_grid, on_grid_aux, vmax,
+        scale, ok = _search_sub_block_16(xval, weight, waux, L, Laux, on_grid, on_grid_aux, prev, vmax,
                                          tables, terms)
         if not ok:
             return False
@@ -491,13 +515,14 @@ def _quantize_iq2_xs(x, qw, out, tables, ok):
         q2 = np.empty(32, np.uint16)
         on_grid = np.empty(2, np.bool_)
         on_grid_aux = np.empty(2, np.bool_)
+        prev = np.empty(2, np.int64)
         terms = np.empty(32, np.float32)
         xr = x[r]
         outr = out[r]
         for ibl in range(nb):
             ok[r, ibl] = quantize_block_iq2_xs(xr, QK_K * ibl, qw, QK_K * ibl, outr, XS_BYTES * ibl,
                                                tables, terms, scales, weight, xval, xb, L, Laux,
-                                               waux, block_signs, q2, on_grid, on_grid_aux)
+                                               waux, block_signs, q2, on_grid, on_grid_aux, prev)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -514,13 +539,14 @@ def _quantize_iq2_s(x, qw, has_qw, out, tables, ok):
         block_signs = np.empty(2, np.int64)
         on_grid = np.empty(2, np.bool_)
         on_grid_aux = np.empty(2, np.bool_)
+        prev = np.empty(2, np.int64)
         terms = np.empty(32, np.float32)
         xr = x[r]
         outr = out[r]
         for ibl in range(nb):
             ok[r, ibl] = quantize_block_iq2_s(xr, QK_K * ibl, qw, QK_K * ibl, has_qw, outr, S_BYTES * ibl,
                                               tables, terms, scales, weight, xval, xb, L, Laux,
-                                              waux, block_signs, on_grid, on_grid_aux)
+                                              waux, block_signs, on_grid, on_grid_aux, prev)
 
 
 # --------------------------------------------------------------------------------------------------------
