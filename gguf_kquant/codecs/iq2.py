@@ -20,9 +20,12 @@ Float evaluation follows the C exactly: float32, left to right, no FMA (``w*xval
 registered function raises :class:`~gguf_kquant.errors.QuantizeError`.
 
 Kernels take the search tables as one tuple argument (``_search_tables``: the grid points' lattice
-coordinates, their packed term positions, kmap, neighbours).  One exact speed-up: the neighbour search
-computes its 24 possible ``w*diff*diff`` terms once and adds 8 of them per neighbour, in C's order (see
-:func:`iq2_find_best_neighbour`).
+coordinates, their packed term positions, kmap, neighbours).  Exact speed-ups (same bytes, less work):
+
+* the neighbour search computes its 24 possible ``w*diff*diff`` terms once and adds 8 of them per neighbour,
+  in C's order (see :func:`iq2_find_best_neighbour`);
+* a trial scale whose groups all land on the grid with the same codes as the previous such trial has the
+  same sums, so it cannot change the search state: skipped (see :func:`_round_trial`).
 
 Layouts (little-endian):
 
