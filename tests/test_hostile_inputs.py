@@ -492,3 +492,43 @@ def test_uint32_hyper_parameters_are_type_checked(tmp_path, value, per_layer, re
                 uint32_key(f.metadata, "llama.block_count", per_layer=per_layer, where=str(p))
             assert str(info.value).startswith(f"{p}: metadata key llama.block_count must be")
         assert uint32_key(f.metadata, "llama.missing", 7) == 7
+
+
+# ------------------------------------------------------------------------------------------------------
+# hostile safetensors headers
+# ------------------------------------------------------------------------------------------------------
+def _safetensors(path: Path, header, data: bytes = b"", raw: bytes | None = None) -> Path:
+    body = raw if raw is not None else json.dumps(header).encode()
+    path.write_bytes(len(body).to_bytes(8, "little") + body + data)
+    return path
+
+
+@pytest.mark.parametrize("header,raw,frag", [
+    ({"t": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, None, "bytes for shape"),
+    ({"t": {"dtype": "F32", "shape": [2**62, 4], "data_offsets": [0, 0]}}, None, "bytes for shape"),
+    ({"t": {"dtype": "F32", "shape": ["4"], "data_offsets": [0, 16]}}, None, "bad shape"),
+    ({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 10**30]}}, None, "data ends at offset"),
+    ({"t": [1, 2]}, None, "header entry is not an object"),
+    ({"__metadata__": [1]}, None, "__metadata__ is not a JSON object"),
+    (None, b"[" * 200_000 + b"]" * 200_000, "nests JSON too deeply"),
+    (None, b"\xff\xfe", "not valid JSON"),
+    (None, b"[]", "not a JSON object"),
+])
+def test_hostile_safetensors_headers(tmp_path, header, raw, frag):
+    from gguf_kquant.convert.safetensors import SafetensorsFile
+
+    p = _safetensors(tmp_path / "m.safetensors", header, bytes(16), raw)
+    with pytest.raises(ConversionError, match=frag) as info:
+        SafetensorsFile(p)
+    assert str(p) in str(info.value)
+
+
+def test_safetensors_header_length_lies(tmp_path):
+    from gguf_kquant.convert.safetensors import SafetensorsFile
+
+    p = tmp_path / "m.safetensors"
+    p.write_bytes((2**63).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ConversionError, match="does not fit the file"):
+        SafetensorsFile(p)
+    with pytest.raises(GGUFIOError, match="a directory"):
+        SafetensorsFile(tmp_path)
