@@ -18,12 +18,16 @@ from gguf_kquant.types import type_info
 
 def _assert_bytes_equal(ours, ref):
     bad = np.argwhere(ours != ref)
-    assert bad.size == 0, f"{len(bad)} bytes differ; first at (row, byte) {tuple(bad[0])}: {ours[tuple(bad[0])]} vs {ref[tuple(bad[0])]}"
+    if bad.size:
+        at = tuple(bad[0])
+        raise AssertionError(f"{len(bad)} bytes differ; first at (row, byte) {at}: ours {ours[at]}, ggml {ref[at]}")
 
 
 def _assert_bits_equal(ours, ref):
     bad = np.argwhere(ours.view(np.uint32) != ref.view(np.uint32))
-    assert bad.size == 0, f"{len(bad)} values differ; first at {tuple(bad[0])}: {ours[tuple(bad[0])]!r} vs {ref[tuple(bad[0])]!r}"
+    if bad.size:
+        at = tuple(bad[0])
+        raise AssertionError(f"{len(bad)} values differ; first at {at}: ours {ours[at]!r}, ggml {ref[at]!r}")
 
 
 def _quantize_both(oracle, name, x, imatrix=None):
