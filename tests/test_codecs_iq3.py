@@ -53,11 +53,11 @@ def test_kmap_and_neighbours_match_brute_force(grid_size):
 
 
 @pytest.mark.parametrize("grid_size", [256, 512])
-def test_chunked_search_is_find_best_neighbour(grid_size):
-    """The kernels' chunked neighbour search picks what the plain port of iq3_find_best_neighbour picks,
+def test_plane_search_is_find_best_neighbour(grid_size):
+    """The kernels' plane-wise neighbour search picks what the plain port of iq3_find_best_neighbour picks,
     ties included (small integer inputs make equal distances common)."""
     grid, kmap, neighbours = iq3.iq3_grid_tables(grid_size)
-    _, nbrs, coords, _, rec_n, rec_chunk, cc, cg = iq3._search_tables(grid_size)
+    _, nbrs, coords, _, rec_n, rec_at, rc, rg = iq3._search_tables(grid_size)
     rng = np.random.default_rng(grid_size)
     dd = np.empty(iq3.MAX_NEIGHBOURS, np.float32)
     off = np.flatnonzero(kmap < 0)
@@ -72,8 +72,8 @@ def test_chunked_search_is_find_best_neighbour(grid_size):
             weight = rng.uniform(0, 2, 4).astype(np.float32)
             scale = np.float32(rng.uniform(0.5, 1.5))
         plain = iq3.iq3_find_best_neighbour(nbrs, -kmap[u] - 1, coords, xval, 0, weight, scale)
-        chunked = iq3._best_neighbour_chunked(u, rec_n, rec_chunk, cc, cg, xval, 0, weight, scale, dd)
-        assert plain == chunked, (u, xval, weight, scale)
+        planes = iq3._best_neighbour_planes(u, rec_n, rec_at, rc, rg, xval, 0, weight, scale, dd)
+        assert plain == planes, (u, xval, weight, scale)
 
 
 def _corner_rows(rng) -> np.ndarray:

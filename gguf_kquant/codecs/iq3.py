@@ -33,8 +33,10 @@ write positions (later sub-blocks shift down, the tail stays zero; ``qh`` bits a
 Float evaluation follows C: float32 throughout, left to right (``w*xval[i]*q`` is ``(w*xval[i])*q``), ints
 converted before they meet a float, no FMA; ``nearest_int`` rounds half to even.
 
-Speed-ups that keep every rounding: the grid is also kept as float32 coordinates and as levels ``(c - 1)/2``
-(exact small ints), so the neighbour search does no byte unpacking.
+Speed-ups that keep every rounding (2-3x ggml's speed on one thread): the trial scales of a sub-block are
+rounded and summed side by side, one vector lane per trial, and only compared in C's order; the neighbour
+search reads coordinate planes (float32, exact small ints) so its distances vectorize; loops index views so
+that Numba's negative-index wraparound does not turn them into gathers.
 
 Layouts::
 
@@ -98,10 +100,9 @@ def _search_tables(grid_size: int):
     """The kernels' arguments, derived from :func:`iq3_grid_tables`.
 
     ``kmap``, ``neighbours`` (int32), the grid as float32 coordinates and as int8 levels ``(c - 1) / 2``, and
-    the neighbour records re-laid in chunks of 8 for :func:`_best_neighbour_chunked`: the record of an
-    off-grid code u has ``rec_n[u]`` entries in chunks ``rec_chunk[u], ..``; chunk c holds coordinate i of
-    its 8 entries at ``cc[32*c + 8*i : 32*c + 8*i + 8]`` (NaN padding) and their grid indices at
-    ``cg[8*c : 8*c + 8]``.
+    the neighbour records re-laid as coordinate planes for :func:`_best_neighbour_planes`: the record of an
+    off-grid code u has ``n = rec_n[u]`` entries, padded to ``n8`` (a multiple of 8, NaN coordinates);
+    coordinate i of entry e is ``rc[rec_at[u] + i*n8 + e]`` and its grid index ``rg[rec_at[u] // 4 + e]``.
     """
     grid, kmap, neighbours = iq3_grid_tables(grid_size)
     coords = grid.view(np.int8).reshape(grid_size, 4)
@@ -112,16 +113,16 @@ def _search_tables(grid_size: int):
     rec_n[off] = neighbours[heads]
     assert rec_n.max() <= MAX_NEIGHBOURS
     n8 = (rec_n + 7) // 8 * 8
-    rec_chunk = (4 * (np.cumsum(n8) - n8)).astype(np.int32)
-    cc = np.full(4 * n8.sum(), np.nan, np.float32)
-    cg = np.zeros(n8.sum(), np.int32)
+    rec_at = (4 * (np.cumsum(n8) - n8)).astype(np.int32)
+    rc = np.full(4 * n8.sum(), np.nan, np.float32)
+    rg = np.zeros(n8.sum(), np.int32)
     for u, h in zip(off, heads):
         g = neighbours[h + 1:h + 1 + rec_n[u]]
         for i in range(4):
-            cc[rec_chunk[u] + i * n8[u]:rec_chunk[u] + i * n8[u] + rec_n[u]] = coords[g, i]
-        cg[rec_chunk[u] // 4:rec_chunk[u] // 4 + rec_n[u]] = g
+            rc[rec_at[u] + i * n8[u]:rec_at[u] + i * n8[u] + rec_n[u]] = coords[g, i]
+        rg[rec_at[u] // 4:rec_at[u] // 4 + rec_n[u]] = g
     return (kmap, neighbours.astype(np.int32), coords.astype(np.float32), levels,
-            rec_n, rec_chunk, cc, cg)
+            rec_n, rec_at, rc, rg)
 
 
 @njit(cache=True, nogil=True)
@@ -201,27 +202,29 @@ def iq3_find_best_neighbour(nbrs, at, coords, xval, x0, weight, scale):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _best_neighbour_chunked(u, rec_n, rec_chunk, cc, cg, xval, x0, weight, scale, dd):
-    """iq3_find_best_neighbour for off-grid code ``u``, same result, faster.
+def _best_neighbour_planes(u, rec_n, rec_at, rc, rg, xval, x0, weight, scale, dd):
+    """iq3_find_best_neighbour for off-grid code ``u`` (tables of :func:`_search_tables`): same result, faster.
 
-    A record holds ~8 neighbours, too few for a vectorized loop of unknown length; in chunks of 8 with a
-    fixed inner trip count the 8 distances (each C's exact chain of operations) are computed side by side,
-    then scanned in C's order ("first strictly smaller wins", so a NaN never wins; ggml asserts a winner
-    exists, here the first entry stands in).
+    The distances to the record's neighbours (each C's exact chain of operations) are computed side by side
+    from coordinate planes — a loop that vectorizes, where C's loop reads the grid point by point — then
+    scanned in C's order ("first strictly smaller wins", so NaN never wins; ggml asserts a winner exists,
+    here the first entry stands in).
     """
     n = rec_n[u]
     n8 = (n + 7) & ~7
-    ch = cc[rec_chunk[u]:]  # a view: the indices below are then provably >= 0 (no wraparound selects)
+    b = rec_at[u]
+    # views, so that the indices below are provably >= 0 (no wraparound selects: the loop vectorizes)
+    c_0, c_1, c_2, c_3 = rc[b:b + n8], rc[b + n8:b + 2 * n8], rc[b + 2 * n8:b + 3 * n8], rc[b + 3 * n8:b + 4 * n8]
     x_0, x_1, x_2, x_3 = xval[x0], xval[x0 + 1], xval[x0 + 2], xval[x0 + 3]
     w_0, w_1, w_2, w_3 = weight[x0], weight[x0 + 1], weight[x0 + 2], weight[x0 + 3]
     for j in range(n8):
-        diff = _F32(scale * ch[j] - x_0)
+        diff = _F32(scale * c_0[j] - x_0)
         d = _F32(_F32(0.0) + w_0 * diff * diff)
-        diff = _F32(scale * ch[n8 + j] - x_1)
+        diff = _F32(scale * c_1[j] - x_1)
         d = _F32(d + w_1 * diff * diff)
-        diff = _F32(scale * ch[2 * n8 + j] - x_2)
+        diff = _F32(scale * c_2[j] - x_2)
         d = _F32(d + w_2 * diff * diff)
-        diff = _F32(scale * ch[3 * n8 + j] - x_3)
+        diff = _F32(scale * c_3[j] - x_3)
         dd[j] = _F32(d + w_3 * diff * diff)
     best_d2 = _F32(3.4028234663852886e38)  # FLT_MAX
     best = 0
@@ -229,49 +232,53 @@ def _best_neighbour_chunked(u, rec_n, rec_chunk, cc, cg, xval, x0, weight, scale
         if dd[j] < best_d2:
             best_d2 = dd[j]
             best = j
-    return cg[rec_chunk[u] // 4 + best]
+    return rg[rec_at[u] // 4 + best]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _iq3_search(xval, weight, waux, max_, nis, recheck_all, kmap, nbrs, coords, levels, rec_n, rec_chunk, cc, cg, L, on_grid,
-                Lt, ogt, tid, tsc, sqx, sq2, dd):
+def _iq3_search(xval, weight, waux, max_, nis, recheck_all, tables, L, on_grid, Lt, ogt, tid, tsc, sqx, sq2, dd):
     """The scale search of one 32-value sub-block (``max_ > 0``).  Leaves levels in ``L``; returns the scale.
 
     ``nis``: trial steps ``is = -nis..nis`` (XXS 15, S 9); ``recheck_all``: S re-snaps every group at the
-    final scale and starts with "on grid" false, XXS only the off-grid groups and starts true.
+    final scale and starts with "on grid" false, XXS only the off-grid groups and starts true; ``tables``:
+    :func:`_search_tables`.
 
     ggml runs the trials one after another; each trial's sums are a chain of dependent float additions.
     The trials are independent until the "best so far" comparison, so here all trials are rounded and
-    summed side by side (trial t in lane t of ``Lt`` (int32, 32 x nt), ``ogt`` (8 x nt), ``tid``/``tsc``/
-    ``sqx``/``sq2`` (nt)), each lane doing C's exact operations, and the comparisons then run in C's order.
+    summed side by side — trial t in column t of ``Lt`` (int32, 32 x 32) and ``ogt`` (bool, 8 x 32) and in
+    ``tid``/``tsc``/``sqx``/``sq2`` (float32, 32) — each lane doing C's exact operations; the comparisons
+    then run in C's order.  Columns nt..31 are padding: rounded and summed (so the loops have a whole
+    vector's width) but never searched or compared.
     """
+    kmap, nbrs, coords, levels, rec_n, rec_at, rc, rg = tables
     kMaxQ = 8
     nt = 2 * nis + 1
-    for t in range(nt):
+    lanes = Lt.shape[1]  # 32, a run-time value on purpose: LLVM would fully unroll a constant trip count
+    for t in range(lanes):
         tid[t] = _F32(_F32(_F32(2 * kMaxQ - 1) + _F32(_F32(t - nis) * _F32(0.2))) / max_)
         tsc[t] = _F32(_F32(1.0) / tid[t])
     for i in range(32):
         xv = xval[i]
-        for t in range(nt):
+        for t in range(lanes):
             l = nearest_int(_F32(0.5) * _F32(_F32(tid[t] * xv) - _F32(1.0)))
-            Lt[i * nt + t] = max(0, min(kMaxQ - 1, l))
+            Lt[i, t] = max(0, min(kMaxQ - 1, l))
     for k in range(8):
-        r = 4 * k * nt
         for t in range(nt):
-            u = Lt[r + t] | (Lt[r + nt + t] << 3) | (Lt[r + 2 * nt + t] << 6) | (Lt[r + 3 * nt + t] << 9)
-            ogt[k * nt + t] = kmap[u] >= 0
-            if kmap[u] < 0:
-                g = _best_neighbour_chunked(u, rec_n, rec_chunk, cc, cg, xval, 4 * k, waux, tsc[t], dd)
+            u = Lt[4 * k, t] | (Lt[4 * k + 1, t] << 3) | (Lt[4 * k + 2, t] << 6) | (Lt[4 * k + 3, t] << 9)
+            g = kmap[u]
+            ogt[k, t] = g >= 0
+            if g < 0:
+                g = _best_neighbour_planes(u, rec_n, rec_at, rc, rg, xval, 4 * k, waux, tsc[t], dd)
                 for i in range(4):
-                    Lt[r + i * nt + t] = levels[g, i]
-    for t in range(nt):
+                    Lt[4 * k + i, t] = levels[g, i]
+    for t in range(lanes):
         sqx[t] = _F32(0.0)
         sq2[t] = _F32(0.0)
     for i in range(32):
         w = weight[i]
         wx = _F32(w * xval[i])  # C's w*xval[i]*q is (w*xval[i])*q
-        for t in range(nt):
-            q = _F32(2 * Lt[i * nt + t] + 1)
+        for t in range(lanes):
+            q = _F32(2 * Lt[i, t] + 1)
             sqx[t] = _F32(sqx[t] + wx * q)
             sq2[t] = _F32(sq2[t] + _F32(w * q) * q)
     best = _F32(0.0)
@@ -283,9 +290,9 @@ def _iq3_search(xval, weight, waux, max_, nis, recheck_all, kmap, nbrs, coords, 
             best = _F32(scale * sqx[t])
             win = t
     for i in range(32):
-        L[i] = 0 if win < 0 else Lt[i * nt + win]
+        L[i] = 0 if win < 0 else Lt[i, win]
     for k in range(8):
-        on_grid[k] = (not recheck_all) if win < 0 else ogt[k * nt + win]
+        on_grid[k] = (not recheck_all) if win < 0 else ogt[k, win]
     n_not_ongrid = 0
     for k in range(8):
         if not on_grid[k]:
@@ -355,8 +362,9 @@ def _get_fp16(raw, pos):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def quantize_row_iq3_xxs_impl(x, qw, have_qw, y, kmap, nbrs, coords, levels, rec_n, rec_chunk, cc, cg):
+def quantize_row_iq3_xxs_impl(x, qw, have_qw, y, tables):
     """Port of ``quantize_row_iq3_xxs_impl(256, x, y, n, qw or NULL)`` for one row ``x`` into bytes ``y``."""
+    kmap = tables[0]
     bs = _XXS_BYTES
     scales = np.empty(8, np.float32)
     weight = np.empty(32, np.float32)
@@ -364,12 +372,12 @@ def quantize_row_iq3_xxs_impl(x, qw, have_qw, y, kmap, nbrs, coords, levels, rec
     xval = np.empty(32, np.float32)
     L = np.empty(32, np.int32)
     on_grid = np.empty(8, np.bool_)
-    Lt = np.empty(32 * 31, np.int32)
-    ogt = np.empty(8 * 31, np.bool_)
-    tid = np.empty(31, np.float32)
-    tsc = np.empty(31, np.float32)
-    sqx = np.empty(31, np.float32)
-    sq2 = np.empty(31, np.float32)
+    Lt = np.empty((32, 32), np.int32)  # trial lanes of _iq3_search (31 trials at most)
+    ogt = np.empty((8, 32), np.bool_)
+    tid = np.empty(32, np.float32)
+    tsc = np.empty(32, np.float32)
+    sqx = np.empty(32, np.float32)
+    sq2 = np.empty(32, np.float32)
     dd = np.empty(MAX_NEIGHBOURS, np.float32)
     block_signs = np.empty(4, np.int64)
     q3 = np.empty(96, np.uint8)  # 64 grid indices, then 8 little-endian uint32 scales_and_signs
@@ -416,8 +424,8 @@ def quantize_row_iq3_xxs_impl(x, qw, have_qw, y, kmap, nbrs, coords, levels, rec
             if max_ < _F32(1e-8):  # GROUP_MAX_EPS_IQ3_XXS
                 scales[ib] = _F32(0.0)
                 continue
-            scale = _iq3_search(xval, weight, waux, max_, 15, False, kmap, nbrs, coords, levels, rec_n, rec_chunk, cc, cg, L, on_grid,
-                                Lt, ogt, tid, tsc, sqx, sq2, dd)
+            scale = _iq3_search(xval, weight, waux, max_, 15, False, tables, L, on_grid, Lt, ogt, tid, tsc, sqx, sq2,
+                                dd)
             if scale < _F32(0.0):
                 scale = -scale
                 for k in range(4):
@@ -451,9 +459,9 @@ def quantize_row_iq3_xxs_impl(x, qw, have_qw, y, kmap, nbrs, coords, levels, rec
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _quantize_iq3_xxs(x, qw, have_qw, out, kmap, nbrs, coords, levels, rec_n, rec_chunk, cc, cg):
+def _quantize_iq3_xxs(x, qw, have_qw, out, tables):
     for r in prange(x.shape[0]):
-        quantize_row_iq3_xxs_impl(x[r], qw, have_qw, out[r], kmap, nbrs, coords, levels, rec_n, rec_chunk, cc, cg)
+        quantize_row_iq3_xxs_impl(x[r], qw, have_qw, out[r], tables)
 
 
 @register_kernel("IQ3_XXS", "quantize")
@@ -464,13 +472,13 @@ def quantize_iq3_xxs(x, out):
     >>> x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
     >>> out = np.empty((2, 98), np.uint8); quantize_iq3_xxs(x, out)
     """
-    _quantize_iq3_xxs(x, np.empty(0, np.float32), False, out, *_search_tables(256))
+    _quantize_iq3_xxs(x, np.empty(0, np.float32), False, out, _search_tables(256))
 
 
 @register_kernel("IQ3_XXS", "quantize_imatrix")
 def quantize_imatrix_iq3_xxs(x, qw, out):
     """IQ3_XXS with importance matrix ``qw`` (n_per_row,) (quantize_iq3_xxs with quant_weights)."""
-    _quantize_iq3_xxs(x, qw, True, out, *_search_tables(256))
+    _quantize_iq3_xxs(x, qw, True, out, _search_tables(256))
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -517,8 +525,9 @@ def dequantize_iq3_xxs(raw, out):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def quantize_row_iq3_s_impl(x, qw, have_qw, y, kmap, nbrs, coords, levels, rec_n, rec_chunk, cc, cg):
+def quantize_row_iq3_s_impl(x, qw, have_qw, y, tables):
     """Port of ``quantize_row_iq3_s_impl(32, x, y, n, qw or NULL, ..)`` for one row ``x`` into bytes ``y``."""
+    kmap = tables[0]
     bs = _S_BYTES
     scales = np.empty(8, np.float32)
     weight = np.empty(32, np.float32)
@@ -526,12 +535,12 @@ def quantize_row_iq3_s_impl(x, qw, have_qw, y, kmap, nbrs, coords, levels, rec_n
     xval = np.empty(32, np.float32)
     L = np.empty(32, np.int32)
     on_grid = np.empty(8, np.bool_)
-    Lt = np.empty(32 * 31, np.int32)
-    ogt = np.empty(8 * 31, np.bool_)
-    tid = np.empty(31, np.float32)
-    tsc = np.empty(31, np.float32)
-    sqx = np.empty(31, np.float32)
-    sq2 = np.empty(31, np.float32)
+    Lt = np.empty((32, 32), np.int32)  # trial lanes of _iq3_search (31 trials at most)
+    ogt = np.empty((8, 32), np.bool_)
+    tid = np.empty(32, np.float32)
+    tsc = np.empty(32, np.float32)
+    sqx = np.empty(32, np.float32)
+    sq2 = np.empty(32, np.float32)
     dd = np.empty(MAX_NEIGHBOURS, np.float32)
     block_signs = np.empty(4, np.uint8)
     for ibl in range(x.shape[0] // QK_K):
@@ -562,8 +571,8 @@ def quantize_row_iq3_s_impl(x, qw, have_qw, y, kmap, nbrs, coords, levels, rec_n
             if not max_:
                 scales[ib] = _F32(0.0)
                 continue
-            scale = _iq3_search(xval, weight, waux, max_, 9, True, kmap, nbrs, coords, levels, rec_n, rec_chunk, cc, cg, L, on_grid,
-                                Lt, ogt, tid, tsc, sqx, sq2, dd)
+            scale = _iq3_search(xval, weight, waux, max_, 9, True, tables, L, on_grid, Lt, ogt, tid, tsc, sqx, sq2,
+                                dd)
             if scale < _F32(0.0):
                 scale = -scale
                 for k in range(4):
@@ -595,9 +604,9 @@ def quantize_row_iq3_s_impl(x, qw, have_qw, y, kmap, nbrs, coords, levels, rec_n
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _quantize_iq3_s(x, qw, have_qw, out, kmap, nbrs, coords, levels, rec_n, rec_chunk, cc, cg):
+def _quantize_iq3_s(x, qw, have_qw, out, tables):
     for r in prange(x.shape[0]):
-        quantize_row_iq3_s_impl(x[r], qw, have_qw, out[r], kmap, nbrs, coords, levels, rec_n, rec_chunk, cc, cg)
+        quantize_row_iq3_s_impl(x[r], qw, have_qw, out[r], tables)
 
 
 @register_kernel("IQ3_S", "quantize")
@@ -608,13 +617,13 @@ def quantize_iq3_s(x, out):
     >>> x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
     >>> out = np.empty((2, 110), np.uint8); quantize_iq3_s(x, out)
     """
-    _quantize_iq3_s(x, np.empty(0, np.float32), False, out, *_search_tables(512))
+    _quantize_iq3_s(x, np.empty(0, np.float32), False, out, _search_tables(512))
 
 
 @register_kernel("IQ3_S", "quantize_imatrix")
 def quantize_imatrix_iq3_s(x, qw, out):
     """IQ3_S with importance matrix ``qw`` (n_per_row,) (quantize_iq3_s with quant_weights)."""
-    _quantize_iq3_s(x, qw, True, out, *_search_tables(512))
+    _quantize_iq3_s(x, qw, True, out, _search_tables(512))
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
