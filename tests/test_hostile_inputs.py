@@ -271,6 +271,7 @@ def _tok_cases():
         ("tokenizer_config.json", _set("added_tokens_decoder", {"x": {}}), "not a token id"),
         ("tokenizer_config.json", _set("added_tokens_decoder", {"5": "tok"}), "key \"added_tokens_decoder['5']\""),
         ("tokenizer_config.json", _set("bos_token", 7), "key 'bos_token' must be a string or an object"),
+        ("tokenizer_config.json", _set("chat_template", [0]), "key 'chat_template[0]' must be an object"),
     ]
 
 

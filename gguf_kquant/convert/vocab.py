@@ -27,7 +27,7 @@ import gguf
 from ..errors import ConversionError
 from .pretok_hashes import CHKTXT, HASHES
 from .base import MAX_VOCAB
-from .safetensors import _json_kind, read_json as _read_json
+from .safetensors import MAX_JSON_BYTES, _json_kind, read_file, read_json as _read_json
 
 # The split regex of a tokenizer.json pre_tokenizer -> the llama.cpp pre-tokenizer that implements it.
 KNOWN_REGEXES = {
@@ -163,7 +163,7 @@ def _check_tokenizer_config(path: Path, cfg: dict) -> None:
     for key in ("add_prefix_space", "add_bos_token", "add_eos_token", "add_sep_token"):
         _want(path, key, cfg.get(key), bool, "true or false")
     _want(path, "tokenizer_class", cfg.get("tokenizer_class"), str, "a string")
-    _want(path, "chat_template", cfg.get("chat_template"), (str, list), "a string or a list")
+    _check_chat_template(path, cfg.get("chat_template"))
     for key in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
         tok = cfg.get(key)
         _want(path, key, tok, (str, dict), "a string or an object")
@@ -177,6 +177,22 @@ def _check_tokenizer_config(path: Path, cfg: dict) -> None:
         _want(path, f"added_tokens_decoder[{i!r}]", a, dict, "an object", optional=False)
         _want(path, f"added_tokens_decoder[{i!r}].content", a.get("content"), str, "a string", optional=False)
         _want(path, f"added_tokens_decoder[{i!r}].special", a.get("special"), bool, "true or false")
+
+
+def _check_chat_template(path: Path, tmpl) -> None:
+    """A template string, or a list of {"name", "template"} objects (named templates, as gguf-py writes them)."""
+    _want(path, "chat_template", tmpl, (str, list), "a string or a list")
+    for j, t in enumerate(tmpl if isinstance(tmpl, list) else ()):
+        if not (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)):
+            raise ConversionError(f"{path}: key 'chat_template[{j}]' must be an object with string 'name' and "
+                                  f"'template'")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return read_file(path, MAX_JSON_BYTES, "template").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConversionError(f"{path}: not valid UTF-8 ({exc.reason})") from None
 
 
 def _check_added_tokens(path: Path, added: dict) -> None:
@@ -445,6 +461,22 @@ class SpecialVocab(gguf.SpecialVocab):
         self.normalizer_strip_accents = None
         super().__init__(path, load_merges=load_merges, special_token_types=special_token_types, n_vocab=n_vocab)
 
+    def _try_load_from_config_json(self, path: Path) -> bool:
+        # gguf-py's, reading config.json defensively: its root first, then its text_config (Kimi-VL style)
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            return False
+        config = read_json(config_file)
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+        for typ in self.special_token_types:
+            token_id = config.get(f"{typ}_token_id")
+            if token_id is None:
+                token_id = text.get(f"{typ}_token_id")
+            if isinstance(token_id, int) and not isinstance(token_id, bool) and token_id < 0:
+                raise ConversionError(f"{config_file}: key '{typ}_token_id' is {token_id}, not a token id")
+            self._set_special_token(typ, token_id)
+        return True
+
     def add_to_gguf(self, gw, quiet=True):
         super().add_to_gguf(gw, quiet=quiet)
         if self.normalizer_lowercase is not None:
@@ -550,13 +582,14 @@ class SpecialVocab(gguf.SpecialVocab):
             return True
         alt = None
         if (path / "chat_template.jinja").is_file():
-            alt = (path / "chat_template.jinja").read_text(encoding="utf-8")
+            alt = _read_text(path / "chat_template.jinja")
             extra = sorted((path / "additional_chat_templates").glob("*.jinja"))
             if extra:
                 alt = [{"name": "default", "template": alt}] + [
-                    {"name": p.stem, "template": p.read_text(encoding="utf-8")} for p in extra]
+                    {"name": p.stem, "template": _read_text(p)} for p in extra]
         elif (path / "chat_template.json").is_file():
             alt = read_json(path / "chat_template.json").get("chat_template")
+            _check_chat_template(path / "chat_template.json", alt)
         tmpl = cfg.get("chat_template", alt)
         if tmpl is None or isinstance(tmpl, (str, list)):
             self.chat_template = tmpl
