@@ -69,12 +69,12 @@ def _build(kgrid_name: str, nwant: int):
     kgrid = getattr(grids, kgrid_name)
     grid = _expand_kgrid(kgrid)
     kmap = _grid_kmap(grid)
-    points = grid.view(np.int8).reshape(-1, 8)
-    n_per_code = _count_neighbours(points, kmap, nwant)
+    points_t = np.ascontiguousarray(grid.view(np.int8).reshape(-1, 8).T.astype(np.int32))
+    n_per_code = _count_neighbours(points_t, kmap, nwant)
     # Serial prefix sum, as ggml's second pass: each off-grid code owns a record [n, j_1..j_n].
     offsets = np.cumsum(np.where(kmap < 0, n_per_code + 1, 0)) - np.where(kmap < 0, n_per_code + 1, 0)
     neighbours = np.zeros(int((n_per_code[kmap < 0] + 1).sum()), dtype=np.uint16)
-    _fill_neighbours(points, kmap, nwant, offsets.astype(np.int32), neighbours)
+    _fill_neighbours(points_t, kmap, nwant, offsets.astype(np.int32), neighbours)
     for a in (grid, kmap, neighbours):
         a.flags.writeable = False
     return grid, kmap, neighbours
@@ -107,54 +107,57 @@ def _grid_kmap(grid):
 
 
 @njit(cache=True, nogil=True)
-def _nearest_levels(points, code, nwant, dist2, levels):
+def _nearest_levels(points_t, code, nwant, dist2, levels):
     """dist2[j] = squared distance from the point of ``code`` to grid point j; levels = its ``nwant`` smallest
     distinct values, ascending.  Returns how many levels exist (< nwant only for a tiny grid) and the count of
-    grid points at those levels — the length of ggml's sorted prefix before ``nhave == nwant`` breaks."""
-    pos = np.empty(8, dtype=np.int32)
+    grid points at those levels — the length of ggml's sorted prefix before ``nhave == nwant`` breaks.
+
+    ``points_t`` is the grid transposed, int32 (8, grid_size), so the distance loop vectorizes."""
+    size = points_t.shape[1]
+    for j in range(size):
+        dist2[j] = 0
     for k in range(8):
-        pos[k] = 2 * ((code >> (2 * k)) & 3) + 1
+        pos = 2 * ((code >> (2 * k)) & 3) + 1
+        row = points_t[k]
+        for j in range(size):
+            diff = row[j] - pos
+            dist2[j] += diff * diff
     nlev = 0
-    for j in range(points.shape[0]):
-        d2 = 0
-        for k in range(8):
-            diff = np.int32(points[j, k]) - pos[k]
-            d2 += diff * diff
-        dist2[j] = d2
-        # insert d2 into the sorted, distinct, at most nwant long list of levels
-        p = nlev
-        while p > 0 and levels[p - 1] > d2:
-            p -= 1
-        if (p > 0 and levels[p - 1] == d2) or p >= nwant:
-            continue
-        top = min(nlev, nwant - 1)
-        for q in range(top, p, -1):
-            levels[q] = levels[q - 1]
-        levels[p] = d2
-        nlev = top + 1
+    floor = -1
+    while nlev < nwant:
+        lowest = np.int32(0x7FFFFFFF)
+        for j in range(size):
+            d = dist2[j]
+            if d > floor and d < lowest:
+                lowest = d
+        if lowest == np.int32(0x7FFFFFFF):
+            break
+        levels[nlev] = lowest
+        floor = lowest
+        nlev += 1
     n = 0
-    for j in range(points.shape[0]):
-        if dist2[j] <= levels[nlev - 1]:
+    for j in range(size):
+        if dist2[j] <= floor:
             n += 1
     return nlev, n
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _count_neighbours(points, kmap, nwant):
+def _count_neighbours(points_t, kmap, nwant):
     """ggml's first pass: n_per_i[code] for every off-grid code (0 for on-grid ones)."""
     n_per_code = np.zeros(KMAP_SIZE, dtype=np.int32)
     for code in prange(KMAP_SIZE):
         if kmap[code] >= 0:
             continue
-        dist2 = np.empty(points.shape[0], dtype=np.int32)
+        dist2 = np.empty(points_t.shape[1], dtype=np.int32)
         levels = np.empty(nwant, dtype=np.int32)
-        nlev, n = _nearest_levels(points, code, nwant, dist2, levels)
+        nlev, n = _nearest_levels(points_t, code, nwant, dist2, levels)
         n_per_code[code] = n
     return n_per_code
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _fill_neighbours(points, kmap, nwant, offsets, neighbours):
+def _fill_neighbours(points_t, kmap, nwant, offsets, neighbours):
     """ggml's third pass: write each off-grid code's record and point kmap at it (kmap = -(offset + 1)).
 
     qsort by (d2, j) of all grid points, cut after the nwant-th distance level, equals: for each level in
@@ -163,14 +166,14 @@ def _fill_neighbours(points, kmap, nwant, offsets, neighbours):
     for code in prange(KMAP_SIZE):
         if kmap[code] >= 0:
             continue
-        dist2 = np.empty(points.shape[0], dtype=np.int32)
+        dist2 = np.empty(points_t.shape[1], dtype=np.int32)
         levels = np.empty(nwant, dtype=np.int32)
-        nlev, n = _nearest_levels(points, code, nwant, dist2, levels)
+        nlev, n = _nearest_levels(points_t, code, nwant, dist2, levels)
         at = offsets[code]
         neighbours[at] = n
         at += 1
         for lev in range(nlev):
-            for j in range(points.shape[0]):
+            for j in range(points_t.shape[1]):
                 if dist2[j] == levels[lev]:
                     neighbours[at] = j
                     at += 1
