@@ -641,51 +641,33 @@ def _quantize_block_q5_k(x, xo, y, yo, nl, L, Lt, Lat, xt, wt, xm, st, scales, m
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _dm_k4(rb, j, d, dmin):
-    sc, m = get_scale_min_k4(j, rb, Q5_K_SCALES)
-    return _F32(d * _F32(sc)), _F32(dmin * _F32(m))
+def _dequantize_block_q5_k(rb, yb, n32, v):
+    """One block in two passes: the 5-bit values into ``v`` (uint8[256]), then d*v - m per sub-block.
 
-
-@njit(cache=True, nogil=True, inline="always")
-def _q5(a, h, bit):
-    # float(a) + 16.f is exact (small integers), so this equals C's float((q & 0xF) + (qh & u ? 16 : 0))
-    return _F32(_F32(a) + (_F32(16.0) if h & bit else _F32(0.0)))
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _dequantize_block_q5_k(rb, yb, n32):
+    Two short loops of one kind each vectorize better than one loop doing both (0.43 -> 0.33 ms for
+    512 x 4096 on one thread).  float(v) equals C's float((q & 0xF) + (qh & u ? 16 : 0)): same integer.
+    """
+    qh = rb[Q5_K_QH: Q5_K_QH + n32]
+    for c in range(4):
+        ql = rb[Q5_K_QS + 32 * c: Q5_K_QS + 32 * c + n32]
+        v1 = v[64 * c: 64 * c + n32]
+        v2 = v[64 * c + 32: 64 * c + 32 + n32]
+        shift = np.uint8(2 * c)
+        for l in range(n32):
+            h = qh[l] >> shift
+            q = ql[l]
+            v1[l] = (q & np.uint8(0xF)) | ((h & np.uint8(1)) << np.uint8(4))
+            v2[l] = (q >> np.uint8(4)) | ((h & np.uint8(2)) << np.uint8(3))
     d = load_fp16(rb, Q5_K_D)
     dmin = load_fp16(rb, Q5_K_DMIN)
-    d0, m0 = _dm_k4(rb, 0, d, dmin)
-    d1, m1 = _dm_k4(rb, 1, d, dmin)
-    d2, m2 = _dm_k4(rb, 2, d, dmin)
-    d3, m3 = _dm_k4(rb, 3, d, dmin)
-    d4, m4 = _dm_k4(rb, 4, d, dmin)
-    d5, m5 = _dm_k4(rb, 5, d, dmin)
-    d6, m6 = _dm_k4(rb, 6, d, dmin)
-    d7, m7 = _dm_k4(rb, 7, d, dmin)
-    qh = rb[Q5_K_QH: Q5_K_QH + n32]
-    q0 = rb[Q5_K_QS: Q5_K_QS + n32]
-    q1 = rb[Q5_K_QS + 32: Q5_K_QS + 32 + n32]
-    q2 = rb[Q5_K_QS + 64: Q5_K_QS + 64 + n32]
-    q3 = rb[Q5_K_QS + 96: Q5_K_QS + 96 + n32]
-    lo = np.uint8(0xF)
-    four = np.uint8(4)
-    # one pass over l for the whole block (fewer, longer vector loops); uint8 operands keep vectors wide
-    for l in range(n32):
-        h = qh[l]
-        a0 = q0[l]
-        a1 = q1[l]
-        a2 = q2[l]
-        a3 = q3[l]
-        yb[l] = _F32(_F32(d0 * _q5(a0 & lo, h, np.uint8(1))) - m0)
-        yb[32 + l] = _F32(_F32(d1 * _q5(a0 >> four, h, np.uint8(2))) - m1)
-        yb[64 + l] = _F32(_F32(d2 * _q5(a1 & lo, h, np.uint8(4))) - m2)
-        yb[96 + l] = _F32(_F32(d3 * _q5(a1 >> four, h, np.uint8(8))) - m3)
-        yb[128 + l] = _F32(_F32(d4 * _q5(a2 & lo, h, np.uint8(16))) - m4)
-        yb[160 + l] = _F32(_F32(d5 * _q5(a2 >> four, h, np.uint8(32))) - m5)
-        yb[192 + l] = _F32(_F32(d6 * _q5(a3 & lo, h, np.uint8(64))) - m6)
-        yb[224 + l] = _F32(_F32(d7 * _q5(a3 >> four, h, np.uint8(128))) - m7)
+    for j in range(8):
+        sc, m = get_scale_min_k4(j, rb, Q5_K_SCALES)
+        dj = _F32(d * _F32(sc))
+        mj = _F32(dmin * _F32(m))
+        vv = v[32 * j: 32 * j + n32]
+        yy = yb[32 * j: 32 * j + n32]
+        for l in range(n32):
+            yy[l] = _F32(_F32(dj * _F32(vv[l])) - mj)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -952,79 +934,134 @@ def quantize_q8_k(x, out):
             _quantize_block_q8_k(x[r, k * QK_K: (k + 1) * QK_K], yb, n256, n16)
 
 
-@register_kernel("Q2_K", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
-def dequantize_q2_k(raw, out):
-    """ggml's dequantize_row_q2_K over every row of ``raw`` into float32 ``out``."""
+# Dequantize drivers: prange over chunks of rows, each chunk decoded by a serial function.  Decoding blocks
+# inside the prange body itself runs ~30% slower on one thread (measured on Q4_K: 322 us vs 233 us for
+# 512 x 4096): the parallel lowering keeps LLVM from optimizing the block loop as it does in a plain function.
+_ROW_CHUNKS = 64  # at most this many work items per call (results never depend on it)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _row_chunk(n_rows, c):
+    n_chunks = min(n_rows, _ROW_CHUNKS)
+    return c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_rows_q2_k(raw, out, r0, r1):
     nb = out.shape[1] // QK_K
     nn = min(16, out.shape[1])  # == 16, run-time on purpose: constant-trip loops are unrolled, not vectorized
-    for r in prange(out.shape[0]):  # a block takes ~100 ns: keep the per-block work to two slices
+    for r in range(r0, r1):
         rr = raw[r]
         oo = out[r]
         for k in range(nb):
             _dequantize_block_q2_k(rr[k * Q2_K_BYTES: (k + 1) * Q2_K_BYTES], oo[k * QK_K: (k + 1) * QK_K], nn)
 
 
-@register_kernel("Q3_K", "dequantize")
+@register_kernel("Q2_K", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
-def dequantize_q3_k(raw, out):
-    """ggml's dequantize_row_q3_K."""
+def dequantize_q2_k(raw, out):
+    """ggml's dequantize_row_q2_K over every row of ``raw`` into float32 ``out``."""
+    for c in prange(min(out.shape[0], _ROW_CHUNKS)):
+        r0, r1 = _row_chunk(out.shape[0], c)
+        _dequantize_rows_q2_k(raw, out, r0, r1)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_rows_q3_k(raw, out, r0, r1):
     nb = out.shape[1] // QK_K
     nn = min(16, out.shape[1])  # == 16, run-time on purpose: constant-trip loops are unrolled, not vectorized
-    for r in prange(out.shape[0]):  # a block takes ~100 ns: keep the per-block work to two slices
+    for r in range(r0, r1):
         rr = raw[r]
         oo = out[r]
         for k in range(nb):
             _dequantize_block_q3_k(rr[k * Q3_K_BYTES: (k + 1) * Q3_K_BYTES], oo[k * QK_K: (k + 1) * QK_K], nn)
 
 
-@register_kernel("Q4_K", "dequantize")
+@register_kernel("Q3_K", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
-def dequantize_q4_k(raw, out):
-    """ggml's dequantize_row_q4_K."""
+def dequantize_q3_k(raw, out):
+    """ggml's dequantize_row_q3_K."""
+    for c in prange(min(out.shape[0], _ROW_CHUNKS)):
+        r0, r1 = _row_chunk(out.shape[0], c)
+        _dequantize_rows_q3_k(raw, out, r0, r1)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_rows_q4_k(raw, out, r0, r1):
     nb = out.shape[1] // QK_K
     nn = min(32, out.shape[1])  # == 32, run-time on purpose: constant-trip loops are unrolled, not vectorized
-    for r in prange(out.shape[0]):  # a block takes ~100 ns: keep the per-block work to two slices
+    for r in range(r0, r1):
         rr = raw[r]
         oo = out[r]
         for k in range(nb):
             _dequantize_block_q4_k(rr[k * Q4_K_BYTES: (k + 1) * Q4_K_BYTES], oo[k * QK_K: (k + 1) * QK_K], nn)
 
 
+@register_kernel("Q4_K", "dequantize")
+@njit(cache=True, nogil=True, parallel=True)
+def dequantize_q4_k(raw, out):
+    """ggml's dequantize_row_q4_K."""
+    for c in prange(min(out.shape[0], _ROW_CHUNKS)):
+        r0, r1 = _row_chunk(out.shape[0], c)
+        _dequantize_rows_q4_k(raw, out, r0, r1)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_rows_q5_k(raw, out, r0, r1):
+    nb = out.shape[1] // QK_K
+    nn = min(32, out.shape[1])  # == 32, run-time on purpose: constant-trip loops are unrolled, not vectorized
+    v = np.empty(QK_K, np.uint8)
+    for r in range(r0, r1):
+        rr = raw[r]
+        oo = out[r]
+        for k in range(nb):
+            _dequantize_block_q5_k(rr[k * Q5_K_BYTES: (k + 1) * Q5_K_BYTES], oo[k * QK_K: (k + 1) * QK_K], nn, v)
+
+
 @register_kernel("Q5_K", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
 def dequantize_q5_k(raw, out):
     """ggml's dequantize_row_q5_K."""
-    nb = out.shape[1] // QK_K
-    nn = min(32, out.shape[1])  # == 32, run-time on purpose: constant-trip loops are unrolled, not vectorized
-    for r in prange(out.shape[0]):  # a block takes ~100 ns: keep the per-block work to two slices
-        rr = raw[r]
-        oo = out[r]
-        for k in range(nb):
-            _dequantize_block_q5_k(rr[k * Q5_K_BYTES: (k + 1) * Q5_K_BYTES], oo[k * QK_K: (k + 1) * QK_K], nn)
+    for c in prange(min(out.shape[0], _ROW_CHUNKS)):
+        r0, r1 = _row_chunk(out.shape[0], c)
+        _dequantize_rows_q5_k(raw, out, r0, r1)
 
 
-@register_kernel("Q6_K", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
-def dequantize_q6_k(raw, out):
-    """ggml's dequantize_row_q6_K."""
+@njit(cache=True, nogil=True)
+def _dequantize_rows_q6_k(raw, out, r0, r1):
     nb = out.shape[1] // QK_K
     nn = min(16, out.shape[1])  # == 16, run-time on purpose: constant-trip loops are unrolled, not vectorized
-    for r in prange(out.shape[0]):  # a block takes ~100 ns: keep the per-block work to two slices
+    for r in range(r0, r1):
         rr = raw[r]
         oo = out[r]
         for k in range(nb):
             _dequantize_block_q6_k(rr[k * Q6_K_BYTES: (k + 1) * Q6_K_BYTES], oo[k * QK_K: (k + 1) * QK_K], nn)
 
 
-@register_kernel("Q8_K", "dequantize")
+@register_kernel("Q6_K", "dequantize")
 @njit(cache=True, nogil=True, parallel=True)
-def dequantize_q8_k(raw, out):
-    """ggml's dequantize_row_q8_K."""
+def dequantize_q6_k(raw, out):
+    """ggml's dequantize_row_q6_K."""
+    for c in prange(min(out.shape[0], _ROW_CHUNKS)):
+        r0, r1 = _row_chunk(out.shape[0], c)
+        _dequantize_rows_q6_k(raw, out, r0, r1)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_rows_q8_k(raw, out, r0, r1):
     nb = out.shape[1] // QK_K
     nn = min(256, out.shape[1])  # == 256, run-time on purpose: constant-trip loops are unrolled, not vectorized
-    for r in prange(out.shape[0]):  # a block takes ~100 ns: keep the per-block work to two slices
+    for r in range(r0, r1):
         rr = raw[r]
         oo = out[r]
         for k in range(nb):
             _dequantize_block_q8_k(rr[k * Q8_K_BYTES: (k + 1) * Q8_K_BYTES], oo[k * QK_K: (k + 1) * QK_K], nn)
+
+
+@register_kernel("Q8_K", "dequantize")
+@njit(cache=True, nogil=True, parallel=True)
+def dequantize_q8_k(raw, out):
+    """ggml's dequantize_row_q8_K."""
+    for c in prange(min(out.shape[0], _ROW_CHUNKS)):
+        r0, r1 = _row_chunk(out.shape[0], c)
+        _dequantize_rows_q8_k(raw, out, r0, r1)
