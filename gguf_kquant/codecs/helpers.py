@@ -502,20 +502,33 @@ def make_qp_quants(x, nmax, L, quant_weights):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def pack_q5_0(y, qho, qso, L):
-    """Q5_0 / Q5_1 quants: ``qs`` (16 bytes at y[qso]) and ``qh`` (u32 LE at y[qho]) from 32 quants L.
+def pack_q5_0_pair(y, qso, j, a, b):
+    """Q5_0 / Q5_1: store ``qs[j]`` from the quants a = q[j], b = q[j+16] (low byte of each) and return
+    their ``qh`` bits (bit j: bit 4 of a, bit j+16: bit 4 of b), to be OR-ed and stored by :func:`store_u32`.
 
-        qs[j] = L[j] & 15 | (L[j+16] & 15) << 4        qh bit j = bit 4 of L[j]  (j = 0..31)
+        qs[j] = a & 15 | (b & 15) << 4
     """
+    a = np.uint32(a & 0xFF)
+    b = np.uint32(b & 0xFF)
+    y[qso + j] = np.uint8((a & np.uint32(0x0F)) | ((b & np.uint32(0x0F)) << np.uint32(4)))
+    return (((a & np.uint32(0x10)) >> np.uint32(4)) << np.uint32(j)) | (
+        ((b & np.uint32(0x10)) >> np.uint32(4)) << np.uint32(j + 16))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def store_u32(y, pos, v):
+    """Write the uint32 ``v`` little-endian at y[pos] (Q5_0 / Q5_1 ``qh``)."""
+    for k in range(4):
+        y[pos + k] = np.uint8((v >> np.uint32(8 * k)) & np.uint32(0xFF))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def pack_q5_0(y, qho, qso, L):
+    """Q5_0 / Q5_1 ``qs`` (16 bytes at y[qso]) and ``qh`` (u32 LE at y[qho]) from 32 quants L."""
     qh = np.uint32(0)
     for j in range(16):
-        a = np.uint32(L[j] & 0xFF)
-        b = np.uint32(L[j + 16] & 0xFF)
-        y[qso + j] = np.uint8((a & np.uint32(0x0F)) | ((b & np.uint32(0x0F)) << np.uint32(4)))
-        qh |= ((a & np.uint32(0x10)) >> np.uint32(4)) << np.uint32(j)
-        qh |= ((b & np.uint32(0x10)) >> np.uint32(4)) << np.uint32(j + 16)
-    for k in range(4):
-        y[qho + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+        qh |= pack_q5_0_pair(y, qso, j, L[j], L[j + 16])
+    store_u32(y, qho, qh)
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -26,7 +26,7 @@ from numba import njit, prange
 
 from ..types import TYPES, GGMLType, register_kernel
 
-from .helpers import load_fp16, pack_q5_0, store_fp16
+from .helpers import load_fp16, pack_q5_0_pair, store_fp16, store_u32
 
 # Block sizes and field offsets, from the type table (layouts drawn at each codec below).  Shared with
 # legacy_imatrix; numba compiles them in as constants.
@@ -65,6 +65,24 @@ def _cvt_i32(v):
     return _INT32_MIN
 
 
+# 2^30: when every |x*id| of a block is below it, x*id + offset is inside int32 and C's cast is a plain
+# truncation; _cast then skips _cvt_i32's range test (Q4_0: 1.89 -> 1.70 ms for 512 x 4096; Q4_1 and the
+# Q5 types measured no faster that way and keep _cvt_i32).
+_PLAIN_CAST_LIMIT = _F32(1073741824.0)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _plain_cast_ok(span, idd, has_nan):
+    """Whether a block's casts are plain: no NaN, and |x*id| <= fl(span * |id|) < 2^30 (rounding is monotonic)."""
+    return not has_nan and _F32(span * abs(idd)) < _PLAIN_CAST_LIMIT
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _cast(v, plain):
+    """C's (int) cast of v: a plain truncation when the block allows (see _plain_cast_ok), else _cvt_i32."""
+    return np.int32(v) if plain else _cvt_i32(v)
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _roundf(v):
     """C roundf: round half away from zero (exact in float32: v - trunc(v) is representable)."""
@@ -76,15 +94,17 @@ def _roundf(v):
 
 @njit(cache=True, nogil=True, inline="always")
 def _absmax_signed(x, base):
-    """(amax, max): largest |v| of the block and the first value attaining it (quantize_row_q4_0_ref)."""
+    """(amax, max, NaN seen): largest |v| of the block and the first value attaining it (quantize_row_q4_0_ref)."""
     amax = _F32(0.0)
     vmax = _F32(0.0)
+    has_nan = False
     for j in range(QK):
         v = x[base + j]
+        has_nan |= v != v
         if amax < abs(v):
             amax = abs(v)
             vmax = v
-    return amax, vmax
+    return amax, vmax, has_nan
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -123,19 +143,21 @@ def _load_u32(raw, pos):
 @njit(cache=True, nogil=True)
 def quantize_row_q4_0_ref(x, y):
     nb = x.shape[0] // QK
+    n16 = min(16, x.shape[0])  # == 16 at run time: a constant trip count is unrolled, not vectorized
     for i in range(nb):
         base = i * QK
-        _amax, vmax = _absmax_signed(x, base)
+        amax, vmax, has_nan = _absmax_signed(x, base)
         d = _F32(vmax / _F32(-8.0))
         idd = _inverse(d)
+        plain = _plain_cast_ok(amax, idd, has_nan)
         o = i * Q4_0_BYTES
         store_fp16(y, o + Q4_0_D, d)
-        for j in range(16):
+        for j in range(n16):
             x0 = _F32(x[base + j] * idd)
             x1 = _F32(x[base + 16 + j] * idd)
             # (int8_t)(x + 8.5f), then MIN(15, .) as signed, then uint8
-            q0 = min(np.int32(15), np.int32(np.int8(_cvt_i32(_F32(x0 + _F32(8.5)))))) & 0xFF
-            q1 = min(np.int32(15), np.int32(np.int8(_cvt_i32(_F32(x1 + _F32(8.5)))))) & 0xFF
+            q0 = min(np.int32(15), np.int32(np.int8(_cast(_F32(x0 + _F32(8.5)), plain)))) & 0xFF
+            q1 = min(np.int32(15), np.int32(np.int8(_cast(_F32(x1 + _F32(8.5)), plain)))) & 0xFF
             y[o + Q4_0_QS + j] = np.uint8((q0 | (q1 << 4)) & 0xFF)
 
 
@@ -248,19 +270,22 @@ def dequantize_row_q4_1(raw, y):
 @njit(cache=True, nogil=True)
 def quantize_row_q5_0_ref(x, y):
     nb = x.shape[0] // QK
-    L = np.empty(QK, np.int32)
     for i in range(nb):
         base = i * QK
-        _amax, vmax = _absmax_signed(x, base)
+        _amax, vmax, _has_nan = _absmax_signed(x, base)
         d = _F32(vmax / _F32(-16.0))
         idd = _inverse(d)
         o = i * Q5_0_BYTES
         store_fp16(y, o + Q5_0_D, d)
-        for j in range(QK):
+        qh = np.uint32(0)
+        for j in range(16):
+            x0 = _F32(x[base + j] * idd)
+            x1 = _F32(x[base + 16 + j] * idd)
             # (int8_t)(x + 16.5f), then MIN(31, .) as signed, then uint8
-            q = min(np.int32(31), np.int32(np.int8(_cvt_i32(_F32(_F32(x[base + j] * idd) + _F32(16.5))))))
-            L[j] = q & 0xFF
-        pack_q5_0(y, o + Q5_0_QH, o + Q5_0_QS, L)
+            q0 = min(np.int32(31), np.int32(np.int8(_cvt_i32(_F32(x0 + _F32(16.5))))))
+            q1 = min(np.int32(31), np.int32(np.int8(_cvt_i32(_F32(x1 + _F32(16.5))))))
+            qh |= pack_q5_0_pair(y, o + Q5_0_QS, j, q0, q1)
+        store_u32(y, o + Q5_0_QH, qh)
 
 
 @njit(cache=True, nogil=True)
@@ -292,7 +317,6 @@ def dequantize_row_q5_0(raw, y):
 @njit(cache=True, nogil=True)
 def quantize_row_q5_1_ref(x, y):
     nb = x.shape[0] // QK
-    L = np.empty(QK, np.int32)
     for i in range(nb):
         base = i * QK
         vmin, vmax = _minmax(x, base)
@@ -301,10 +325,15 @@ def quantize_row_q5_1_ref(x, y):
         o = i * Q5_1_BYTES
         store_fp16(y, o + Q5_1_D, d)
         store_fp16(y, o + Q5_1_M, vmin)
-        for j in range(QK):
+        qh = np.uint32(0)
+        for j in range(16):
+            x0 = _F32(_F32(x[base + j] - vmin) * idd)
+            x1 = _F32(_F32(x[base + 16 + j] - vmin) * idd)
             # (uint8_t)(x + 0.5f): no MIN() here in ggml
-            L[j] = _cvt_i32(_F32(_F32(_F32(x[base + j] - vmin) * idd) + _F32(0.5))) & 0xFF
-        pack_q5_0(y, o + Q5_1_QH, o + Q5_1_QS, L)
+            q0 = _cvt_i32(_F32(x0 + _F32(0.5)))
+            q1 = _cvt_i32(_F32(x1 + _F32(0.5)))
+            qh |= pack_q5_0_pair(y, o + Q5_1_QS, j, q0, q1)
+        store_u32(y, o + Q5_1_QH, qh)
 
 
 @njit(cache=True, nogil=True)
