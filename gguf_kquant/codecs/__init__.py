@@ -6,10 +6,11 @@ here so that errors are uniform and name the row and column at fault.
 
 from __future__ import annotations
 
-import contextlib
+import math
 import os
 from typing import Optional
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -33,17 +34,26 @@ def get_num_threads() -> int:
     return _num_threads or (os.cpu_count() or 1)
 
 
-@contextlib.contextmanager
-def _threads(n: Optional[int]):
-    import numba
+class _threads:
+    """``with _threads(n):`` run numba's parallel kernels on n threads (None: the module setting).
 
-    wanted = min(n or _num_threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
-    before = numba.get_num_threads()
-    numba.set_num_threads(wanted)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
+    A plain class, not contextlib: it is entered on every call, and touches numba only when the count changes.
+    """
+
+    __slots__ = ("wanted", "before")
+
+    def __init__(self, n: Optional[int]):
+        limit = numba.config.NUMBA_NUM_THREADS
+        self.wanted = min(n or _num_threads or limit, limit)
+
+    def __enter__(self):
+        self.before = numba.get_num_threads()
+        if self.wanted != self.before:
+            numba.set_num_threads(self.wanted)
+
+    def __exit__(self, *exc):
+        if self.wanted != self.before:
+            numba.set_num_threads(self.before)
 
 
 def to_float32(x) -> np.ndarray:
@@ -100,20 +110,30 @@ def _check_input(x2d: np.ndarray, info: TypeInfo) -> None:
     raise BadTensorDataError(f"{info.name}: value at row {row}, column {col} overflows {info.name}")
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _first_inf_fp16_block(out, type_size, offsets, first):
-    """first[r] = the first block of row r with an fp16 field (at ``offsets`` in the block) of exponent 31."""
+@njit(cache=True, nogil=True)
+def _first_inf_fp16_rows(out, type_size, o1, o2, first, r0, r1):
+    """first[r] (r0 <= r < r1) = first block of row r whose fp16 at byte o1 or o2 has exponent 31, else -1."""
     nb = out.shape[1] // type_size
-    for r in prange(out.shape[0]):
+    top = np.uint8(0x7C)  # high byte of an fp16: s eeeee mm
+    for r in range(r0, r1):
         row = out[r]
+        bad = False
+        for b in range(nb):  # branch-free scan (vectorizes); the rare hit is located below
+            bad |= ((row[b * type_size + o1 + 1] & top) == top) | ((row[b * type_size + o2 + 1] & top) == top)
         first[r] = -1
-        for b in range(nb):
-            bad = False
-            for o in offsets:
-                bad |= (row[b * type_size + o + 1] & np.uint8(0x7C)) == np.uint8(0x7C)  # high byte: s eeeee mm
-            if bad:
-                first[r] = b
-                break
+        if bad:
+            for b in range(nb):
+                if ((row[b * type_size + o1 + 1] & top) == top) or ((row[b * type_size + o2 + 1] & top) == top):
+                    first[r] = b
+                    break
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _first_inf_fp16_block(out, type_size, o1, o2, first):
+    n = out.shape[0]
+    for c in prange(min(n, 64)):  # chunks of rows, each scanned by a serial function (vectorizes there)
+        n_chunks = min(n, 64)
+        _first_inf_fp16_rows(out, type_size, o1, o2, first, c * n // n_chunks, (c + 1) * n // n_chunks)
 
 
 _FP16_FIELDS: dict = {}
@@ -135,12 +155,19 @@ def _check_fp16_scales(out: np.ndarray, info: TypeInfo) -> None:
     fields = _fp16_fields(info) if info.is_quantized else []
     if not fields or not out.size:
         return
+    offsets = [o for _n, o in fields]
     first = np.empty(out.shape[0], np.int64)
-    _first_inf_fp16_block(out, info.type_size, np.array([o for _n, o in fields], np.int64), first)
-    if int(first.max()) < 0:
+    found = None
+    for k in range(0, len(offsets), 2):  # two fp16 fields per pass (every type has at most two)
+        o1 = offsets[k]
+        _first_inf_fp16_block(out, info.type_size, o1, offsets[min(k + 1, len(offsets) - 1)], first)
+        if int(first.max()) >= 0:
+            hit = np.where(first >= 0, first, np.iinfo(np.int64).max)
+            found = hit if found is None else np.minimum(found, hit)
+    if found is None:
         return
-    row = int(np.argmax(first >= 0))
-    blk = int(first[row])
+    row = int(np.argmax(found < np.iinfo(np.int64).max))
+    blk = int(found[row])
     block = out[row, blk * info.type_size:(blk + 1) * info.type_size]
     name = next(n for n, o in fields if (block[o + 1] & 0x7C) == 0x7C)
     raise BadTensorDataError(
@@ -221,7 +248,7 @@ def dequantize(raw, qtype: TypeLike, shape, *, threads: Optional[int] = None) ->
             f"{info.name} tensor of shape {shape} needs {expected} bytes, got {data.size}"
         )
     n_per_row = shape[-1] if shape else 1
-    n_rows = (int(np.prod(shape, dtype=object)) // n_per_row) if n_per_row else 0
+    n_rows = (math.prod(shape) // n_per_row) if n_per_row else 0
     out = np.empty((n_rows, n_per_row), dtype=np.float32)
     if out.size:
         with _threads(threads):
