@@ -284,6 +284,17 @@ def test_hostile_tokenizer_json(tiny_llama, tmp_path, name, fn, frag):
     assert name in str(exc) and frag in str(exc), str(exc)
 
 
+@pytest.mark.parametrize("readme", [
+    "---\nlicense: [1, {a: 2}]\nbase_model: 5\ntags: 3\n---\n",
+    "---\n: : :\n---\n",
+])
+def test_hostile_model_card(tiny_llama, tmp_path, readme):
+    d = _copy(tiny_llama, tmp_path / "m")
+    (d / "README.md").write_text(readme)
+    exc = _convert(d, tmp_path / "out.gguf")
+    assert isinstance(exc, ConversionError) and "model card" in str(exc), exc
+
+
 @pytest.mark.parametrize("target", ["../outside.safetensors", "/etc/passwd", "sub/model.safetensors", ""])
 def test_index_weight_map_cannot_leave_the_model_folder(tiny_llama, tmp_path, target):
     d = _copy(tiny_llama, tmp_path / "m")
@@ -431,7 +442,8 @@ _JSON_HOSTILE = st.one_of(
 )
 _CONFIG_KEYS = ["architectures", "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
                 "num_key_value_heads", "vocab_size", "head_dim", "max_position_embeddings", "rms_norm_eps",
-                "rope_parameters", "rope_scaling", "rope_theta", "text_config", "tie_word_embeddings", "is_causal"]
+                "rope_parameters", "rope_scaling", "rope_theta", "text_config", "tie_word_embeddings", "is_causal",
+                "_name_or_path", "model_type", "bos_token_id", "eos_token_id"]
 _TOKENIZER_PATHS = [("model",), ("model", "vocab"), ("model", "merges"), ("model", "type"), ("added_tokens",),
                     ("added_tokens", 0), ("added_tokens", 0, "id"), ("added_tokens", 0, "content"),
                     ("pre_tokenizer",), ("pre_tokenizer", "pretokenizers"), ("post_processor",), ("decoder",),

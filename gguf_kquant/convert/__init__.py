@@ -26,8 +26,8 @@ import gguf
 from ..errors import BadTensorDataError, ConversionError
 from ..safeio import check_outputs
 from ..types import GGMLType
-from .base import (FLOAT_FTYPES, REGISTRY, Converter, PlannedTensor, count_parameters, load_config, load_source,
-                   widen_bf16)
+from .base import (FLOAT_FTYPES, REGISTRY, Converter, PlannedTensor, count_parameters, load_config, load_model_card,
+                   load_source, widen_bf16)
 from .safetensors import open_checkpoint
 from . import archs as _archs  # noqa: F401  (fills REGISTRY)
 
@@ -203,7 +203,7 @@ def _metadata(conv: Converter, planned: list, file_type, model_name) -> list:
     w = gguf.GGUFWriter(path=None, arch=conv.arch_name)
     w.add_type(gguf.GGUFType.MODEL)
     total = count_parameters(planned)
-    meta = gguf.Metadata.load(None, conv.dir, model_name, total)
+    meta = load_model_card(conv.dir, model_name, total)
     if meta.name is None:
         meta.name = conv.dir.name
     if meta.size_label is None and total > 0:

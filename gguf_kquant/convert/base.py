@@ -99,11 +99,30 @@ def check_hparams(path: Path, h: dict, where: str = "") -> None:
             check_hparams(path, v, f"{name}.")
         elif key in ("rope_type", "type") and where and not isinstance(v, str):
             raise ConversionError(f"{path}: key {name!r} must be a string, not {v!r:.60}")
+        elif key in ("_name_or_path", "model_type") and not where and not isinstance(v, str):
+            raise ConversionError(f"{path}: key {name!r} must be a string, not {v!r:.60}")
         elif key == "is_causal" and not isinstance(v, bool):
             raise ConversionError(f"{path}: key {name!r} must be true or false, not {v!r:.60}")
     lo, hi = h.get("low_freq_factor"), h.get("high_freq_factor")
     if lo is not None and hi is not None and lo == hi:
         raise ConversionError(f"{path}: keys '{where}low_freq_factor' and '{where}high_freq_factor' are equal ({lo})")
+
+
+def load_model_card(model_dir: Path, model_name, total_params: int):
+    """gguf-py's ``Metadata.load`` (README.md's YAML model card and config.json), as convert_hf_to_gguf.py
+    calls it; a file it cannot read (bad YAML, a list where it wants a string, a FIFO) is a ConversionError."""
+    model_dir = Path(model_dir)
+    for name in ("README.md", "config.json"):
+        p = model_dir / name
+        if p.exists() and not p.is_file():
+            raise ConversionError(f"{p}: not a regular file")
+    try:
+        meta = gguf.Metadata.load(None, model_dir, model_name, total_params)
+        meta.set_gguf_meta_model(gguf.GGUFWriter(path=None, arch="llama"))  # a dry run of what the caller does
+        return meta
+    except Exception as exc:  # yaml.YAMLError, TypeError/AttributeError on values of unexpected types
+        raise ConversionError(f"{model_dir}: gguf-py cannot read the model card (README.md front matter) or "
+                              f"config.json: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 # llama.cpp's convert_hf_to_gguf.py outtypes (and ours): the ftype and the type of "big" tensors.
