@@ -67,7 +67,8 @@ def _ours(src, mix, use_im):
         plan = plan_model(src, mix, imatrix=use_im)
     except QuantizeError as exc:
         return None, str(exc)
-    needs = any(r.allows_quantization and r.requires_imatrix for r in plan.rows)
+    needs = bool(plan.imatrix_required_by)
+    assert "output.weight" not in plan.imatrix_required_by and "token_embd.weight" not in plan.imatrix_required_by
     return [(r.name, r.dst_type.name) for r in plan.rows], needs and not use_im
 
 

@@ -138,6 +138,13 @@ class Plan:
         return len(self.rows)
 
     @property
+    def imatrix_required_by(self) -> list:
+        """Names of the tensors that cannot be converted without an importance matrix (llama-quantize
+        refuses the job without one: the IQ1/IQ2 mixes, Q2_K_S, and IQ3_XXS/IQ3_XS where a tensor becomes
+        IQ3_XXS or IQ2_S).  Empty: the mix runs without."""
+        return [r.name for r in self.rows if r.allows_quantization and r.requires_imatrix]
+
+    @property
     def src_nbytes(self) -> int:
         return sum(r.src_nbytes for r in self.rows)
 
