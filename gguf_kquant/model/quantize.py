@@ -115,7 +115,8 @@ def quantize_model(src, dst, ftype, *, imatrix=None, include_weights: Sequence[s
                    tensor_types: Sequence = (), pure: bool = False, leave_output_tensor: bool = False,
                    allow_requantize: bool = False, override_kv: Sequence = (), keep_split: bool = False,
                    split_max_size=None, split_max_tensors: Optional[int] = None, threads: Optional[int] = None,
-                   dry_run: bool = False, report=None, overwrite: bool = False, quiet: bool = True, stream=None) -> QuantizeResult:
+                   dry_run: bool = False, report=None, overwrite: bool = False, quiet: bool = True,
+                   stream=None) -> QuantizeResult:
     """Quantize the GGUF model ``src`` to mix ``ftype`` (``"Q4_K_M"``, ...) and write ``dst``.
 
     Options mean what llama-quantize's flags of the same name mean: ``imatrix`` (path of a GGUF or legacy
