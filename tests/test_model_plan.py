@@ -4,7 +4,9 @@
 Every mix (36, COPY included) on every test model (GQA 4, tied embeddings, rows of 320/640 that trigger the
 fallbacks, 8-expert MoE), with and without an importance matrix, is compared with llama_model_quantize's
 own plan: its --dry-run log (tensor -> type), its refusals (a tensor that needs an imatrix, a row length
-with no fallback type) — 288 cases at the cost of loading the model, no quantization.
+with no fallback type) — 288 cases at the cost of loading the model, no quantization.  Rules the files
+cannot reach (70B, falcon, 8-expert llama, 4 experts, glm5-next, bailingmoe3, fused attn_qkv) are compared
+with llama.cpp's own llama_quant_compute_types on mock models (llama-ext.h), every mix, no imatrix.
 """
 
 from __future__ import annotations
@@ -304,3 +306,103 @@ def test_guessed_file_type_and_its_name():
     assert guess_file_type(["Q4_K", "Q6_K", "Q6_K", "F32", "F32", "F32"]) == 1024 + 0
     assert guess_file_type(["Q3_K", "Q3_K"]) == 1024 + 12 and guess_file_type(["I32"]) == 1024  # unknown: F32
     assert file_type_name(1025) == "MOSTLY_F16 (guessed)" and file_type_name(38) == "MOSTLY_MXFP4_MOE"
+
+
+# --- llama.cpp's own planner on synthetic models (llama-ext.h): architectures and sizes no file covers ---
+class _QuantModelDesc(ctypes.Structure):  # struct llama_quant_model_desc (src/llama-ext.h)
+    _fields_ = [("architecture", ctypes.c_char_p)] + [
+        (f, ctypes.c_uint32) for f in ("n_embd", "n_ff", "n_layer", "n_head", "n_head_kv", "n_expert",
+                                       "n_embd_head_k", "n_embd_head_v")]
+
+
+class _GGMLInitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+def oracle_compute_types(arch, tensors, mix, *, n_layer, n_head, n_head_kv, n_expert=0):
+    """llama_quant_compute_types (C++ symbols of libllama, no imatrix) on a mock model: the type llama.cpp
+    gives each of ``tensors`` — (name, numpy shape, type), in llama-quantize's order — for file type ``mix``.
+    Only for tensors whose rows fit: a C++ exception would end the process."""
+    from oracle import ggml, libllama
+
+    lc, L, G = _llama(), libllama(), ggml()
+    new_model = L._Z31llama_quant_model_from_metadataPK22llama_quant_model_desc
+    new_model.restype, new_model.argtypes = ctypes.c_void_p, [ctypes.POINTER(_QuantModelDesc)]
+    init = L._Z16llama_quant_initPK11llama_modelPK27llama_model_quantize_params
+    init.restype, init.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_void_p]
+    compute = L._Z25llama_quant_compute_typesP19quantize_state_impl11llama_ftypePP11ggml_tensorP9ggml_typem
+    compute.restype = None
+    compute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    L._Z16llama_quant_freeP19quantize_state_impl.argtypes = [ctypes.c_void_p]
+    L.llama_model_free.argtypes = [ctypes.c_void_p]
+    G.ggml_init.restype, G.ggml_init.argtypes = ctypes.c_void_p, [_GGMLInitParams]
+    G.ggml_new_tensor.restype = ctypes.c_void_p
+    G.ggml_new_tensor.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)]
+    G.ggml_set_name.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    G.ggml_free.argtypes = [ctypes.c_void_p]
+
+    desc = _QuantModelDesc(arch.encode(), 256, 512, n_layer, n_head, n_head_kv, n_expert, 64, 64)
+    model = new_model(ctypes.byref(desc))
+    params = lc.llama_model_quantize_default_params()
+    qs = init(model, ctypes.addressof(params))
+    ctx = G.ggml_init(_GGMLInitParams(1 << 22, None, True))
+    try:
+        ptrs = (ctypes.c_void_p * len(tensors))()
+        for i, (name, shape, t) in enumerate(tensors):
+            ne = (ctypes.c_int64 * 4)(*reversed(shape))
+            ptrs[i] = G.ggml_new_tensor(ctx, int(T[t]), len(shape), ne)
+            G.ggml_set_name(ptrs[i], name.encode())
+        out = (ctypes.c_int * len(tensors))()
+        compute(qs, int(parse_mix(mix)[1]), ptrs, out, len(tensors))
+        return [T(v).name for v in out]
+    finally:
+        G.ggml_free(ctx)
+        L._Z16llama_quant_freeP19quantize_state_impl(qs)
+        L.llama_model_free(model)
+
+
+def _synthetic(n_layer, *, experts=0, fused_qkv=False, extra=(), tied=False):
+    rows = [("token_embd.weight", (512, 256), "F16"), ("output_norm.weight", (256,), "F32")]
+    rows += [] if tied else [("output.weight", (512, 256), "F16")]
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        attn = [("attn_qkv", (384, 256))] if fused_qkv else [("attn_q", (256, 256)), ("attn_k", (64, 256)),
+                                                                ("attn_v", (64, 256))]
+        for n, sh in attn + [("attn_output", (256, 256))] + list(extra):
+            rows.append((p + n + ".weight", sh, "F16"))
+        if experts:
+            rows += [(p + "ffn_gate_inp.weight", (experts, 256), "F32")]
+            rows += [(p + f"ffn_{n}_exps.weight", (experts, 256, 256), "F16") for n in ("gate", "up", "down")]
+        else:
+            rows += [(p + f"ffn_{n}.weight", (256, 256), "F16") for n in ("gate", "up", "down")]
+        rows.append((p + "attn_norm.weight", (256,), "F32"))
+    return sorted(rows, key=lambda r: order_key(r[0]))
+
+
+SYNTHETIC = {  # name: (arch, n_layer, n_head, n_head_kv, n_expert, tensors) — each reaches rules the files do not
+    "llama-70b": ("llama", 80, 64, 8, 0, _synthetic(80)),  # LLM_TYPE_70B: attn_v Q3_K/Q4_K -> Q5_K
+    "llama-80-mha": ("llama", 80, 8, 8, 0, _synthetic(80)),  # 80 layers without GQA is not 70B
+    "falcon": ("falcon", 16, 8, 1, 0, _synthetic(16, fused_qkv=True)),  # falcon rules, attn_qkv as attn_v
+    # 8 experts: attn_k/attn_v Q8_0 ...; a 3-D non-ffn tensor is MXFP4 in MXFP4_MOE (not in bailingmoe3)
+    "mixtral": ("llama", 4, 8, 2, 8, _synthetic(4, experts=8, extra=[("attn_mla", (2, 256, 256))])),
+    "moe4-tied": ("qwen2moe", 3, 8, 8, 4, _synthetic(3, experts=4, tied=True)),  # IQ2 attn_v by n_expert >= 4
+    "glm5-next": ("glm5-next", 2, 8, 8, 0, _synthetic(2, extra=[("attn_q_a", (256, 256)), ("attn_q_b", (256, 256)),
+                                                                ("nextn.eh_proj", (256, 256))])),
+    "bailingmoe3": ("bailingmoe3", 2, 8, 8, 8, _synthetic(2, experts=8, extra=[("attn_mla", (2, 256, 256))])),
+}
+
+
+@pytest.mark.parametrize("case", list(SYNTHETIC))
+def test_plan_matches_llama_cpp_on_synthetic_models(case):
+    arch, n_layer, n_head, n_head_kv, n_expert, tensors = SYNTHETIC[case]
+    model = ModelInfo(arch, n_layer, n_head, n_head_kv, n_expert)
+    checked = 0
+    for mix in MIXES:
+        if mix in ("COPY", "F32", "F16", "BF16"):
+            continue
+        plan = plan_tensors(tensors, model, mix)
+        theirs = oracle_compute_types(arch, tensors, mix, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv,
+                                      n_expert=n_expert)
+        assert [(r.name, r.dst_type.name) for r in plan.rows] == list(zip([t[0] for t in tensors], theirs)), mix
+        checked += 1
+    assert checked == len(MIXES) - 4
