@@ -33,7 +33,7 @@ def test_kmap_and_neighbours_match_brute_force(grid_size):
     """Every code: on-grid codes map to their entry; off-grid ones to the grid points at the nwant smallest
     distances, in (distance, index) order — what ggml's qsort with iq3_compare_func leaves."""
     grid, kmap, neighbours = iq3.iq3_grid_tables(grid_size)
-    points = grid.view(np.uint8).reshape(-1, 4).astype(np.int64)
+    points = grid.view(np.uint8).reshape(-1, 4).astype(np.int32)
     codes = np.arange(iq3.KMAP_SIZE)
     pos = 2 * ((codes[:, None] >> (3 * np.arange(4))) & 7) + 1
     d2 = ((points[None, :, :] - pos[:, None, :]) ** 2).sum(-1)  # (4096, grid_size)
