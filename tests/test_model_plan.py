@@ -406,3 +406,31 @@ def test_plan_matches_llama_cpp_on_synthetic_models(case):
         assert [(r.name, r.dst_type.name) for r in plan.rows] == list(zip([t[0] for t in tensors], theirs)), mix
         checked += 1
     assert checked == len(MIXES) - 4
+
+
+_ARCHS = ["llama", "falcon", "qwen2", "bailingmoe3", "glm5-next"]
+_PICKS = ["attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_up", "ffn_down", "ffn_gate", "attn_q_a",
+          "ffn_up_shexp", "ffn_down_exps", "ffn_gate_exps", "attn_kv_b"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(arch=st.sampled_from(_ARCHS), n_layer=st.integers(1, 20), n_head=st.sampled_from([8, 16]),
+       kv_div=st.sampled_from([1, 2, 4, 8]), n_expert=st.sampled_from([0, 2, 4, 8]), tied=st.booleans(),
+       ne0=st.sampled_from([256, 512, 320, 96]), mix=st.sampled_from([m for m in MIXES if m != "COPY"]),
+       picks=st.lists(st.sampled_from(_PICKS), min_size=1, max_size=7, unique=True))
+def test_plan_matches_llama_cpp_on_random_models(arch, n_layer, n_head, kv_div, n_expert, tied, ne0, mix, picks):
+    """Random structures, llama.cpp's llama_quant_compute_types as the oracle (no imatrix)."""
+    rows = [("token_embd.weight", (64, ne0), "F16")] + ([] if tied else [("output.weight", (64, ne0), "F16")])
+    for i in range(n_layer):
+        for n in picks:
+            shape = (max(n_expert, 2), 32, ne0) if n.endswith("_exps") else (32, ne0)
+            rows.append((f"blk.{i}.{n}.weight", shape, "F16"))
+    rows.sort(key=lambda r: order_key(r[0]))
+    model = ModelInfo(arch, n_layer, n_head, n_head // kv_div, n_expert)
+    try:
+        plan = plan_tensors(rows, model, mix)
+    except QuantizeError:  # llama.cpp throws there too (a C++ exception would end this process: not called)
+        return
+    theirs = oracle_compute_types(arch, rows, mix, n_layer=n_layer, n_head=n_head, n_head_kv=n_head // kv_div,
+                                  n_expert=n_expert)
+    assert [r.dst_type.name for r in plan.rows] == theirs
