@@ -219,6 +219,7 @@ NEW_CASES = [
     ("odd", "Q2_0", True, "Q2_0 on rows of 320 and 640"),
     ("gqa", "COPY", False, "every tensor copied"),
     ("gqa", "COPY", True, "copied, imatrix keys added"),
+    ("tied", "COPY", False, "F16 source keeps general.file_type 1"),
     ("tied", "Q3_K", False, "alias of Q3_K_M"),
     ("tied", "Q4_K", True, "alias of Q4_K_M"),
     ("moe", "Q5_K", False, "alias of Q5_K_M"),
