@@ -517,7 +517,8 @@ def open_regular(path) -> int:
     :class:`~gguf_kquant.errors.GGUFIOError` naming the file.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+                     | getattr(os, "O_BINARY", 0))
     except OSError as exc:
         raise GGUFIOError.wrap(path, exc, "cannot open") from None
     try:
@@ -527,7 +528,8 @@ def open_regular(path) -> int:
                     else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or
                     stat.S_ISBLK(mode) else "not a regular file")
             raise GGUFIOError(f"{path}: cannot read: {kind}, not a regular file", filename=str(path))
-        os.set_blocking(fd, True)
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
