@@ -545,3 +545,23 @@ def test_safetensors_header_length_lies(tmp_path):
         SafetensorsFile(p)
     with pytest.raises(GGUFIOError, match="a directory"):
         SafetensorsFile(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "model.safetensors"])
+def test_json_resource_bombs_are_refused_before_parsing(tiny_llama, tmp_path, name):
+    from gguf_kquant.errors import LimitExceededError
+
+    d = _copy(tiny_llama, tmp_path / "m")
+    bomb = b'{"a": [' + b",".join([b"{}"] * 2_000_000) + b"]}"  # 6 MB of JSON, 150 MB as Python objects
+    if name == "model.safetensors":
+        _safetensors(d / name, None, raw=bomb)
+    else:
+        (d / name).write_bytes(bomb)
+    tracemalloc.start()
+    try:
+        exc = _convert(d, tmp_path / "out.gguf")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert isinstance(exc, LimitExceededError) and "resource bomb" in str(exc) and name in str(exc), exc
+    assert peak < 64 << 20, peak

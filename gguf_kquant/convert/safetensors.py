@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ..container.reader import open_regular
-from ..errors import ConversionError, FileChangedError, GGUFIOError
+from ..errors import ConversionError, FileChangedError, GGUFIOError, LimitExceededError
 
 # safetensors dtype -> (numpy dtype of the stored element, bytes per element). BF16 is held as raw uint16.
 DTYPES = {
@@ -52,9 +52,24 @@ def read_file(path: Path, limit: int, what: str = "file") -> bytes:
             size = os.fstat(fh.fileno()).st_size
             if size > limit:
                 raise ConversionError(f"{path}: {size} bytes is more than the {limit} bytes a {what} may have")
-            return fh.read(limit + 1)
+            return fh.read(size + 1)  # not read(limit): Python allocates the size asked for up front
     except OSError as exc:
         raise GGUFIOError.wrap(path, exc, "cannot read") from None
+
+
+# Memory json.loads may take: every object or array costs ~70 bytes of Python memory for its 2 bytes of JSON
+# (``[{},{},...]`` is 25x its size), so such a file is refused before it is parsed.
+JSON_MEMORY_MIN = 64 << 20
+JSON_MEMORY_FACTOR = 8  # times the text's size
+
+
+def check_json_cost(path: Path, raw: bytes, what: str = "JSON") -> None:
+    """LimitExceededError if parsing ``raw`` would take more than max(64 MiB, 8x its size) of memory."""
+    cost = 72 * (raw.count(b"{") + raw.count(b"[")) + 8 * raw.count(b",") + 2 * len(raw)
+    budget = max(JSON_MEMORY_MIN, JSON_MEMORY_FACTOR * len(raw))
+    if cost > budget:
+        raise LimitExceededError(f"{path}: {what} of {len(raw)} bytes would take about {cost} bytes of memory to "
+                                 f"parse (limit {budget}); refusing it as a resource bomb")
 
 
 def read_json(path: Path, expect=dict):
@@ -65,6 +80,7 @@ def read_json(path: Path, expect=dict):
     if not path.exists() and not path.is_symlink():
         raise ConversionError(f"{path.parent}: no {path.name}")
     raw = read_file(path, MAX_JSON_BYTES, "JSON file")
+    check_json_cost(path, raw)
     try:
         value = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -154,6 +170,7 @@ class SafetensorsFile:
         except OSError as exc:
             raise GGUFIOError.wrap(self.path, exc, "cannot read") from None
         self.size = size
+        check_json_cost(self.path, raw, "safetensors header")
         try:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
