@@ -114,3 +114,12 @@ def test_metadata_of_the_wrong_type(tmp_path, key, value, why):
                       fsync=False)
     with pytest.raises(ImatrixError, match=why):
         load_imatrix(p)
+
+
+def test_legacy_entry_count_lies(tmp_path):
+    from gguf_kquant.errors import LimitExceededError
+
+    p = tmp_path / "lie.dat"
+    p.write_bytes(struct.pack("<i", 2**31 - 1) + b"\0" * 64)
+    with pytest.raises(LimitExceededError, match="2147483647 entries"):
+        load_imatrix(p)

@@ -28,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import GGUFError, GGUFIOError, ImatrixError
+from ..errors import GGUFError, GGUFIOError, ImatrixError, LimitExceededError
 
 __all__ = ["Imatrix", "load_imatrix", "write_legacy_imatrix"]
 
@@ -166,6 +166,11 @@ def _load_legacy(p: Path, data: bytes) -> Imatrix:
     n_entries = take("<i", "the entry count")
     if n_entries < 1:
         raise ImatrixError(f"imatrix {p}: not a GGUF file and no data as a legacy imatrix (entry count {n_entries})")
+    # each entry takes ~200 bytes of memory (name, array, dict slot) for as few as 16 in the file: refuse a
+    # count beyond max(64 MiB, 8x the file size) of memory (a count the file cannot hold fails in the loop)
+    if n_entries * 200 > max(64 << 20, 8 * len(data)):
+        raise LimitExceededError(f"imatrix {p}: offset 0: {n_entries} entries would take more memory than a file "
+                                 f"of {len(data)} bytes may")
     entries = {}
     for i in range(n_entries):
         length = take("<i", f"the name length of entry {i}")
