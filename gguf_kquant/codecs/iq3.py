@@ -35,8 +35,8 @@ converted before they meet a float, no FMA; ``nearest_int`` rounds half to even.
 
 Speed-ups that keep every rounding (2-3x ggml's speed on one thread): the trial scales of a sub-block are
 rounded and summed side by side, one vector lane per trial, and only compared in C's order; the neighbour
-search reads coordinate planes (float32, exact small ints) so its distances vectorize; loops index views so
-that Numba's negative-index wraparound does not turn them into gathers.
+search reads coordinate planes (float32, exact small ints) so its distances vectorize; its indices are
+unsigned, or into views, so that Numba's negative-index wraparound does not turn loads into gathers.
 
 Layouts::
 
@@ -213,18 +213,18 @@ def _best_neighbour_planes(u, rec_n, rec_at, rc, rg, xval, x0, weight, scale, dd
     n = rec_n[u]
     n8 = (n + 7) & ~7
     b = rec_at[u]
-    # views, so that the indices below are provably >= 0 (no wraparound selects: the loop vectorizes)
-    c_0, c_1, c_2, c_3 = rc[b:b + n8], rc[b + n8:b + 2 * n8], rc[b + 2 * n8:b + 3 * n8], rc[b + 3 * n8:b + 4 * n8]
+    ch = rc[b:]
+    m = np.uint64(n8)  # unsigned indices: Numba adds no negative-index wraparound, so the loop vectorizes
     x_0, x_1, x_2, x_3 = xval[x0], xval[x0 + 1], xval[x0 + 2], xval[x0 + 3]
     w_0, w_1, w_2, w_3 = weight[x0], weight[x0 + 1], weight[x0 + 2], weight[x0 + 3]
-    for j in range(n8):
-        diff = _F32(scale * c_0[j] - x_0)
+    for j in range(m):
+        diff = _F32(scale * ch[j] - x_0)
         d = _F32(_F32(0.0) + w_0 * diff * diff)
-        diff = _F32(scale * c_1[j] - x_1)
+        diff = _F32(scale * ch[m + j] - x_1)
         d = _F32(d + w_1 * diff * diff)
-        diff = _F32(scale * c_2[j] - x_2)
+        diff = _F32(scale * ch[m + m + j] - x_2)
         d = _F32(d + w_2 * diff * diff)
-        diff = _F32(scale * c_3[j] - x_3)
+        diff = _F32(scale * ch[m + m + m + j] - x_3)
         dd[j] = _F32(d + w_3 * diff * diff)
     best_d2 = _F32(3.4028234663852886e38)  # FLT_MAX
     best = 0
