@@ -130,7 +130,8 @@ def _cosine(dot: float, aa: float, bb: float) -> float:
         return 1.0
     if aa == 0.0 or bb == 0.0:
         return 0.0
-    return dot / math.sqrt(aa) / math.sqrt(bb)
+    # sqrt(aa * bb) is exactly aa for identical tensors (cosine 1.0, not 0.9999999999999998); clamped against rounding
+    return max(-1.0, min(1.0, dot / math.sqrt(aa * bb)))
 
 
 def _row(ta, tb, threads: Optional[int]) -> dict:
