@@ -110,6 +110,26 @@ def test_same_size_value_is_patched_in_place(src, tmp_path):
     assert src.read_bytes() == ref
 
 
+def test_big_endian_file_patched_in_place(src, tmp_path):
+    be = tmp_path / "be.gguf"
+    with gguf_kquant.open(src) as f:
+        gguf_kquant.write(be, f.metadata, f.tensors, byte_order=">")
+    ref = new_metadata(be, tmp_path / "ref.gguf", "--special-token-by-id", "bos", "3")
+    assert edit(be, special_tokens=[("bos", 3)]).in_place
+    assert be.read_bytes() == ref
+
+
+def test_a_shard_is_edited_alone(src, tmp_path):
+    with gguf_kquant.open(src) as f:
+        shards = gguf_kquant.write(tmp_path / "s.gguf", f.metadata, f.tensors, split_max_tensors=20)
+    second = shards[1].read_bytes()
+    edit(shards[0], set=["general.name=str:a longer name than before"])
+    assert shards[1].read_bytes() == second
+    with gguf_kquant.open(shards[0]) as f, gguf_kquant.open(src) as g:
+        assert f.metadata["split.count"] == 2 and f.metadata["general.name"] == "a longer name than before"
+        assert [t.raw().tobytes() for t in f.tensors] == [t.raw().tobytes() for t in g.tensors]
+
+
 def test_rewrite_in_place_is_atomic_and_equal_to_a_copy(src, tmp_path):
     edit(src, tmp_path / "copy.gguf", delete=["tokenizer.ggml.add_eos_token"])
     ino = src.stat().st_ino
@@ -172,6 +192,8 @@ MISUSE = {
     "architecture": (["--delete", "general.architecture"], "needs it"),
     "output is input": (["-o", "{src}"], "same file"),
     "output exists": (["-o", "{other}"], "exists"),
+    "template not UTF-8": (["--chat-template-file", "{other}"], "not UTF-8"),
+    "template missing": (["--chat-template-file", "{src}.jinja"], "No such file"),
 }
 
 
@@ -179,7 +201,7 @@ MISUSE = {
 def test_misuse_one_line_nothing_changed(case, src, capsys):
     argv, message = MISUSE[case]
     other = src.parent / "other.gguf"
-    other.write_bytes(b"keep")
+    other.write_bytes(b"keep\xff")
     before = digest(src.parent)
     argv = [a.format(src=src, other=other) for a in argv]
     assert main(["edit", str(src), *argv]) == 1

@@ -56,8 +56,12 @@ def _edit_run(args) -> int:
     template = None
     if args.chat_template_file is not None:
         # text mode, like gguf-new-metadata (so its bytes are the same: universal newlines)
-        with open(args.chat_template_file, encoding="utf-8") as fh:
-            template = fh.read()
+        try:
+            with open(args.chat_template_file, encoding="utf-8") as fh:
+                template = fh.read()
+        except UnicodeDecodeError as exc:
+            raise InvalidArgumentError(f"{args.chat_template_file}: not UTF-8 text ({exc.reason} at byte "
+                                       f"{exc.start})") from None
     r = edit(args.src, args.output, set=args.set, delete=args.delete, rename=args.rename,
              chat_template=template, special_tokens=specials, retype=args.retype, overwrite=args.overwrite)
     if not args.quiet:
