@@ -27,7 +27,7 @@ from ..errors import BadTensorDataError, ConversionError
 from ..safeio import check_outputs
 from ..types import GGMLType
 from .base import (FLOAT_FTYPES, REGISTRY, Converter, PlannedTensor, count_parameters, load_config, load_model_card,
-                   load_source, widen_bf16)
+                   load_source, size_label, widen_bf16)
 from .safetensors import open_checkpoint
 from . import archs as _archs  # noqa: F401  (fills REGISTRY)
 
@@ -207,7 +207,7 @@ def _metadata(conv: Converter, planned: list, file_type, model_name) -> list:
     if meta.name is None:
         meta.name = conv.dir.name
     if meta.size_label is None and total > 0:
-        meta.size_label = gguf.size_label(total, total, 0, 0)
+        meta.size_label = size_label(planned)
     meta.set_gguf_meta_model(w)
     conv.file_type = int(file_type)
     conv.set_parameters(w)

@@ -280,6 +280,10 @@ class Converter:
             w.add_layer_norm_rms_eps(eps)
         if (eps := self.find(["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"], True)) is not None:
             w.add_layer_norm_eps(eps)
+        if (n := self.find(["num_local_experts", "num_experts", "n_routed_experts"], True)) is not None:
+            w.add_expert_count(n)
+        if (n := self.find(["num_experts_per_tok", "num_experts_per_token", "top_k_experts"], True)) is not None:
+            w.add_expert_used_count(n)
         if (head_dim := h.get("head_dim")) is not None:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
@@ -366,3 +370,20 @@ def widen_bf16(bits: np.ndarray) -> np.ndarray:
 
 def count_parameters(planned: list[PlannedTensor]) -> int:
     return sum(math.prod(p.shape) for p in planned)
+
+
+def size_label(planned: list[PlannedTensor]) -> str:
+    """``general.size_label`` as gguf-py's GGUFWriter.get_total_parameter_count and size_label make it:
+    "4x126K" for experts (shared parameters plus one expert's), "273K" otherwise."""
+    total = shared = expert = expert_sum = n_expert_tensors = 0
+    for p in planned:
+        size = math.prod(p.shape)
+        total += size
+        if "_exps." in p.name and len(p.shape) >= 3:
+            n = p.shape[-2 if ".bias" in p.name else -3]
+            expert += size // n
+            expert_sum += n
+            n_expert_tensors += 1
+        else:
+            shared += size
+    return gguf.size_label(total, shared, expert, expert_sum // n_expert_tensors if n_expert_tensors else 0)
