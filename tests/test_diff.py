@@ -3,6 +3,7 @@ checked against numpy on values decoded by llama.cpp itself."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -106,3 +107,20 @@ def test_cli_misuse(pair, tmp_path, capsys):
     assert main(["diff", str(tmp_path / "bad.gguf"), str(a)]) == 1
     assert capsys.readouterr().err.count("\n") == 1
     assert main(["diff", str(a), str(a), "-t", "0"]) == 1
+
+
+def test_sums_over_slabs(monkeypatch):
+    diff_module = importlib.import_module("gguf_kquant.tools.diff")  # the package's `diff` is the function
+
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal(1000).astype(np.float32), rng.standard_normal(1000).astype(np.float32)
+    y[999] = np.nan  # only in the last element: the first 999 are finite
+    whole = diff_module.tensor_error(x[:999], y[:999])
+    monkeypatch.setattr(diff_module, "SLAB_ELEMENTS", 7)
+    sliced = diff_module.tensor_error(x[:999], y[:999])
+    d = y[:999].astype(np.float64) - x[:999]
+    assert whole["sse"] == pytest.approx(d @ d, rel=1e-12) and sliced["sse"] == pytest.approx(d @ d, rel=1e-12)
+    assert whole["max_abs"] == sliced["max_abs"] == np.max(np.abs(d))
+    assert math.isnan(diff_module.tensor_error(x, y)["max_abs"])  # a NaN is not hidden by max()
+    monkeypatch.setattr(diff_module, "SLAB_ELEMENTS", 7)
+    assert math.isnan(diff_module.tensor_error(x, y)["max_abs"])

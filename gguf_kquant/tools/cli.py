@@ -66,7 +66,7 @@ def _edit_run(args) -> int:
              chat_template=template, special_tokens=specials, retype=args.retype, overwrite=args.overwrite)
     if not args.quiet:
         how = "patched in place" if r.in_place else "written"
-        print(f"{r.path}: {how}; changed {len(r.changed)} key(s)" + (f": {', '.join(r.changed)}" if r.changed else ""))
+        print(f"{r.path}: {how}; edited {len(r.changed)} key(s)" + (f": {', '.join(r.changed)}" if r.changed else ""))
     return 0
 
 

@@ -8,7 +8,8 @@
 
 How two quantizations of one model are compared: every tensor present in both files with the same shape is
 dequantized (``TensorInfo.numpy``: the multi-threaded kernels) one tensor at a time, and the error of B
-against A is accumulated in float64 over slabs of rows — peak memory is two float32 copies of one tensor.
+against A is accumulated in float64 over slabs of :data:`SLAB_ELEMENTS` — peak memory is two float32
+copies of one tensor and three float64 slabs.
 
 Result (a ``dict``, what ``gguf-kquant diff --json`` prints; ``schema_version`` 1)::
 
@@ -46,7 +47,7 @@ __all__ = ["diff", "tensor_error", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 MAX_ITEMS = 8  # array elements shown in the metadata part
-SLAB_ELEMENTS = 1 << 22  # rows are compared in slabs of about this many elements
+SLAB_ELEMENTS = 1 << 20  # compared in slabs of this many elements (three float64 slabs: 24 MiB)
 
 
 def _jsonable(v):
