@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -110,7 +110,7 @@ def _prepare_imatrix(imatrix, include, exclude) -> Optional[Imatrix]:
     return im
 
 
-def quantize_model(src, dst, ftype, *, imatrix=None, include_weights: Sequence[str] = (),
+def quantize_model(src, dst, ftype=None, *, imatrix=None, include_weights: Sequence[str] = (),
                    exclude_weights: Sequence[str] = (), output_tensor_type=None, token_embedding_type=None,
                    tensor_types: Sequence = (), pure: bool = False, leave_output_tensor: bool = False,
                    allow_requantize: bool = False, override_kv: Sequence = (), keep_split: bool = False,
@@ -138,44 +138,34 @@ def quantize_model(src, dst, ftype, *, imatrix=None, include_weights: Sequence[s
 
     >>> quantize_model("m-f16.gguf", "m-q4.gguf", "Q4_K_M", report="m-q4.json", overwrite=True)  # doctest: +SKIP
     """
-    from ..container.reader import open_gguf
-    from ..container.values import GGUFValueType as V, Metadata, Value
+    if isinstance(dst, Mapping):  # several outputs in one pass: gguf_kquant.model.multi
+        if ftype is not None:
+            raise QuantizeError("several outputs: give each output's mix in the mapping {path: mix}, not ftype")
+        from .multi import quantize_outputs
 
-    t0 = time.perf_counter()
+        return quantize_outputs(
+            src, dst, imatrix=imatrix, include_weights=include_weights, exclude_weights=exclude_weights,
+            output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
+            tensor_types=tensor_types, pure=pure, leave_output_tensor=leave_output_tensor,
+            allow_requantize=allow_requantize, override_kv=override_kv, keep_split=keep_split,
+            split_max_size=split_max_size, split_max_tensors=split_max_tensors, threads=threads,
+            dry_run=dry_run, report=report, overwrite=overwrite, quiet=quiet, stream=stream)
+    if ftype is None:
+        raise QuantizeError("no quantization mix given (ftype)")
+    from ..container.reader import open_gguf
     from .planner import parse_mix
 
+    t0 = time.perf_counter()
     mix, file_type, _default = parse_mix(ftype)
-    from ..container.writer import parse_size
-
-    max_bytes = parse_size(split_max_size) if split_max_size is not None else None
-    if split_max_tensors is not None and (not isinstance(split_max_tensors, (int, np.integer))
-                                          or isinstance(split_max_tensors, bool) or split_max_tensors < 1):
-        raise QuantizeError(f"split_max_tensors must be a positive integer, got {split_max_tensors!r}")
-    if keep_split and (max_bytes or split_max_tensors):
-        raise QuantizeError("--keep-split cannot be combined with --split-max-size/--split-max-tensors")
-    if max_bytes and split_max_tensors:
-        raise QuantizeError("give either --split-max-size or --split-max-tensors, not both")
+    max_bytes = _split_limits(keep_split, split_max_size, split_max_tensors)
     im = _prepare_imatrix(imatrix, tuple(include_weights or ()), tuple(exclude_weights or ()))
-    overrides = [parse_kv_override(s) for s in override_kv or ()]
-    if im is not None:
-        overrides += im.kv()
+    overrides = _overrides(override_kv, im)
 
     with open_gguf(src) as f:
-        for t in f.tensors:
-            if not t.is_known_type:
-                raise QuantizeError(f"{t.path}: tensor {t.name!r} has unknown ggml type id {t.ggml_type}")
-            if t.byte_order != "<":
-                raise QuantizeError(f"{t.path}: big-endian models cannot be quantized")
-        # the loader sees the overrides too (they can change hyper-parameters the rules read)
-        view = dict(f.metadata.items())
-        for k, v in overrides:
-            view[k] = v.value
-        model = ModelInfo.from_metadata(view)
-        # --keep-split: llama-quantize keeps each shard's tensor order (and the rules' counters follow it)
-        plan = plan_tensors([(t.name, t.shape, t.ggml_type) for t in f.tensors], model, mix,
-                            imatrix=im is not None, pure=pure, leave_output_tensor=leave_output_tensor,
-                            output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
-                            tensor_types=tensor_types, keep_order=keep_split)
+        model = _source_model(f, overrides)
+        plan = _plan(f, model, mix, im, pure=pure, leave_output_tensor=leave_output_tensor,
+                     output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
+                     tensor_types=tensor_types, keep_order=keep_split)
         by_name = {t.name: t for t in f.tensors}
         progress = Progress(len(plan.rows), quiet=quiet, stream=stream, total_bytes=plan.src_nbytes)
         for w in plan.warnings:
@@ -185,38 +175,15 @@ def quantize_model(src, dst, ftype, *, imatrix=None, include_weights: Sequence[s
         result.src_nbytes = plan.src_nbytes
         result.dst_nbytes = plan.dst_nbytes
         if dry_run:
-            progress.say(plan.format())
-            if im is None and any(r.allows_quantization and r.requires_imatrix for r in plan.rows):
-                progress.say("WARNING: dry run completed successfully, but actually completing this "
-                             "quantization will require an imatrix!")
+            _say_dry_run(progress, plan, im)
             result.seconds = time.perf_counter() - t0
             return result
 
-        metadata = Metadata()
-        for k in f.metadata:
-            metadata.set_typed(k, f.metadata.typed(k), None)
-
-        def put(key, value):
-            if key in metadata:
-                del metadata[key]
-            metadata.set_typed(key, value, None)
-
-        put("general.quantization_version", Value(GGML_QNT_VERSION, V.UINT32))
-        put("general.file_type", Value(int(file_type), V.UINT32))
-        for k in ("split.no", "split.count", "split.tensors.count"):
-            if k in metadata:
-                del metadata[k]
-        for k, v in overrides:
-            put(k, v)
-        # llama-quantize pads with 32 whatever general.alignment says (and so writes a broken file when it
-        # is not 32); we keep the source's alignment
-        alignment = int(f.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-
+        metadata, alignment = _output_metadata(f, plan.file_type, overrides)
         stats = [] if report is not None else None
         conv = _Converter(by_name, im, threads, progress, stats)
         side = [] if report is None else [(report, lambda: render_report(stats, plan, result))]
-        im_path = imatrix if isinstance(imatrix, (str, os.PathLike)) else getattr(imatrix, "path", None)
-        inputs = list(f.shards) + [im_path]
+        inputs = _input_paths(f, imatrix)
         paths = _write(f, dst, plan, metadata, conv, alignment, keep_split, max_bytes, split_max_tensors,
                        inputs, overwrite, side)
         result.paths = paths
@@ -227,10 +194,90 @@ def quantize_model(src, dst, ftype, *, imatrix=None, include_weights: Sequence[s
     return result
 
 
+def _split_limits(keep_split: bool, split_max_size, split_max_tensors):
+    """``split_max_size`` in bytes (None: no size limit), after refusing contradictory split options."""
+    from ..container.writer import parse_size
+
+    max_bytes = parse_size(split_max_size) if split_max_size is not None else None
+    if split_max_tensors is not None and (not isinstance(split_max_tensors, (int, np.integer))
+                                          or isinstance(split_max_tensors, bool) or split_max_tensors < 1):
+        raise QuantizeError(f"split_max_tensors must be a positive integer, got {split_max_tensors!r}")
+    if keep_split and (max_bytes or split_max_tensors):
+        raise QuantizeError("--keep-split cannot be combined with --split-max-size/--split-max-tensors")
+    if max_bytes and split_max_tensors:
+        raise QuantizeError("give either --split-max-size or --split-max-tensors, not both")
+    return max_bytes
+
+
+def _overrides(override_kv, im: Optional[Imatrix]) -> list:
+    overrides = [parse_kv_override(s) for s in override_kv or ()]
+    if im is not None:
+        overrides += im.kv()
+    return overrides
+
+
+def _source_model(f, overrides) -> ModelInfo:
+    """Refuse sources llama-quantize cannot read; the hyper-parameters the rules use."""
+    for t in f.tensors:
+        if not t.is_known_type:
+            raise QuantizeError(f"{t.path}: tensor {t.name!r} has unknown ggml type id {t.ggml_type}")
+        if t.byte_order != "<":
+            raise QuantizeError(f"{t.path}: big-endian models cannot be quantized")
+    # the loader sees the overrides too (they can change hyper-parameters the rules read)
+    view = dict(f.metadata.items())
+    for k, v in overrides:
+        view[k] = v.value
+    return ModelInfo.from_metadata(view)
+
+
+def _plan(f, model: ModelInfo, mix: str, im: Optional[Imatrix], **rules) -> Plan:
+    """The mix's plan of the source's tensors (``keep_order``: --keep-split keeps each shard's tensor order,
+    and the rules' counters follow it)."""
+    return plan_tensors([(t.name, t.shape, t.ggml_type) for t in f.tensors], model, mix,
+                        imatrix=im is not None, **rules)
+
+
+def _say_dry_run(progress: Progress, plan: Plan, im: Optional[Imatrix]) -> None:
+    progress.say(plan.format())
+    if im is None and any(r.allows_quantization and r.requires_imatrix for r in plan.rows):
+        progress.say("WARNING: dry run completed successfully, but actually completing this "
+                     "quantization will require an imatrix!")
+
+
+def _output_metadata(f, file_type: int, overrides) -> tuple:
+    """(metadata, alignment) of the output: the source's keys with llama-quantize's changes."""
+    from ..container.values import GGUFValueType as V, Metadata, Value
+
+    metadata = Metadata()
+    for k in f.metadata:
+        metadata.set_typed(k, f.metadata.typed(k), None)
+
+    def put(key, value):
+        if key in metadata:
+            del metadata[key]
+        metadata.set_typed(key, value, None)
+
+    put("general.quantization_version", Value(GGML_QNT_VERSION, V.UINT32))
+    put("general.file_type", Value(int(file_type), V.UINT32))
+    for k in ("split.no", "split.count", "split.tensors.count"):
+        if k in metadata:
+            del metadata[k]
+    for k, v in overrides:
+        put(k, v)
+    # llama-quantize pads with 32 whatever general.alignment says (and so writes a broken file when it
+    # is not 32); we keep the source's alignment
+    return metadata, int(f.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+
+
+def _input_paths(f, imatrix) -> list:
+    """Every file the job reads: the source's shards and the imatrix (no output may be one of them)."""
+    im_path = imatrix if isinstance(imatrix, (str, os.PathLike)) else getattr(imatrix, "path", None)
+    return list(f.shards) + [im_path]
+
+
 def _write(f, dst, plan: Plan, metadata, conv, alignment: int, keep_split: bool, max_bytes, max_tensors,
            inputs: list, overwrite: bool, side: list) -> list:
     """Plan every output path, refuse collisions with the inputs, then stream all files and commit them."""
-    from ..container.split import shard_path
     from ..container.writer import GGUFWriter, write_shards
 
     def specs(rows):
@@ -242,6 +289,18 @@ def _write(f, dst, plan: Plan, metadata, conv, alignment: int, keep_split: bool,
         w.add_tensors(specs(plan.rows))
         check_outputs(w.output_paths(), inputs, overwrite=overwrite, error=QuantizeError)
         return w.close()
+    files = _files(f, dst, plan, metadata, keep_split)
+    check_outputs([p for p, _m, _r in files] + [Path(p) for p, _ in side], inputs, overwrite=overwrite,
+                  error=QuantizeError)
+    return write_shards([(p, m, specs(rows)) for p, m, rows in files],
+                        alignment=alignment, inputs=inputs, overwrite=overwrite, side_files=side)
+
+
+def _files(f, dst, plan: Plan, metadata, keep_split: bool) -> list:
+    """[(path, metadata, rows)] of an output that is not cut by size or count: one file, or with
+    ``keep_split`` one shard per source shard."""
+    from ..container.split import shard_path
+
     shards, shard_meta, paths = [plan.rows], [metadata], [Path(dst)]
     if keep_split:  # metadata carries the split keys llama-quantize --keep-split writes, and its shard names
         if len(f.shards) > 1:
@@ -251,9 +310,7 @@ def _write(f, dst, plan: Plan, metadata, conv, alignment: int, keep_split: bool,
         prefix = os.fspath(dst)
         prefix = prefix[:-5] if prefix.endswith(".gguf") else prefix
         paths = [shard_path(prefix, i, len(shards)) for i in range(len(shards))]  # even for one shard
-    check_outputs(paths + [Path(p) for p, _ in side], inputs, overwrite=overwrite, error=QuantizeError)
-    return write_shards([(p, m, specs(rows)) for p, m, rows in zip(paths, shard_meta, shards)],
-                        alignment=alignment, inputs=inputs, overwrite=overwrite, side_files=side)
+    return list(zip(paths, shard_meta, shards))
 
 
 def _split_metadata(metadata, n_split: int, n_tensors: int) -> list:
