@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from ..errors import QuantizeError
 from .mixes import mix_names
 
 _ANY_TYPE = ("any type ggml can write, case-insensitive (f32, f16, bf16, q4_0 ... q8_0, q2_k ... q6_k, iq1_s ... "
@@ -12,11 +13,14 @@ _ANY_TYPE = ("any type ggml can write, case-insensitive (f32, f16, bf16, q4_0 ..
 
 def add_arguments(p) -> None:
     p.add_argument("src", help="input GGUF model (F32/F16/BF16, or quantized with --allow-requantize)")
-    p.add_argument("dst", help="output GGUF path (with --keep-split: the shard prefix)")
-    p.add_argument("ftype", metavar="MIX",
+    p.add_argument("dst", nargs="?", help="output GGUF path (with --keep-split: the shard prefix)")
+    p.add_argument("ftype", metavar="MIX", nargs="?",
                    help=f"llama-quantize file type, case-insensitive: {', '.join(mix_names())} "
                         "(Q3_K/Q4_K/Q5_K are Q3_K_M/Q4_K_M/Q5_K_M; COPY copies every tensor as it is; the IQ1/IQ2 "
                         "mixes need --imatrix)")
+    p.add_argument("--out", action="append", default=[], metavar="MIX=PATH",
+                   help="instead of DST MIX: one output of several written in one pass (repeatable; each tensor "
+                        "is read once and quantized once per distinct type)")
     p.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama-imatrix GGUF or legacy .dat)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--include-weights", action="append", default=[], metavar="NAME",
@@ -42,13 +46,36 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
 
 
+def _outputs(specs) -> dict:
+    """``["Q4_K_M=m-q4.gguf", ...]`` -> ``{"m-q4.gguf": "Q4_K_M", ...}``."""
+    outputs = {}
+    for spec in specs:
+        mix, sep, path = spec.partition("=")
+        if not sep or not mix or not path:
+            raise QuantizeError(f"--out {spec!r}: expected MIX=PATH, e.g. --out Q4_K_M=model-Q4_K_M.gguf")
+        if path in outputs:
+            raise QuantizeError(f"--out {spec!r}: {path} is already an output")
+        outputs[path] = mix
+    return outputs
+
+
 def run(args) -> int:
     from .quantize import quantize_model
     from .report import worst
 
     report = args.report
+    dst, ftype = args.dst, args.ftype
+    if args.out:
+        if dst is not None:
+            raise QuantizeError("give either DST MIX or --out MIX=PATH options, not both")
+        if report:
+            raise QuantizeError("--report works with one output (DST MIX); with several, use the Python API's "
+                                "report={dst: path}")
+        dst, ftype = _outputs(args.out), None
+    elif dst is None or ftype is None:
+        raise QuantizeError("give DST and MIX, or --out MIX=PATH (repeatable)")
     result = quantize_model(
-        args.src, args.dst, args.ftype, imatrix=args.imatrix, include_weights=args.include_weights,
+        args.src, dst, ftype, imatrix=args.imatrix, include_weights=args.include_weights,
         exclude_weights=args.exclude_weights, output_tensor_type=args.output_tensor_type,
         token_embedding_type=args.token_embedding_type, tensor_types=args.tensor_type, pure=args.pure,
         leave_output_tensor=args.leave_output_tensor, allow_requantize=args.allow_requantize,
