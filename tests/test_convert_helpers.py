@@ -196,7 +196,8 @@ def make_model(arch: str, out_dir: Path, *, dtype: str = "float32", seed: int = 
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
     ids = {"gemma3": dict(bos_token_id=2, eos_token_id=1), "qwen2": dict(bos_token_id=0, eos_token_id=2),
-           "qwen3": dict(bos_token_id=0, eos_token_id=2)}.get(arch, dict(bos_token_id=0, eos_token_id=1))
+           "qwen3": dict(bos_token_id=0, eos_token_id=2), "qwen2moe": dict(bos_token_id=0, eos_token_id=2),
+           "qwen3moe": dict(bos_token_id=0, eos_token_id=2)}.get(arch, dict(bos_token_id=0, eos_token_id=1))
     if tokenizer != "bpe":
         # convert_hf_to_gguf.py's llama_hf vocabulary is as long as the tokenizer, not config.json's vocab_size:
         # with ids past the pieces llama.cpp could not load its own conversion
@@ -210,11 +211,11 @@ def make_model(arch: str, out_dir: Path, *, dtype: str = "float32", seed: int = 
         elif tokenizer == "spm-bare":
             (out_dir / "tokenizer_config.json").unlink()
             (out_dir / "added_tokens.json").unlink()
-    elif arch in ("llama", "mistral"):
+    elif arch in ("llama", "mistral", "mixtral"):
         specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
         train_bpe(out_dir, regex=LLAMA3_RE, specials=specials, bos=specials[0], eos=specials[1],
                   chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    elif arch in ("qwen2", "qwen3"):
+    elif arch in ("qwen2", "qwen3", "qwen2moe", "qwen3moe"):
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         train_bpe(out_dir, regex=QWEN2_RE, specials=specials, bos=None, eos="<|im_end|>", add_bos=False)
     elif arch == "gemma3":
@@ -244,6 +245,19 @@ def make_model(arch: str, out_dir: Path, *, dtype: str = "float32", seed: int = 
         cfg = tf.Gemma3TextConfig(num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
                                   sliding_window=512, pad_token_id=0, **ids, **common)
         model = tf.Gemma3ForCausalLM(cfg)
+    elif arch == "mixtral":  # 4 experts, 2 per token
+        cfg = tf.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **ids, **common)
+        model = tf.MixtralForCausalLM(cfg)
+    elif arch == "qwen2moe":  # 4 routed experts and a shared one behind a sigmoid gate
+        cfg = tf.Qwen2MoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=hidden_size, shared_expert_intermediate_size=3 * hidden_size,
+                                tie_word_embeddings=False, **ids, **common)
+        model = tf.Qwen2MoeForCausalLM(cfg)
+    elif arch == "qwen3moe":
+        cfg = tf.Qwen3MoeConfig(num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=hidden_size, norm_topk_prob=True, tie_word_embeddings=False,
+                                **ids, **common)
+        model = tf.Qwen3MoeForCausalLM(cfg)
     elif arch == "bert":
         cfg = tf.BertConfig(type_vocab_size=2, pad_token_id=0, **common)
         model = tf.BertModel(cfg, add_pooling_layer=False)

@@ -1,0 +1,132 @@
+"""Mixture-of-experts checkpoints store one 2-D tensor per expert; llama.cpp wants one 3-D tensor per layer
+and weight (``blk.N.ffn_{gate,up,down}_exps``: experts outermost).  :class:`ExpertStacker` collects the
+per-expert tensors while planning, as convert_hf_to_gguf.py does (the stacked tensors appear where the
+layer's last expert tensor is met, so the tensor order is the same), and :class:`StackedExperts` presents
+them as one source that is read slab by slab: peak memory is one output slab, never a layer of experts.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import numpy as np
+
+from ...errors import ConversionError
+from ..safetensors import SafeTensor
+
+
+class StackedExperts:
+    """``E`` checkpoint tensors of equal shape ``(R, C)`` and dtype seen as one ``(E, R, C)`` source.
+
+    Quacks like :class:`~gguf_kquant.convert.safetensors.SafeTensor` for the conversion's producer
+    (``name``, ``dtype``, ``shape``, ``nbytes``, ``file``, ``array()``, ``release()``); ``array()`` gives a
+    lazy array whose row slices are gathered from the memory-mapped experts on demand.
+    """
+
+    def __init__(self, name: str, parts: list[SafeTensor]):
+        first = parts[0]
+        for t in parts[1:]:
+            if tuple(t.shape) != tuple(first.shape) or t.dtype != first.dtype:
+                raise ConversionError(f"{t.file.path}: expert tensor {t.name!r} is {t.dtype} {list(t.shape)} but "
+                                      f"{first.name!r} is {first.dtype} {list(first.shape)}: experts of one "
+                                      f"layer must have equal shapes and dtypes")
+        self.name, self.parts, self.dtype, self.file = name, parts, first.dtype, first.file
+        self.shape = (len(parts),) + tuple(first.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.parts)
+
+    def array(self) -> "_LazyStack":
+        return _LazyStack(self.parts, self.shape)
+
+    def release(self) -> None:
+        for t in self.parts:
+            t.release()
+
+
+class _LazyStack:
+    """The stacked experts as rows: ``reshape(-1, C)`` and row slices ``[r0:r1]`` (what the producer uses)."""
+
+    def __init__(self, parts, shape):
+        self.parts, self.shape = parts, tuple(shape)
+        self.ndim = len(self.shape)
+
+    def reshape(self, *shape):
+        n_cols = self.shape[-1]
+        if shape not in ((-1, n_cols), ((-1, n_cols),)):
+            raise NotImplementedError(f"stacked experts reshape to {shape}")
+        return _LazyStack(self.parts, (int(np.prod(self.shape[:-1])), n_cols))
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        r0, r1, step = rows.indices(self.shape[0])
+        assert step == 1 and self.ndim == 2
+        per = self.shape[0] // len(self.parts)  # rows of one expert
+        pieces = []
+        for e in range(r0 // per, (r1 - 1) // per + 1 if r1 > r0 else r0 // per):
+            a = self.parts[e].array().reshape(per, self.shape[1])
+            pieces.append(a[max(r0 - e * per, 0):min(r1 - e * per, per)])
+        return np.concatenate(pieces) if pieces else np.empty((0, self.shape[1]), self.parts[0].array().dtype)
+
+
+class ExpertStacker:
+    """Mixin for a :class:`~gguf_kquant.convert.base.Converter` whose checkpoint has one tensor per expert.
+
+    ``expert_re`` matches a per-expert tensor name with groups (layer, expert, weight); ``expert_weights``
+    are the weight names in the order convert_hf_to_gguf.py emits them; ``merged_name`` (formatted with
+    ``bid`` and ``w``) is the name its tensor map knows the stacked tensor by; ``expert_count_keys`` are the
+    config.json keys holding the number of experts.
+    """
+
+    expert_re: str
+    expert_weights: tuple
+    merged_name: str
+    expert_count_keys: tuple = ("num_local_experts", "num_experts")
+
+    def expert_tensor(self, name: str, t: SafeTensor, bid: Optional[int]):
+        """For a per-expert tensor: collect it and, once its layer is complete, yield the stacked outputs
+        (gguf name, shape, None).  For any other tensor: None."""
+        m = re.fullmatch(self.expert_re, name)
+        if m is None:
+            return None
+        n_expert = self.find(self.expert_count_keys)
+        layer, xid, w_name = int(m.group(1)), int(m.group(2)), m.group(3)
+        if not hasattr(self, "_experts"):
+            self._experts, self._stacked = {}, {}
+        if xid >= n_expert:
+            raise ConversionError(f"{t.file.path}: tensor {name!r} names expert {xid}, but config.json says "
+                                  f"there are {n_expert}")
+        pending = self._experts.setdefault(layer, {})
+        pending[(xid, w_name)] = (name, t)
+        if len(pending) < n_expert * len(self.expert_weights):
+            return iter(())
+        del self._experts[layer]
+        return self._stack(layer, pending, n_expert)
+
+    def _stack(self, layer, pending, n_expert):
+        for w_name in self.expert_weights:
+            parts = [pending[(x, w_name)][1] for x in range(n_expert)]
+            new_name = self.map_name(self.merged_name.format(bid=layer, w=w_name))
+            src = StackedExperts(new_name, parts)
+            self._stacked[new_name] = src
+            yield new_name, src.shape, None
+
+    def plan(self, out_type):
+        planned = super().plan(out_type)
+        left = getattr(self, "_experts", {})
+        if left:  # a layer whose experts never all appeared
+            layer, pending = min(left.items())
+            n_expert = self.find(self.expert_count_keys)
+            missing = [(x, w) for x in range(n_expert) for w in self.expert_weights if (x, w) not in pending]
+            some = next(iter(pending.values()))[0]
+            m = re.fullmatch(self.expert_re, some)  # the missing names, spelled like a present one
+            names = [some[:m.start(2)] + str(x) + some[m.end(2):m.start(3)] + w + some[m.end(3):]
+                     for x, w in missing[:4]]
+            raise ConversionError(f"{self.dir}: expert tensor(s) {names}{' ...' if len(missing) > 4 else ''} "
+                                  f"missing ({len(pending)} of {n_expert * len(self.expert_weights)} of layer "
+                                  f"{layer} found)")
+        for p in planned:
+            if p.name in getattr(self, "_stacked", {}):
+                p.source = self._stacked[p.name]
+        return planned

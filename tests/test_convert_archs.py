@@ -1,0 +1,147 @@
+"""Architectures beyond the first seven: our conversion equals llama.cpp's convert_hf_to_gguf.py on a tiny
+random checkpoint (metadata, tensors, bytes and order, at F16 and Q8_0), and llama.cpp computes what
+transformers computes from our F16 file (top-1 equal, cosine >= 0.999).  Mixture-of-experts checkpoints
+are stacked slab by slab (checked with tracemalloc on 64 experts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gguf_kquant
+from gguf_kquant.errors import ConversionError
+from oracle import lib_dir, vendor_llama_cpp
+from test_convert_helpers import (QWEN2_RE, assert_same_gguf, gguf_logits, hf_logits, hf_tokenizer, make_model,
+                                  train_bpe)
+
+# tokenizer.ggml.pre given to convert_hf_to_gguf.py (its hash table does not know our trained tokenizers)
+PRE = {"mixtral": "llama-bpe", "qwen2moe": "qwen2", "qwen3moe": "qwen2"}
+ARCHS = list(PRE)
+OUTTYPES = ("F16", "Q8_0")
+
+
+def vendor_convert_jobs(jobs) -> None:
+    """convert_hf_to_gguf.py on each (model_dir, outfile, outtype, pre) in one process (torch imported once)."""
+    src = vendor_llama_cpp()
+    driver = (
+        "import sys, runpy\n"
+        f"sys.path.insert(0, {str(src)!r}); sys.path.insert(1, {str(src / 'gguf-py')!r})\n"
+        "import conversion.base as b\n"
+        f"main = runpy.run_path({str(src / 'convert_hf_to_gguf.py')!r}, run_name='convert_hf_to_gguf')['main']\n"
+        f"for d, o, t, pre in {[(str(d), str(o), t, p) for d, o, t, p in jobs]!r}:\n"
+        "    b.TextModel.get_vocab_base_pre = lambda self, tokenizer, pre=pre: pre\n"
+        "    sys.argv = ['convert_hf_to_gguf.py', d, '--outfile', o, '--outtype', t]\n"
+        "    main()\n"
+    )
+    env = dict(os.environ)
+    env.pop("NO_LOCAL_GGUF", None)
+    r = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, env=env, cwd=str(src))
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Each architecture's checkpoint and transformers model, and convert_hf_to_gguf.py's files of it."""
+    lib_dir()  # the oracle must be installed: fail, never skip
+    root = tmp_path_factory.mktemp("archs")
+    models = {a: make_model(a, root / a, seed=20 + i) for i, a in enumerate(ARCHS)}
+    vendor_convert_jobs([(root / a, root / f"{a}.{t}.theirs.gguf", t.lower(), PRE[a]) for a in ARCHS for t in OUTTYPES])
+    return root, models
+
+
+@pytest.mark.parametrize("ftype", OUTTYPES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_matches_convert_hf_to_gguf(built, arch, ftype):
+    root, _ = built
+    ours = root / f"{arch}.{ftype}.ours.gguf"
+    gguf_kquant.convert_hf(root / arch, ours, ftype, overwrite=True)
+    meta = assert_same_gguf(ours, root / f"{arch}.{ftype}.theirs.gguf")
+    assert meta["tokenizer.ggml.pre"][2] == PRE[arch]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_transformers(built, arch):
+    root, models = built
+    out = root / f"{arch}.F16.logits.gguf"
+    gguf_kquant.convert_hf(root / arch, out, "F16")
+    ids = hf_tokenizer(root / arch).encode("Hello world, 12345 Ünïcödé 🦙 and more text").ids[:24]
+    ours = gguf_logits(out, ids)
+    ref = hf_logits(models[arch], ids, f16_weights=True)
+    cos = np.sum(ours * ref, -1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert (ours.argmax(-1) == ref.argmax(-1)).all(), f"{arch}: top-1 differs"
+    assert cos.min() >= 0.999, f"{arch}: cosine {cos.min():.5f}"
+
+
+# ---- experts: memory and bad checkpoints ---------------------------------------------------------------
+def _synthetic_moe(d, n_expert=64, n_embd=256, n_ff=1024, drop=None, odd=None):
+    """A one-layer Qwen3-MoE checkpoint written tensor by tensor (F16): ``drop`` omits an expert tensor,
+    ``odd`` gives one a different shape."""
+    from gguf_kquant.convert.safetensors import write_safetensors
+
+    train_bpe(d, regex=QWEN2_RE, specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos="<|im_end|>",
+              add_bos=False)
+    n_vocab = 400
+    cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": n_embd,
+           "intermediate_size": n_ff, "moe_intermediate_size": n_ff, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64, "num_experts": n_expert,
+           "num_experts_per_tok": 2, "vocab_size": n_vocab, "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
+           "rope_theta": 10000.0, "tie_word_embeddings": False}
+    (d / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(0)
+
+    def t(*shape):
+        return ("F16", list(shape), iter([rng.standard_normal(shape, dtype=np.float32).astype(np.float16).tobytes()]))
+
+    p = "model.layers.0."
+    tensors = {"model.embed_tokens.weight": t(n_vocab, n_embd), "lm_head.weight": t(n_vocab, n_embd),
+               "model.norm.weight": t(n_embd), p + "input_layernorm.weight": t(n_embd),
+               p + "post_attention_layernorm.weight": t(n_embd), p + "mlp.gate.weight": t(n_expert, n_embd),
+               p + "self_attn.q_proj.weight": t(128, n_embd), p + "self_attn.k_proj.weight": t(64, n_embd),
+               p + "self_attn.v_proj.weight": t(64, n_embd), p + "self_attn.o_proj.weight": t(n_embd, 128),
+               p + "self_attn.q_norm.weight": t(64), p + "self_attn.k_norm.weight": t(64)}
+    for x in range(n_expert):
+        for w, shape in (("down_proj", (n_embd, n_ff)), ("gate_proj", (n_ff, n_embd)), ("up_proj", (n_ff, n_embd))):
+            name = f"{p}mlp.experts.{x}.{w}.weight"
+            if name == odd:
+                shape = (shape[0], shape[1] // 2)
+            if name != drop:
+                tensors[name] = t(*shape)
+    write_safetensors(d / "model.safetensors", tensors)
+
+
+def test_experts_are_stacked_slab_by_slab(tmp_path):
+    """64 experts of 1024 x 256: one stacked weight is 32 MiB in F16 (64 MiB in float32, a layer 192 MiB);
+    the conversion's Python-side peak stays near one 16 MiB slab (measured: 30 MiB, slab and its F16 copy)."""
+    import tracemalloc
+
+    from gguf_kquant.model.quantize import SLAB_BYTES
+
+    d = tmp_path / "moe"
+    d.mkdir()
+    _synthetic_moe(d)
+    tracemalloc.start()
+    try:
+        gguf_kquant.convert_hf(d, tmp_path / "moe.gguf", "F16")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * SLAB_BYTES, f"peak {peak / 2**20:.1f} MiB"
+    with gguf_kquant.open(tmp_path / "moe.gguf") as f:
+        t = {t.name: t for t in f.tensors}["blk.0.ffn_down_exps.weight"]
+        assert tuple(t.shape) == (64, 256, 1024)
+
+
+@pytest.mark.parametrize("bad", ["drop", "odd"])
+def test_bad_experts_refused_before_writing(tmp_path, bad):
+    d = tmp_path / "moe"
+    d.mkdir()
+    name = "model.layers.0.mlp.experts.5.up_proj.weight"
+    _synthetic_moe(d, n_expert=8, n_embd=64, n_ff=128, **{bad: name})
+    with pytest.raises(ConversionError, match="experts.5.up_proj"):
+        gguf_kquant.convert_hf(d, tmp_path / "moe.gguf", "F16")
+    assert not (tmp_path / "moe.gguf").exists()
