@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import gguf_kquant
 import oracle
@@ -215,3 +217,50 @@ def test_library_errors_are_gguf_errors(src):
         edit(src, set=[("x", 3)])  # a plain value has no GGUF type: pass a Value
     with pytest.raises(GGUFError, match="named twice"):
         edit(src, set=["general.name=str:a"], rename=["general.name=general.x"])
+
+
+_SCALARS = {"UINT8": (0, 255), "INT8": (-128, 127), "UINT16": (0, 65535), "INT16": (-32768, 32767),
+            "UINT32": (0, 2**32 - 1), "INT32": (-2**31, 2**31 - 1), "UINT64": (0, 2**64 - 1),
+            "INT64": (-2**63, 2**63 - 1)}
+
+
+@st.composite
+def edits(draw):
+    sets = [("general.name", "STRING", draw(st.text(st.characters(codec="utf-8"), max_size=20)))]
+    for i in range(draw(st.integers(0, 3))):
+        t = draw(st.sampled_from(sorted(_SCALARS) + ["FLOAT32", "FLOAT64", "BOOL", "STRING"]))
+        if t in _SCALARS:
+            v = draw(st.integers(*_SCALARS[t]))
+        elif t == "BOOL":
+            v = draw(st.booleans())
+        elif t == "STRING":
+            v = draw(st.text(st.characters(codec="utf-8"), max_size=10))
+        else:
+            v = draw(st.floats(width=32 if t == "FLOAT32" else 64, allow_nan=False))
+        sets.append((f"x.k{i}", t, v))
+    remove = draw(st.lists(st.sampled_from(["general.file_type", "llama.vocab_size", "tokenizer.ggml.add_eos_token",
+                                            "tokenizer.ggml.scores"]), unique=True))
+    special = draw(st.lists(st.tuples(st.sampled_from(["bos", "eos", "padding", "fim_pre"]), st.integers(0, 1023)),
+                            unique_by=lambda t: t[0]))
+    return sets, remove, special
+
+
+@settings(max_examples=12, deadline=None)
+@given(e=edits())
+def test_property_same_bytes_as_gguf_new_metadata_in_process(e, tmp_path_factory):
+    """gguf-new-metadata's own copy_with_new_metadata, called in-process, for random edits it can express."""
+    import gguf
+    from gguf.scripts import gguf_new_metadata as gnm
+
+    sets, remove, special = e
+    d = tmp_path_factory.mktemp("prop")
+    new = {k: gnm.MetadataDetails(gguf.GGUFValueType[t], v) for k, t, v in sets}
+    new.update({f"tokenizer.ggml.{n}_token_id": gnm.MetadataDetails(gguf.GGUFValueType.UINT32, i) for n, i in special})
+    reader = gguf.GGUFReader(FIXTURE, "r")
+    writer = gguf.GGUFWriter(d / "ref.gguf", arch="llama", endianess=reader.endianess)
+    gnm.copy_with_new_metadata(reader, writer, new, remove)
+    del reader
+    text = {"BOOL": json.dumps, "FLOAT32": repr, "FLOAT64": repr}
+    specs = [f"{k}={t}:{text.get(t, str)(v)}" for k, t, v in sets]
+    edit(FIXTURE, d / "ours.gguf", set=specs, delete=remove, special_tokens=special)
+    assert (d / "ours.gguf").read_bytes() == (d / "ref.gguf").read_bytes()
