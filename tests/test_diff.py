@@ -124,3 +124,13 @@ def test_sums_over_slabs(monkeypatch):
     assert math.isnan(diff_module.tensor_error(x, y)["max_abs"])  # a NaN is not hidden by max()
     monkeypatch.setattr(diff_module, "SLAB_ELEMENTS", 7)
     assert math.isnan(diff_module.tensor_error(x, y)["max_abs"])
+
+
+def test_json_of_non_finite_values(tmp_path, capsys):
+    x = np.ones((2, 32), np.float32)
+    gguf_kquant.write(tmp_path / "a.gguf", {"general.architecture": "llama"}, {"t": x})
+    x[1, 5] = np.inf
+    gguf_kquant.write(tmp_path / "b.gguf", {"general.architecture": "llama"}, {"t": x})
+    assert main(["diff", str(tmp_path / "a.gguf"), str(tmp_path / "b.gguf"), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["tensors"]["compared"][0]
+    assert row["rmse"] == "inf" and row["max_abs"] == "inf"

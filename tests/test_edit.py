@@ -141,6 +141,27 @@ def test_rewrite_in_place_is_atomic_and_equal_to_a_copy(src, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["copy.gguf", "m.gguf"]  # no temp file left
 
 
+def test_a_failure_mid_write_leaves_the_file_as_it_was(src, monkeypatch):
+    from gguf_kquant.container.reader import TensorInfo
+
+    chunks = TensorInfo.chunks
+    calls = []
+
+    def failing(self, *a, **kw):
+        calls.append(self.name)
+        if len(calls) >= 5:  # the fifth tensor and after
+            raise OSError(28, "No space left on device")
+        return chunks(self, *a, **kw)
+
+    monkeypatch.setattr(TensorInfo, "chunks", failing)
+    before = digest(src.parent)
+    with pytest.raises(OSError, match="No space"):
+        edit(src, delete=["general.name"])
+    assert digest(src.parent) == before  # same bytes, no temp file
+    assert main(["edit", str(src), "-o", str(src.parent / "new.gguf"), "--delete", "general.name"]) == 1
+    assert digest(src.parent) == before
+
+
 def test_every_gguf_value_type(src, tmp_path):
     sets = ["x.u8=UINT8:255", "x.i8=int8:-128", "x.u16=UINT16:65535", "x.i16=INT16:-32768",
             "x.u32=uint32:4294967295", "x.i32=INT32:-5", "x.f32=FLOAT32:0.1", "x.b=BOOL:true", "x.s=STRING:héllo",

@@ -168,6 +168,17 @@ def _print_diff(d: dict) -> None:
           + ("identical" if s["identical"] else "different"))
 
 
+def _finite(v):
+    """JSON has no NaN/Infinity: non-finite floats become "nan", "inf", "-inf"."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v
+
+
 def _diff_run(args) -> int:
     from .diff import diff
 
@@ -175,7 +186,7 @@ def _diff_run(args) -> int:
         raise InvalidArgumentError(f"--threads {args.threads}: must be at least 1")
     d = diff(args.a, args.b, tensors=not args.no_tensors, threads=args.threads)
     if args.json:
-        json.dump(d, sys.stdout, indent=1, ensure_ascii=False)
+        json.dump(_finite(d), sys.stdout, indent=1, ensure_ascii=False, allow_nan=False)
         print()
     else:
         _print_diff(d)
