@@ -138,3 +138,10 @@ def test_overwrite_and_dry_run(tmp_path, capsys):
     assert out.startswith("n_split: 4\n") and sorted(os.listdir(tmp_path)) == [
         "m-00001-of-00002.gguf", "m-00002-of-00002.gguf"]
     assert main(["split", "--overwrite", "--split-max-tensors", "20", str(FIXTURE), str(tmp_path / "m"), "-q"]) == 0
+
+
+def test_a_split_model_is_resplit_as_a_whole(tmp_path):
+    a = split(FIXTURE, tmp_path / "a", max_tensors=5)
+    b = split(a[0], tmp_path / "b", max_tensors=13)
+    c = split(FIXTURE, tmp_path / "c", max_tensors=13)
+    assert len(b) == 3 and [p.read_bytes() for p in b] == [p.read_bytes() for p in c]
