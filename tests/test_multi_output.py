@@ -71,39 +71,35 @@ def test_six_mixes_match_llama_quantize_with_one_read_per_tensor(models, imatric
     assert len(log["quantize"]) == sum(len(types) for types in per_tensor)  # once per distinct type
     assert len(log["quantize"]) < sum(r.convert for p in plans for r in p.rows)  # the mixes share work
 
-def test_moe_keep_split_and_split_outputs_equal_single_runs_and_reports(models, imatrices, tmp_path):
+def test_moe_split_and_keep_split_outputs_equal_single_runs_and_reports(models, imatrices, tmp_path):
     src = models["moe"]
     path, _values = imatrices["moe"]
-    mixes = {"Q3_K_M": tmp_path / "a.gguf", "Q4_0": tmp_path / "c.gguf"}
-    reports = {tmp_path / "a.gguf": tmp_path / "a.json", tmp_path / "c.gguf": tmp_path / "c.json"}
-    res = gguf_kquant.quantize_model(src, {p: m for m, p in mixes.items()}, imatrix=path, report=reports,
-                                     split_max_size=300_000)
-    for mix, dst in mixes.items():
-        single_dir = tmp_path / "single"
-        single_dir.mkdir(exist_ok=True)
-        rep = single_dir / f"{mix}.json" if dst in reports else None
-        one = gguf_kquant.quantize_model(src, single_dir / dst.name, mix, imatrix=path, report=rep,
+    outs = {tmp_path / "a.gguf": "Q3_K_M", tmp_path / "c.gguf": "Q4_0"}
+    res = gguf_kquant.quantize_model(src, outs, imatrix=path, split_max_size=300_000)
+    (tmp_path / "single").mkdir()
+    for dst, mix in outs.items():
+        one = gguf_kquant.quantize_model(src, tmp_path / "single" / dst.name, mix, imatrix=path,
                                          split_max_size=300_000)
         assert [p.name for p in res[dst].paths] == [p.name for p in one.paths] and len(one.paths) > 1
         for a, b in zip(res[dst].paths, one.paths):
             assert a.read_bytes() == b.read_bytes(), a.name
-        if rep is not None:
-            assert reports[dst].read_bytes() == rep.read_bytes()
-            assert json.loads(rep.read_text())["mix"] == mix and res[dst].report
-    # --keep-split of a split source, against llama.cpp
+    # --keep-split of a split source, against llama.cpp; one output with a report
     with gguf_kquant.open(models["tied"]) as f:
         n = len(f.tensors)
     _write_split_copy(models["tied"], tmp_path / "s.gguf", n // 2 + 1)
     first = sorted(tmp_path.glob("s-00001-of-*.gguf"))[0]
-    res = gguf_kquant.quantize_model(first, {tmp_path / "k6.gguf": "Q6_K", tmp_path / "k2.gguf": "Q2_K"},
-                                     keep_split=True)
-    for mix, name in (("Q6_K", "k6"), ("Q2_K", "k2")):
-        oracle_quantize(first, tmp_path / f"t{name}", mix, keep_split=True)
-        theirs = sorted(tmp_path.glob(f"t{name}-*-of-*.gguf"))
-        ours = res[tmp_path / f"{name}.gguf"].paths
-        assert len(ours) == len(theirs) == 2
-        for a, b in zip(ours, theirs):
+    k6, k2, rep = tmp_path / "k6.gguf", tmp_path / "k2.gguf", tmp_path / "k6.json"
+    res = gguf_kquant.quantize_model(first, {k6: "Q6_K", k2: "Q2_K"}, keep_split=True, report={k6: rep})
+    for mix, dst in (("Q6_K", k6), ("Q2_K", k2)):
+        oracle_quantize(first, tmp_path / f"t{dst.stem}", mix, keep_split=True)
+        theirs = sorted(tmp_path.glob(f"t{dst.stem}-*-of-*.gguf"))
+        assert len(res[dst].paths) == len(theirs) == 2
+        for a, b in zip(res[dst].paths, theirs):
             _check_same(a, b)
+    one = gguf_kquant.quantize_model(first, tmp_path / "single" / "k6.gguf", "Q6_K", keep_split=True,
+                                     report=tmp_path / "single" / "k6.json")
+    assert rep.read_bytes() == (tmp_path / "single" / "k6.json").read_bytes()
+    assert json.loads(rep.read_text())["mix"] == "Q6_K" and res[k6].report == one.report and not res[k2].report
 
 
 def _no_work(monkeypatch):
