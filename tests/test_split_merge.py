@@ -62,15 +62,17 @@ def files(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("how", [("--split-max-tensors", "10"), ("--split-max-size", "2M"), ()],
-                         ids=["tensors", "size", "default"])
+@pytest.mark.parametrize("how", [("--split-max-tensors", "10"), ("--split-max-size", "2M"), (),
+                                 ("--no-tensor-first-split", "--split-max-tensors", "10"),
+                                 ("--no-tensor-first-split",)],
+                         ids=["tensors", "size", "default", "no-tensor-first-10", "no-tensor-first"])
 def test_split_is_byte_identical_to_llama_gguf_split(gguf_split_bin, tmp_path, how):
     ref, ours = tmp_path / "ref", tmp_path / "ours"
     ref.mkdir(), ours.mkdir()
     gguf_split(gguf_split_bin, "--split", *how, FIXTURE, ref / "m")
     assert main(["split", *how, str(FIXTURE), str(ours / "m"), "-q"]) == 0
     expected = files(ref)
-    assert len(expected) == {"10": 4, "2M": 3}.get(how[-1] if how else "", 1)
+    assert len(expected) == {"10": 4, "2M": 3}.get(how[-1] if how else "", 1) + ("--no-tensor-first-split" in how)
     assert files(ours) == expected
 
 

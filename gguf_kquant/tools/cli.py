@@ -77,6 +77,7 @@ def _split_arguments(p) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--split-max-size", metavar="N", help="max tensor bytes per shard (bytes, or N with M or G)")
     g.add_argument("--split-max-tensors", type=int, metavar="N", help="max tensors per shard (default 128)")
+    p.add_argument("--no-tensor-first-split", action="store_true", help="the first shard holds the metadata only")
     p.add_argument("--dry-run", action="store_true", help="print the shards that would be written, write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace existing shards")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
@@ -87,12 +88,13 @@ def _split_arguments(p) -> None:
 def _split_run(args) -> int:
     from .split_merge import plan_split, split
 
-    kw = dict(max_size=args.split_max_size, max_tensors=args.split_max_tensors)
+    kw = dict(max_size=args.split_max_size, max_tensors=args.split_max_tensors,
+              no_tensor_first_split=args.no_tensor_first_split)
     if args.dry_run:
         shards = plan_split(args.src, args.out_prefix, **kw)
         print(f"n_split: {len(shards)}")
-        for path, n, size in shards:
-            print(f"{path}: n_tensors = {n}, total_size = {size / 1e6:.1f}M")
+        for path, n in shards:
+            print(f"{path}: n_tensors = {n}")
         return 0
     paths = split(args.src, args.out_prefix, overwrite=args.overwrite, **kw)
     if not args.quiet:

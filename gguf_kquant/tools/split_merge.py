@@ -37,12 +37,13 @@ from typing import Optional
 from ..container import split as _split
 from ..container.reader import open_gguf
 from ..container.values import GGUFValueType, Metadata, Value
-from ..container.writer import GGUFWriter, TensorSpec, _ggml_n_dims
+from ..container.writer import DEFAULT_ALIGNMENT, KEY_ALIGNMENT, GGUFWriter, TensorSpec, _ggml_n_dims, write_shards
 from ..errors import SplitError
 
 __all__ = ["split", "merge", "DEFAULT_MAX_TENSORS", "plan_split"]
 
 DEFAULT_MAX_TENSORS = 128  # gguf-split's split_params.n_split_tensors
+_SPLIT_KEYS = (_split.KEY_SPLIT_NO, _split.KEY_SPLIT_TENSORS_COUNT, _split.KEY_SPLIT_COUNT)
 
 
 def _split_writer(src_file, out_prefix, max_size, max_tensors, overwrite: bool, fsync: bool) -> GGUFWriter:
@@ -55,23 +56,57 @@ def _split_writer(src_file, out_prefix, max_size, max_tensors, overwrite: bool, 
     return w
 
 
-def plan_split(src, out_prefix, *, max_size=None, max_tensors: Optional[int] = None) -> list:
-    """What :func:`split` would write, without writing: ``[(path, n_tensors, file_size)]`` per shard
-    (gguf-split's ``--dry-run``)."""
+def _renumbered(pairs: list, no: int, count: int) -> list:
+    """A shard's metadata with ``split.no``/``split.count`` set (same keys, same order)."""
+    new = {_split.KEY_SPLIT_NO: Value(no, GGUFValueType.UINT16),
+           _split.KEY_SPLIT_COUNT: Value(count, GGUFValueType.UINT16)}
+    return [(k, new.get(k, v)) for k, v in pairs]
+
+
+def _no_tensor_first(plans: list, out_prefix) -> list:
+    """gguf-split --no-tensor-first-split: a first shard with all metadata and no tensors, then the shards
+    of the plan with only the split keys (and a non-default alignment), numbered from 2."""
+    count = len(plans) + 1
+    rest = plans[1] if len(plans) > 1 else None
+    head = [(k, v) for k, v in plans[0].metadata if k not in _SPLIT_KEYS]
+    split_keys = [(k, v) for k, v in plans[0].metadata if k in _SPLIT_KEYS]
+    shard_md = rest.metadata if rest is not None else [
+        (k, v) for k, v in plans[0].metadata if k in _SPLIT_KEYS or (k == KEY_ALIGNMENT and v.value != DEFAULT_ALIGNMENT)]
+    files = [(_split.shard_path(out_prefix, 0, count), _renumbered(head + split_keys, 0, count), [])]
+    for i, p in enumerate(plans):
+        files.append((_split.shard_path(out_prefix, i + 1, count), _renumbered(shard_md, i + 1, count), p.tensors))
+    return files
+
+
+def _shard_files(f, out_prefix, max_size, max_tensors, no_tensor_first: bool) -> list:
+    plans = _split_writer(f, out_prefix, max_size, max_tensors, True, False).plan()
+    if no_tensor_first:
+        return _no_tensor_first(plans, out_prefix)
+    return [(p.path, p.metadata, p.tensors) for p in plans]
+
+
+def plan_split(src, out_prefix, *, max_size=None, max_tensors: Optional[int] = None,
+               no_tensor_first_split: bool = False) -> list:
+    """What :func:`split` would write, without writing: ``[(path, n_tensors)]`` per shard (gguf-split's
+    ``--dry-run``)."""
     with open_gguf(src) as f:
-        plans = _split_writer(f, out_prefix, max_size, max_tensors, True, False).plan()
-        return [(p.path, len(p.tensors), p.file_size) for p in plans]
+        return [(path, len(tensors)) for path, _, tensors in
+                _shard_files(f, out_prefix, max_size, max_tensors, no_tensor_first_split)]
 
 
-def split(src, out_prefix, *, max_size=None, max_tensors: Optional[int] = None, overwrite: bool = False,
-          fsync: bool = True) -> list:
+def split(src, out_prefix, *, max_size=None, max_tensors: Optional[int] = None, no_tensor_first_split: bool = False,
+          overwrite: bool = False, fsync: bool = True) -> list:
     """Write ``src`` as gguf-split shards ``{out_prefix}-0000i-of-0000N.gguf``; returns their paths.
 
     ``max_size``: bytes of tensor data per shard (an int, or ``"500M"`` / ``"2G"``, decimal units as
-    gguf-split); ``max_tensors``: tensors per shard (default 128 when neither is given).
+    gguf-split); ``max_tensors``: tensors per shard (default 128 when neither is given);
+    ``no_tensor_first_split``: the first shard holds the metadata only (gguf-split's option of that name).
     """
     with open_gguf(src) as f:
-        return _split_writer(f, out_prefix, max_size, max_tensors, overwrite, fsync).close()
+        if not no_tensor_first_split:
+            return _split_writer(f, out_prefix, max_size, max_tensors, overwrite, fsync).close()
+        files = _shard_files(f, out_prefix, max_size, max_tensors, True)
+        return write_shards(files, byte_order=f.byte_order, fsync=fsync, inputs=f.shards, overwrite=overwrite)
 
 
 def merge(first_shard, dst, *, overwrite: bool = False, fsync: bool = True) -> Path:
