@@ -86,6 +86,13 @@ def test_merge_is_byte_identical_to_llama_gguf_split(gguf_split_bin, tmp_path):
         assert f.metadata["split.count"] == 0 and len(f.tensors) == 39 and f.shards == [tmp_path / "ours.gguf"]
 
 
+def test_merge_of_a_metadata_only_first_shard(gguf_split_bin, tmp_path):
+    gguf_split(gguf_split_bin, "--split", "--no-tensor-first-split", "--split-max-size", "3M", FIXTURE, tmp_path / "m")
+    first = tmp_path / "m-00001-of-00003.gguf"
+    gguf_split(gguf_split_bin, "--merge", first, tmp_path / "ref.gguf")
+    assert merge(first, tmp_path / "ours.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
+
+
 def test_a_single_shard_merges_like_llama_gguf_split(gguf_split_bin, tmp_path):
     (shard,) = split(FIXTURE, tmp_path / "one")
     gguf_split(gguf_split_bin, "--merge", shard, tmp_path / "ref.gguf")

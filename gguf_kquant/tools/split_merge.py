@@ -14,7 +14,8 @@ complete; nothing is left behind on an error, Ctrl-C, SIGTERM or SIGHUP.
 (tools/gguf-split/gguf-split.cpp): shards ``{OUT_PREFIX}-0000i-of-0000N.gguf``, the first holding all
 metadata, each ending with ``split.no``, ``split.tensors.count``, ``split.count``; a new shard every
 ``max_tensors`` tensors (128 when neither limit is given, gguf-split's default) or when the shard's padded
-tensor bytes would exceed ``max_size``.  The layout rules are the writer's (see
+tensor bytes would exceed ``max_size``; with ``no_tensor_first_split`` the first shard holds only the metadata and the tensors start in
+the second.  The layout rules are the writer's (see
 :mod:`gguf_kquant.container.writer`), including where it differs from gguf-split: a tensor larger than
 ``max_size`` gets a shard of its own (gguf-split fails), and a non-default alignment is honoured in every
 shard (gguf-split pads with 32 and writes a file llama.cpp rejects).  A split model given as ``src`` (its
