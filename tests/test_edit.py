@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 import gguf_kquant
 import oracle
 from gguf_kquant.cli import main
-from gguf_kquant.container.values import GGUFValueType as VT, Value
+from gguf_kquant.container.values import GGUFValueType as VT
 from gguf_kquant.errors import GGUFError
 from gguf_kquant.tools import edit
 

@@ -287,7 +287,8 @@ def _plan(f, sets, delete, rename, chat_template, special_tokens, retype) -> tup
         if not isinstance(chat_template, str):
             raise InvalidArgumentError(f"the chat template must be a str, not {type(chat_template).__name__}")
         if KEY_CHAT_TEMPLATE in named:
-            raise InvalidArgumentError(f"{KEY_CHAT_TEMPLATE}: named twice ({named[KEY_CHAT_TEMPLATE]} and chat template)")
+            raise InvalidArgumentError(f"{KEY_CHAT_TEMPLATE}: named twice ({named[KEY_CHAT_TEMPLATE]} and "
+                                       f"chat template)")
 
     pairs, in_place, changed = [], {}, []
     for key, typed in old.items():

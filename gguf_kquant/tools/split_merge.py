@@ -14,12 +14,12 @@ complete; nothing is left behind on an error, Ctrl-C, SIGTERM or SIGHUP.
 (tools/gguf-split/gguf-split.cpp): shards ``{OUT_PREFIX}-0000i-of-0000N.gguf``, the first holding all
 metadata, each ending with ``split.no``, ``split.tensors.count``, ``split.count``; a new shard every
 ``max_tensors`` tensors (128 when neither limit is given, gguf-split's default) or when the shard's padded
-tensor bytes would exceed ``max_size``; with ``no_tensor_first_split`` the first shard holds only the metadata and the tensors start in
-the second.  The layout rules are the writer's (see
+tensor bytes would exceed ``max_size``; with ``no_tensor_first_split`` the first shard holds only the metadata
+and the tensors start in the second. The layout rules are the writer's (see
 :mod:`gguf_kquant.container.writer`), including where it differs from gguf-split: a tensor larger than
 ``max_size`` gets a shard of its own (gguf-split fails), and a non-default alignment is honoured in every
-shard (gguf-split pads with 32 and writes a file llama.cpp rejects).  A split model given as ``src`` (its
-first shard) is re-split as a whole.
+shard (gguf-split pads with 32 and writes a file llama.cpp rejects). A split model given as ``src`` (its first
+shard) is re-split as a whole.
 
 ``merge`` is ``llama-gguf-split --merge FIRST_SHARD DST``: the first shard's metadata with ``split.count``
 set to 0 (moved to the end, as ``gguf_set_val_u16`` does; ``split.no`` and ``split.tensors.count`` stay),
@@ -72,7 +72,8 @@ def _no_tensor_first(plans: list, out_prefix) -> list:
     head = [(k, v) for k, v in plans[0].metadata if k not in _SPLIT_KEYS]
     split_keys = [(k, v) for k, v in plans[0].metadata if k in _SPLIT_KEYS]
     shard_md = rest.metadata if rest is not None else [
-        (k, v) for k, v in plans[0].metadata if k in _SPLIT_KEYS or (k == KEY_ALIGNMENT and v.value != DEFAULT_ALIGNMENT)]
+        (k, v) for k, v in plans[0].metadata
+        if k in _SPLIT_KEYS or (k == KEY_ALIGNMENT and v.value != DEFAULT_ALIGNMENT)]
     files = [(_split.shard_path(out_prefix, 0, count), _renumbered(head + split_keys, 0, count), [])]
     for i, p in enumerate(plans):
         files.append((_split.shard_path(out_prefix, i + 1, count), _renumbered(shard_md, i + 1, count), p.tensors))
