@@ -36,7 +36,9 @@ with ``qsort``; glibc's qsort is a merge sort here (stable), so ties keep index 
 Exact speed-ups (the same floats, in the same order, fewer operations):
 
 * ggml's split search evaluates every (i1, i2) and keeps the first strictly better score; the candidate sums
-  of one i1 row do not depend on the running best, so they are computed first, then compared in C's order;
+  of one i1 row do not depend on the running best, so they are computed first (vectorized), then compared
+  in C's order — and only if one of them passes C's test against the best at the row's start (otherwise
+  none can: the best changes only when a candidate passes);
 * a neighbour's error is a sum of 8 terms ``(w*diff)*diff`` whose value depends only on the element and its
   level (3 choices): the 24 terms are computed once per group, each neighbour adds 8 of them in C's order.
 
@@ -65,6 +67,7 @@ from .helpers import fp16_bits_to_fp32, fp32_to_fp16_bits, load_fp16, nearest_in
 from .iq_grids import iq2_grid_tables
 
 _F32 = np.float32
+_U = np.uint64  # unsigned loop indices: no negative-index wraparound, so LLVM can vectorize the loop
 _FLT_MAX = np.float32(np.finfo(np.float32).max)
 
 IQ1S_DELTA = _F32(0.125)  # ggml-common.h
@@ -239,8 +242,8 @@ def _split_search_iq1_s(sumx, sumw, n, x_p, x_m, max_, cand):
         am = a * m0
         awp = _F32(aw * p0) * p0
         awm = _F32(aw * m0) * m0
-        # candidate sums of this row, independent of the running best (vectorized)
-        for i2 in range(i1, n + 1):
+        # candidate sums of this row, independent of the running best (unsigned index: vectorized)
+        for i2 in range(_U(i1), _U(n + 1)):
             b = sumx[i2] - a
             c = tx - sumx[i2]
             bw = sumw[i2] - aw
@@ -249,6 +252,14 @@ def _split_search_iq1_s(sumx, sumw, n, x_p, x_m, max_, cand):
             q2p[i2] = (awp + _F32(bw * p1) * p1) + _F32(cw * p2) * p2
             qxm[i2] = (am + b * m1) + c * m2
             q2m[i2] = (awm + _F32(bw * m1) * m1) + _F32(cw * m2) * m2
+        # C's test in C's order against the running best — only if some candidate of the row passes against
+        # the best at its start (until one passes, the best does not change)
+        hit = False
+        for i2 in range(_U(i1), _U(n + 1)):  # vectorized
+            hit |= (((q2p[i2] > 0) & (qxp[i2] * qxp[i2] > best_score * q2p[i2]))
+                    | ((q2m[i2] > 0) & (qxm[i2] * qxm[i2] > best_score * q2m[i2])))
+        if not hit:
+            continue
         for i2 in range(i1, n + 1):
             sumqx = qxp[i2]
             sumq2 = q2p[i2]
@@ -463,7 +474,7 @@ def _split_search_iq1_m(px, pw, n, x_p, x_m, max_, sumqx, sumq2):
         b0m = pw[0, i1] * cm1
         b1p = pw[1, i1] * cp1
         b1m = pw[1, i1] * cm1
-        for i2 in range(i1, n + 1):
+        for i2 in range(_U(i1), _U(n + 1)):  # unsigned index: vectorized
             sx0 = a0 + px[0, i2]
             sx1 = a1 + px[1, i2]
             qx_p0 = tp0 - sx0
@@ -482,6 +493,16 @@ def _split_search_iq1_m(px, pw, n, x_p, x_m, max_, sumqx, sumq2):
             sumq2[1, i2] = q2_p0 + q2_m1
             sumq2[2, i2] = q2_m0 + q2_p1
             sumq2[3, i2] = q2_m0 + q2_m1
+        # C's test in C's order (i2, then k) against the running best — needed only if some candidate of the
+        # row passes against the best at its start (until one passes, the best does not change)
+        hit = False
+        for i2 in range(_U(i1), _U(n + 1)):  # vectorized
+            hit |= (((sumq2[0, i2] > 0) & (sumqx[0, i2] * sumqx[0, i2] > best_score * sumq2[0, i2]))
+                    | ((sumq2[1, i2] > 0) & (sumqx[1, i2] * sumqx[1, i2] > best_score * sumq2[1, i2]))
+                    | ((sumq2[2, i2] > 0) & (sumqx[2, i2] * sumqx[2, i2] > best_score * sumq2[2, i2]))
+                    | ((sumq2[3, i2] > 0) & (sumqx[3, i2] * sumqx[3, i2] > best_score * sumq2[3, i2])))
+        if not hit:
+            continue
         for i2 in range(i1, n + 1):
             for k in range(4):
                 sx = sumqx[k, i2]
