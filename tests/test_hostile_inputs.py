@@ -8,6 +8,7 @@ Cases that could kill or hang the interpreter on a regression run in a child pro
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -565,3 +566,16 @@ def test_json_resource_bombs_are_refused_before_parsing(tiny_llama, tmp_path, na
         tracemalloc.stop()
     assert isinstance(exc, LimitExceededError) and "resource bomb" in str(exc) and name in str(exc), exc
     assert peak < 64 << 20, peak
+
+
+@pytest.mark.parametrize("key,value", [("llama.block_count", "32"), ("llama.attention.head_count", 1.5),
+                                       ("llama.expert_count", Value(8, VT.INT64)),
+                                       ("general.file_type", Value(1, VT.INT32))])
+def test_planning_a_model_type_checks_its_hyper_parameters(tmp_path, key, value):
+    from gguf_kquant.model.planner import plan_model
+
+    p = tmp_path / "m.gguf"
+    md = {"general.architecture": "llama", "llama.block_count": 1, "llama.attention.head_count": 4, key: value}
+    gguf_kquant.write(p, md, {"blk.0.ffn_up.weight": np.zeros((256, 256), np.float32)}, fsync=False)
+    with pytest.raises(MetadataTypeError, match=rf"^{re.escape(str(p))}: metadata key {re.escape(key)} must be"):
+        plan_model(p, "Q4_K_M")

@@ -85,7 +85,7 @@ from ..errors import GGUFError, WriteError
 from ..safeio import AtomicFiles, check_outputs
 from ..types import GGMLType, TYPES, type_info
 from . import split as _split
-from .values import SCALAR_DTYPES, GGUFValueType, Value, to_value, typed_items
+from .values import MAX_ARRAY_NESTING, SCALAR_DTYPES, GGUFValueType, Value, to_value, typed_items
 
 __all__ = ["GGUFWriter", "write", "write_shards", "TensorSpec", "ShardPlan", "Value", "GGUFValueType",
            "parse_size", "DEFAULT_ALIGNMENT"]
@@ -189,8 +189,8 @@ class _Encoder:
 
     def array(self, typed: Value, what: str, depth: int) -> bytes:
         """Element type + count + elements (the part after the ARRAY tag; also the inner-array encoding)."""
-        if depth > 16:
-            raise WriteError(f"{what}: arrays nested more than 16 deep")
+        if depth > MAX_ARRAY_NESTING:
+            raise WriteError(f"{what}: arrays nested more than {MAX_ARRAY_NESTING} deep")
         et = self._vtype(typed.element_type, what)
         items = typed.value
         if isinstance(items, (str, bytes)) or not hasattr(items, "__len__"):
@@ -393,23 +393,22 @@ def _bytes_chunks(buf) -> Iterator[memoryview]:
 
 
 def _tensor_info_chunks(t, byte_order: str) -> Iterator[memoryview]:
-    raw = t.raw()
+    # The reader's chunks() are whole blocks read with pread: a source file that shrinks while it is copied
+    # raises FileChangedError naming it, where touching the map would kill the process with SIGBUS.
+    pieces = t.chunks(CHUNK_BYTES) if hasattr(t, "chunks") else _bytes_chunks(t.raw())
     src = getattr(t, "byte_order", "<")
     if src == byte_order:
-        yield from _bytes_chunks(raw)
+        for piece in pieces:
+            yield memoryview(piece).cast("B")
         return
     info = TYPES[GGMLType(int(t.ggml_type))]
     dt = info.block_dtype
-    if dt.subdtype is not None and info.is_quantized:
-        raise WriteError(f"tensor {t.name!r}: no block layout is known for {info.name}, so it cannot be "
-                         f"converted between byte orders")
-    if dt.subdtype is not None or (dt.fields is None and dt.itemsize == 1):
-        yield from _bytes_chunks(raw)
+    if dt.fields is None and dt.itemsize == 1:
+        yield from (memoryview(piece).cast("B") for piece in pieces)
         return
-    blocks = raw.view(dt.newbyteorder(src))
-    step = max(1, CHUNK_BYTES // dt.itemsize)
-    for i in range(0, len(blocks), step):
-        yield memoryview(blocks[i:i + step].astype(dt.newbyteorder(byte_order)).view(np.uint8))
+    for piece in pieces:
+        blocks = np.frombuffer(piece, np.uint8).view(dt.newbyteorder(src))
+        yield memoryview(blocks.astype(dt.newbyteorder(byte_order)).view(np.uint8))
 
 
 def _chunks(data, byte_order: str, what: str, depth: int = 0) -> Iterator:

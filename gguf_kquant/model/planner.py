@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
+from ..container.values import uint32_key
 from ..errors import QuantizeError
 from ..ftypes import LlamaFileType, guess_file_type
 from ..types import GGMLType, TYPES, type_info
@@ -67,22 +68,17 @@ class ModelInfo:
         return True
 
     @classmethod
-    def from_metadata(cls, metadata) -> "ModelInfo":
-        """Read arch, block_count, head counts and expert count as llama.cpp's loader does."""
+    def from_metadata(cls, metadata, where: str = "") -> "ModelInfo":
+        """Read arch, block_count, head counts and expert count as llama.cpp's loader does: u32 values (per-layer
+        head counts may be arrays; layer 0 counts), anything else a MetadataTypeError naming the key."""
         arch = str(metadata.get("general.architecture", ""))
-
-        def first(key, default=0):
-            # per-layer arrays (head_count of hybrid models): llama.cpp's n_gqa() looks at layer 0
-            v = metadata.get(f"{arch}.{key}", default)
-            if not isinstance(v, (str, bytes)) and hasattr(v, "__len__"):
-                v = v[0] if len(v) else default
-            return int(v)
-
-        n_head = first("attention.head_count")
-        ftype = metadata.get("general.file_type")
-        return cls(arch=arch, n_layer=first("block_count"), n_head=n_head,
-                   n_head_kv=first("attention.head_count_kv", n_head), n_expert=first("expert_count"),
-                   file_type=None if ftype is None else int(ftype))
+        n_head = uint32_key(metadata, f"{arch}.attention.head_count", 0, per_layer=True, where=where)
+        ftype = uint32_key(metadata, "general.file_type", None, where=where)
+        return cls(arch=arch, n_layer=uint32_key(metadata, f"{arch}.block_count", 0, where=where), n_head=n_head,
+                   n_head_kv=uint32_key(metadata, f"{arch}.attention.head_count_kv", n_head, per_layer=True,
+                                        where=where),
+                   n_expert=uint32_key(metadata, f"{arch}.expert_count", 0, where=where),
+                   file_type=ftype)
 
 
 @dataclass
@@ -521,6 +517,6 @@ def plan_model(src, ftype, *, imatrix=None, **options) -> Plan:
     from ..container.reader import open_gguf
 
     with open_gguf(src) as f:
-        model = ModelInfo.from_metadata(f.metadata)
+        model = ModelInfo.from_metadata(f.metadata, where=str(src))
         tensors = [(t.name, t.shape, t.ggml_type) for t in f.tensors]
     return plan_tensors(tensors, model, ftype, imatrix=bool(imatrix), **options)
