@@ -175,7 +175,8 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
             from ..model.progress import Progress
         except ImportError:  # pragma: no cover
             Progress = None
-        progress = Progress(len(planned), quiet=quiet) if Progress else None
+        total_bytes = sum(p.source.nbytes for p in planned if p.source is not None)
+        progress = Progress(len(planned), quiet=quiet, total_bytes=total_bytes) if Progress else None
     inputs = _inputs(model_dir, ckpt, imatrix)
     w = GGUFWriter(dst, metadata, split_max_size=split_max_size, inputs=inputs, overwrite=overwrite)
     for p in planned:
