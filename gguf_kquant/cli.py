@@ -23,6 +23,7 @@ COMMANDS = {
     "split": ("gguf_kquant.tools.cmd_split", "split a GGUF model into shards like llama-gguf-split --split"),
     "merge": ("gguf_kquant.tools.cmd_merge", "merge a split GGUF model like llama-gguf-split --merge"),
     "diff": ("gguf_kquant.tools.cmd_diff", "compare two GGUF files: metadata, tensors and their errors"),
+    "imatrix": ("gguf_kquant.imatrix_cli", "convert importance matrices between legacy .dat and GGUF"),
 }
 
 

@@ -123,3 +123,141 @@ def test_legacy_entry_count_lies(tmp_path):
     p.write_bytes(struct.pack("<i", 2**31 - 1) + b"\0" * 64)
     with pytest.raises(LimitExceededError, match="2147483647 entries"):
         load_imatrix(p)
+
+
+# ------------------------------------------------------------------------------------------------------
+# imatrix convert: the bytes llama-imatrix writes (tools/imatrix/imatrix.cpp)
+# ------------------------------------------------------------------------------------------------------
+def _ggml_save_imatrix(path, entries, datasets, last_chunk, chunk_size):
+    """IMatrixCollector::save_imatrix through ggml's own gguf API (the oracle library): the same calls, in
+    the same order, with the collector state ``entries`` name -> (float32 values, int counts)."""
+    import ctypes
+
+    from oracle import ggml
+
+    lib = ggml()
+
+    class InitParams(ctypes.Structure):
+        _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+    vp, cp = ctypes.c_void_p, ctypes.c_char_p
+    lib.ggml_tensor_overhead.restype = ctypes.c_size_t
+    lib.ggml_init.restype, lib.ggml_init.argtypes = vp, [InitParams]
+    lib.ggml_new_tensor_2d.restype = vp
+    lib.ggml_new_tensor_2d.argtypes = [vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    lib.ggml_set_name.restype, lib.ggml_set_name.argtypes = vp, [vp, cp]
+    lib.ggml_get_data.restype, lib.ggml_get_data.argtypes = vp, [vp]
+    lib.gguf_init_empty.restype = vp
+    lib.gguf_set_val_str.argtypes = [vp, cp, cp]
+    lib.gguf_set_arr_str.argtypes = [vp, cp, ctypes.POINTER(cp), ctypes.c_size_t]
+    lib.gguf_set_val_u32.argtypes = [vp, cp, ctypes.c_uint32]
+    lib.gguf_add_tensor.argtypes = [vp, vp]
+    lib.gguf_write_to_file.restype, lib.gguf_write_to_file.argtypes = ctypes.c_bool, [vp, cp, ctypes.c_bool]
+    lib.gguf_free.argtypes = [vp]
+    lib.ggml_free.argtypes = [vp]
+
+    size = sum(2 * lib.ggml_tensor_overhead() + 4 * (v.size + len(c)) + 64 for v, c in entries.values())
+    ctx = lib.ggml_init(InitParams(size, None, False))
+    g = lib.gguf_init_empty()
+    lib.gguf_set_val_str(g, b"general.type", b"imatrix")
+    arr = (cp * max(len(datasets), 1))(*[d.encode() for d in datasets])
+    lib.gguf_set_arr_str(g, b"imatrix.datasets", arr, len(datasets))
+    lib.gguf_set_val_u32(g, b"imatrix.chunk_count", last_chunk)
+    lib.gguf_set_val_u32(g, b"imatrix.chunk_size", chunk_size)
+    for name in sorted(entries, key=str.encode):
+        values, counts = entries[name]
+        nmat = len(counts)
+        s = lib.ggml_new_tensor_2d(ctx, 0, values.size // nmat, nmat)
+        c = lib.ggml_new_tensor_2d(ctx, 0, 1, nmat)
+        lib.ggml_set_name(s, f"{name}.in_sum2".encode())
+        lib.ggml_set_name(c, f"{name}.counts".encode())
+        ctypes.memmove(lib.ggml_get_data(s), np.ascontiguousarray(values, np.float32).ctypes.data, 4 * values.size)
+        ctypes.memmove(lib.ggml_get_data(c), np.asarray(counts, np.float32).ctypes.data, 4 * nmat)
+        lib.gguf_add_tensor(g, s)
+        lib.gguf_add_tensor(g, c)
+    assert lib.gguf_write_to_file(g, str(path).encode(), False)
+    lib.gguf_free(g)
+    lib.ggml_free(ctx)
+
+
+def _legacy_entry(name, ncall, values):
+    b = name.encode()
+    return struct.pack("<i", len(b)) + b + struct.pack("<ii", ncall, len(values)) + np.asarray(values, "<f4").tobytes()
+
+
+def test_convert_legacy_to_gguf_equals_llama_imatrix(tmp_path):
+    from gguf_kquant.cli import main
+
+    rng = np.random.default_rng(7)
+    q, up = rng.random(64, dtype=np.float32) * 3, rng.random(32, dtype=np.float32)
+    dat = tmp_path / "in.dat"
+    write_legacy_imatrix(dat, {"blk.0.attn_q.weight": q, "blk.0.ffn_up.weight": up, "output.weight": np.ones(32)},
+                         ncall=3, chunk_count=7, dataset="wiki.train.raw")
+    # load_imatrix (legacy): values = sums * chunk_size, counts = {ncall * chunk_size}; last chunk = max // chunk
+    for chunk in (512, 4096):
+        want = tmp_path / f"want{chunk}.gguf"
+        _ggml_save_imatrix(want, {"blk.0.attn_q.weight": (q * np.float32(chunk), [3 * chunk]),
+                                  "blk.0.ffn_up.weight": (up * np.float32(chunk), [3 * chunk]),
+                                  "output.weight": (np.full(32, chunk, np.float32), [3 * chunk])},
+                           ["wiki.train.raw"], 3, chunk)
+        out = tmp_path / f"out{chunk}.gguf"
+        assert main(["imatrix", "convert", str(dat), str(out), "-c", str(chunk), "-q"]) == 0
+        assert out.read_bytes() == want.read_bytes()
+    im_dat, im_gguf = load_imatrix(dat), load_imatrix(tmp_path / "out512.gguf")
+    assert im_gguf.entries.keys() == im_dat.entries.keys()
+    for k in im_dat.entries:
+        np.testing.assert_allclose(im_gguf.entries[k], im_dat.entries[k], rtol=1e-6)
+
+
+def test_convert_gguf_to_legacy_equals_llama_imatrix(tmp_path):
+    """A MoE entry with an expert that saw no tokens (stored as 1), an entry with no data (skipped), counts
+    rounded with lround, and the bytes save_imatrix_legacy writes."""
+    src = tmp_path / "in.gguf"
+    moe = np.arange(1, 13, dtype=np.float32).reshape(3, 4)
+    _ggml_save_imatrix(src, {"blk.0.ffn_up_exps.weight": (moe, [1000, 0, 24]),
+                             "blk.0.attn_k.weight": (np.full(4, 2.5, np.float32), [0]),
+                             "blk.0.attn_q.weight": (np.full(4, 8, np.float32), [513])},
+                       ["a.txt", "b.txt"], 1000 // 512, 512)
+    out = tmp_path / "out.dat"
+    assert gguf_kquant.model.imatrix.convert_imatrix(src, out) == "dat"
+    f32 = np.float32
+    # ncall = ceil(max count / 512); value = sum / count * ncall, 1 * ncall where the count is 0
+    moe_vals = np.concatenate([moe[0] / f32(1000) * f32(2), np.full(4, 2, f32), moe[2] / f32(24) * f32(2)])
+    want = (struct.pack("<i", 2) + _legacy_entry("blk.0.attn_q.weight", 2, np.full(4, f32(8) / f32(513) * f32(2)))
+            + _legacy_entry("blk.0.ffn_up_exps.weight", 2, moe_vals)
+            + struct.pack("<ii", 1000 // 512, 5) + b"b.txt")
+    assert out.read_bytes() == want
+    # and back: GGUF -> GGUF is the identity when the chunk size and count agree
+    again = tmp_path / "again.gguf"
+    gguf_kquant.model.imatrix.convert_imatrix(src, again)
+    assert again.read_bytes() == src.read_bytes()
+
+
+def test_convert_gguf_from_gguf_py_counts_rounded(tmp_path):
+    _gguf_imatrix(tmp_path / "i.gguf", {"t": (np.ones((2, 4)) * 3, [2.4, 2.6])})
+    gguf_kquant.model.imatrix.convert_imatrix(tmp_path / "i.gguf", tmp_path / "o.gguf")
+    want = tmp_path / "w.gguf"
+    _ggml_save_imatrix(want, {"t": (np.full(8, 3, np.float32), [2, 3])}, ["wiki.txt", "code.txt"], 0, 512)
+    assert (tmp_path / "o.gguf").read_bytes() == want.read_bytes()
+
+
+def test_convert_misuse_is_one_line_and_touches_nothing(tmp_path, capsys):
+    from gguf_kquant.cli import main
+
+    dat = tmp_path / "in.dat"
+    write_legacy_imatrix(dat, {"a": np.ones(4)}, ncall=1, chunk_count=1, dataset="d")
+    before = dat.read_bytes()
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"keep")
+    cases = [["imatrix", "convert", str(dat), str(dat), "--overwrite"],           # output is the input
+             ["imatrix", "convert", str(dat), str(out)],                          # exists, no --overwrite
+             ["imatrix", "convert", str(dat), str(tmp_path / "x.gguf"), "-c", "0"],
+             ["imatrix", "convert", str(tmp_path / "missing.dat"), str(tmp_path / "y.gguf")],
+             ["imatrix", "convert", str(out), str(tmp_path / "z.gguf")]]          # not an imatrix
+    for argv in cases:
+        capsys.readouterr()
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("gguf-kquant imatrix: error:"), (argv, err)
+    assert dat.read_bytes() == before and out.read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.dat", "o.gguf"]
