@@ -66,12 +66,6 @@ def fp16_bits_to_fp32(h):
     return np.uint32(result).view(np.float32)
 
 
-@njit(cache=True, nogil=True)
-def fp16_round(f):
-    """The float32 value ggml gets back after storing ``f`` as fp16 (GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(f)))."""
-    return fp16_bits_to_fp32(fp32_to_fp16_bits(f))
-
-
 @njit(cache=True, nogil=True, inline="always")
 def store_fp16(out, pos, f):
     """Write ``f`` as little-endian fp16 into the uint8 array ``out`` at byte ``pos``.
