@@ -8,6 +8,7 @@ Models, imatrices and the oracle come from tests/test_model_quantize.py.
 from __future__ import annotations
 
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -180,12 +181,36 @@ def test_cli_out_progress_quiet_and_dry_run(models, tmp_path, capsys):
     per_tensor = [ln for ln in lines if ln.startswith("[")]
     assert len(per_tensor) == len(names)  # one line per tensor, covering both outputs
     assert any("Q6_K/Q8_0" in ln for ln in per_tensor) and lines[-1].startswith("time")
-    for mix, name in (("Q4_K_M", "a"), ("Q8_0", "b")):
-        one = gguf_kquant.quantize_model(src, tmp_path / f"one-{name}.gguf", mix)
-        assert (tmp_path / f"{name}.gguf").read_bytes() == one.paths[0].read_bytes()
+    one = gguf_kquant.quantize_model(src, tmp_path / "one-b.gguf", "Q8_0")
+    assert (tmp_path / "b.gguf").read_bytes() == one.paths[0].read_bytes()
     assert main(args + ["--overwrite", "--quiet"]) == 0
     captured = capsys.readouterr()
     assert captured.out == captured.err == ""
     assert main(["quantize", str(src), str(tmp_path / "c.gguf"), "--out", f"Q8_0={tmp_path / 'd.gguf'}"]) == 1
     assert main(["quantize", str(src), "--out", "Q8_0"]) == 1
     assert "MIX=PATH" in capsys.readouterr().err
+
+
+def test_sigterm_midway_touches_no_output(tmp_path):
+    """A signal once half of all outputs' bytes are written (tests/test_faults.py's child): every target
+    keeps its old content and no temp file is left."""
+    from test_faults import CHILD, FIXTURE, PRECIOUS, Job, run_child, temps  # noqa: F401
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    outs = {ref / "a.gguf": "Q4_K_M", ref / "b.gguf": "Q8_0", ref / "c.gguf": "Q2_K"}
+    gguf_kquant.quantize_model(FIXTURE, outs, split_max_tensors=20)
+    total = sum(p.stat().st_size for p in ref.iterdir())
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["quantize", str(FIXTURE), "--split-max-tensors", "20", "--overwrite", "-q"]
+    for dst, mix in outs.items():
+        argv += ["--out", f"{mix}={out / dst.name}"]
+    targets = [out / p.name for p in sorted(ref.iterdir())]
+    for t in targets:
+        t.write_bytes(PRECIOUS)
+    job = Job("quantize", [FIXTURE], targets, sorted(ref.iterdir()), argv=argv)
+    r = run_child(job, job.config(point="bytes", at=total // 2, signal=int(signal.SIGTERM)))
+    assert "SENT" in r.stdout and r.returncode == -signal.SIGTERM, r.stderr[-500:]
+    assert all(t.read_bytes() == PRECIOUS for t in targets) and len(targets) > 3
+    assert temps(out) == []
