@@ -19,6 +19,7 @@ import pytest
 
 import oracle
 from gguf_kquant.codecs import dequantize, quantize
+from gguf_kquant.codecs.iq1 import iq1_m_scale_bits
 from gguf_kquant.errors import BadTensorDataError
 from gguf_kquant.types import TYPES, GGMLType
 
@@ -84,6 +85,7 @@ def test_iq1_m_spread_scale(nibbles_of, oracle):
     sc = blocks["scales"].view("<u2").reshape(-1, 4)
     for i in range(4):
         sc[:, i] = (sc[:, i] & 0x0FFF) | (((nibbles_of >> (4 * i)) & 0xF) << 12)
+    assert (iq1_m_scale_bits(raw) == nibbles_of).all()
     ours = dequantize(raw, "IQ1_M", (4, 1024))
     ref = oracle.to_float(IQ1_M.id, raw, 1024)
     assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
@@ -184,3 +186,12 @@ def test_thread_count_does_not_matter():
     qw = _imatrix(512, rng)
     for name, w in (("IQ1_S", qw), ("IQ1_M", None), ("IQ1_M", qw)):
         assert np.array_equal(quantize(x, name, w, threads=1), quantize(x, name, w, threads=2))
+
+
+def test_iq1_m_overflowing_scale_is_ggml_s_inf(oracle):
+    """Values ~1e6 overflow IQ1_M's fp16 super-block scale: ggml stores inf in the nibbles, and so do the
+    kernels; iq1_m_scale_bits is how a caller sees it (IQ1_M has no fp16 field)."""
+    x = (np.random.default_rng(6).standard_normal((2, 256)) * 1e6).astype(np.float32)
+    ours = kernel_quantize(IQ1_M, x)
+    assert np.array_equal(ours, oracle.quantize_chunk(IQ1_M.id, x, None))
+    assert (iq1_m_scale_bits(ours) == 0x7C00).all()

@@ -730,6 +730,19 @@ def _dequantize_iq1_m(raw, out, grid):
                     yo += 8
 
 
+def iq1_m_scale_bits(raw) -> np.ndarray:
+    """The fp16 bits of every IQ1_M block's super-block scale (spread over the top nibbles of ``scales``).
+
+    ``raw``: uint8 IQ1_M blocks (any shape whose size is a multiple of 56).  ggml has no fp16 field to check
+    for an overflowed (inf) scale in IQ1_M; this is it.
+
+    >>> int(iq1_m_scale_bits(np.zeros(56, np.uint8))[0])
+    0
+    """
+    sc = np.ascontiguousarray(raw).reshape(-1).view(_M.block_dtype)["scales"].view("<u2").reshape(-1, 4)
+    return (sc[:, 0] >> 12) | ((sc[:, 1] >> 8) & 0x00F0) | ((sc[:, 2] >> 4) & 0x0F00) | (sc[:, 3] & 0xF000)
+
+
 @register_kernel("IQ1_M", "dequantize")
 def dequantize_iq1_m(raw, out):
     """ggml's dequantize_row_iq1_m over every row of ``raw`` into float32 ``out``."""
