@@ -19,9 +19,11 @@ Safety (:mod:`gguf_kquant.safeio`): every path of every output — the model fil
 work; one :class:`~gguf_kquant.safeio.AtomicFiles` holds the temps of all of them, so the outputs appear
 together, or (an error, a refused tensor, SIGINT/SIGTERM/SIGHUP) none of them is touched.
 
-Memory: one slab of source rows (:data:`~gguf_kquant.model.quantize.SLAB_BYTES` bounds the slab *with* its
-float32 copy and its quantized bytes for every distinct type), the open temp files' write buffers (1 MiB
-each), and each output's plan.  So the peak is a single run's plus at most one slab per extra output.
+Memory: one slab of source rows at a time, and :data:`~gguf_kquant.model.quantize.SLAB_BYTES` bounds the
+slab *together with* its float32 copy and its quantized bytes for every distinct type (so a slab holds fewer
+rows when there are more types); besides, one 1 MiB write buffer per open output file and each output's
+plan (its header).  The peak is a single run's plus about 1 MiB per extra output — well within "one tensor
+per extra output" (benchmarks/bench_multi_output.py measures it).
 """
 
 from __future__ import annotations

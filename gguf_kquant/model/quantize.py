@@ -12,6 +12,9 @@ Every check that can fail (unknown mix, requantization, missing/mismatched/non-f
 is an input) runs before the first byte is written; non-finite weights are found while streaming and abort
 the job, leaving no destination behind.
 
+Several mixes at once — ``quantize_model(src, {"m-Q4_K_M.gguf": "Q4_K_M", "m-Q6_K.gguf": "Q6_K"})`` — read
+and convert each tensor once: :mod:`gguf_kquant.model.multi`.
+
 Outputs (see :mod:`gguf_kquant.safeio`): every path that will be written — each output shard (``--keep-split``
 and ``--split-max-*`` names included) and the report — is compared with every input (all source shards, the
 imatrix) before any work, by inode (symlinks, hard links) and real path; a collision is refused.  An existing
@@ -118,6 +121,10 @@ def quantize_model(src, dst, ftype=None, *, imatrix=None, include_weights: Seque
                    dry_run: bool = False, report=None, overwrite: bool = False, quiet: bool = True,
                    stream=None) -> QuantizeResult:
     """Quantize the GGUF model ``src`` to mix ``ftype`` (``"Q4_K_M"``, ...) and write ``dst``.
+
+    Several outputs in one pass: ``dst`` a mapping ``{path: mix}`` and no ``ftype`` (each tensor is read
+    once and quantized once per distinct type; see :mod:`gguf_kquant.model.multi`); the result is then
+    ``{path: QuantizeResult}`` and ``report`` a mapping ``{path: report path}``.
 
     Options mean what llama-quantize's flags of the same name mean: ``imatrix`` (path of a GGUF or legacy
     imatrix, an :class:`Imatrix`, or a dict name -> values), ``include_weights``/``exclude_weights``,
