@@ -20,8 +20,10 @@ from test_convert_helpers import (QWEN2_RE, assert_same_gguf, gguf_logits, hf_lo
                                   train_bpe)
 
 # tokenizer.ggml.pre given to convert_hf_to_gguf.py (its hash table does not know our trained tokenizers)
-PRE = {"mixtral": "llama-bpe", "qwen2moe": "qwen2", "qwen3moe": "qwen2"}
+PRE = {"mixtral": "llama-bpe", "qwen2moe": "qwen2", "qwen3moe": "qwen2", "phi3": "default", "gemma2": "default",
+       "granite": "llama-bpe", "olmo2": "llama-bpe", "smollm3": "llama-bpe", "gemma3mm": "llama-bpe"}
 ARCHS = list(PRE)
+SPM = ("phi3", "gemma2")  # checkpoints with a SentencePiece tokenizer.model (the others: byte-level BPE)
 OUTTYPES = ("F16", "Q8_0")
 
 
@@ -49,9 +51,35 @@ def built(tmp_path_factory):
     """Each architecture's checkpoint and transformers model, and convert_hf_to_gguf.py's files of it."""
     lib_dir()  # the oracle must be installed: fail, never skip
     root = tmp_path_factory.mktemp("archs")
-    models = {a: make_model(a, root / a, seed=20 + i) for i, a in enumerate(ARCHS)}
-    vendor_convert_jobs([(root / a, root / f"{a}.{t}.theirs.gguf", t.lower(), PRE[a]) for a in ARCHS for t in OUTTYPES])
+    models = {a: make_model(a, root / a, seed=20 + i, tokenizer="spm" if a in SPM else "bpe")
+              for i, a in enumerate(ARCHS)}
+    _phi3_longrope(root)
+    jobs = [(root / a, root / f"{a}.{t}.theirs.gguf", t.lower(), PRE[a]) for a in ARCHS for t in OUTTYPES]
+    vendor_convert_jobs(jobs + [(root / "phi3-longrope", root / "phi3-longrope.F16.theirs.gguf", "f16", "default")])
     return root, models
+
+
+def _phi3_longrope(root):
+    """The Phi-3 checkpoint as a 128k-context model: LongRoPE long/short factors in the config."""
+    import shutil
+
+    d = root / "phi3-longrope"
+    shutil.copytree(root / "phi3", d)
+    cfg = json.loads((d / "config.json").read_text())
+    half = cfg["hidden_size"] // cfg["num_attention_heads"] // 2
+    cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+                              "long_factor": [1.0 + i / 4 for i in range(half)],
+                              "short_factor": [1.0 + i / 16 for i in range(half)]}
+    cfg["original_max_position_embeddings"] = 64
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_phi3_longrope_matches(built):
+    root, _ = built
+    ours = root / "phi3-longrope.F16.ours.gguf"
+    gguf_kquant.convert_hf(root / "phi3-longrope", ours, "F16")
+    meta = assert_same_gguf(ours, root / "phi3-longrope.F16.theirs.gguf")
+    assert "phi3.rope.scaling.attn_factor" in meta
 
 
 @pytest.mark.parametrize("ftype", OUTTYPES)
@@ -69,7 +97,15 @@ def test_logits_match_transformers(built, arch):
     root, models = built
     out = root / f"{arch}.F16.logits.gguf"
     gguf_kquant.convert_hf(root / arch, out, "F16")
-    ids = hf_tokenizer(root / arch).encode("Hello world, 12345 Ünïcödé 🦙 and more text").ids[:24]
+    text = "Hello world, 12345 Ünïcödé 🦙 and more text, long enough to pass a sliding window"
+    if arch in SPM:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(root / arch / "tokenizer.model"))
+        ids = [sp.bos_id()] + sp.encode(text)[:23]
+    else:
+        ids = hf_tokenizer(root / arch).encode(text).ids[:24]
+    assert len(ids) == 24
     ours = gguf_logits(out, ids)
     ref = hf_logits(models[arch], ids, f16_weights=True)
     cos = np.sum(ours * ref, -1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1))

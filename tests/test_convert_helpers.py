@@ -195,30 +195,38 @@ def make_model(arch: str, out_dir: Path, *, dtype: str = "float32", seed: int = 
 
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
-    ids = {"gemma3": dict(bos_token_id=2, eos_token_id=1), "qwen2": dict(bos_token_id=0, eos_token_id=2),
+    ids = {"gemma3": dict(bos_token_id=2, eos_token_id=1), "gemma3mm": dict(bos_token_id=2, eos_token_id=1),
+           "gemma2": dict(bos_token_id=2, eos_token_id=1), "qwen2": dict(bos_token_id=0, eos_token_id=2),
            "qwen3": dict(bos_token_id=0, eos_token_id=2), "qwen2moe": dict(bos_token_id=0, eos_token_id=2),
            "qwen3moe": dict(bos_token_id=0, eos_token_id=2)}.get(arch, dict(bos_token_id=0, eos_token_id=1))
     if tokenizer != "bpe":
         # convert_hf_to_gguf.py's llama_hf vocabulary is as long as the tokenizer, not config.json's vocab_size:
         # with ids past the pieces llama.cpp could not load its own conversion
         n_spm = train_spm(out_dir, model_type="unigram" if tokenizer == "spm-unigram" else "bpe",
-                          gemma=arch == "gemma3", past_pieces=tokenizer != "llama-hf")
+                          gemma=arch in ("gemma3", "gemma2"), past_pieces=tokenizer != "llama-hf")
         vocab_size = vocab_size or n_spm
-        if arch != "gemma3":
+        if arch not in ("gemma3", "gemma2"):
             ids = dict(bos_token_id=1, eos_token_id=2)
+        if arch == "phi3":  # llama.cpp's Phi-3 vocabulary fix-ups need <|endoftext|> (real Phi-3 has it)
+            cfg_path = out_dir / "tokenizer_config.json"
+            tcfg = json.loads(cfg_path.read_text())
+            tcfg["added_tokens_decoder"][str(n_spm - 1)] = {"content": "<|endoftext|>", "lstrip": False,
+                                                            "normalized": False, "rstrip": True,
+                                                            "single_word": False, "special": True}
+            cfg_path.write_text(json.dumps(tcfg, indent=2))
         if tokenizer in ("llama-hf", "spm+json"):
             spm_to_tokenizer_json(out_dir, keep_model=tokenizer == "spm+json")
         elif tokenizer == "spm-bare":
             (out_dir / "tokenizer_config.json").unlink()
             (out_dir / "added_tokens.json").unlink()
-    elif arch in ("llama", "mistral", "mixtral"):
+    elif arch in ("llama", "mistral", "mixtral", "granite", "olmo2", "smollm3"):
         specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
         train_bpe(out_dir, regex=LLAMA3_RE, specials=specials, bos=specials[0], eos=specials[1],
                   chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     elif arch in ("qwen2", "qwen3", "qwen2moe", "qwen3moe"):
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         train_bpe(out_dir, regex=QWEN2_RE, specials=specials, bos=None, eos="<|im_end|>", add_bos=False)
-    elif arch == "gemma3":
+    elif arch in ("gemma3", "gemma3mm"):
         specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
         train_bpe(out_dir, regex=LLAMA3_RE, specials=specials, bos="<bos>", eos="<eos>")
     elif arch == "bert":
@@ -258,6 +266,32 @@ def make_model(arch: str, out_dir: Path, *, dtype: str = "float32", seed: int = 
                                 moe_intermediate_size=hidden_size, norm_topk_prob=True, tie_word_embeddings=False,
                                 **ids, **common)
         model = tf.Qwen3MoeForCausalLM(cfg)
+    elif arch == "phi3":  # fused qkv_proj and gate_up_proj
+        cfg = tf.Phi3Config(num_key_value_heads=2, pad_token_id=0, original_max_position_embeddings=128, **ids,
+                            **common)
+        model = tf.Phi3ForCausalLM(cfg)
+    elif arch == "gemma2":  # a 16-token window on alternate layers: a 24-token prompt crosses it
+        cfg = tf.Gemma2Config(num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
+                              pad_token_id=0, **ids, **common)
+        model = tf.Gemma2ForCausalLM(cfg)
+    elif arch == "granite":  # multipliers away from 1 so that a lost one shows in the logits
+        cfg = tf.GraniteConfig(num_key_value_heads=2, embedding_multiplier=2.0, residual_multiplier=0.5,
+                               attention_multiplier=0.2, logits_scaling=3.0, **ids, **common)
+        model = tf.GraniteForCausalLM(cfg)
+    elif arch == "olmo2":
+        cfg = tf.Olmo2Config(num_key_value_heads=2, pad_token_id=None, **ids, **common)
+        model = tf.Olmo2ForCausalLM(cfg)
+    elif arch == "smollm3":  # 4 layers: the 4th has no RoPE
+        cfg = tf.SmolLM3Config(num_key_value_heads=2, pad_token_id=None, **ids, **{**common, "num_hidden_layers": 4})
+        model = tf.SmolLM3ForCausalLM(cfg)
+    elif arch == "gemma3mm":  # Gemma3ForConditionalGeneration: a gemma3 text model and a tiny vision tower
+        text = tf.Gemma3TextConfig(num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=512,
+                                   pad_token_id=0, **ids, **common)
+        vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=28, patch_size=14)
+        cfg = tf.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                              **ids)
+        model = tf.Gemma3ForConditionalGeneration(cfg)
     elif arch == "bert":
         cfg = tf.BertConfig(type_vocab_size=2, pad_token_id=0, **common)
         model = tf.BertModel(cfg, add_pooling_layer=False)
