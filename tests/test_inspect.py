@@ -220,3 +220,73 @@ def test_cli_closed_stdout_and_stderr_no_crash(unicode_file):
 def test_cli_pipe_closed_early(unicode_file):
     proc = _cli(f"inspect {unicode_file} --metadata --tensors", redirect="| head -c 10; exit ${PIPESTATUS[0]}")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------------
+# --full and --markdown
+# ------------------------------------------------------------------------------------------------------
+def test_json_full_prints_whole_arrays(small, capsys):
+    assert main(["inspect", str(small), "--json", "--full"]) == 0
+    rows = {r["key"]: r for r in json.loads(capsys.readouterr().out)["metadata"]}
+    tokens = rows["tokenizer.ggml.tokens"]
+    assert tokens["value"] == [f"tok{i}" for i in range(300)] and not tokens["truncated"]
+    assert rows["tokenizer.ggml.scores"]["value"] == [0.5] * 300
+    assert main(["inspect", str(small), "--json"]) == 0  # default: the first 8
+    rows = {r["key"]: r for r in json.loads(capsys.readouterr().out)["metadata"]}
+    assert len(rows["tokenizer.ggml.tokens"]["value"]) == 8 and rows["tokenizer.ggml.tokens"]["truncated"]
+
+
+def test_markdown_equals_gguf_dump_on_the_example_model(example_model, capsys):
+    import subprocess
+    import sys
+
+    want = subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_dump", "--markdown", str(example_model)],
+                          capture_output=True, text=True, check=True).stdout
+    assert main(["inspect", str(example_model), "--markdown"]) == 0
+    got = capsys.readouterr().out
+    assert got == want and "| T_ID |" in got and "Total BPW for tiny-llama-f16.gguf" in got
+
+
+def _gguf_dump_markdown(path) -> str:
+    import argparse
+    import contextlib
+    import io
+
+    import gguf
+    from gguf.scripts.gguf_dump import dump_markdown_metadata
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        dump_markdown_metadata(gguf.GGUFReader(str(path)), argparse.Namespace(model=str(path), no_tensors=False))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("byte_order", ["<", ">"])
+def test_markdown_equals_gguf_dump_on_every_value_type(tmp_path, byte_order):
+    """Scalars and arrays of every type, strings cut at 60/30 characters, backticks, the enc/dec/blk/base
+    tensor groups, a quantized type and a big-endian file."""
+    import numpy as np
+
+    import gguf_kquant
+    from gguf_kquant.container.values import Value
+
+    md = [("general.architecture", "t5"), ("s.long", "a" * 40 + "`x`" + "b" * 40), ("s.tick", "`start"),
+          ("f32", Value(1e-5, VT.FLOAT32)), ("f64", Value(0.1, VT.FLOAT64)), ("b", Value(True, VT.BOOL)),
+          ("i8", Value(-3, VT.INT8)), ("u64", Value(2**63, VT.UINT64)), ("i64", Value(-2**40, VT.INT64)),
+          ("a.bool", Value([True, False], VT.ARRAY, VT.BOOL)),
+          ("a.i16", Value(list(range(-5, 5)), VT.ARRAY, VT.INT16)),
+          ("a.f32", Value([0.1, 2.5, -1e30], VT.ARRAY, VT.FLOAT32)),
+          ("a.str", Value(["x" * 31, "``", "é", "a", "b", "c"], VT.ARRAY, VT.STRING)),
+          ("a.empty", Value([], VT.ARRAY, VT.UINT8))]
+    rng = np.random.default_rng(0)
+    q8 = gguf_kquant.quantize(rng.standard_normal((3, 64), dtype=np.float32), "Q8_0")
+    tensors = [("enc.blk.0.attn_q.weight", np.ones((4, 8), np.float32)),
+               ("enc.output_norm.weight", np.ones(8, np.float32)),
+               ("dec.blk.1.ffn_up.weight", (3, 64), "Q8_0", q8),
+               ("blk.3.attn_k.bias", np.ones((2, 2, 2), np.float16)),
+               ("token_embd.weight", np.ones((16, 32), np.float32))]
+    path = tmp_path / "m.gguf"
+    gguf_kquant.write(path, md, tensors, byte_order=byte_order)
+    from gguf_kquant.inspect import format_markdown
+
+    assert format_markdown(path) + "\n" == _gguf_dump_markdown(path)
