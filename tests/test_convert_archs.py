@@ -16,28 +16,30 @@ import pytest
 import gguf_kquant
 from gguf_kquant.errors import ConversionError
 from oracle import lib_dir, vendor_llama_cpp
-from test_convert_helpers import (QWEN2_RE, assert_same_gguf, gguf_logits, hf_logits, hf_tokenizer, make_model,
-                                  train_bpe)
+from test_convert_helpers import (QWEN2_RE, assert_same_gguf, gguf_logits, hf_logits, hf_tokenizer, llama_cpp_model,
+                                  make_model, train_bpe)
 
 # tokenizer.ggml.pre given to convert_hf_to_gguf.py (its hash table does not know our trained tokenizers)
 PRE = {"mixtral": "llama-bpe", "qwen2moe": "qwen2", "qwen3moe": "qwen2", "phi3": "default", "gemma2": "default",
        "granite": "llama-bpe", "olmo2": "llama-bpe", "smollm3": "llama-bpe", "gemma3mm": "llama-bpe"}
 ARCHS = list(PRE)
 SPM = ("phi3", "gemma2")  # checkpoints with a SentencePiece tokenizer.model (the others: byte-level BPE)
+VOCAB_ONLY = ("mixtral", "gemma2", "phi3-longrope")  # GPT-2 BPE, SentencePiece, a key set with the tensors
 OUTTYPES = ("F16", "Q8_0")
 
 
 def vendor_convert_jobs(jobs) -> None:
-    """convert_hf_to_gguf.py on each (model_dir, outfile, outtype, pre) in one process (torch imported once)."""
+    """convert_hf_to_gguf.py on each (model_dir, outfile, outtype, pre, *flags) in one process (torch imported
+    once)."""
     src = vendor_llama_cpp()
     driver = (
         "import sys, runpy\n"
         f"sys.path.insert(0, {str(src)!r}); sys.path.insert(1, {str(src / 'gguf-py')!r})\n"
         "import conversion.base as b\n"
         f"main = runpy.run_path({str(src / 'convert_hf_to_gguf.py')!r}, run_name='convert_hf_to_gguf')['main']\n"
-        f"for d, o, t, pre in {[(str(d), str(o), t, p) for d, o, t, p in jobs]!r}:\n"
+        f"for d, o, t, pre, *flags in {[(str(j[0]), str(j[1]), *j[2:]) for j in jobs]!r}:\n"
         "    b.TextModel.get_vocab_base_pre = lambda self, tokenizer, pre=pre: pre\n"
-        "    sys.argv = ['convert_hf_to_gguf.py', d, '--outfile', o, '--outtype', t]\n"
+        "    sys.argv = ['convert_hf_to_gguf.py', d, '--outfile', o, '--outtype', t, *flags]\n"
         "    main()\n"
     )
     env = dict(os.environ)
@@ -55,7 +57,10 @@ def built(tmp_path_factory):
               for i, a in enumerate(ARCHS)}
     _phi3_longrope(root)
     jobs = [(root / a, root / f"{a}.{t}.theirs.gguf", t.lower(), PRE[a]) for a in ARCHS for t in OUTTYPES]
-    vendor_convert_jobs(jobs + [(root / "phi3-longrope", root / "phi3-longrope.F16.theirs.gguf", "f16", "default")])
+    jobs.append((root / "phi3-longrope", root / "phi3-longrope.F16.theirs.gguf", "f16", "default"))
+    jobs += [(root / a, root / f"{a}.vocab.theirs.gguf", "f16", PRE.get(a, "default"), "--vocab-only")
+             for a in VOCAB_ONLY]
+    vendor_convert_jobs(jobs)
     return root, models
 
 
@@ -181,3 +186,38 @@ def test_bad_experts_refused_before_writing(tmp_path, bad):
     with pytest.raises(ConversionError, match="experts.5.up_proj"):
         gguf_kquant.convert_hf(d, tmp_path / "moe.gguf", "F16")
     assert not (tmp_path / "moe.gguf").exists()
+
+
+# ---- vocabulary-only files and the keyword arguments ---------------------------------------------------
+@pytest.mark.parametrize("arch", VOCAB_ONLY)
+def test_vocab_only_matches_convert_hf_to_gguf(built, arch):
+    root, _ = built
+    ours = root / f"{arch}.vocab.ours.gguf"
+    gguf_kquant.convert_hf(root / arch, ours, vocab_only=True)
+    assert_same_gguf(ours, root / f"{arch}.vocab.theirs.gguf")
+    with gguf_kquant.open(ours) as f:
+        assert len(f.tensors) == 0
+    llm = llama_cpp_model(ours, vocab_only=True)  # llama.cpp reads it as a vocabulary
+    assert len(llm.tokenize(b"Hello world", add_bos=False)) > 0
+    llm.close()
+
+
+def test_vocab_only_from_the_command_line(built, tmp_path):
+    from gguf_kquant.cli import main
+
+    root, _ = built
+    out = tmp_path / "v.gguf"
+    assert main(["convert", str(root / "mixtral"), str(out), "--vocab-only", "-q"]) == 0
+    assert_same_gguf(out, root / "mixtral.vocab.theirs.gguf")
+
+
+def test_unknown_keyword_arguments_raise(built, tmp_path):
+    root, _ = built
+    out = tmp_path / "o.gguf"
+    with pytest.raises(TypeError, match="vocab_olny"):
+        gguf_kquant.convert_hf(root / "mixtral", out, vocab_olny=True)
+    with pytest.raises(ConversionError, match="pure"):  # a planner option, but F16 is not a mix
+        gguf_kquant.convert_hf(root / "mixtral", out, "F16", pure=True)
+    with pytest.raises(ConversionError, match="no tensors"):
+        gguf_kquant.convert_hf(root / "mixtral", out, "Q4_K_M", vocab_only=True)
+    assert not out.exists()

@@ -90,7 +90,7 @@ def _inputs(model_dir: Path, ckpt, imatrix) -> list:
 
 def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_size=None, overwrite: bool = False,
                quiet: bool = True, model_name: Optional[str] = None, pre_tokenizer: Optional[str] = None,
-               progress=None, **options) -> list:
+               progress=None, vocab_only: bool = False, **options) -> list:
     """Convert the Hugging Face model in ``model_dir`` to ``dst``; returns the paths written.
 
     ``ftype``: ``F32``, ``F16`` (default), ``BF16``, ``Q8_0`` (what convert_hf_to_gguf.py offers) or a
@@ -101,11 +101,13 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
     follows too.  No output may name an input (see :func:`_inputs`; symlinks and hard links included),
     whatever ``overwrite`` says; all shards are committed together (:mod:`gguf_kquant.safeio`).
     ``pre_tokenizer``: force ``tokenizer.ggml.pre`` when llama.cpp's hash table does not know the tokenizer.
-    ``options`` go to the quantization planner (``pure``, ``output_tensor_type``, ...).
+    ``options`` go to the quantization planner (``pure``, ``output_tensor_type``, ...); other names raise
+    TypeError.  ``vocab_only``: write the metadata and vocabulary alone, no tensors (``--vocab-only``).
 
     >>> convert_hf("tiny-llama/", "tiny.gguf", "Q8_0", overwrite=True)        # doctest: +SKIP
     """
     t0 = time.perf_counter()
+    _check_options(options)
     model_dir, dst = Path(model_dir), Path(dst)
     if not model_dir.is_dir():
         raise ConversionError(f"{model_dir}: not a directory")
@@ -123,10 +125,18 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
     conv: Converter = REGISTRY[hf_arch](model_dir, hparams, ckpt)
     conv.options = {"pre_tokenizer": pre_tokenizer}
     conv.pre_tokenizer = None
+    conv.vocab_only = vocab_only
 
     ftype_name = str(ftype).upper()
     quant_plan = None
-    if ftype_name in FLOAT_FTYPES:
+    if ftype_name in FLOAT_FTYPES and (given := [k for k, v in options.items() if v not in (None, False, ())]):
+        raise ConversionError(f"{', '.join(given)}: quantization options; {ftype_name} is not a quantization mix")
+    if vocab_only:  # convert_hf_to_gguf.py's write_vocab: header and metadata, no tensors
+        if ftype_name not in FLOAT_FTYPES or imatrix is not None or split_max_size is not None:
+            raise ConversionError(f"a vocabulary-only file has no tensors: type {ftype_name} (use F32, F16, BF16 "
+                                  f"or Q8_0), an imatrix or a split size do not apply")
+        file_type, planned = FLOAT_FTYPES[ftype_name][0], []
+    elif ftype_name in FLOAT_FTYPES:
         file_type, out_type = FLOAT_FTYPES[ftype_name]
         planned = _plan(conv, out_type)
     else:
@@ -187,6 +197,18 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
         progress.say(f"converted {len(planned)} tensors to {', '.join(map(str, paths))} "
                      f"in {time.perf_counter() - t0:.1f} s")
     return paths
+
+
+def _check_options(options: dict) -> None:
+    """Refuse keyword arguments that are not the planner's (a misspelt option would be silently ignored)."""
+    import inspect
+
+    from ..model.planner import plan_tensors
+
+    known = {n for n, p in inspect.signature(plan_tensors).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    for name in options:
+        if name not in known - {"imatrix"}:
+            raise TypeError(f"convert_hf() got an unexpected keyword argument {name!r}")
 
 
 def _plan(conv: Converter, out_type: GGMLType) -> list:

@@ -13,6 +13,7 @@ def add_arguments(p) -> None:
     p.add_argument("--pre-tokenizer", metavar="NAME",
                    help="tokenizer.ggml.pre to write when llama.cpp's hash table does not know the tokenizer")
     p.add_argument("--model-name", metavar="NAME", help="general.name (default: from the directory)")
+    p.add_argument("--vocab-only", action="store_true", help="write the metadata and vocabulary only, no tensors")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
 
@@ -22,7 +23,7 @@ def run(args) -> int:
 
     paths = convert_hf(args.model_dir, args.dst, args.ftype, imatrix=args.imatrix,
                        split_max_size=args.split_max_size, overwrite=args.overwrite, quiet=args.quiet,
-                       model_name=args.model_name, pre_tokenizer=args.pre_tokenizer)
+                       model_name=args.model_name, pre_tokenizer=args.pre_tokenizer, vocab_only=args.vocab_only)
     if not args.quiet:
         for p in paths:
             print(p)

@@ -65,7 +65,7 @@ class Phi3Converter(Converter):
         w.add_rope_freq_base(rope["rope_theta"])
         w.add_file_type(self.file_type)
         w.add_sliding_window(h.get("sliding_window") or 0)  # 0 tells Phi-4 (none) from Phi-3
-        if (attn_factor := self.long_rope_attn_factor()) is not None:
+        if (attn_factor := self.long_rope_attn_factor()) is not None and not getattr(self, "vocab_only", False):
             # convert_hf_to_gguf.py adds this key while generating the factor tensors, before any other metadata:
             # it follows general.architecture
             w.add_rope_scaling_attn_factors(attn_factor)
