@@ -221,3 +221,25 @@ def test_unknown_keyword_arguments_raise(built, tmp_path):
     with pytest.raises(ConversionError, match="no tensors"):
         gguf_kquant.convert_hf(root / "mixtral", out, "Q4_K_M", vocab_only=True)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2moe"])
+def test_moe_mix_equals_convert_then_llama_quantize(tmp_path, arch):
+    """Q4_K_M in one pass == F16 (equal to convert_hf_to_gguf.py's, above) then llama-quantize, byte for byte;
+    rows of 256 so that the k-quants (not only their fallbacks) meet the stacked experts."""
+    import ctypes
+
+    import llama_cpp
+
+    d = tmp_path / arch
+    make_model(arch, d, seed=40, hidden_size=256)
+    f16, ref, ours = tmp_path / "f16.gguf", tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    gguf_kquant.convert_hf(d, f16, "F16")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = 15, 1  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(ref).encode(), ctypes.byref(params)) == 0
+    gguf_kquant.convert_hf(d, ours, "Q4_K_M")
+    assert_same_gguf(ours, ref)
+    with gguf_kquant.open(ours) as f:
+        types = {t.name: t.ggml_type.name for t in f.tensors}
+    assert types["blk.0.ffn_gate_exps.weight"] == "Q4_K" and types["blk.0.ffn_down_exps.weight"] in ("Q6_K", "Q4_K")

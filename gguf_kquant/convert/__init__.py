@@ -154,6 +154,7 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
         for p in planned:
             p.src_type = p.qtype
             p.qtype = by_name[p.name].dst_type
+            p.shape = by_name[p.name].shape  # as llama-quantize records it: (1, n) becomes (n,)
         # llama-quantize writes in its own order
         order = {r.name: i for i, r in enumerate(quant_plan.rows)}
         planned.sort(key=lambda p: order[p.name])
@@ -175,6 +176,10 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
                                    f"matrix; pass imatrix=")
 
     metadata = _metadata(conv, planned, file_type, model_name)
+    if quant_plan is not None:  # llama-quantize sets these two again, which moves them to the end
+        moved = ("general.quantization_version", "general.file_type")
+        metadata = ([kv for kv in metadata if kv[0] not in moved]
+                    + sorted((kv for kv in metadata if kv[0] in moved), key=lambda kv: moved.index(kv[0])))
     if im is not None:
         metadata += im.kv()
 
