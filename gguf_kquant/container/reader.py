@@ -321,6 +321,10 @@ class TensorInfo:
     def raw(self) -> np.ndarray:
         """The tensor's bytes as a read-only uint8 array viewing the memory-mapped file (no copy).
 
+        The array is flat, ``(nbytes,)``, whatever the tensor's rank; ``raw().reshape(t.shape[:-1] + (-1,))``
+        is the ``(..., row_bytes)`` layout that :func:`gguf_kquant.quantize` returns (``(n_rows, row_bytes)``
+        for a 2-D tensor) and gguf-py takes as the byte shape of raw data.
+
         The file's size is checked first (:class:`~gguf_kquant.errors.FileChangedError` if it shrank).  A
         view is only as safe as the file under it: if another program truncates the file while the view is
         in use, reading it raises SIGBUS, as with any memory map.  :meth:`numpy` and :meth:`chunks` read

@@ -16,7 +16,11 @@ numpy scalar           its own dtype (``np.uint8(3)`` -> UINT8, ``np.float64`` -
 numpy 1-d array        ARRAY of its dtype
 ``list``/``tuple``     ARRAY: of STRING if all str, BOOL if all bool, INT32 if all ints fit (else
                        INT64, else UINT64), FLOAT32 if floats; a list of lists is an ARRAY of ARRAYs
+gguf-py ``ReaderField`` the types it was read with (see :mod:`gguf_kquant.interop`)
 =====================  ==========================================================================
+
+Numeric arrays read from a file are numpy arrays; gguf-py's ``GGUFWriter`` wants sequences:
+``gguf_kquant.interop.add_to_gguf_writer(gguf_writer, metadata)`` adds a whole Metadata with exact types.
 """
 
 from __future__ import annotations
@@ -133,6 +137,11 @@ def to_value(v: Any, key: str = "?", _depth: int = 0) -> Value:
         raise WriteError(f"metadata key {key!r}: lists nested more than {MAX_ARRAY_NESTING} deep")
     if isinstance(v, Value):
         return v
+    if hasattr(v, "parts") and hasattr(v, "types"):  # a gguf-py ReaderField: its own GGUF types
+        from ..interop import field_value, is_reader_field
+
+        if is_reader_field(v):
+            return field_value(v)
     if isinstance(v, (bool, np.bool_)):
         return Value(bool(v), GGUFValueType.BOOL)
     if isinstance(v, np.generic) and v.dtype in _DTYPE_TO_VALUE_TYPE:

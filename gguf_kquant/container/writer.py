@@ -84,6 +84,7 @@ import numpy as np
 from ..errors import GGUFError, WriteError
 from ..safeio import AtomicFiles, check_outputs
 from ..types import GGMLType, TYPES, type_info
+from .. import interop
 from . import split as _split
 from .values import MAX_ARRAY_NESTING, SCALAR_DTYPES, GGUFValueType, Value, to_value, typed_items
 
@@ -281,6 +282,7 @@ class TensorSpec:
             raise WriteError(f"tensor names must be str, got {type(name).__name__} {name!r}")
         if data is None:
             raise WriteError(f"{what}: no data given")
+        data, ggml_type = _foreign_data(data, ggml_type, what)
         if ggml_type is None and shape is None and _is_tensor_info(data):
             shape, ggml_type = tuple(data.shape), data.ggml_type
         if isinstance(data, np.ndarray):
@@ -320,6 +322,23 @@ class TensorSpec:
             raise WriteError(f"{what}: the data holds {known} bytes but a {info.name} tensor of shape {shape} "
                              f"takes {size} bytes")
         return cls(name, shape, info.ggml_type, data, size)
+
+
+def _foreign_data(data, ggml_type, what: str) -> tuple:
+    """gguf-py ReaderTensors, torch tensors and DLPack/``__array__`` objects as data we write
+    (:mod:`gguf_kquant.interop`): (data, ggml_type) — bfloat16 becomes its bit patterns, typed BF16."""
+    if interop.is_reader_tensor(data):
+        return interop.ReaderTensorSource(data), ggml_type
+    if not interop.is_array_like(data) or _is_tensor_info(data):
+        return data, ggml_type
+    try:
+        if interop.is_bfloat16(data) and (ggml_type is None or _type(ggml_type, what).ggml_type == GGMLType.BF16):
+            return interop.as_numpy(data, bf16_bits=True), GGMLType.BF16
+        return interop.as_numpy(data), ggml_type
+    except WriteError:
+        raise
+    except GGUFError as exc:
+        raise WriteError(f"{what}: {exc}") from None
 
 
 def _is_tensor_info(obj) -> bool:
@@ -622,9 +641,19 @@ class GGUFWriter:
     tensor is written, e.g. a report of the tensors' errors).
     """
 
-    def __init__(self, path, metadata=None, *, alignment: Optional[int] = None, version: int = 3,
+    def __init__(self, path, metadata=None, *, alignment: Optional[int] = None, version: Optional[int] = None,
                  byte_order: Optional[str] = None, split_max_size=None, split_max_tensors: Optional[int] = None,
                  fsync: bool = True, inputs=(), overwrite: bool = True, side_files=()):
+        source_tensors = ()
+        if metadata is not None and interop.is_gguf_reader(metadata):  # a gguf-py GGUFReader: the whole file
+            try:
+                parts = interop.reader_parts(metadata)
+            except GGUFError as exc:
+                raise WriteError(str(exc)) from None
+            metadata, source_tensors = parts["metadata"], parts["tensors"]
+            version = parts["version"] if version is None else version
+            byte_order = parts["byte_order"] if byte_order is None else byte_order
+        version = 3 if version is None else version
         self.path = Path(path)
         self.inputs = list(inputs)
         self.overwrite = overwrite
@@ -649,6 +678,7 @@ class GGUFWriter:
         self.paths: Optional[list] = None
         if metadata is not None:
             self.add_metadata_from(metadata)
+        self.add_tensors(source_tensors)
 
     # -- collecting
     def add_metadata(self, key: str, value) -> None:
@@ -666,8 +696,17 @@ class GGUFWriter:
         self._plans = None
 
     def add_metadata_from(self, metadata) -> None:
-        """Add every key of a mapping (a reader's ``Metadata`` keeps its types) or of (key, value) pairs."""
-        pairs = typed_items(metadata) if hasattr(metadata, "items") else list(metadata)
+        """Add every key of a mapping (a reader's ``Metadata`` keeps its types) or of (key, value) pairs;
+        gguf-py's ``GGUFReader.fields`` (or the reader itself) too, without its header pseudo-fields."""
+        if interop.is_gguf_reader(metadata):
+            metadata = metadata.fields
+        if hasattr(metadata, "items") and any(interop.is_reader_field(v) for v in metadata.values()):
+            try:
+                pairs = interop.reader_field_items(metadata)
+            except GGUFError as exc:
+                raise WriteError(str(exc)) from None
+        else:
+            pairs = typed_items(metadata) if hasattr(metadata, "items") else list(metadata)
         for key, value in pairs:
             self.add_metadata(key, value)
 
@@ -704,7 +743,11 @@ class GGUFWriter:
                 else:
                     self.add_tensor(name, data)
             return
+        if interop.is_gguf_reader(tensors):
+            tensors = tensors.tensors
         for item in tensors:
+            if interop.is_reader_tensor(item):
+                item = interop.ReaderTensorSource(item)
             if isinstance(item, TensorSpec):
                 self._add_spec(TensorSpec.make(item.name, item.data, shape=item.shape, ggml_type=item.ggml_type,
                                                nbytes=item.nbytes))
