@@ -146,7 +146,7 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
         h = hparams
         info = ModelInfo(arch=conv.arch_name, n_layer=conv.block_count, n_head=h.get("num_attention_heads", 0),
                          n_head_kv=h.get("num_key_value_heads", h.get("num_attention_heads", 0)),
-                         n_expert=h.get("num_local_experts", h.get("num_experts", 0)) or 0)
+                         n_expert=conv.n_expert())
         quant_plan = plan_tensors([(p.name, p.shape, p.qtype) for p in planned], info, ftype_name,
                                   imatrix=imatrix is not None, **options)
         file_type = quant_plan.file_type

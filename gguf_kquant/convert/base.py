@@ -167,6 +167,7 @@ class Converter:
     hf_architectures: tuple = ()
     arch: gguf.MODEL_ARCH
     required_hparams: tuple = ()  # config.json keys this architecture reads without a default
+    expert_count_keys = ("num_local_experts", "num_experts", "n_routed_experts")  # where MoE configs count experts
 
     def __init__(self, model_dir: Path, hparams: dict, checkpoint: Checkpoint):
         self.dir = Path(model_dir)
@@ -201,6 +202,10 @@ class Converter:
         if optional:
             return None
         raise ConversionError(f"{self.dir / 'config.json'}: none of {list(keys)} is set")
+
+    def n_expert(self) -> int:
+        """Experts per MoE layer (0: a dense model)."""
+        return self.find(self.expert_count_keys, optional=True) or 0
 
     def map_name(self, name: str) -> str:
         new = self.tensor_map.get_name(key=name, try_suffixes=(".weight", ".bias"))
@@ -280,7 +285,7 @@ class Converter:
             w.add_layer_norm_rms_eps(eps)
         if (eps := self.find(["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"], True)) is not None:
             w.add_layer_norm_eps(eps)
-        if (n := self.find(["num_local_experts", "num_experts", "n_routed_experts"], True)) is not None:
+        if (n := self.find(self.expert_count_keys, True)) is not None:
             w.add_expert_count(n)
         if (n := self.find(["num_experts_per_tok", "num_experts_per_token", "top_k_experts"], True)) is not None:
             w.add_expert_used_count(n)
