@@ -75,14 +75,15 @@ class ExpertStacker:
 
     ``expert_re`` matches a per-expert tensor name with groups (layer, expert, weight); ``expert_weights``
     are the weight names in the order convert_hf_to_gguf.py emits them; ``merged_name`` (formatted with
-    ``bid`` and ``w``) is the name its tensor map knows the stacked tensor by; ``expert_count_keys`` are the
-    config.json keys holding the number of experts.
+    ``bid`` and ``w``) is the name its tensor map knows the stacked tensor by; ``expert_ff_key`` is the
+    config.json key of an expert's feed-forward width and ``down_weight`` the weight shaped (n_embd, n_ff).
     """
 
     expert_re: str
     expert_weights: tuple
     merged_name: str
-    expert_count_keys: tuple = ("num_local_experts", "num_experts")
+    expert_ff_key: str
+    down_weight: str
 
     def expert_tensor(self, name: str, t: SafeTensor, bid: Optional[int]):
         """For a per-expert tensor: collect it and, once its layer is complete, yield the stacked outputs
@@ -90,13 +91,16 @@ class ExpertStacker:
         m = re.fullmatch(self.expert_re, name)
         if m is None:
             return None
-        n_expert = self.find(self.expert_count_keys)
+        n_expert = self.n_expert()
         layer, xid, w_name = int(m.group(1)), int(m.group(2)), m.group(3)
         if not hasattr(self, "_experts"):
             self._experts, self._stacked = {}, {}
         if xid >= n_expert:
             raise ConversionError(f"{t.file.path}: tensor {name!r} names expert {xid}, but config.json says "
                                   f"there are {n_expert}")
+        n_embd, n_ff = self.hparams["hidden_size"], self.hparams.get(self.expert_ff_key)
+        if n_ff is not None:
+            self.expect_shape(t, (n_embd, n_ff) if w_name == self.down_weight else (n_ff, n_embd))
         pending = self._experts.setdefault(layer, {})
         pending[(xid, w_name)] = (name, t)
         if len(pending) < n_expert * len(self.expert_weights):
@@ -117,7 +121,7 @@ class ExpertStacker:
         left = getattr(self, "_experts", {})
         if left:  # a layer whose experts never all appeared
             layer, pending = min(left.items())
-            n_expert = self.find(self.expert_count_keys)
+            n_expert = self.n_expert()
             missing = [(x, w) for x in range(n_expert) for w in self.expert_weights if (x, w) not in pending]
             some = next(iter(pending.values()))[0]
             m = re.fullmatch(self.expert_re, some)  # the missing names, spelled like a present one

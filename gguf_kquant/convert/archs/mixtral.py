@@ -12,10 +12,11 @@ from ..base import register
 class MixtralConverter(ExpertStacker, LlamaConverter):
     hf_architectures = ("MixtralForCausalLM",)
     required_hparams = LlamaConverter.required_hparams + ("num_local_experts",)
+    expert_count_keys = ("num_local_experts",)
     expert_re = r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight"
     expert_weights = ("w1", "w2", "w3")
     merged_name = "layers.{bid}.feed_forward.experts.{w}.weight"
-    expert_count_keys = ("num_local_experts",)
+    expert_ff_key, down_weight = "intermediate_size", "w2"
 
     def plan_tensor(self, name, t, bid):
         stacked = self.expert_tensor(name, t, bid)

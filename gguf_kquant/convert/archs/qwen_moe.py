@@ -17,7 +17,7 @@ class Qwen2MoeConverter(ExpertStacker, Qwen2Converter):
     expert_re = r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(down_proj|gate_proj|up_proj)\.weight"
     expert_weights = ("down_proj", "gate_proj", "up_proj")
     merged_name = "model.layers.{bid}.mlp.experts.{w}.weight"
-    expert_count_keys = ("num_local_experts", "num_experts")
+    expert_ff_key, down_weight = "moe_intermediate_size", "down_proj"
 
     def set_parameters(self, w):
         super(Qwen2Converter, self).set_parameters(w)  # no pooling type: not an embedding model
@@ -28,16 +28,6 @@ class Qwen2MoeConverter(ExpertStacker, Qwen2Converter):
             w.add_expert_shared_feed_forward_length(n)
 
     set_vocab = Converter.set_vocab  # GPT-2 BPE only (Qwen2MoeModel is a plain TextModel)
-
-    def check_shapes(self):
-        super().check_shapes()
-        h = self.hparams
-        n_ff = h.get("moe_intermediate_size")
-        for name, t in self.ckpt.items():
-            if n_ff is not None and ".mlp.experts." in name and name.endswith(("gate_proj.weight", "up_proj.weight")):
-                self.expect_shape(t, (n_ff, h["hidden_size"]))
-            elif n_ff is not None and ".mlp.experts." in name and name.endswith("down_proj.weight"):
-                self.expect_shape(t, (h["hidden_size"], n_ff))
 
     def plan_tensor(self, name, t, bid):
         stacked = self.expert_tensor(name, t, bid)
