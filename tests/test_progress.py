@@ -19,7 +19,7 @@ def _tensor_lines(text):
 def test_plain_lines_when_not_a_terminal():
     out = io.StringIO()
     p = Progress(3, stream=out, total_bytes=3 * 2**20)
-    assert p.bar is None
+    assert not p.live
     for i in range(3):
         p.tensor(f"blk.{i}.w", (256, 4), "F32", "Q8_0", 2**20, 2**18, 0.01)
     lines = _tensor_lines(out.getvalue())
@@ -30,10 +30,11 @@ def test_plain_lines_when_not_a_terminal():
 def test_one_live_bar_on_a_terminal():
     out = _Terminal()
     p = Progress(4, stream=out, total_bytes=4 * 2**20, desc="quantize")
-    assert p.bar is not None
+    assert p.live and p.bar is None  # drawn from the first step on
     p.say("WARNING: something")  # printed above the bar
     for i in range(4):
         p.tensor(f"blk.{i}.w", (256, 4), "F16", "Q4_K", 2**20, 2**18, 0.01)
+        assert (p.bar is not None) == (i < 3)
     assert p.bar is None  # closed after the last tensor
     text = out.getvalue()
     assert "WARNING: something\n" in text
@@ -71,3 +72,10 @@ def test_quantize_model_draws_one_bar_on_a_terminal(example_model, tmp_path):
     assert len(bar_lines) == 1  # one bar, redrawn in place with \r
     assert bar_lines[0].split("\r")[-1].startswith("100%")
     assert "model size" in text and "time" in text
+
+
+def test_dry_run_draws_no_bar(example_model, tmp_path):
+    out = _Terminal()
+    gguf_kquant.quantize_model(example_model, tmp_path / "q.gguf", "Q4_K_M", dry_run=True, quiet=False, stream=out)
+    text = out.getvalue()
+    assert "%|" not in text and "\r" not in text and "blk.0.attn_q.weight" in text

@@ -44,16 +44,21 @@ class Progress:
         self.index = 0
         self.bytes_done = 0
         self.start = time.perf_counter()
+        self.desc = desc
+        # live bar mode; the bar itself appears with the first step (a dry run or a failed check draws none)
+        self.live = not quiet and (bar if bar is not None else _is_terminal(self.stream))
         self._bar = None
-        if not quiet and (bar if bar is not None else _is_terminal(self.stream)):
-            from tqdm import tqdm  # imported only when a bar is drawn
-
-            self._bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, unit_divisor=1024,
-                             file=self.stream, desc=desc, dynamic_ncols=True, leave=True, smoothing=0.1)
 
     @property
     def bar(self):
-        """The live tqdm bar, or ``None`` (quiet, or plain lines)."""
+        """The live tqdm bar while it is drawn, else ``None``."""
+        return self._bar
+
+    def _open_bar(self):
+        from tqdm import tqdm  # imported only when a bar is drawn
+
+        self._bar = tqdm(total=self.total_bytes or None, unit="B", unit_scale=True, unit_divisor=1024,
+                         file=self.stream, desc=self.desc, dynamic_ncols=True, leave=True, smoothing=0.1)
         return self._bar
 
     def say(self, text: str) -> None:
@@ -70,7 +75,7 @@ class Progress:
         self.bytes_done += nbytes
         if self.quiet:
             return
-        if self._bar is not None:
+        if self.live:
             self._step_bar(nbytes, label)
             return
         done = ""
@@ -79,7 +84,7 @@ class Progress:
         self.say(f"[{self.index:4d}/{self.total:4d}]{done} {label}")
 
     def tensor(self, name: str, ne, src: str, dst: str, before: int, after: int, seconds: float) -> None:
-        if self._bar is not None or self.quiet:
+        if self.live or self.quiet:
             self.advance(before, f"{name} {src}->{dst}" if src != dst else name)
             return
         shape = ", ".join(str(d) for d in ne)
@@ -92,13 +97,15 @@ class Progress:
         self.advance(before, f"{name:<36s} - [{shape:>18s}], {what}")
 
     def _step_bar(self, nbytes: int, label: str) -> None:
-        self._bar.set_postfix_str(label, refresh=False)
-        self._bar.update(nbytes)
+        bar = self._bar if self._bar is not None else self._open_bar()
+        bar.set_postfix_str(label, refresh=False)
+        bar.update(nbytes)
         if self.index >= self.total:
             self.close()
 
     def close(self) -> None:
         """Finish the bar (idempotent); plain and quiet modes have nothing to close."""
+        self.live = False  # steps after the end are plain lines, never a second bar
         if self._bar is not None:
             bar, self._bar = self._bar, None
             bar.set_postfix_str("", refresh=False)
