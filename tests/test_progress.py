@@ -79,3 +79,17 @@ def test_dry_run_draws_no_bar(example_model, tmp_path):
     gguf_kquant.quantize_model(example_model, tmp_path / "q.gguf", "Q4_K_M", dry_run=True, quiet=False, stream=out)
     text = out.getvalue()
     assert "%|" not in text and "\r" not in text and "blk.0.attn_q.weight" in text
+
+
+def test_convert_draws_one_bar_on_a_terminal(tmp_path, monkeypatch):
+    from test_convert_helpers import make_model
+
+    d = tmp_path / "llama"
+    make_model("llama", d, hidden_size=32)
+    err = _Terminal()
+    monkeypatch.setattr("sys.stderr", err)
+    gguf_kquant.convert_hf(d, tmp_path / "o.gguf", "F16", quiet=False)
+    text = err.getvalue()
+    bar_lines = [ln for ln in text.split("\n") if "%|" in ln]
+    assert len(bar_lines) == 1 and bar_lines[0].split("\r")[-1].startswith("100%")  # the total is known
+    assert not _tensor_lines(text) and "converted" in text
