@@ -197,3 +197,23 @@ def test_as_numpy_without_importing_torch():
     assert as_numpy([1, 2]) == [1, 2]  # not array-like: unchanged
     with pytest.raises(gguf_kquant.GGUFError, match="complex"):
         as_numpy(torch.zeros(2, dtype=torch.complex64))
+
+
+def test_no_torch_import(tmp_path):
+    """Reading DLPack objects and writing them never imports torch (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, numpy as np, gguf_kquant
+class D:
+    def __init__(self, a): self.a = a
+    def __dlpack__(self, **kw): return self.a.__dlpack__(**kw)
+    def __dlpack_device__(self): return self.a.__dlpack_device__()
+x = np.arange(64, dtype=np.float32).reshape(2, 32)
+gguf_kquant.write({str(tmp_path / 'd.gguf')!r}, {{"general.architecture": "llama"}}, {{"x": D(x)}})
+with gguf_kquant.open({str(tmp_path / 'd.gguf')!r}) as f:
+    assert (f.tensors[0].numpy() == x).all()
+assert "torch" not in sys.modules, "torch imported"
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
