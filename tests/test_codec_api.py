@@ -189,3 +189,33 @@ def test_result_independent_of_thread_count():
     assert gguf_kquant.get_num_threads() == before
     with pytest.raises(ValueError):
         gguf_kquant.set_num_threads(0)
+
+
+@pytest.mark.parametrize("threads", [0, -1, "2", True, 1.5])
+def test_bad_thread_counts_are_typed_errors(threads):
+    from gguf_kquant.errors import InvalidArgumentError
+
+    x = np.ones((1, 32), np.float32)
+    with pytest.raises(InvalidArgumentError, match="threads must be a whole number"):
+        gguf_kquant.quantize(x, "Q8_0", threads=threads)
+    with pytest.raises(InvalidArgumentError):
+        gguf_kquant.dequantize(gguf_kquant.quantize(x, "Q8_0"), "Q8_0", x.shape, threads=threads)
+    with pytest.raises(InvalidArgumentError):
+        gguf_kquant.set_num_threads(threads)
+
+
+def test_negative_importance_is_refused_naming_the_column():
+    x = np.ones((1, 256), np.float32)
+    w = np.ones(256, np.float32)
+    w[17] = -0.5
+    for name in ("Q4_K", "IQ2_XXS", "IQ4_NL"):
+        with pytest.raises(ImatrixError, match="column 17 is negative"):
+            gguf_kquant.quantize(x, name, imatrix=w)
+
+
+def test_iq1_m_scale_overflow_is_refused_like_every_fp16_scale():
+    x = np.random.default_rng(1).standard_normal((3, 512)).astype(np.float32)
+    x[2] *= 1e6  # IQ1_M's super-block scale is an fp16 spread over four nibbles: it overflows to inf
+    with pytest.raises(BadTensorDataError, match="row 2, block 0 overflows fp16"):
+        gguf_kquant.quantize(x, "IQ1_M")
+    assert gguf_kquant.quantize(x[:2], "IQ1_M").shape == (2, 112)

@@ -14,20 +14,27 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ..errors import BadTensorDataError, ImatrixError, ShapeError
-from ..types import Imatrix, TypeInfo, TypeLike, type_info
+from ..errors import BadTensorDataError, ImatrixError, InvalidArgumentError, ShapeError
+from ..types import GGMLType, Imatrix, TypeInfo, TypeLike, type_info
 
 __all__ = ["quantize", "dequantize", "set_num_threads", "get_num_threads", "to_float32"]
 
 _num_threads: Optional[int] = None  # None: all cores (numba's default)
 
 
+def check_threads(n) -> Optional[int]:
+    """``n`` as a thread count: None (all cores) or an int >= 1; anything else is an InvalidArgumentError."""
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or int(n) < 1:
+        raise InvalidArgumentError(f"threads must be a whole number >= 1 (or None for all cores), not {n!r}")
+    return int(n)
+
+
 def set_num_threads(n: Optional[int]) -> None:
     """Threads used by the codec kernels (``None``: all cores).  Results never depend on it."""
     global _num_threads
-    if n is not None and int(n) < 1:
-        raise ValueError(f"thread count must be >= 1, got {n}")
-    _num_threads = None if n is None else int(n)
+    _num_threads = check_threads(n)
 
 
 def get_num_threads() -> int:
@@ -44,7 +51,7 @@ class _threads:
 
     def __init__(self, n: Optional[int]):
         limit = numba.config.NUMBA_NUM_THREADS
-        self.wanted = min(n or _num_threads or limit, limit)
+        self.wanted = min(check_threads(n) or _num_threads or limit, limit)
 
     def __enter__(self):
         self.before = numba.get_num_threads()
@@ -152,6 +159,15 @@ def _fp16_fields(info: TypeInfo) -> list:
 
 def _check_fp16_scales(out: np.ndarray, info: TypeInfo) -> None:
     """Raise if a block's fp16 scale overflowed (ggml would silently store inf)."""
+    if info.ggml_type is GGMLType.IQ1_M:  # its fp16 scale is spread over the scales' top nibbles: no field
+        from .iq1 import iq1_m_scale_bits
+
+        bad = (iq1_m_scale_bits(out) & 0x7C00) == 0x7C00
+        if bad.any():
+            row, blk = divmod(int(np.argmax(bad)), max(out.shape[1] // info.type_size, 1))
+            raise BadTensorDataError(f"{info.name}: the scale of row {row}, block {blk} overflows fp16 "
+                                     f"(values too large to quantize to {info.name})")
+        return
     fields = _fp16_fields(info) if info.is_quantized else []
     if not fields or not out.size:
         return
@@ -211,6 +227,10 @@ def quantize(x, qtype: TypeLike, imatrix=None, *, threads: Optional[int] = None)
         if not np.isfinite(weights).all():
             col = int(np.argmax(~np.isfinite(weights)))
             raise ImatrixError(f"imatrix value at column {col} is {float(weights[col])!r}")
+        if (weights < 0).any():  # mean squared activations; ggml's grid searches abort or misbehave on < 0
+            col = int(np.argmax(weights < 0))
+            raise ImatrixError(f"imatrix value at column {col} is negative ({float(weights[col])!r}); "
+                               f"importance values are mean squared activations")
     elif info.imatrix is Imatrix.REQUIRED:
         raise ImatrixError(f"{info.name} cannot be quantized without an importance matrix")
 
