@@ -86,7 +86,7 @@ from ..safeio import AtomicFiles, check_outputs
 from ..types import GGMLType, TYPES, type_info
 from .. import interop
 from . import split as _split
-from .values import MAX_ARRAY_NESTING, SCALAR_DTYPES, GGUFValueType, Value, to_value, typed_items
+from .values import MAX_ARRAY_NESTING, SCALAR_DTYPES, GGUFValueType, Metadata, Value, to_value, typed_items
 
 __all__ = ["GGUFWriter", "write", "write_shards", "TensorSpec", "ShardPlan", "Value", "GGUFValueType",
            "parse_size", "DEFAULT_ALIGNMENT"]
@@ -700,7 +700,8 @@ class GGUFWriter:
         gguf-py's ``GGUFReader.fields`` (or the reader itself) too, without its header pseudo-fields."""
         if interop.is_gguf_reader(metadata):
             metadata = metadata.fields
-        if hasattr(metadata, "items") and any(interop.is_reader_field(v) for v in metadata.values()):
+        if (hasattr(metadata, "items") and not isinstance(metadata, Metadata)  # (no decoding of a lazy vocabulary)
+                and any(interop.is_reader_field(v) for v in metadata.values())):
             try:
                 pairs = interop.reader_field_items(metadata)
             except GGUFError as exc:
