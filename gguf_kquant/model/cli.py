@@ -44,6 +44,9 @@ def add_arguments(p) -> None:
     p.add_argument("--report", metavar="FILE.json", help="write per-tensor RMSE / max error / cosine")
     p.add_argument("--overwrite", action="store_true", help="replace DST (and the report) if they exist")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    p.add_argument("--method", choices=("llama", "optimized"), default="llama",
+                   help="llama: llama-quantize's bytes (default); optimized: same types and size, block "
+                        "parameters of lower imatrix-weighted error (needs --imatrix)")
 
 
 def _outputs(specs) -> dict:
@@ -82,7 +85,7 @@ def run(args) -> int:
         override_kv=args.override_kv, keep_split=args.keep_split, split_max_size=args.split_max_size,
         split_max_tensors=args.split_max_tensors, threads=args.threads,
         dry_run=args.dry_run, report=report, overwrite=args.overwrite, quiet=args.quiet and not args.dry_run,
-        stream=sys.stdout if args.dry_run else sys.stderr)
+        stream=sys.stdout if args.dry_run else sys.stderr, method=args.method)
     if report and not args.quiet and result.report:
         print(f"worst tensors (report in {report}):")
         for s in worst(result.report):

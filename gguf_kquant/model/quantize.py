@@ -33,6 +33,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..codecs.optimized import quantizer
 from ..errors import BadTensorDataError, ImatrixError, QuantizeError
 from ..safeio import check_outputs
 from ..types import GGMLType, TYPES
@@ -119,7 +120,7 @@ def quantize_model(src, dst, ftype=None, *, imatrix=None, include_weights: Seque
                    allow_requantize: bool = False, override_kv: Sequence = (), keep_split: bool = False,
                    split_max_size=None, split_max_tensors: Optional[int] = None, threads: Optional[int] = None,
                    dry_run: bool = False, report=None, overwrite: bool = False, quiet: bool = True,
-                   stream=None) -> QuantizeResult:
+                   stream=None, method: str = "llama") -> QuantizeResult:
     """Quantize the GGUF model ``src`` to mix ``ftype`` (``"Q4_K_M"``, ...) and write ``dst``.
 
     Several outputs in one pass: ``dst`` a mapping ``{path: mix}`` and no ``ftype`` (each tensor is read
@@ -135,7 +136,8 @@ def quantize_model(src, dst, ftype=None, *, imatrix=None, include_weights: Seque
     ``llama-gguf-split --split`` would split llama-quantize's file (shards ``<dst>-0000i-of-0000n.gguf``;
     see :mod:`gguf_kquant.container.writer`).  ``dry_run`` plans
     only; ``report`` (a path) writes per-tensor error statistics as JSON, committed with the model;
-    ``quiet=False`` prints progress to ``stream`` (stderr).
+    ``quiet=False`` prints progress to ``stream`` (stderr).  ``method="optimized"`` (needs an imatrix) writes
+    the same types with block parameters of lower imatrix-weighted error (:mod:`gguf_kquant.codecs.optimized`).
 
     ``overwrite``: an existing destination (any output shard, the report) is refused unless True —
     the same policy as :func:`gguf_kquant.convert_hf` and the CLI's ``--overwrite``.  Whatever
@@ -146,6 +148,8 @@ def quantize_model(src, dst, ftype=None, *, imatrix=None, include_weights: Seque
     >>> quantize_model("m-f16.gguf", "m-q4.gguf", "Q4_K_M", report="m-q4.json", overwrite=True)  # doctest: +SKIP
     """
     if isinstance(dst, Mapping):  # several outputs in one pass: gguf_kquant.model.multi
+        if method != "llama":
+            raise QuantizeError("method= is for one output at a time")
         if ftype is not None:
             raise QuantizeError("several outputs: give each output's mix in the mapping {path: mix}, not ftype")
         from .multi import quantize_outputs
@@ -166,6 +170,7 @@ def quantize_model(src, dst, ftype=None, *, imatrix=None, include_weights: Seque
     mix, file_type, _default = parse_mix(ftype)
     max_bytes = _split_limits(keep_split, split_max_size, split_max_tensors)
     im = _prepare_imatrix(imatrix, tuple(include_weights or ()), tuple(exclude_weights or ()))
+    quantize_tensor = quantizer(method, im is not None)
     overrides = _overrides(override_kv, im)
 
     with open_gguf(src) as f:
@@ -188,7 +193,7 @@ def quantize_model(src, dst, ftype=None, *, imatrix=None, include_weights: Seque
 
         metadata, alignment = _output_metadata(f, plan.file_type, overrides)
         stats = [] if report is not None else None
-        conv = _Converter(by_name, im, threads, progress, stats)
+        conv = _Converter(by_name, im, threads, progress, stats, quantize_tensor)
         side = [] if report is None else [(report, lambda: render_report(stats, plan, result))]
         inputs = _input_paths(f, imatrix)
         paths = _write(f, dst, plan, metadata, conv, alignment, keep_split, max_bytes, split_max_tensors,
@@ -382,7 +387,8 @@ def _imatrix_for(r, im: Optional[Imatrix]):
 class _Converter:
     """Produces each tensor's output bytes, slab by slab."""
 
-    def __init__(self, by_name, im, threads, progress: Progress, stats):
+    def __init__(self, by_name, im, threads, progress: Progress, stats, quantize_tensor=None):
+        self.quantize_tensor = quantize_tensor  # None: ggml's own (gguf_kquant.codecs.quantize)
         self.by_name = by_name
         self.im = im
         self.threads = threads
@@ -435,8 +441,9 @@ class _Converter:
             yield raw
 
     def _convert(self, fd, t, row):
-        from ..codecs import quantize as q
+        from ..codecs import quantize
 
+        q = self.quantize_tensor or quantize
         src = TYPES[row.src_type]
         ne = row.shape[::-1]
         n_per_row = ne[0]

