@@ -200,7 +200,7 @@ def test_as_numpy_without_importing_torch():
 
 
 def test_no_torch_import(tmp_path):
-    """Reading DLPack objects and writing them never imports torch (a fresh interpreter)."""
+    """Quantizing, dequantizing and writing DLPack objects never imports torch (a fresh interpreter)."""
     import subprocess
     import sys
 
@@ -214,6 +214,31 @@ x = np.arange(64, dtype=np.float32).reshape(2, 32)
 gguf_kquant.write({str(tmp_path / 'd.gguf')!r}, {{"general.architecture": "llama"}}, {{"x": D(x)}})
 with gguf_kquant.open({str(tmp_path / 'd.gguf')!r}) as f:
     assert (f.tensors[0].numpy() == x).all()
+q = gguf_kquant.quantize(D(x), "Q8_0")
+assert (gguf_kquant.dequantize(D(q), "Q8_0", x.shape) == gguf_kquant.dequantize(q, "Q8_0", x.shape)).all()
 assert "torch" not in sys.modules, "torch imported"
 """
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_quantize_and_dequantize_take_torch_and_dlpack():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 256, generator=g)
+    for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        t = x.to(dt, copy=True).requires_grad_(True)
+        exact = t.detach().double().numpy() if dt == torch.float64 else t.detach().float().numpy()
+        for qt in ("Q4_K", "Q8_0"):
+            np.testing.assert_array_equal(gguf_kquant.quantize(t, qt), gguf_kquant.quantize(exact, qt))
+    imatrix = torch.rand(256, generator=g, dtype=torch.float64)
+    np.testing.assert_array_equal(gguf_kquant.quantize(x, "Q4_K", imatrix=imatrix),
+                                  gguf_kquant.quantize(x.numpy(), "Q4_K", imatrix=imatrix.numpy()))
+    q = gguf_kquant.quantize(_DLPackOnly(x.numpy()), "Q8_0")
+    np.testing.assert_array_equal(q, gguf_kquant.quantize(x.numpy(), "Q8_0"))
+    want = gguf_kquant.dequantize(q, "Q8_0", (4, 256))
+    np.testing.assert_array_equal(gguf_kquant.dequantize(torch.from_numpy(q), "Q8_0", (4, 256)), want)
+    np.testing.assert_array_equal(gguf_kquant.dequantize(_DLPackOnly(q), "Q8_0", (4, 256)), want)
+    # ours through torch
+    assert torch.equal(torch.from_dlpack(want), torch.from_numpy(want))
+    # a float8 checkpoint tensor quantizes from its exact values
+    f8 = x.to(torch.float8_e4m3fn)
+    np.testing.assert_array_equal(gguf_kquant.quantize(f8, "Q8_0"), gguf_kquant.quantize(f8.float().numpy(), "Q8_0"))

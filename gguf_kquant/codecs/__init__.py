@@ -15,6 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import BadTensorDataError, ImatrixError, InvalidArgumentError, ShapeError
+from ..interop import as_numpy
 from ..types import GGMLType, Imatrix, TypeInfo, TypeLike, type_info
 
 __all__ = ["quantize", "dequantize", "set_num_threads", "get_num_threads", "to_float32"]
@@ -65,7 +66,7 @@ class _threads:
 
 def to_float32(x) -> np.ndarray:
     """Convert to float32 the way ggml does: float16 and bfloat16 exactly, float64 by rounding to nearest."""
-    x = np.asarray(x)
+    x = np.asarray(as_numpy(x))  # torch tensors (bfloat16, float8 too), DLPack, __array__: gguf_kquant.interop
     if x.dtype == np.float32:
         return x
     if x.dtype.name == "bfloat16":  # ml_dtypes / torch-exported arrays: bf16 is the top half of fp32
@@ -262,6 +263,7 @@ def dequantize(raw, qtype: TypeLike, shape, *, threads: Optional[int] = None) ->
     if any(d < 0 for d in shape):
         raise ShapeError(f"negative dimension in shape {shape}")
     expected = info.nbytes(shape) if shape else info.type_size
+    raw = as_numpy(raw)  # a torch uint8 tensor, a DLPack object (bytes and buffers pass unchanged)
     data = np.frombuffer(raw, dtype=np.uint8) if not isinstance(raw, np.ndarray) else raw.reshape(-1).view(np.uint8)
     if data.size != expected:
         raise BadTensorDataError(
