@@ -333,7 +333,10 @@ class Converter:
     def plan(self, out_type: GGMLType) -> list[PlannedTensor]:
         self.check_shapes()
         planned: list[PlannedTensor] = []
-        for src_name, t in self.ckpt.items():
+        # convert_hf_to_gguf.py's order: shards by file name, each one's tensors by name (safe_open().keys() is
+        # sorted), whatever order the headers list them in
+        shard = {f: i for i, f in enumerate(self.ckpt.files)}
+        for src_name, t in sorted(self.ckpt.items(), key=lambda kv: (shard[kv[1].file], kv[0])):
             name = self.filter_name(src_name)
             if name is None:
                 continue
