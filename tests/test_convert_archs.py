@@ -56,8 +56,11 @@ def built(tmp_path_factory):
     models = {a: make_model(a, root / a, seed=20 + i, tokenizer="spm" if a in SPM else "bpe")
               for i, a in enumerate(ARCHS)}
     _phi3_longrope(root)
+    (root / "moe-unsorted").mkdir()
+    _synthetic_moe(root / "moe-unsorted", n_expert=8, n_embd=64, n_ff=128)
     jobs = [(root / a, root / f"{a}.{t}.theirs.gguf", t.lower(), PRE[a]) for a in ARCHS for t in OUTTYPES]
     jobs.append((root / "phi3-longrope", root / "phi3-longrope.F16.theirs.gguf", "f16", "default"))
+    jobs.append((root / "moe-unsorted", root / "moe-unsorted.F16.theirs.gguf", "f16", "qwen2"))
     jobs += [(root / a, root / f"{a}.vocab.theirs.gguf", "f16", PRE.get(a, "default"), "--vocab-only")
              for a in VOCAB_ONLY]
     vendor_convert_jobs(jobs)
@@ -116,6 +119,15 @@ def test_logits_match_transformers(built, arch):
     cos = np.sum(ours * ref, -1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1))
     assert (ours.argmax(-1) == ref.argmax(-1)).all(), f"{arch}: top-1 differs"
     assert cos.min() >= 0.999, f"{arch}: cosine {cos.min():.5f}"
+
+
+def test_tensor_order_is_by_name_whatever_the_header_order(built):
+    """A header listing tensors in another order than by name (as safetensors does for mixed dtypes): the
+    output keeps convert_hf_to_gguf.py's order, which is by name."""
+    root, _ = built
+    ours = root / "moe-unsorted.F16.ours.gguf"
+    gguf_kquant.convert_hf(root / "moe-unsorted", ours, "F16")
+    assert_same_gguf(ours, root / "moe-unsorted.F16.theirs.gguf")
 
 
 # ---- experts: memory and bad checkpoints ---------------------------------------------------------------
