@@ -36,18 +36,20 @@ tests/test_codecs_kquants.py checks the lane versions against them.
 
 Layouts are drawn next to each codec.  Public functions follow :mod:`gguf_kquant.types`:
 ``quantize_<t>(x, out)`` (x float32 (n_rows, n_per_row), possibly read-only; out uint8 (n_rows, row_bytes))
-and ``dequantize_<t>(raw, out)``.  Quantize drivers ``prange`` over chunks of super-blocks (flattened over
-rows), dequantize drivers over rows; each super-block's kernel is serial, so output never depends on the
-thread count.
+and ``dequantize_<t>(raw, out)``.  Quantize drivers split chunks of super-blocks (flattened over rows),
+dequantize drivers rows, over threads (:func:`.chunks.run_chunks`: nogil kernels on Python threads, which
+compiles in a fraction of a ``prange`` driver's time); each super-block's kernel is serial, so output never
+depends on the thread count.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..types import QK_K, TYPES, GGMLType, register_kernel
 
+from .chunks import run_chunks
 from .helpers import (
     GROUP_MAX_EPS,
     get_scale_min_k4,
@@ -794,7 +796,8 @@ def _dequantize_block_q8_k(rb, yb, n256):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Drivers: prange over chunks of super-blocks (flattened over rows), scratch allocated once per chunk.
+# Drivers: chunks of super-blocks (flattened over rows) split over threads by run_chunks, scratch allocated
+# once per chunk.
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -804,8 +807,12 @@ def _chunks(n_rows, nb):
     return total, (total + _CHUNK - 1) // _CHUNK
 
 
+def _n_chunks(x) -> int:
+    """Work items of a quantize driver (Python side of _chunks)."""
+    return (x.shape[0] * (x.shape[1] // QK_K) + _CHUNK - 1) // _CHUNK
+
+
 @register_kernel("Q2_K", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_q2_k(x, out):
     """Q2_K quantization of float32 rows ``x`` into ``out`` (bytes of ggml's quantize_row_q2_K_ref).
 
@@ -813,10 +820,16 @@ def quantize_q2_k(x, out):
     >>> x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
     >>> out = np.empty((2, 84), np.uint8); quantize_q2_k(x, out)
     """
+    run_chunks(_quantize_chunks_q2_k, _n_chunks(x), x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_chunks_q2_k(x, out, c0, c1):
+    """Super-block chunks c0 <= c < c1 of quantize_q2_k (run by run_chunks on several threads)."""
     nb = x.shape[1] // QK_K
     nl = min(16, x.shape[1])  # == 16; a run-time value on purpose (see _qkx2_lanes)
     total, n_chunks = _chunks(x.shape[0], nb)
-    for c in prange(n_chunks):
+    for c in range(c0, c1):
         L = np.empty(QK_K, np.int32)
         Lt = np.empty(QK_K, np.int32)
         Lat = np.empty(QK_K, np.int32)
@@ -832,13 +845,18 @@ def quantize_q2_k(x, out):
             _quantize_block_q2_k(x[r], k * QK_K, out[r], k * Q2_K_BYTES, nl, L, Lt, Lat, xt, wt, xm, st, scales, mins)
 
 @register_kernel("Q3_K", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_q3_k(x, out):
     """Q3_K quantization (quantize_row_q3_K_ref)."""
+    run_chunks(_quantize_chunks_q3_k, _n_chunks(x), x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_chunks_q3_k(x, out, c0, c1):
+    """Super-block chunks c0 <= c < c1 of quantize_q3_k (run by run_chunks on several threads)."""
     nb = x.shape[1] // QK_K
     nl = min(16, x.shape[1])  # == 16; a run-time value on purpose (see _qkx2_lanes)
     total, n_chunks = _chunks(x.shape[0], nb)
-    for c in prange(n_chunks):
+    for c in range(c0, c1):
         L = np.empty(QK_K, np.int32)
         Lt = np.empty(QK_K, np.int32)
         xt = np.empty(QK_K, np.float32)
@@ -853,13 +871,18 @@ def quantize_q3_k(x, out):
 
 
 @register_kernel("Q4_K", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_q4_k(x, out):
     """Q4_K quantization (quantize_row_q4_K_ref)."""
+    run_chunks(_quantize_chunks_q4_k, _n_chunks(x), x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_chunks_q4_k(x, out, c0, c1):
+    """Super-block chunks c0 <= c < c1 of quantize_q4_k (run by run_chunks on several threads)."""
     nb = x.shape[1] // QK_K
     nl = min(8, x.shape[1])  # == 8; a run-time value on purpose (see _qkx2_lanes)
     total, n_chunks = _chunks(x.shape[0], nb)
-    for c in prange(n_chunks):
+    for c in range(c0, c1):
         L = np.empty(QK_K, np.int32)
         Lt = np.empty(QK_K, np.int32)
         Lat = np.empty(QK_K, np.int32)
@@ -875,13 +898,18 @@ def quantize_q4_k(x, out):
             _quantize_block_q4_k(x[r], k * QK_K, out[r], k * Q4_K_BYTES, nl, L, Lt, Lat, xt, wt, xm, st, scales, mins)
 
 @register_kernel("Q5_K", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_q5_k(x, out):
     """Q5_K quantization (quantize_row_q5_K_ref)."""
+    run_chunks(_quantize_chunks_q5_k, _n_chunks(x), x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_chunks_q5_k(x, out, c0, c1):
+    """Super-block chunks c0 <= c < c1 of quantize_q5_k (run by run_chunks on several threads)."""
     nb = x.shape[1] // QK_K
     nl = min(8, x.shape[1])  # == 8; a run-time value on purpose (see _qkx2_lanes)
     total, n_chunks = _chunks(x.shape[0], nb)
-    for c in prange(n_chunks):
+    for c in range(c0, c1):
         L = np.empty(QK_K, np.int32)
         Lt = np.empty(QK_K, np.int32)
         Lat = np.empty(QK_K, np.int32)
@@ -897,13 +925,18 @@ def quantize_q5_k(x, out):
             _quantize_block_q5_k(x[r], k * QK_K, out[r], k * Q5_K_BYTES, nl, L, Lt, Lat, xt, wt, xm, st, scales, mins)
 
 @register_kernel("Q6_K", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_q6_k(x, out):
     """Q6_K quantization (quantize_row_q6_K_ref)."""
+    run_chunks(_quantize_chunks_q6_k, _n_chunks(x), x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_chunks_q6_k(x, out, c0, c1):
+    """Super-block chunks c0 <= c < c1 of quantize_q6_k (run by run_chunks on several threads)."""
     nb = x.shape[1] // QK_K
     nl = min(16, x.shape[1])  # == 16; a run-time value on purpose (see _qkx2_lanes)
     total, n_chunks = _chunks(x.shape[0], nb)
-    for c in prange(n_chunks):
+    for c in range(c0, c1):
         L = np.empty(QK_K, np.int32)
         Lt = np.empty(QK_K, np.int32)
         Lat = np.empty(QK_K, np.int32)
@@ -919,14 +952,19 @@ def quantize_q6_k(x, out):
             _quantize_block_q6_k(x[r], k * QK_K, out[r], k * Q6_K_BYTES, nl, L, Lt, Lat, xt, wt, xm, st, scales)
 
 @register_kernel("Q8_K", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_q8_k(x, out):
     """Q8_K quantization (quantize_row_q8_K_ref)."""
+    run_chunks(_quantize_chunks_q8_k, _n_chunks(x), x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_chunks_q8_k(x, out, c0, c1):
+    """Super-block chunks c0 <= c < c1 of quantize_q8_k (run by run_chunks on several threads)."""
     nb = x.shape[1] // QK_K
     n256 = min(256, x.shape[1])  # == 256 / 16; run-time values on purpose (see _qkx2_lanes)
     n16 = min(16, x.shape[1])
     total, n_chunks = _chunks(x.shape[0], nb)
-    for c in prange(n_chunks):
+    for c in range(c0, c1):
         for b in range(c * _CHUNK, min(total, (c + 1) * _CHUNK)):
             r = b // nb
             k = b - r * nb
@@ -934,16 +972,9 @@ def quantize_q8_k(x, out):
             _quantize_block_q8_k(x[r, k * QK_K: (k + 1) * QK_K], yb, n256, n16)
 
 
-# Dequantize drivers: prange over chunks of rows, each chunk decoded by a serial function.  Decoding blocks
-# inside the prange body itself runs ~30% slower on one thread (measured on Q4_K: 322 us vs 233 us for
-# 512 x 4096): the parallel lowering keeps LLVM from optimizing the block loop as it does in a plain function.
-_ROW_CHUNKS = 64  # at most this many work items per call (results never depend on it)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _row_chunk(n_rows, c):
-    n_chunks = min(n_rows, _ROW_CHUNKS)
-    return c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks
+# Dequantize drivers: rows split over threads by run_chunks, each range decoded by a serial function.
+# Decoding blocks inside a prange body runs ~30% slower on one thread (measured on Q4_K: 322 us vs 233 us
+# for 512 x 4096): the parallel lowering keeps LLVM from optimizing the block loop as in a plain function.
 
 
 @njit(cache=True, nogil=True)
@@ -958,12 +989,9 @@ def _dequantize_rows_q2_k(raw, out, r0, r1):
 
 
 @register_kernel("Q2_K", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_q2_k(raw, out):
     """ggml's dequantize_row_q2_K over every row of ``raw`` into float32 ``out``."""
-    for c in prange(min(out.shape[0], _ROW_CHUNKS)):
-        r0, r1 = _row_chunk(out.shape[0], c)
-        _dequantize_rows_q2_k(raw, out, r0, r1)
+    run_chunks(_dequantize_rows_q2_k, out.shape[0], raw, out)
 
 
 @njit(cache=True, nogil=True)
@@ -978,12 +1006,9 @@ def _dequantize_rows_q3_k(raw, out, r0, r1):
 
 
 @register_kernel("Q3_K", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_q3_k(raw, out):
     """ggml's dequantize_row_q3_K."""
-    for c in prange(min(out.shape[0], _ROW_CHUNKS)):
-        r0, r1 = _row_chunk(out.shape[0], c)
-        _dequantize_rows_q3_k(raw, out, r0, r1)
+    run_chunks(_dequantize_rows_q3_k, out.shape[0], raw, out)
 
 
 @njit(cache=True, nogil=True)
@@ -998,12 +1023,9 @@ def _dequantize_rows_q4_k(raw, out, r0, r1):
 
 
 @register_kernel("Q4_K", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_q4_k(raw, out):
     """ggml's dequantize_row_q4_K."""
-    for c in prange(min(out.shape[0], _ROW_CHUNKS)):
-        r0, r1 = _row_chunk(out.shape[0], c)
-        _dequantize_rows_q4_k(raw, out, r0, r1)
+    run_chunks(_dequantize_rows_q4_k, out.shape[0], raw, out)
 
 
 @njit(cache=True, nogil=True)
@@ -1019,12 +1041,9 @@ def _dequantize_rows_q5_k(raw, out, r0, r1):
 
 
 @register_kernel("Q5_K", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_q5_k(raw, out):
     """ggml's dequantize_row_q5_K."""
-    for c in prange(min(out.shape[0], _ROW_CHUNKS)):
-        r0, r1 = _row_chunk(out.shape[0], c)
-        _dequantize_rows_q5_k(raw, out, r0, r1)
+    run_chunks(_dequantize_rows_q5_k, out.shape[0], raw, out)
 
 
 @njit(cache=True, nogil=True)
@@ -1039,12 +1058,9 @@ def _dequantize_rows_q6_k(raw, out, r0, r1):
 
 
 @register_kernel("Q6_K", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_q6_k(raw, out):
     """ggml's dequantize_row_q6_K."""
-    for c in prange(min(out.shape[0], _ROW_CHUNKS)):
-        r0, r1 = _row_chunk(out.shape[0], c)
-        _dequantize_rows_q6_k(raw, out, r0, r1)
+    run_chunks(_dequantize_rows_q6_k, out.shape[0], raw, out)
 
 
 @njit(cache=True, nogil=True)
@@ -1059,9 +1075,6 @@ def _dequantize_rows_q8_k(raw, out, r0, r1):
 
 
 @register_kernel("Q8_K", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_q8_k(raw, out):
     """ggml's dequantize_row_q8_K."""
-    for c in prange(min(out.shape[0], _ROW_CHUNKS)):
-        r0, r1 = _row_chunk(out.shape[0], c)
-        _dequantize_rows_q8_k(raw, out, r0, r1)
+    run_chunks(_dequantize_rows_q8_k, out.shape[0], raw, out)

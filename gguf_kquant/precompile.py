@@ -1,0 +1,226 @@
+"""Fill Numba's cache ahead of use: ``gguf-kquant precompile [TYPE ...] [--all]``, and the job-start warm-up.
+
+Kernels are compiled lazily (``cache=True``): the first call of each (type, operation) compiles it — seconds
+per kernel — and writes the result to the cache, which every later process loads in milliseconds.  Two ways
+to pay that cost less visibly:
+
+* :func:`precompile` compiles the kernels of the given types in worker processes (one kernel per job, as
+  many jobs at once as there are cores), so a CI image or a container can be built with a warm cache;
+* :func:`warm_for_plan` is called by whole-model quantization before its first tensor: the kernels the plan
+  needs that are not in the cache yet are compiled in parallel worker processes, and the main process then
+  loads them from the cache instead of compiling them one after another.
+
+Each job calls the public :func:`gguf_kquant.quantize` / :func:`gguf_kquant.dequantize` on a tiny input of the
+array layout the model path uses (float32 C-contiguous writable rows, uint8 blocks), so what is compiled is
+exactly the specialization a later call loads.  Results never depend on where a kernel was compiled.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from .types import TYPES, GGMLType, Imatrix, type_info
+
+__all__ = ["Job", "jobs_for", "jobs_for_plan", "compile_job", "precompile", "warm_for_plan", "is_cached"]
+
+Job = tuple  # (type name, op): op one of types.OPS
+
+
+def jobs_for(types: Optional[Iterable] = None, ops: Optional[Sequence[str]] = None) -> list:
+    """(type, op) for every kernel of ``types`` (None: every type with a codec), restricted to ``ops``."""
+    infos = [type_info(t) for t in types] if types is not None else [i for i in TYPES.values() if i.codec]
+    jobs = []
+    for info in infos:
+        for op in info.ops:
+            if ops is None or op in ops:
+                jobs.append((info.name, op))
+    return jobs
+
+
+def jobs_for_plan(plan, im=None, report: bool = False) -> list:
+    """The kernels a quantization plan will call: quantize_imatrix for tensors with importance data (``im``:
+    the job's :class:`~gguf_kquant.model.imatrix.Imatrix` or None), quantize for the others, dequantize of
+    quantized sources (requantization) and, with a report, of each output type."""
+    entries = getattr(im, "entries", None) or {}
+    jobs = set()
+    for r in plan.rows:
+        if not r.convert:
+            continue
+        dst, src = TYPES[r.dst_type], TYPES[r.src_type]
+        if r.name in entries and dst.imatrix is not Imatrix.IGNORED:
+            jobs.add((dst.name, "quantize_imatrix"))
+        elif "quantize" in dst.ops:
+            jobs.add((dst.name, "quantize"))
+        if src.ggml_type not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+            jobs.add((src.name, "dequantize"))
+        if report:
+            jobs.add((dst.name, "dequantize"))
+    return sorted(jobs)
+
+
+def _sample(info, n_rows: int = 2):
+    n = max(256, info.block_size)
+    n -= n % info.block_size
+    x = np.linspace(-1.0, 1.0, n_rows * n, dtype=np.float32).reshape(n_rows, n)
+    return x, np.linspace(0.5, 1.5, n, dtype=np.float32)
+
+
+def compile_job(job: Job) -> float:
+    """Compile (or load from the cache) one kernel in this process; returns the CPU seconds it took."""
+    from . import codecs
+
+    name, op = job
+    info = type_info(name)
+    t0 = time.process_time()
+    x, w = _sample(info)
+    if op == "quantize":
+        codecs.quantize(x, info.ggml_type)
+    elif op == "quantize_imatrix":
+        codecs.quantize(x, info.ggml_type, imatrix=w)
+    elif op == "dequantize":
+        raw = np.zeros((x.shape[0], info.row_bytes(x.shape[1])), np.uint8)
+        codecs.dequantize(raw, info.ggml_type, x.shape)
+    else:
+        raise ValueError(f"unknown kernel operation {op!r}")
+    return time.process_time() - t0
+
+
+def _dispatchers(fn) -> list:
+    """The Numba dispatchers behind a registered kernel (itself, or those a small Python wrapper calls)."""
+    from numba.core.dispatcher import Dispatcher
+
+    if isinstance(fn, Dispatcher):
+        return [fn]
+    g = getattr(fn, "__globals__", {})
+    return [g[n] for n in getattr(getattr(fn, "__code__", None), "co_names", ()) if isinstance(g.get(n), Dispatcher)]
+
+
+def is_cached(job: Job) -> bool:
+    """True if the kernel of ``job`` is compiled in this process or has a cache entry for this source file
+    (any specialization: a cheap test, no compiling, no loading)."""
+    name, op = job
+    try:
+        found = _dispatchers(type_info(name).kernel(op))
+    except Exception:  # an import error surfaces when the kernel is used, not here
+        return True
+    for d in found:
+        if d.overloads:
+            continue
+        cache = getattr(d, "_cache", None)
+        cache_file = getattr(cache, "_cache_file", None)
+        if cache_file is None:  # NullCache: cache=False, nothing to warm
+            continue
+        try:
+            if not cache_file._load_index():
+                return False
+        except Exception:
+            return False
+    return bool(found)
+
+
+def _worker_count(n_jobs: int, processes: Optional[int]) -> int:
+    if processes is not None:
+        return max(1, min(int(processes), n_jobs))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, n_jobs))
+
+
+def precompile(jobs: Sequence[Job], processes: Optional[int] = None, on_done=None) -> dict:
+    """Compile ``jobs`` in worker processes (``processes``: how many at once; default the usable cores),
+    writing Numba's cache; returns {job: CPU seconds in its worker}.  ``on_done(job, seconds)`` per job.
+
+    With one job or one process the work runs in this process (no worker start-up to pay).
+    """
+    jobs = list(jobs)
+    n = _worker_count(len(jobs), processes) if jobs else 0
+    done = {}
+    if n <= 1:
+        for job in jobs:
+            done[job] = compile_job(job)
+            if on_done:
+                on_done(job, done[job])
+        return done
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the parent may already run Numba's thread pool, which a fork cannot carry over.
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(compile_job, job): job for job in _costliest_first(jobs)}
+        for fut, job in futures.items():
+            done[job] = fut.result()
+            if on_done:
+                on_done(job, done[job])
+    return done
+
+
+def _costliest_first(jobs: list) -> list:
+    # quantizers (scale searches) compile several times longer than dequantizers: start them first
+    weight = {"quantize_imatrix": 0, "quantize": 1, "dequantize": 2}
+    return sorted(jobs, key=lambda j: (weight.get(j[1], 3), j[0]))
+
+
+def warm_for_plan(plan, im=None, report: bool = False) -> None:
+    """Before a job: compile the plan's missing kernels in parallel worker processes (a no-op when the cache
+    is warm, when one kernel is missing, or on a one-core machine).  Any failure here is left for the job
+    itself to meet: warming never changes what the job does."""
+    if os.environ.get("GGUF_KQUANT_NO_WARM"):
+        return
+    missing = [j for j in jobs_for_plan(plan, im, report) if not is_cached(j)]
+    if len(missing) < 2 or _worker_count(len(missing), None) < 2:
+        return
+    try:
+        precompile(missing)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception:  # e.g. no way to start processes here: the job compiles what it needs itself
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# gguf-kquant precompile
+# ---------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("types", nargs="*", metavar="TYPE",
+                        help="ggml types whose kernels to compile (Q4_K Q6_K ...); see --all")
+    parser.add_argument("--all", action="store_true", help="every type's kernels")
+    parser.add_argument("--ops", default=None,
+                        help="comma-separated operations: quantize, quantize_imatrix, dequantize (default: all)")
+    parser.add_argument("-j", "--jobs", type=int, default=None, help="worker processes (default: usable cores)")
+    parser.add_argument("--quiet", action="store_true", help="print nothing")
+
+
+def run(args) -> int:
+    import sys
+
+    from .errors import GGUFError
+    from .types import OPS
+
+    if bool(args.types) == bool(args.all):
+        raise GGUFError("give the types to compile (e.g. Q4_K Q6_K) or --all, not both")
+    ops = None if args.ops is None else [o.strip() for o in args.ops.split(",") if o.strip()]
+    for op in ops or ():
+        if op not in OPS:
+            raise GGUFError(f"unknown operation {op!r}; one of {', '.join(OPS)}")
+    if args.jobs is not None and args.jobs < 1:
+        raise GGUFError(f"--jobs must be >= 1, got {args.jobs}")
+    jobs = jobs_for(None if args.all else args.types, ops)
+    todo = [j for j in jobs if not is_cached(j)]
+    from numba.core.config import CACHE_DIR
+
+    def say(job, seconds):
+        if not args.quiet:
+            print(f"{job[0]:>8} {job[1]:<17} {seconds:6.2f} s", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    precompile(todo, processes=args.jobs, on_done=say)
+    if not args.quiet:
+        where = CACHE_DIR or os.path.join(os.path.dirname(__file__), "codecs", "__pycache__")
+        print(f"{len(todo)} kernels compiled, {len(jobs) - len(todo)} already cached, "
+              f"{time.perf_counter() - t0:.1f} s; cache: {where}", file=sys.stderr)
+    return 0
