@@ -15,7 +15,8 @@ CLI's ``--full``, gives whole arrays).
 (same sections, tables, column widths and value renderings), read with our reader: a 262k-token vocabulary
 takes milliseconds instead of gguf-py's ~12 s, and only the first 5 strings of an array are decoded.
 Differences: the tables describe only the first file of a split model (as gguf-dump, which reads one file);
-an array of arrays is typed ``[[T]]`` after its first inner array (gguf-py nests by the parts it parsed).
+an array of arrays whose first inner array is empty is typed ``[[T]]`` with that inner array's declared
+element type (gguf-py, which records no type for empty arrays, prints ``[ARRAY]``).
 
 JSON schema (``schema_version`` 1; keys always present unless marked optional)::
 
@@ -331,15 +332,22 @@ def _md_kv_rows(f) -> list[dict]:
             while inner.element_type == GGUFValueType.ARRAY and len(inner.value):
                 depth, inner = depth + 1, inner.value[0]
             pretty = "[" * depth + inner.element_type.name + "]" * depth
+            count = len(value)
             if et == GGUFValueType.STRING:
                 items = [_md_string(x, 30) for x in value[:5]]
             elif et == GGUFValueType.ARRAY:
-                items = []  # gguf-dump renders no elements of nested arrays
+                items, count = [], _leaves(typed)  # gguf-dump renders none and counts the innermost elements
             else:
                 items = [_md_number(et, x) for x in value[:7]]
-            rows.append((key, pretty, len(value), _md_list(items, len(value))))
+            rows.append((key, pretty, count, _md_list(items, count)))
     return [{"n": n, "pretty_type": t, "total_elements": c, "field_name": k, "value": v}
             for n, (k, t, c, v) in enumerate(rows, 1)]
+
+
+def _leaves(typed) -> int:
+    if typed.element_type != GGUFValueType.ARRAY:
+        return len(typed.value)
+    return sum(_leaves(v) for v in typed.value)
 
 
 def _md_list(items: list, count: int) -> str:

@@ -277,7 +277,9 @@ def test_markdown_equals_gguf_dump_on_every_value_type(tmp_path, byte_order):
           ("a.i16", Value(list(range(-5, 5)), VT.ARRAY, VT.INT16)),
           ("a.f32", Value([0.1, 2.5, -1e30], VT.ARRAY, VT.FLOAT32)),
           ("a.str", Value(["x" * 31, "``", "é", "a", "b", "c"], VT.ARRAY, VT.STRING)),
-          ("a.empty", Value([], VT.ARRAY, VT.UINT8))]
+          ("a.empty", Value([], VT.ARRAY, VT.UINT8)),
+          ("a.nested", Value([Value([1, 2], VT.ARRAY, VT.INT32), Value([3], VT.ARRAY, VT.INT32)], VT.ARRAY, VT.ARRAY)),
+          ("a.nested_str", Value([Value(["x", "y"], VT.ARRAY, VT.STRING)], VT.ARRAY, VT.ARRAY))]
     rng = np.random.default_rng(0)
     q8 = gguf_kquant.quantize(rng.standard_normal((3, 64), dtype=np.float32), "Q8_0")
     tensors = [("enc.blk.0.attn_q.weight", np.ones((4, 8), np.float32)),
