@@ -19,7 +19,9 @@ instead of rounding a float scale once:
 The objective is the importance-weighted squared error ``sum(imatrix[col] * (x - deq)^2)`` — the expected
 squared error of the layer's output when the imatrix holds mean squared activations.  Every step only
 accepts an improvement over the block it starts from, so no block is worse than ggml's under this measure.
-Types without a refiner here (Q6_K, legacy, IQ) are written exactly as ggml writes them.
+Legacy Q4_0/Q4_1/Q5_0/Q5_1 blocks (also what k-quant tensors fall back to when a row is not a multiple of 256)
+get a finer search of their one scale (see below).  Types without a refiner here (Q6_K, Q8_0, IQ) are
+written exactly as ggml writes them.
 """
 from __future__ import annotations
 
@@ -38,10 +40,15 @@ from .helpers import (
     pack_q3_k,
     pack_q3_k_scales,
     pack_q4_k,
+    pack_q5_0,
     pack_q5_k,
     pack_scale_min_k4,
     q3_k_scale,
     store_fp16,
+)
+from .legacy import (
+    Q4_0_BYTES, Q4_0_D, Q4_0_QS, Q4_1_BYTES, Q4_1_D, Q4_1_M, Q4_1_QS,
+    Q5_0_BYTES, Q5_0_D, Q5_0_QH, Q5_0_QS, Q5_1_BYTES, Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS,
 )
 from .kquants import (
     Q2_K_BYTES, Q2_K_D, Q2_K_DMIN, Q2_K_QS, Q2_K_SCALES,
@@ -323,12 +330,143 @@ def optimize_q5_k(x, w, out):
         _optimize_row_k4(x[r], w, out[r], Q5_K_BYTES, Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, Q5_K_QS, Q5_K_QH, 31, 2)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Legacy 32-value blocks: Q4_0/Q5_0 value = d*q, q in [-8, 7] / [-16, 15] (stored +8/+16);
+# Q4_1/Q5_1 value = d*q + m, q in [0, 15] / [0, 31].  One fp16 scale (and min) per block, so the search is
+# over d itself: ggml's d stretched by up to +-1/8 in steps of 1/64 (both signs for the symmetric types),
+# each candidate followed by a weighted least-squares refit of d (and m) for its levels, rounded to fp16.
+# ---------------------------------------------------------------------------------------------------
+_QK = 32
+_STEPS = 8
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _legacy_err(x, xo, w, d, m, qlo, qhi, L):
+    err = 0.0
+    for i in range(_QK):
+        v = x[xo + i]
+        q = 0
+        if d != _F32(0.0):
+            t = _F32(_F32(v - m) / d)
+            q = max(qlo, min(qhi, nearest_int(_F32(min(max(t, _F32(qlo - 1)), _F32(qhi + 1))))))
+        L[i] = q
+        diff = np.float64(_F32(_F32(_F32(q) * d) + m)) - np.float64(v)
+        err += np.float64(w[xo + i]) * diff * diff
+    return err
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _legacy_fit(x, xo, w, L, affine, d, m):
+    """Weighted least squares of x ~ d*L (+ m); the fp16 values, or the inputs when degenerate."""
+    sqq = 0.0
+    sq = 0.0
+    s1 = 0.0
+    sqx = 0.0
+    sx = 0.0
+    for i in range(_QK):
+        wi = np.float64(w[xo + i])
+        q = np.float64(L[i])
+        xi = np.float64(x[xo + i])
+        sqq += wi * q * q
+        sq += wi * q
+        s1 += wi
+        sqx += wi * q * xi
+        sx += wi * xi
+    if affine:
+        det = sqq * s1 - sq * sq
+        if not det > 1e-12 * sqq * s1:
+            return d, m
+        nd = (sqx * s1 - sq * sx) / det
+        nm = (sqq * sx - sq * sqx) / det
+    else:
+        if not sqq > 0.0:
+            return d, m
+        nd = sqx / sqq
+        nm = 0.0
+    if not (np.isfinite(nd) and np.isfinite(nm)) or abs(nd) > 65000.0 or abs(nm) > 65000.0:
+        return d, m
+    return load_fp16(_fp16_bytes(_F32(nd)), 0), load_fp16(_fp16_bytes(_F32(nm)), 0)
+
+
+@njit(cache=True, nogil=True)
+def _optimize_row_legacy(x, w, y, nbytes, od, om, oqh, oqs, qlo, qhi):
+    """Q4_0 (om < 0, oqh < 0), Q4_1 (oqh < 0), Q5_0 (om < 0), Q5_1 rows, in place on ggml's blocks y."""
+    affine = om >= 0
+    L = np.empty(_QK, np.int64)
+    Lt = np.empty(_QK, np.int64)
+    for ib in range(x.shape[0] // _QK):
+        xo = ib * _QK
+        yo = ib * nbytes
+        d0 = load_fp16(y, yo + od)
+        m0 = load_fp16(y, yo + om) if affine else _F32(0.0)
+        if d0 == _F32(0.0) or not np.isfinite(d0):
+            continue  # an all-equal block is exact already
+        best_d = d0
+        best_m = m0
+        best = _legacy_err(x, xo, w, d0, m0, qlo, qhi, L)
+        for sign in range(1 if affine else 2):
+            for k in range(-_STEPS, _STEPS + 1):
+                dc = _F32(d0 * _F32(1.0 + k / 64.0))
+                if sign:
+                    dc = -dc
+                _legacy_err(x, xo, w, dc, m0, qlo, qhi, Lt)
+                nd, nm = _legacy_fit(x, xo, w, Lt, affine, dc, m0)
+                e = _legacy_err(x, xo, w, nd, nm, qlo, qhi, Lt)
+                if e < best:
+                    best = e
+                    best_d = nd
+                    best_m = nm
+                    for i in range(_QK):
+                        L[i] = Lt[i]
+        if best_d == d0 and best_m == m0:
+            continue  # ggml's block is already the best found: keep its bytes
+        store_fp16(y, yo + od, best_d)
+        if affine:
+            store_fp16(y, yo + om, best_m)
+        else:
+            for i in range(_QK):
+                L[i] -= qlo  # stored unsigned
+        if oqh < 0:
+            for j in range(16):
+                y[yo + oqs + j] = np.uint8((L[j] | (L[j + 16] << 4)) & 0xFF)
+        else:
+            pack_q5_0(y, yo + oqh, yo + oqs, L)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def optimize_q4_0(x, w, out):
+    for r in prange(x.shape[0]):
+        _optimize_row_legacy(x[r], w, out[r], Q4_0_BYTES, Q4_0_D, -1, -1, Q4_0_QS, -8, 7)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def optimize_q4_1(x, w, out):
+    for r in prange(x.shape[0]):
+        _optimize_row_legacy(x[r], w, out[r], Q4_1_BYTES, Q4_1_D, Q4_1_M, -1, Q4_1_QS, 0, 15)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def optimize_q5_0(x, w, out):
+    for r in prange(x.shape[0]):
+        _optimize_row_legacy(x[r], w, out[r], Q5_0_BYTES, Q5_0_D, -1, Q5_0_QH, Q5_0_QS, -16, 15)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def optimize_q5_1(x, w, out):
+    for r in prange(x.shape[0]):
+        _optimize_row_legacy(x[r], w, out[r], Q5_1_BYTES, Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS, 0, 31)
+
+
 # The small separate lookup (the type table keeps the byte-exact kernels): ggml type -> in-place refiner.
 REFINERS = {
     GGMLType.Q2_K: optimize_q2_k,
     GGMLType.Q3_K: optimize_q3_k,
     GGMLType.Q4_K: optimize_q4_k,
     GGMLType.Q5_K: optimize_q5_k,
+    GGMLType.Q4_0: optimize_q4_0,
+    GGMLType.Q4_1: optimize_q4_1,
+    GGMLType.Q5_0: optimize_q5_0,
+    GGMLType.Q5_1: optimize_q5_1,
 }
 
 
