@@ -61,7 +61,8 @@ def test_gguf_reader_copied_through_our_writer_is_byte_identical(tmp_path, endia
     gguf_kquant.write(tmp_path / "a.gguf", reader)
     assert (tmp_path / "a.gguf").read_bytes() == want
     # its fields and tensors given separately; a GGUFWriter built from them
-    with gguf_kquant.GGUFWriter(tmp_path / "b.gguf", reader.fields, byte_order=">" if endianess.name == "BIG" else "<") as w:
+    order = ">" if endianess.name == "BIG" else "<"
+    with gguf_kquant.GGUFWriter(tmp_path / "b.gguf", reader.fields, byte_order=order) as w:
         for t in reader.tensors:
             w.add_tensor(t.name, t)
     assert (tmp_path / "b.gguf").read_bytes() == want
@@ -77,7 +78,7 @@ def test_reader_tensors_swapped_to_another_byte_order(tmp_path):
     gguf_kquant.write(tmp_path / "le.gguf", reader, byte_order="<")
     with gguf_kquant.open(src) as a, gguf_kquant.open(tmp_path / "le.gguf") as b:
         assert b.byte_order == "<" and a.byte_order == ">"
-        assert dict(b.metadata) .keys() == dict(a.metadata).keys()
+        assert dict(b.metadata).keys() == dict(a.metadata).keys()
         for ta, tb in zip(a.tensors, b.tensors):
             np.testing.assert_array_equal(ta.numpy(), tb.numpy())
 

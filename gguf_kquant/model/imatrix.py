@@ -153,7 +153,8 @@ def _load_gguf(p: Path) -> Imatrix:
 
 def _load_legacy(p: Path, data: bytes) -> Imatrix:
     records, chunk_count, datasets = _legacy_records(p, data)
-    entries = {name: (sums / np.float32(ncall) if ncall > 0 else sums.copy()) for name, (sums, ncall) in records.items()}
+    entries = {name: (sums / np.float32(ncall) if ncall > 0 else sums.copy())
+               for name, (sums, ncall) in records.items()}
     return Imatrix(entries, datasets, chunk_count, is_legacy=True)
 
 

@@ -5,7 +5,7 @@ Three modes, chosen from the stream:
 * a terminal: one live tqdm bar — bytes of input done, rate, ETA — with warnings printed above it;
 * not a terminal (a log file, a pipe, CI): one plain line per tensor, then a summary, as before::
 
-    [  27/  39]  62.1% of 5.51 MiB  blk.2.ffn_down.weight  - [  512,  256],  F16 -> Q6_K  0.25 MiB -> 0.10 MiB (135.1 MiB/s)
+    [  27/  39]  62.1% of 5.51 MiB  blk.2.ffn_down.weight  - [  512,  256],  F16 -> Q6_K  0.25 MiB -> ...
 
 * ``quiet=True`` (the CLI's ``--quiet``): nothing.
 
