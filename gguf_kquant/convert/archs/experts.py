@@ -63,11 +63,16 @@ class _LazyStack:
         r0, r1, step = rows.indices(self.shape[0])
         assert step == 1 and self.ndim == 2
         per = self.shape[0] // len(self.parts)  # rows of one expert
-        pieces = []
+        pieces, done = [], []
         for e in range(r0 // per, (r1 - 1) // per + 1 if r1 > r0 else r0 // per):
             a = self.parts[e].array().reshape(per, self.shape[1])
             pieces.append(a[max(r0 - e * per, 0):min(r1 - e * per, per)])
-        return np.concatenate(pieces) if pieces else np.empty((0, self.shape[1]), self.parts[0].array().dtype)
+            if r1 - e * per >= per:
+                done.append(self.parts[e])
+        out = np.concatenate(pieces) if pieces else np.empty((0, self.shape[1]), self.parts[0].array().dtype)
+        for t in done:  # read to its end: drop its mapped pages now, not when the whole stack is written
+            t.release()
+        return out
 
 
 class ExpertStacker:
