@@ -261,3 +261,15 @@ def test_convert_misuse_is_one_line_and_touches_nothing(tmp_path, capsys):
         assert err.count("\n") == 1 and err.startswith("gguf-kquant imatrix: error:"), (argv, err)
     assert dat.read_bytes() == before and out.read_bytes() == b"keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.dat", "o.gguf"]
+
+
+def test_convert_legacy_to_legacy_rescales_as_llama_imatrix(tmp_path):
+    """dat -> dat: loaded as sums * chunk and count ncall * chunk, stored as sum / count * ceil(count / chunk)."""
+    dat = tmp_path / "in.dat"
+    v = np.array([0.1, 3.7, 1e-3, 5.0], np.float32)
+    write_legacy_imatrix(dat, {"w": v}, ncall=3, chunk_count=3, dataset="")
+    gguf_kquant.model.imatrix.convert_imatrix(dat, tmp_path / "o.dat", chunk_size=100)
+    f32 = np.float32
+    vals = (v * f32(100)) / f32(300) * f32(3)
+    assert (tmp_path / "o.dat").read_bytes() == (struct.pack("<i", 1) + _legacy_entry("w", 3, vals)
+                                                 + struct.pack("<ii", 3, 0))

@@ -234,6 +234,9 @@ def test_json_full_prints_whole_arrays(small, capsys):
     assert main(["inspect", str(small), "--json"]) == 0  # default: the first 8
     rows = {r["key"]: r for r in json.loads(capsys.readouterr().out)["metadata"]}
     assert len(rows["tokenizer.ggml.tokens"]["value"]) == 8 and rows["tokenizer.ggml.tokens"]["truncated"]
+    assert main(["inspect", str(small), "--metadata", "--full"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tokenizer.ggml.tokens"))
+    assert '"tok299"' in line and "…" not in line
 
 
 def test_markdown_equals_gguf_dump_on_the_example_model(example_model, capsys):
