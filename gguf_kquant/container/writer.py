@@ -39,7 +39,10 @@ Tensor data (``data`` of :meth:`GGUFWriter.add_tensor`) may be
   ``uint16`` BF16 bits...); the shape is then given, or inferred from a byte array of shape
   ``(..., row_bytes)``;
 * a bytes-like object (raw file bytes);
-* a :class:`~gguf_kquant.container.reader.TensorInfo` of an open file (copied from its memory map);
+* a :class:`~gguf_kquant.container.reader.TensorInfo` of an open file (copied from its memory map), or a
+  gguf-py ``ReaderTensor`` (copied as raw bytes);
+* a torch tensor or any DLPack / ``__array__`` object, taken as the numpy array it converts to (torch's
+  bfloat16 as BF16 bit patterns); torch is never imported (:mod:`gguf_kquant.interop`);
 * a callable, called when the tensor is written, returning any of the above or an iterator;
 * an iterator / generator of bytes-like chunks (numpy arrays included), consumed while writing.
 
@@ -628,9 +631,13 @@ class GGUFWriter:
     >>> w.paths                                                                 # doctest: +SKIP
     [PosixPath('out.gguf')]
 
+    ``metadata`` may also be a gguf-py ``GGUFReader``: its fields, tensors, GGUF version and byte order are
+    the whole source (a copy is byte-identical to the file it read).
+
     Nothing is written if the ``with`` block raises.  Options: ``alignment`` (default: ``general.alignment``
-    or 32), ``version`` (3, or 2 — same layout, little-endian only), ``byte_order`` (``"<"``, ``">"``, or
-    None: that of the TensorInfo sources, else little-endian), ``split_max_size`` / ``split_max_tensors``
+    or 32), ``version`` (3, or 2 — same layout, little-endian only; default: a GGUFReader source's, else 3),
+    ``byte_order`` (``"<"``, ``">"``, or None: that of a GGUFReader or of the TensorInfo sources, else
+    little-endian), ``split_max_size`` / ``split_max_tensors``
     (gguf-split output, see the module docstring), ``fsync`` (default True).
 
     Safety options (:mod:`gguf_kquant.safeio`): ``inputs`` — paths this job reads, which no output may
