@@ -56,11 +56,14 @@ def built(tmp_path_factory):
     models = {a: make_model(a, root / a, seed=20 + i, tokenizer="spm" if a in SPM else "bpe")
               for i, a in enumerate(ARCHS)}
     _phi3_longrope(root)
+    make_model("qwen3moe", root / "qwen3moe-bf16", seed=30, dtype="bfloat16")
     (root / "moe-unsorted").mkdir()
     _synthetic_moe(root / "moe-unsorted", n_expert=8, n_embd=64, n_ff=128)
     jobs = [(root / a, root / f"{a}.{t}.theirs.gguf", t.lower(), PRE[a]) for a in ARCHS for t in OUTTYPES]
     jobs.append((root / "phi3-longrope", root / "phi3-longrope.F16.theirs.gguf", "f16", "default"))
     jobs.append((root / "moe-unsorted", root / "moe-unsorted.F16.theirs.gguf", "f16", "qwen2"))
+    jobs += [(root / "qwen3moe-bf16", root / f"qwen3moe-bf16.{t}.theirs.gguf", t.lower(), "qwen2")
+             for t in ("F16", "BF16")]
     jobs += [(root / a, root / f"{a}.vocab.theirs.gguf", "f16", PRE.get(a, "default"), "--vocab-only")
              for a in VOCAB_ONLY]
     vendor_convert_jobs(jobs)
@@ -119,6 +122,15 @@ def test_logits_match_transformers(built, arch):
     cos = np.sum(ours * ref, -1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1))
     assert (ours.argmax(-1) == ref.argmax(-1)).all(), f"{arch}: top-1 differs"
     assert cos.min() >= 0.999, f"{arch}: cosine {cos.min():.5f}"
+
+
+@pytest.mark.parametrize("ftype", ["F16", "BF16"])
+def test_bf16_experts_match(built, ftype):
+    """BF16 experts are widened slab by slab on the stacked rows: the same bytes as the script's."""
+    root, _ = built
+    ours = root / f"qwen3moe-bf16.{ftype}.ours.gguf"
+    gguf_kquant.convert_hf(root / "qwen3moe-bf16", ours, ftype)
+    assert_same_gguf(ours, root / f"qwen3moe-bf16.{ftype}.theirs.gguf")
 
 
 def test_tensor_order_is_by_name_whatever_the_header_order(built):
