@@ -90,7 +90,7 @@ def test_moe_split_and_keep_split_outputs_equal_single_runs_and_reports(models, 
     _write_split_copy(models["tied"], tmp_path / "s.gguf", n // 2 + 1)
     first = sorted(tmp_path.glob("s-00001-of-*.gguf"))[0]
     k6, k2, rep = tmp_path / "k6.gguf", tmp_path / "k2.gguf", tmp_path / "k6.json"
-    res = gguf_kquant.quantize_model(first, {k6: "Q6_K", k2: "Q2_K"}, keep_split=True, report={k6: rep})
+    res = gguf_kquant.quantize_model(first, {k6: "Q6_K", k2: "Q2_K"}, keep_split=True, report={str(k6): rep})
     for mix, dst in (("Q6_K", k6), ("Q2_K", k2)):
         oracle_quantize(first, tmp_path / f"t{dst.stem}", mix, keep_split=True)
         theirs = sorted(tmp_path.glob(f"t{dst.stem}-*-of-*.gguf"))
@@ -140,6 +140,10 @@ def test_every_output_checked_before_any_work(models, imatrices, tmp_path, monke
     assert (tmp_path / "old.gguf").read_bytes() == b"old"
     with pytest.raises(QuantizeError, match="not ftype"):
         gguf_kquant.quantize_model(src, {tmp_path / "a.gguf": "Q8_0"}, "Q8_0")
+    with pytest.raises(QuantizeError, match="keys of outputs are paths"):
+        gguf_kquant.quantize_model(src, {1: "Q8_0"})
+    with pytest.raises(QuantizeError, match="no outputs"):
+        gguf_kquant.quantize_model(src, {})
 
 
 def test_a_failure_leaves_no_output(tmp_path):

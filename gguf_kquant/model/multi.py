@@ -19,11 +19,13 @@ Safety (:mod:`gguf_kquant.safeio`): every path of every output — the model fil
 work; one :class:`~gguf_kquant.safeio.AtomicFiles` holds the temps of all of them, so the outputs appear
 together, or (an error, a refused tensor, SIGINT/SIGTERM/SIGHUP) none of them is touched.
 
-Memory: one slab of source rows at a time, and :data:`~gguf_kquant.model.quantize.SLAB_BYTES` bounds the
-slab *together with* its float32 copy and its quantized bytes for every distinct type (so a slab holds fewer
-rows when there are more types); besides, one 1 MiB write buffer per open output file and each output's
-plan (its header).  The peak is a single run's plus about 1 MiB per extra output — well within "one tensor
-per extra output" (benchmarks/bench_multi_output.py measures it).
+Memory: one slab of source rows at a time, bounded *together with* its float32 copy and its quantized
+bytes for every distinct type by :data:`~gguf_kquant.model.quantize.SLAB_BYTES` (a single run's slab) plus,
+per extra output, the size of the tensor's largest quantized form (capped at ``SLAB_BYTES``); besides, one
+1 MiB write buffer per open output file and each output's header.  So the peak is a single run's plus at
+most one tensor per extra output (benchmarks/bench_multi_output.py measures it).  The larger slabs matter:
+each codec call is a parallel region with a fixed cost, which a loaded machine makes large (six mixes of a
+200 MB model: 29 s with single-run slabs, 19.5 s with six times larger ones, at load 9 on 2 cores).
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ def quantize_outputs(src, outputs: Mapping, *, imatrix=None, include_weights=(),
     t0 = time.perf_counter()
     if not outputs:
         raise QuantizeError("no outputs given")
+    for dst in outputs:
+        if not isinstance(dst, (str, os.PathLike)):
+            raise QuantizeError(f"output {dst!r}: the keys of outputs are paths ({{path: mix}})")
     mixes = {dst: parse_mix(ftype) for dst, ftype in outputs.items()}  # unknown mixes refused first
     reports = _report_paths(report, outputs)
     max_bytes = _split_limits(keep_split, split_max_size, split_max_tensors)
@@ -126,10 +131,15 @@ def _report_paths(report, outputs: Mapping) -> dict:
         return {}
     if not isinstance(report, Mapping):
         raise QuantizeError("with several outputs, report maps outputs to report paths: {dst: 'r.json', ...}")
-    unknown = [k for k in report if k not in outputs]
-    if unknown:
-        raise QuantizeError(f"report for {unknown[0]!r}, which is not one of the outputs")
-    return {k: v for k, v in report.items() if v is not None}
+    named = {Path(os.fspath(k)): k for k in outputs}  # "a.gguf" and Path("a.gguf") name one output
+    out = {}
+    for k, v in report.items():
+        dst = named.get(Path(os.fspath(k)))
+        if dst is None:
+            raise QuantizeError(f"report for {k!r}, which is not one of the outputs")
+        if v is not None:
+            out[dst] = v
+    return out
 
 
 class _Output:
@@ -232,7 +242,10 @@ def _slabs(t, rows: list, im: Optional[Imatrix], threads, stats_of: dict):
     weights = _imatrix_for(rows[0], im) if types else None
     per_row = src_row + (4 * n_per_row if types or check_copy else 0)
     per_row += sum(TYPES[d].row_bytes(n_per_row) for d in types)
-    step = max(1, SLAB_BYTES // per_row)
+    # a single run's slab, plus for each extra output at most one of its tensors (capped at a slab): fewer,
+    # larger codec calls — each parallel call has a fixed cost that a loaded machine makes large
+    largest = max((TYPES[d].nbytes(rows[0].shape) for d in types), default=0)
+    step = max(1, (SLAB_BYTES + (len(rows) - 1) * min(SLAB_BYTES, largest)) // per_row)
     fd = os.open(t.path, os.O_RDONLY)
     try:
         r0 = 0
