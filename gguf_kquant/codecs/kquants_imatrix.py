@@ -47,10 +47,11 @@ same packers (:mod:`.helpers`).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..types import QK_K, register_kernel
 
+from .chunks import run_chunks
 from .helpers import (
     GROUP_MAX_EPS,
     make_qp_quants,
@@ -385,13 +386,13 @@ def quantize_row_q6_k_impl(x, qw, y, L, tr, w, wx, scales):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Row-parallel drivers (codec convention: quantize_imatrix_<t>(x, qw, out)); rows are independent,
-# each is quantized serially, so output never depends on the thread count.
+# Row-parallel drivers (codec convention: quantize_imatrix_<t>(x, qw, out)); rows are independent, each is
+# quantized serially, and row ranges are split over threads by run_chunks (see .chunks: a prange driver
+# compiles several times slower), so output never depends on the thread count.
 # ---------------------------------------------------------------------------------------------------
 
 
 @register_kernel("Q2_K", "quantize_imatrix")
-@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def quantize_imatrix_q2_k(x, qw, out):
     """Q2_K with importance matrix ``qw`` (n_per_row,): bytes of ggml_quantize_chunk(Q2_K, ..., qw).
 
@@ -399,7 +400,12 @@ def quantize_imatrix_q2_k(x, qw, out):
     >>> x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
     >>> out = np.empty((2, 84), np.uint8); quantize_imatrix_q2_k(x, np.ones(256, np.float32), out)
     """
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_imatrix_rows_q2_k, x.shape[0], x, qw, out)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_imatrix_rows_q2_k(x, qw, out, r0, r1):
+    for r in range(r0, r1):
         quantize_row_q2_k_impl(
             x[r], qw, out[r], np.empty(QK_K, np.int32), np.empty(16, np.int32), np.empty(16, np.float32),
             np.empty(16, np.float32), np.empty(16, np.float32), np.empty(16, np.float32),
@@ -407,10 +413,14 @@ def quantize_imatrix_q2_k(x, qw, out):
 
 
 @register_kernel("Q3_K", "quantize_imatrix")
-@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def quantize_imatrix_q3_k(x, qw, out):
     """Q3_K with importance matrix ``qw`` (quantize_row_q3_K_impl)."""
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_imatrix_rows_q3_k, x.shape[0], x, qw, out)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_imatrix_rows_q3_k(x, qw, out, r0, r1):
+    for r in range(r0, r1):
         quantize_row_q3_k_impl(
             x[r], qw, out[r], np.empty(QK_K, np.int32), np.empty((3, 18), np.float32), np.empty(16, np.float32),
             np.empty(16, np.float32), np.empty(16, np.float32), np.empty(16, np.float32),
@@ -418,10 +428,14 @@ def quantize_imatrix_q3_k(x, qw, out):
 
 
 @register_kernel("Q4_K", "quantize_imatrix")
-@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def quantize_imatrix_q4_k(x, qw, out):
     """Q4_K with importance matrix ``qw`` (quantize_row_q4_K_impl)."""
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_imatrix_rows_q4_k, x.shape[0], x, qw, out)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_imatrix_rows_q4_k(x, qw, out, r0, r1):
+    for r in range(r0, r1):
         quantize_row_q4_k_impl(
             x[r], qw, out[r], np.empty(QK_K, np.int32), np.empty(32, np.int32), np.empty(32, np.float32),
             np.empty(32, np.float32), np.empty(8, np.float32), np.empty(8, np.float32),
@@ -429,10 +443,14 @@ def quantize_imatrix_q4_k(x, qw, out):
 
 
 @register_kernel("Q5_K", "quantize_imatrix")
-@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def quantize_imatrix_q5_k(x, qw, out):
     """Q5_K with importance matrix ``qw`` (quantize_row_q5_K_impl)."""
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_imatrix_rows_q5_k, x.shape[0], x, qw, out)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_imatrix_rows_q5_k(x, qw, out, r0, r1):
+    for r in range(r0, r1):
         quantize_row_q5_k_impl(
             x[r], qw, out[r], np.empty(QK_K, np.int32), np.empty(32, np.int32), np.empty(32, np.float32),
             np.empty(32, np.float32), np.empty(8, np.float32), np.empty(8, np.float32),
@@ -440,10 +458,14 @@ def quantize_imatrix_q5_k(x, qw, out):
 
 
 @register_kernel("Q6_K", "quantize_imatrix")
-@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def quantize_imatrix_q6_k(x, qw, out):
     """Q6_K with importance matrix ``qw`` (quantize_row_q6_K_impl)."""
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_imatrix_rows_q6_k, x.shape[0], x, qw, out)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_imatrix_rows_q6_k(x, qw, out, r0, r1):
+    for r in range(r0, r1):
         quantize_row_q6_k_impl(
             x[r], qw, out[r], np.empty(QK_K, np.int32), np.empty((3, 18), np.float32), np.empty(16, np.float32),
             np.empty(16, np.float32), np.empty(16, np.float32))
