@@ -1,0 +1,102 @@
+"""method="optimized": same types and sizes as llama-quantize's plan, valid ggml blocks, lower weighted error.
+
+The optimized kernels (gguf_kquant/codecs/optimized.py) are not ports, so there are no golden bytes: the checks
+are that ggml itself decodes what they write exactly as we do, that llama.cpp loads and runs the model, and
+that no tensor's imatrix-weighted error is above the default's.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gguf_kquant
+from gguf_kquant.codecs.optimized import REFINERS, quantize_optimized, weighted_error
+from gguf_kquant.errors import ImatrixError, InvalidArgumentError
+from gguf_kquant.types import GGMLType
+from oracle import llama_logits, to_float
+
+REFINED = sorted(t.name for t in REFINERS)
+
+
+def _realish(rng, n_rows, n_per_row):
+    """Heavy-tailed rows with a few outlier columns, and a skewed imatrix (as trained layers have)."""
+    x = rng.standard_t(4, (n_rows, n_per_row)).astype(np.float32) * np.float32(0.02)
+    x[:, rng.choice(n_per_row, 4, replace=False)] *= np.float32(8.0)
+    w = rng.gamma(0.5, 1.0, n_per_row).astype(np.float32)
+    return x, w
+
+
+@pytest.mark.parametrize("qtype", REFINED)
+def test_blocks_decode_in_ggml_with_lower_weighted_error(qtype):
+    rng = np.random.default_rng(13)
+    x, w = _realish(rng, 64, 512)
+    ours = quantize_optimized(x, qtype, w)
+    default = gguf_kquant.quantize(x, qtype, w)
+    assert ours.shape == default.shape and ours.dtype == np.uint8
+    # ggml's own to_float reads our blocks as we do: a standard block of this type
+    np.testing.assert_array_equal(to_float(GGMLType[qtype].value, ours, 512),
+                                  gguf_kquant.dequantize(ours, qtype, x.shape))
+    for r in range(x.shape[0]):  # never worse, row by row
+        assert weighted_error(x[r:r + 1], ours[r:r + 1], qtype, w) <= weighted_error(
+            x[r:r + 1], default[r:r + 1], qtype, w) * (1 + 1e-12)
+    assert weighted_error(x, ours, qtype, w) < 0.97 * weighted_error(x, default, qtype, w)
+
+
+def test_types_without_refiner_are_ggml_bytes():
+    x, w = _realish(np.random.default_rng(1), 8, 256)
+    np.testing.assert_array_equal(quantize_optimized(x, "Q6_K", w), gguf_kquant.quantize(x, "Q6_K", w))
+
+
+def _imatrix(src: Path) -> dict:
+    rng = np.random.default_rng(7)
+    with gguf_kquant.open(src) as f:
+        return {t.name: rng.gamma(0.5, 1.0, t.shape[-1]).astype(np.float32) for t in f.tensors
+                if t.name.startswith("blk.") and len(t.shape) == 2}
+
+
+@pytest.mark.parametrize("mix", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q4_0"])
+def test_same_plan_and_size_loads_in_llama_cpp(example_model, tmp_path, mix):
+    im = _imatrix(example_model)
+    a, b = tmp_path / "llama.gguf", tmp_path / "optimized.gguf"
+    gguf_kquant.quantize_model(example_model, a, mix, imatrix=im)
+    gguf_kquant.quantize_model(example_model, b, mix, imatrix=im, method="optimized")
+    assert a.stat().st_size == b.stat().st_size
+    changed = 0
+    with gguf_kquant.open(example_model) as src, gguf_kquant.open(a) as fa, gguf_kquant.open(b) as fb:
+        assert [(t.name, t.shape, t.type_name) for t in fa.tensors] == \
+            [(t.name, t.shape, t.type_name) for t in fb.tensors]
+        x_by_name = {t.name: t for t in src.tensors}
+        for ta, tb in zip(fa.tensors, fb.tensors):
+            if ta.type_name in ("F32", "F16") or ta.name not in im:
+                continue
+            x = x_by_name[ta.name].numpy().reshape(-1, ta.shape[-1])
+            ra, rb = (t.raw().reshape(x.shape[0], -1) for t in (ta, tb))
+            ea = weighted_error(x, ra, ta.type_name, im[ta.name])
+            eb = weighted_error(x, rb, tb.type_name, im[tb.name])
+            assert eb <= ea * (1 + 1e-12), ta.name
+            changed += not np.array_equal(ra, rb)
+    assert changed > 0
+    tokens = [1, 300, 301, 302, 303, 304, 305]
+    lf = llama_logits(example_model, tokens, tmp_path / "f.npy")
+    lo = llama_logits(b, tokens, tmp_path / "o.npy")
+    ll = llama_logits(a, tokens, tmp_path / "l.npy")
+    assert lo.shape == lf.shape and lo.shape[0] == len(tokens) and np.isfinite(lo).all()
+    # the model and its imatrix are random, so only: as close to F16 as the default file, give or take
+    c_opt, c_llama = (np.corrcoef(v.ravel(), lf.ravel())[0, 1] for v in (lo, ll))
+    assert c_opt > 0.8 and c_opt > c_llama - 0.05, (c_opt, c_llama)
+
+
+def test_optimized_refuses_without_imatrix_before_any_work(tmp_path):
+    # the source does not even exist: the refusal comes before it is opened
+    with pytest.raises(ImatrixError, match="needs an imatrix"):
+        gguf_kquant.quantize_model(tmp_path / "missing.gguf", tmp_path / "o.gguf", "Q4_K_M", method="optimized")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_unknown_method_refused(example_model, tmp_path):
+    with pytest.raises(InvalidArgumentError, match="optimized"):
+        gguf_kquant.quantize_model(example_model, tmp_path / "o.gguf", "Q4_K_M", method="best",
+                                   imatrix=_imatrix(example_model))
+    assert not (tmp_path / "o.gguf").exists()
