@@ -179,6 +179,21 @@ def _synthetic_moe(d, n_expert=64, n_embd=256, n_ff=1024, drop=None, odd=None):
     write_safetensors(d / "model.safetensors", tensors)
 
 
+def test_stacked_rows_equal_numpy_stack(tmp_path):
+    """Row slabs of every length, crossing expert boundaries or not, are the rows of np.stack(experts)."""
+    from gguf_kquant.convert.archs.experts import StackedExperts
+    from gguf_kquant.convert.safetensors import SafetensorsFile, write_safetensors
+
+    rng = np.random.default_rng(0)
+    arrs = {f"e{i}": rng.standard_normal((5, 3)).astype(np.float32) for i in range(4)}
+    write_safetensors(tmp_path / "m.safetensors", arrs)
+    f = SafetensorsFile(tmp_path / "m.safetensors")
+    rows = StackedExperts("x", [f.tensors[f"e{i}"] for i in range(4)]).array().reshape(-1, 3)
+    want = np.stack(list(arrs.values())).reshape(-1, 3)
+    for step in (1, 2, 3, 5, 7, 20, 100):
+        assert np.array_equal(np.concatenate([rows[r:r + step] for r in range(0, 20, step)]), want), step
+
+
 def test_experts_are_stacked_slab_by_slab(tmp_path):
     """64 experts of 1024 x 256: one stacked weight is 32 MiB in F16 (64 MiB in float32, a layer 192 MiB);
     the conversion's Python-side peak stays near one 16 MiB slab (measured: 30 MiB, slab and its F16 copy)."""

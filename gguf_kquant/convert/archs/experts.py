@@ -64,7 +64,7 @@ class _LazyStack:
         assert step == 1 and self.ndim == 2
         per = self.shape[0] // len(self.parts)  # rows of one expert
         pieces, done = [], []
-        for e in range(r0 // per, (r1 - 1) // per + 1 if r1 > r0 else r0 // per):
+        for e in range(r0 // per, -(-r1 // per)):  # the experts rows r0..r1 touch
             a = self.parts[e].array().reshape(per, self.shape[1])
             pieces.append(a[max(r0 - e * per, 0):min(r1 - e * per, per)])
             if r1 - e * per >= per:
