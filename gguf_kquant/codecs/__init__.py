@@ -12,11 +12,12 @@ from typing import Optional
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..errors import BadTensorDataError, ImatrixError, InvalidArgumentError, ShapeError
 from ..interop import as_numpy
 from ..types import GGMLType, Imatrix, TypeInfo, TypeLike, type_info
+from .chunks import run_chunks
 
 __all__ = ["quantize", "dequantize", "set_num_threads", "get_num_threads", "to_float32"]
 
@@ -77,8 +78,9 @@ def to_float32(x) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Input and output checks, each one parallel Numba pass (a numpy isfinite() pass cost as much as some
-# kernels).  Both compare integer bit patterns, which vectorizes: |x| as bits orders like |x| itself.
+# Input and output checks, each one Numba pass over row ranges split over threads by run_chunks (a numpy
+# isfinite() pass cost as much as some kernels; prange versions cost ~1.5 s more CPU to compile).  Both
+# compare integer bit patterns, which vectorizes: |x| as bits orders like |x| itself.
 # ---------------------------------------------------------------------------------------------------
 
 _EXP_F32 = 0x7F800000  # |x| bits >= this: inf or NaN
@@ -87,11 +89,11 @@ _EXP_F32 = 0x7F800000  # |x| bits >= this: inf or NaN
 _OVERFLOW_BITS = {"F16": 0x477FF000, "BF16": 0x7F7F8000}
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _row_max_abs_bits(xi, out):
-    """out[r] = max over the row of the int32 bits of |x| (xi: the float32 rows viewed as int32)."""
+@njit(cache=True, nogil=True)
+def _row_max_abs_bits(xi, out, r0, r1):
+    """out[r] (r0 <= r < r1) = max over the row of the int32 bits of |x| (xi: the float32 rows as int32)."""
     n = xi.shape[1]
-    for r in prange(xi.shape[0]):
+    for r in range(r0, r1):
         row = xi[r]
         m = np.int32(0)
         for j in range(n):
@@ -104,7 +106,7 @@ def _check_input(x2d: np.ndarray, info: TypeInfo) -> None:
     if not x2d.size:
         return
     row_max = np.empty(x2d.shape[0], np.int32)
-    _row_max_abs_bits(x2d.view(np.int32), row_max)
+    run_chunks(_row_max_abs_bits, x2d.shape[0], x2d.view(np.int32), row_max)
     limit = _OVERFLOW_BITS.get(info.name, _EXP_F32)
     if int(row_max.max()) < limit:
         return
@@ -134,14 +136,6 @@ def _first_inf_fp16_rows(out, type_size, o1, o2, first, r0, r1):
                 if ((row[b * type_size + o1 + 1] & top) == top) or ((row[b * type_size + o2 + 1] & top) == top):
                     first[r] = b
                     break
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _first_inf_fp16_block(out, type_size, o1, o2, first):
-    n = out.shape[0]
-    for c in prange(min(n, 64)):  # chunks of rows, each scanned by a serial function (vectorizes there)
-        n_chunks = min(n, 64)
-        _first_inf_fp16_rows(out, type_size, o1, o2, first, c * n // n_chunks, (c + 1) * n // n_chunks)
 
 
 _FP16_FIELDS: dict = {}
@@ -177,7 +171,8 @@ def _check_fp16_scales(out: np.ndarray, info: TypeInfo) -> None:
     found = None
     for k in range(0, len(offsets), 2):  # two fp16 fields per pass (every type has at most two)
         o1 = offsets[k]
-        _first_inf_fp16_block(out, info.type_size, o1, offsets[min(k + 1, len(offsets) - 1)], first)
+        run_chunks(_first_inf_fp16_rows, out.shape[0], out, info.type_size, o1,
+                   offsets[min(k + 1, len(offsets) - 1)], first)
         if int(first.max()) >= 0:
             hit = np.where(first >= 0, first, np.iinfo(np.int64).max)
             found = hit if found is None else np.minimum(found, hit)
