@@ -82,4 +82,8 @@ def __getattr__(name):
         from .convert import convert_hf
 
         return convert_hf
+    if name in ("convert_lora",):
+        from .convert.lora import convert_lora
+
+        return convert_lora
     raise AttributeError(f"module 'gguf_kquant' has no attribute {name!r}")

@@ -19,6 +19,7 @@ COMMANDS = {
     "inspect": ("gguf_kquant.inspect", "show a GGUF file's header, metadata, tensors and file type"),
     "quantize": ("gguf_kquant.model.cli", "quantize a whole GGUF model like llama-quantize"),
     "convert": ("gguf_kquant.convert.cli", "convert a Hugging Face checkpoint to GGUF"),
+    "convert-lora": ("gguf_kquant.convert.lora_cli", "convert a PEFT LoRA adapter to a GGUF LoRA adapter"),
     "edit": ("gguf_kquant.tools.cmd_edit", "edit a GGUF file's metadata (set, delete, rename keys; chat template)"),
     "split": ("gguf_kquant.tools.cmd_split", "split a GGUF model into shards like llama-gguf-split --split"),
     "merge": ("gguf_kquant.tools.cmd_merge", "merge a split GGUF model like llama-gguf-split --merge"),

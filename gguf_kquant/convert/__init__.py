@@ -31,7 +31,7 @@ from .base import (FLOAT_FTYPES, REGISTRY, Converter, PlannedTensor, count_param
 from .safetensors import open_checkpoint
 from . import archs as _archs  # noqa: F401  (fills REGISTRY)
 
-__all__ = ["convert_hf", "supported_architectures", "REGISTRY", "Converter"]
+__all__ = ["convert_hf", "convert_lora", "supported_architectures", "REGISTRY", "Converter"]
 
 
 def supported_architectures() -> list:
@@ -308,3 +308,11 @@ def _producer(p: PlannedTensor, im, progress):
 class _Row:  # what _imatrix_for needs of a plan row
     def __init__(self, p):
         self.name, self.shape = p.name, p.shape
+
+
+def __getattr__(name):
+    if name == "convert_lora":  # lazily: lora imports this module's helpers
+        from .lora import convert_lora
+
+        return convert_lora
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
