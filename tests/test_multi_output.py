@@ -54,6 +54,7 @@ def test_six_mixes_match_llama_quantize_with_one_read_per_tensor(models, imatric
     outs = {tmp_path / f"m-{m}.gguf": m for m in SIX + ["Q4_K_M"]}  # Q4_K_M twice: two names, same bytes
     outs[tmp_path / "twice-Q4_K_M.gguf"] = outs.pop(tmp_path / "m-Q4_K_M.gguf")
     outs[tmp_path / "m-Q4_K_M.gguf"] = "Q4_K_M"
+    outs[tmp_path / "m-COPY.gguf"] = "COPY"  # its file type is guessed from the tensors
     res = gguf_kquant.quantize_model(src, outs, imatrix=path, threads=2)
     monkeypatch.undo()
     assert set(res) == set(outs)
@@ -174,10 +175,11 @@ def test_cli_out_progress_quiet_and_dry_run(models, tmp_path, capsys):
     from gguf_kquant.cli import main
 
     src = models["tied"]
-    args = ["quantize", str(src), "--out", f"Q4_K_M={tmp_path / 'a.gguf'}", "--out", f"q8_0={tmp_path / 'b.gguf'}"]
+    args = ["quantize", str(src), "--out", f"Q4_K_M={tmp_path / 'a.gguf'}", "--out", f"q8_0={tmp_path / 'b.gguf'}",
+            "--out", f"COPY={tmp_path / 'c.gguf'}"]  # an F16 model: COPY's guessed file type is MOSTLY_F16
     assert main(args + ["--dry-run"]) == 0
     text = capsys.readouterr().out
-    assert not list(tmp_path.iterdir()) and text.count("quant size") == 2 and "== " in text
+    assert not list(tmp_path.iterdir()) and text.count("quant size") == 3 and "== " in text
     assert main(args) == 0
     lines = capsys.readouterr().err.splitlines()
     with gguf_kquant.open(src) as f:
@@ -185,8 +187,9 @@ def test_cli_out_progress_quiet_and_dry_run(models, tmp_path, capsys):
     per_tensor = [ln for ln in lines if ln.startswith("[")]
     assert len(per_tensor) == len(names)  # one line per tensor, covering both outputs
     assert any("Q6_K/Q8_0" in ln for ln in per_tensor) and lines[-1].startswith("time")
-    one = gguf_kquant.quantize_model(src, tmp_path / "one-b.gguf", "Q8_0")
-    assert (tmp_path / "b.gguf").read_bytes() == one.paths[0].read_bytes()
+    for mix, name in (("Q8_0", "b"), ("COPY", "c")):
+        one = gguf_kquant.quantize_model(src, tmp_path / f"one-{name}.gguf", mix)
+        assert (tmp_path / f"{name}.gguf").read_bytes() == one.paths[0].read_bytes(), mix
     assert main(args + ["--overwrite", "--quiet"]) == 0
     captured = capsys.readouterr()
     assert captured.out == captured.err == ""

@@ -105,9 +105,12 @@ def quantize_outputs(src, outputs: Mapping, *, imatrix=None, include_weights=(),
                 r.seconds = time.perf_counter() - t0
             return results
 
+        from ..precompile import warm_for_plan
+
         outs = []
         for dst, plan in plans.items():
-            metadata, alignment = _output_metadata(f, mixes[dst][1], overrides)
+            warm_for_plan(plan, im, dst in reports)  # compile missing kernels in parallel processes
+            metadata, alignment = _output_metadata(f, plan.file_type, overrides)  # COPY's is a guess
             shards = _shard_plans(f, dst, plan, metadata, alignment, keep_split, max_bytes, split_max_tensors)
             outs.append(_Output(dst, plan, shards, reports.get(dst)))
         targets = [sp.path for o in outs for sp in o.shards] + [Path(o.report) for o in outs if o.report]
