@@ -5,4 +5,5 @@ import importlib
 import pkgutil
 
 for _m in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_m.name}")
+    if not _m.name.startswith("_"):  # __main__ prints the README's table
+        importlib.import_module(f"{__name__}.{_m.name}")
