@@ -19,14 +19,16 @@ from gguf_kquant.errors import ConversionError
 
 from test_convert_helpers import assert_same_gguf, hf_logits, make_model
 
-TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
            "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-           "qwen3": ["q_proj", "k_proj", "down_proj"]}
+           "qwen3": ["q_proj", "k_proj", "down_proj"],
+           "mistral": ["q_proj", "v_proj", "down_proj"]}  # a BF16 base and adapter
 OUTTYPES = ["f32", "f16", "bf16", "q8_0"]
 
 
-def make_adapter(model, out_dir: Path, targets, seed: int = 1, r: int = 8):
-    """A PEFT LoRA adapter of ``model`` with random (non-zero) B matrices; returns the PEFT model."""
+def make_adapter(model, out_dir: Path, targets, seed: int = 1, r: int = 8, dtype=None):
+    """A PEFT LoRA adapter of ``model`` with random (non-zero) B matrices (stored as ``dtype``, default
+    float32); returns the PEFT model."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -36,6 +38,8 @@ def make_adapter(model, out_dir: Path, targets, seed: int = 1, r: int = 8):
         for n, p in pm.named_parameters():
             if "lora_B" in n:  # PEFT starts B at zero (a no-op adapter): make it change the logits
                 p.normal_(0, 0.05)
+    if dtype is not None:
+        pm.to(dtype)
     pm.save_pretrained(str(out_dir))
     return pm
 
@@ -64,20 +68,33 @@ def lora_models(tmp_path_factory):
     """{arch: (base dir, adapter dir, merged transformers model, base transformers model logits)}"""
     import copy
 
+    import torch
+
     root = tmp_path_factory.mktemp("lora")
     out = {}
     for arch, targets in TARGETS.items():
         base, adapter = root / arch, root / f"{arch}-adapter"
-        model = make_model(arch, base)
+        bf16 = arch == "mistral"
+        model = make_model(arch, base, dtype="bfloat16" if bf16 else "float32")
         plain = copy.deepcopy(model)
-        pm = make_adapter(model, adapter, targets)
+        pm = make_adapter(model, adapter, targets, dtype=torch.bfloat16 if bf16 else None)
         out[arch] = (base, adapter, pm.merge_and_unload(), plain)
     return root, out
 
 
 def test_lora_equals_convert_lora_to_gguf(lora_models):
+    from safetensors.numpy import load_file
+
     root, models = lora_models
     jobs = [(a, b, root / f"{arch}-v-{t}.gguf", t) for arch, (b, a, _, _) in models.items() for t in OUTTYPES]
+    # norms in an adapter (mergekit-extract-lora adds them): F32, ahead of the LoRA pairs
+    base, adapter, _, _ = models["llama"]
+    normed = _copy(adapter, root / "llama-normed")
+    tensors = load_file(str(normed / "adapter_model.safetensors"))
+    tensors["base_model.model.model.layers.1.post_attention_layernorm.weight"] = np.full(64, 1.5, np.float32)
+    tensors["base_model.model.model.norm.weight"] = np.full(64, 0.5, np.float32)
+    write_safetensors(normed / "adapter_model.safetensors", tensors)
+    jobs.append((normed, base, root / "llama-normed-v-f16.gguf", "f16"))
     vendor_convert_lora_many(jobs)
     for adapter, base, theirs, t in jobs:
         ours = root / f"ours-{theirs.name}"
@@ -190,6 +207,14 @@ def test_rank_mismatch(lora_models, tmp_path):
     _refused(bad, base, tmp_path / "o.gguf", r"layers\.1\.self_attn\.v_proj.*one rank")
 
 
+def test_lora_b_missing(lora_models, tmp_path):
+    _, models = lora_models
+    base, adapter, _, _ = models["llama"]
+    name = "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"
+    bad = _edit_adapter(adapter, tmp_path / "a", lambda t: t.pop(name))
+    _refused(bad, base, tmp_path / "o.gguf", r"layers\.0\.self_attn\.o_proj.*has lora_A but no lora_B")
+
+
 def test_shape_disagrees_with_base(lora_models, tmp_path):
     _, models = lora_models
     base, adapter, _, _ = models["llama"]
@@ -203,6 +228,19 @@ def _config_only(base: Path, dst: Path) -> Path:
     dst.mkdir()
     shutil.copy(base / "config.json", dst / "config.json")
     return dst
+
+
+def test_lora_of_a_tied_lm_head(lora_models, tmp_path):
+    _, models = lora_models
+    base, adapter, _, _ = models["qwen2"]  # tie_word_embeddings: no lm_head of its own
+
+    def add_head(t):
+        n_vocab = json.loads((base / "config.json").read_text())["vocab_size"]
+        t["base_model.model.lm_head.lora_A.weight"] = np.ones((8, 64), np.float32)
+        t["base_model.model.lm_head.lora_B.weight"] = np.ones((n_vocab, 8), np.float32)
+
+    bad = _edit_adapter(adapter, tmp_path / "a", add_head)
+    _refused(bad, base, tmp_path / "o.gguf", r"lm_head.*tie_word_embeddings")
 
 
 def test_output_is_an_input(lora_models, tmp_path):

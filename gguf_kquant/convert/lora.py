@@ -122,9 +122,9 @@ def _plan(conv, ad: SafetensorsFile, shapes: dict, out_type: GGMLType) -> list:
         planned += [PlannedTensor(n, tuple(s), t, fn, GGMLType.F32) for n, s, fn in conv.plan_tensor(name, t, None)]
     tied = conv.hparams.get("tie_word_embeddings", False)
     for name, ab in pairs.items():
-        if "A" not in ab or "B" not in ab:
-            raise ConversionError(f"{path}: tensor {name!r} has lora_{'B' if 'A' in ab else 'A'} but no "
-                                  f"lora_{'A' if 'A' not in ab else 'B'}")
+        if len(ab) != 2:
+            have, miss = ("A", "B") if "A" in ab else ("B", "A")
+            raise ConversionError(f"{path}: tensor {name!r} has lora_{have} but no lora_{miss}")
         a, b = ab["A"], ab["B"]
         if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
             raise ConversionError(f"{path}: tensor {name!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
