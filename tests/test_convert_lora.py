@@ -95,27 +95,35 @@ def test_lora_equals_convert_lora_to_gguf(lora_models):
     tensors["base_model.model.model.norm.weight"] = np.full(64, 0.5, np.float32)
     write_safetensors(normed / "adapter_model.safetensors", tensors)
     jobs.append((normed, base, root / "llama-normed-v-f16.gguf", "f16"))
+    # an activated LoRA's invocation tokens: adapter.alora.invocation_tokens, an array of UINT32
+    alora = _copy(models["qwen3"][1], root / "qwen3-alora")
+    cfg = json.loads((alora / "adapter_config.json").read_text())
+    (alora / "adapter_config.json").write_text(json.dumps({**cfg, "alora_invocation_tokens": [5, 17, 2]}))
+    jobs.append((alora, models["qwen3"][0], root / "qwen3-alora-v-f32.gguf", "f32"))
     vendor_convert_lora_many(jobs)
     for adapter, base, theirs, t in jobs:
         ours = root / f"ours-{theirs.name}"
         gguf_kquant.convert_lora(adapter, ours, base=base, outtype=t)
         meta = assert_same_gguf(ours, theirs)
         assert meta["general.type"][2] == "adapter" and meta["adapter.lora.alpha"][2] == 16.0
+        if "alora" in adapter.name:
+            assert meta["adapter.alora.invocation_tokens"][2] == [5, 17, 2]
 
 
-def test_llama_cpp_applies_the_adapter(lora_models):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llama_cpp_applies_the_adapter(lora_models, arch):
     from oracle import libllama
 
     root, models = lora_models
-    base, adapter, merged, plain = models["llama"]
+    base, adapter, merged, plain = models[arch]
     libllama()
-    base_gguf = root / "llama-base-f32.gguf"
+    base_gguf = root / f"{arch}-base-f32.gguf"
     gguf_kquant.convert_hf(base, base_gguf, "F32", overwrite=True)
     ids = [3, 17, 42, 99, 150, 7, 260, 31, 5, 77, 120, 201]
     want = hf_logits(merged, ids)
     before = hf_logits(plain, ids)
     for t in ("F32", "F16"):
-        lora = root / f"llama-lora-{t}.gguf"
+        lora = root / f"{arch}-lora-{t}.gguf"
         gguf_kquant.convert_lora(adapter, lora, base=base, outtype=t, overwrite=True)
         got = lora_logits(base_gguf, lora, ids, root / f"logits-{t}.npy")
         cos = np.sum(got * want, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)

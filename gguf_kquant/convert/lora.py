@@ -109,6 +109,8 @@ def _plan(conv, ad: SafetensorsFile, shapes: dict, out_type: GGMLType) -> list:
         if name is None:
             continue
         if not (is_a or is_b):
+            if ".lora_embedding_" in src:  # convert_lora_to_gguf.py transposes these; not verified here
+                raise ConversionError(f"{path}: tensor {src!r}: LoRA of the token embeddings is not supported")
             if ".base_layer.weight" in src:
                 continue
             if ("_layernorm" in src or ".norm" in src) and len(t.shape) == 1:
