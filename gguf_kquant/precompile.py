@@ -25,7 +25,8 @@ import numpy as np
 
 from .types import TYPES, GGMLType, Imatrix, type_info
 
-__all__ = ["Job", "jobs_for", "jobs_for_plan", "compile_job", "precompile", "warm_for_plan", "is_cached"]
+__all__ = ["Job", "jobs_for", "jobs_for_plan", "compile_job", "precompile", "warm_for_plan", "is_cached",
+           "cache_dir"]
 
 Job = tuple  # (type name, op): op one of types.OPS
 
@@ -122,6 +123,15 @@ def is_cached(job: Job) -> bool:
     return bool(found)
 
 
+def cache_dir() -> str:
+    """The folder Numba caches this package's kernels in, as this process resolved it (NUMBA_CACHE_DIR, else
+    gguf_kquant/codecs/__pycache__ if writable, else ~/.cache/numba/..., else the fallback described in
+    gguf_kquant's docstring)."""
+    from .codecs import _row_max_abs_bits
+
+    return _row_max_abs_bits._cache._cache_path
+
+
 def _worker_count(n_jobs: int, processes: Optional[int]) -> int:
     if processes is not None:
         return max(1, min(int(processes), n_jobs))
@@ -211,7 +221,6 @@ def run(args) -> int:
         raise GGUFError(f"--jobs must be >= 1, got {args.jobs}")
     jobs = jobs_for(None if args.all else args.types, ops)
     todo = [j for j in jobs if not is_cached(j)]
-    from numba.core.config import CACHE_DIR
 
     def say(job, seconds):
         if not args.quiet:
@@ -220,7 +229,6 @@ def run(args) -> int:
     t0 = time.perf_counter()
     precompile(todo, processes=args.jobs, on_done=say)
     if not args.quiet:
-        where = CACHE_DIR or os.path.join(os.path.dirname(__file__), "codecs", "__pycache__")
         print(f"{len(todo)} kernels compiled, {len(jobs) - len(todo)} already cached, "
-              f"{time.perf_counter() - t0:.1f} s; cache: {where}", file=sys.stderr)
+              f"{time.perf_counter() - t0:.1f} s; cache: {cache_dir()}", file=sys.stderr)
     return 0

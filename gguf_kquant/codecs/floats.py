@@ -14,10 +14,11 @@ Elements are read and written byte by byte (little endian), so raw buffers at an
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..types import register_kernel
 
+from .chunks import run_chunks
 from .helpers import bf16_bits_to_fp32, fp16_bits_to_fp32, fp32_to_bf16_bits, fp32_to_fp16_bits
 
 # Unsigned (np.uint64) indices skip numba's negative-index wraparound, which keeps LLVM from vectorizing.
@@ -76,42 +77,66 @@ def _bytes_to_fp32_row(raw, y):
 
 
 @register_kernel("F32", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_f32(x, out):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_f32_rows, x.shape[0], x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_f32_rows(x, out, r0, r1):
+    for r in range(r0, r1):
         _fp32_to_bytes_row(x[r], out[r])
 
 
 @register_kernel("F32", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_f32(raw, out):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_f32_rows, out.shape[0], raw, out)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_f32_rows(raw, out, r0, r1):
+    for r in range(r0, r1):
         _bytes_to_fp32_row(raw[r], out[r])
 
 
 @register_kernel("F16", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_f16(x, out):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_f16_rows, x.shape[0], x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_f16_rows(x, out, r0, r1):
+    for r in range(r0, r1):
         _fp32_to_fp16_row(x[r], out[r])
 
 
 @register_kernel("F16", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_f16(raw, out):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_f16_rows, out.shape[0], raw, out)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_f16_rows(raw, out, r0, r1):
+    for r in range(r0, r1):
         _fp16_to_fp32_row(raw[r], out[r])
 
 
 @register_kernel("BF16", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_bf16(x, out):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_bf16_rows, x.shape[0], x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_bf16_rows(x, out, r0, r1):
+    for r in range(r0, r1):
         _fp32_to_bf16_row_ref(x[r], out[r])
 
 
 @register_kernel("BF16", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_bf16(raw, out):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_bf16_rows, out.shape[0], raw, out)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_bf16_rows(raw, out, r0, r1):
+    for r in range(r0, r1):
         _bf16_to_fp32_row(raw[r], out[r])

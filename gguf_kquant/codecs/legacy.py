@@ -22,10 +22,11 @@ results do not depend on the thread count.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..types import TYPES, GGMLType, register_kernel
 
+from .chunks import run_chunks
 from .helpers import load_fp16, pack_q5_0_pair, store_fp16, store_u32
 
 # Block sizes and field offsets, from the type table (layouts drawn at each codec below).  Shared with
@@ -451,84 +452,132 @@ def dequantize_row_q8_1(raw, y):
 
 
 @register_kernel("Q4_0", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_q4_0(x, out):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_q4_0_rows, x.shape[0], x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_q4_0_rows(x, out, r0, r1):
+    for r in range(r0, r1):
         quantize_row_q4_0_ref(x[r], out[r])
 
 
 @register_kernel("Q4_1", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_q4_1(x, out):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_q4_1_rows, x.shape[0], x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_q4_1_rows(x, out, r0, r1):
+    for r in range(r0, r1):
         quantize_row_q4_1_ref(x[r], out[r])
 
 
 @register_kernel("Q5_0", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_q5_0(x, out):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_q5_0_rows, x.shape[0], x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_q5_0_rows(x, out, r0, r1):
+    for r in range(r0, r1):
         quantize_row_q5_0_ref(x[r], out[r])
 
 
 @register_kernel("Q5_1", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_q5_1(x, out):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_q5_1_rows, x.shape[0], x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_q5_1_rows(x, out, r0, r1):
+    for r in range(r0, r1):
         quantize_row_q5_1_ref(x[r], out[r])
 
 
 @register_kernel("Q8_0", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_q8_0(x, out):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_q8_0_rows, x.shape[0], x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_q8_0_rows(x, out, r0, r1):
+    for r in range(r0, r1):
         quantize_row_q8_0_ref(x[r], out[r])
 
 
 @register_kernel("Q8_1", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_q8_1(x, out):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_q8_1_rows, x.shape[0], x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_q8_1_rows(x, out, r0, r1):
+    for r in range(r0, r1):
         quantize_row_q8_1_ref(x[r], out[r])
 
 
 @register_kernel("Q4_0", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_q4_0(raw, out):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_q4_0_rows, out.shape[0], raw, out)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_q4_0_rows(raw, out, r0, r1):
+    for r in range(r0, r1):
         dequantize_row_q4_0(raw[r], out[r])
 
 
 @register_kernel("Q4_1", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_q4_1(raw, out):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_q4_1_rows, out.shape[0], raw, out)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_q4_1_rows(raw, out, r0, r1):
+    for r in range(r0, r1):
         dequantize_row_q4_1(raw[r], out[r])
 
 
 @register_kernel("Q5_0", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_q5_0(raw, out):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_q5_0_rows, out.shape[0], raw, out)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_q5_0_rows(raw, out, r0, r1):
+    for r in range(r0, r1):
         dequantize_row_q5_0(raw[r], out[r])
 
 
 @register_kernel("Q5_1", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_q5_1(raw, out):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_q5_1_rows, out.shape[0], raw, out)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_q5_1_rows(raw, out, r0, r1):
+    for r in range(r0, r1):
         dequantize_row_q5_1(raw[r], out[r])
 
 
 @register_kernel("Q8_0", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_q8_0(raw, out):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_q8_0_rows, out.shape[0], raw, out)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_q8_0_rows(raw, out, r0, r1):
+    for r in range(r0, r1):
         dequantize_row_q8_0(raw[r], out[r])
 
 
 @register_kernel("Q8_1", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_q8_1(raw, out):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_q8_1_rows, out.shape[0], raw, out)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_q8_1_rows(raw, out, r0, r1):
+    for r in range(r0, r1):
         dequantize_row_q8_1(raw[r], out[r])

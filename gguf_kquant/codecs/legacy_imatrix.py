@@ -29,10 +29,11 @@ Q5 quants are packed by the same :func:`.helpers.pack_q5_0`.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..types import register_kernel
 
+from .chunks import run_chunks
 from .helpers import pack_q5_0, store_fp16
 from .kquants_imatrix import qkx3_fast, qx_weighted
 from .legacy import (
@@ -131,7 +132,6 @@ def quantize_row_q5_1_impl(x, qw, y, L, Laux, w, xm):
 
 
 @register_kernel("Q4_0", "quantize_imatrix")
-@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def quantize_imatrix_q4_0(x, qw, out):
     """Q4_0 with importance matrix ``qw`` (n_per_row,): bytes of ggml_quantize_chunk(Q4_0, ..., qw).
 
@@ -139,7 +139,12 @@ def quantize_imatrix_q4_0(x, qw, out):
     >>> x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
     >>> out = np.empty((2, 36), np.uint8); quantize_imatrix_q4_0(x, np.ones(64, np.float32), out)
     """
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_imatrix_q4_0_rows, x.shape[0], x, qw, out)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_imatrix_q4_0_rows(x, qw, out, r0, r1):
+    for r in range(r0, r1):
         L = np.empty(QK, np.int32)
         tr = np.empty((3, 18), np.float32)
         w = np.empty(QK, np.float32)
@@ -148,10 +153,14 @@ def quantize_imatrix_q4_0(x, qw, out):
 
 
 @register_kernel("Q4_1", "quantize_imatrix")
-@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def quantize_imatrix_q4_1(x, qw, out):
     """Q4_1 with importance matrix ``qw`` (quantize_row_q4_1_impl)."""
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_imatrix_q4_1_rows, x.shape[0], x, qw, out)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_imatrix_q4_1_rows(x, qw, out, r0, r1):
+    for r in range(r0, r1):
         L = np.empty(QK, np.int32)
         Laux = np.empty(QK, np.int32)
         w = np.empty(QK, np.float32)
@@ -160,10 +169,14 @@ def quantize_imatrix_q4_1(x, qw, out):
 
 
 @register_kernel("Q5_0", "quantize_imatrix")
-@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def quantize_imatrix_q5_0(x, qw, out):
     """Q5_0 with importance matrix ``qw`` (quantize_row_q5_0_impl)."""
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_imatrix_q5_0_rows, x.shape[0], x, qw, out)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_imatrix_q5_0_rows(x, qw, out, r0, r1):
+    for r in range(r0, r1):
         L = np.empty(QK, np.int32)
         tr = np.empty((3, 18), np.float32)
         w = np.empty(QK, np.float32)
@@ -172,10 +185,14 @@ def quantize_imatrix_q5_0(x, qw, out):
 
 
 @register_kernel("Q5_1", "quantize_imatrix")
-@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def quantize_imatrix_q5_1(x, qw, out):
     """Q5_1 with importance matrix ``qw`` (quantize_row_q5_1_impl)."""
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_imatrix_q5_1_rows, x.shape[0], x, qw, out)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_imatrix_q5_1_rows(x, qw, out, r0, r1):
+    for r in range(r0, r1):
         L = np.empty(QK, np.int32)
         Laux = np.empty(QK, np.int32)
         w = np.empty(QK, np.float32)

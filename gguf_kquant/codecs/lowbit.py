@@ -11,10 +11,11 @@ for a subnormal ``d``; ``(int)roundf(inf or NaN)`` is x86's INT32_MIN, which the
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..types import TYPES, GGMLType, register_kernel
 
+from .chunks import run_chunks
 from .helpers import load_fp16, store_fp16
 
 _F32 = np.float32
@@ -133,28 +134,44 @@ def dequantize_row_q2_0(raw, y):
 
 
 @register_kernel("Q1_0", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_q1_0(x, out):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_q1_0_rows, x.shape[0], x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_q1_0_rows(x, out, r0, r1):
+    for r in range(r0, r1):
         quantize_row_q1_0_ref(x[r], out[r])
 
 
 @register_kernel("Q1_0", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_q1_0(raw, out):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_q1_0_rows, out.shape[0], raw, out)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_q1_0_rows(raw, out, r0, r1):
+    for r in range(r0, r1):
         dequantize_row_q1_0(raw[r], out[r])
 
 
 @register_kernel("Q2_0", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_q2_0(x, out):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_q2_0_rows, x.shape[0], x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_q2_0_rows(x, out, r0, r1):
+    for r in range(r0, r1):
         quantize_row_q2_0_ref(x[r], out[r])
 
 
 @register_kernel("Q2_0", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_q2_0(raw, out):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_q2_0_rows, out.shape[0], raw, out)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_q2_0_rows(raw, out, r0, r1):
+    for r in range(r0, r1):
         dequantize_row_q2_0(raw[r], out[r])

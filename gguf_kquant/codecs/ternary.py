@@ -12,10 +12,11 @@ is 0 — :func:`_trit` reproduces that.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..types import QK_K, TYPES, GGMLType, register_kernel
 
+from .chunks import run_chunks
 from .helpers import load_fp16, store_fp16
 
 _F32 = np.float32
@@ -198,28 +199,44 @@ def dequantize_row_tq2_0(raw, y):
 
 
 @register_kernel("TQ1_0", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_tq1_0(x, out):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_tq1_0_rows, x.shape[0], x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_tq1_0_rows(x, out, r0, r1):
+    for r in range(r0, r1):
         quantize_row_tq1_0_ref(x[r], out[r])
 
 
 @register_kernel("TQ1_0", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_tq1_0(raw, out):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_tq1_0_rows, out.shape[0], raw, out)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_tq1_0_rows(raw, out, r0, r1):
+    for r in range(r0, r1):
         dequantize_row_tq1_0(raw[r], out[r])
 
 
 @register_kernel("TQ2_0", "quantize")
-@njit(cache=True, nogil=True, parallel=True)
 def quantize_tq2_0(x, out):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_tq2_0_rows, x.shape[0], x, out)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_tq2_0_rows(x, out, r0, r1):
+    for r in range(r0, r1):
         quantize_row_tq2_0_ref(x[r], out[r])
 
 
 @register_kernel("TQ2_0", "dequantize")
-@njit(cache=True, nogil=True, parallel=True)
 def dequantize_tq2_0(raw, out):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_tq2_0_rows, out.shape[0], raw, out)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_tq2_0_rows(raw, out, r0, r1):
+    for r in range(r0, r1):
         dequantize_row_tq2_0(raw[r], out[r])
