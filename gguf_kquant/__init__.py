@@ -5,6 +5,8 @@ folder is not writable, in Numba's user cache (``~/.cache/numba``).  When neithe
 container) the cache goes to ``$TMPDIR/gguf-kquant-numba-<uid>`` (a private folder; a fresh temporary one if
 that name is taken by someone else).  ``NUMBA_CACHE_DIR`` overrides all of these.  Clearing the cache is
 deleting those folders' ``*.nbi``/``*.nbc`` files; it is rebuilt on the next call of each kernel.
+``gguf-kquant precompile TYPE... | --all`` fills it ahead of time and prints the folder in use; ``pip uninstall``
+does not delete these files (nor the folders outside the package): remove them by hand.
 """
 
 import os as _os
