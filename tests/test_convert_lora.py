@@ -19,7 +19,8 @@ from gguf_kquant.errors import ConversionError
 
 from test_convert_helpers import assert_same_gguf, hf_logits, make_model
 
-TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
+                     "embed_tokens"],
            "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
            "qwen3": ["q_proj", "k_proj", "down_proj"],
            "mistral": ["q_proj", "v_proj", "down_proj"]}  # a BF16 base and adapter

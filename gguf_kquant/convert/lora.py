@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from ..errors import ConversionError
 from ..safeio import check_outputs
@@ -43,8 +44,10 @@ class _Shape:  # what Converter.plan_tensor reads of a checkpoint tensor: the ba
 
 def _base_name(name: str) -> str:
     """convert_lora_to_gguf.py's get_base_tensor_name: the base model's tensor this adapter tensor adapts."""
-    return name.replace("base_model.model.", "").replace(".lora_A.weight", ".weight").replace(".lora_B.weight",
-                                                                                            ".weight")
+    name = name.replace("base_model.model.", "")
+    for part in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"):
+        name = name.replace(part, ".weight")
+    return name
 
 
 def _read_adapter(adapter_dir: Path):
@@ -83,7 +86,7 @@ def _base_shapes(base_dir: Path, h: dict) -> dict:
     n_ff = h.get("intermediate_size")
     shapes = {"q_proj.weight": (n_head * head_dim, n_embd), "k_proj.weight": (n_kv * head_dim, n_embd),
               "v_proj.weight": (n_kv * head_dim, n_embd), "o_proj.weight": (n_embd, n_head * head_dim),
-              "lm_head.weight": (h["vocab_size"], n_embd)}
+              "lm_head.weight": (h["vocab_size"], n_embd), "embed_tokens.weight": (h["vocab_size"], n_embd)}
     if n_ff is not None:
         shapes.update({"gate_proj.weight": (n_ff, n_embd), "up_proj.weight": (n_ff, n_embd),
                        "down_proj.weight": (n_embd, n_ff)})
@@ -104,13 +107,12 @@ def _plan(conv, ad: SafetensorsFile, shapes: dict, out_type: GGMLType) -> list:
         t = ad.tensors[src]
         if t.dtype not in FLOAT_DTYPES:
             raise ConversionError(f"{path}: tensor {src!r} has dtype {t.dtype}; only F32, F16 and BF16 are supported")
-        is_a, is_b = ".lora_A.weight" in src, ".lora_B.weight" in src
+        is_a = ".lora_A.weight" in src or ".lora_embedding_A" in src
+        is_b = ".lora_B.weight" in src or ".lora_embedding_B" in src
         name = conv.filter_name(_base_name(src))
         if name is None:
             continue
         if not (is_a or is_b):
-            if ".lora_embedding_" in src:  # convert_lora_to_gguf.py transposes these; not verified here
-                raise ConversionError(f"{path}: tensor {src!r}: LoRA of the token embeddings is not supported")
             if ".base_layer.weight" in src:
                 continue
             if ("_layernorm" in src or ".norm" in src) and len(t.shape) == 1:
@@ -134,22 +136,26 @@ def _plan(conv, ad: SafetensorsFile, shapes: dict, out_type: GGMLType) -> list:
         if name == "lm_head.weight" and tied:
             raise ConversionError(f"{path}: tensor {name!r} adapts lm_head, but the base ties it to the token "
                                   f"embeddings (tie_word_embeddings), which llama.cpp keeps as one tensor")
+        outs = list(conv.plan_tensor(name, _Shape((b.shape[0], a.shape[1])), _bid(name)))
+        if len(outs) != 1:
+            raise ConversionError(f"{path}: tensor {name!r}: the base weight is split on conversion; not supported")
+        new_name, _, fn = outs[0]
+        # an embedding's delta is (B @ A)^T: A (rank x n_vocab), B (n_embd x rank); llama.cpp gathers token
+        # rows of lora_a, so the script writes A transposed (llm_build_inp_embd)
+        embd = new_name == gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
         want = _expected(shapes, name)
-        got = (b.shape[0], a.shape[1])
+        got = (a.shape[1], b.shape[0]) if embd else (b.shape[0], a.shape[1])
         if want is None:
             raise ConversionError(f"{path}: tensor {name!r} adapts no weight of the base model")
         if tuple(want) != got:
             raise ConversionError(f"{path}: tensor {name!r} is a LoRA of a {list(got)} weight but the base's "
                                   f"weight is {list(want)}")
-        outs = list(conv.plan_tensor(name, _Shape(got), _bid(name)))
-        if len(outs) != 1:
-            raise ConversionError(f"{path}: tensor {name!r}: the base weight is split on conversion; not supported")
-        new_name, _, fn = outs[0]
-        for suffix, t, make in ((".lora_a", a, None), (".lora_b", b, fn)):
+        a_out = ((a.shape[1], a.shape[0]), lambda x: np.ascontiguousarray(x.T)) if embd else (a.shape, None)
+        for suffix, t, (shape, make) in ((".lora_a", a, a_out), (".lora_b", b, (b.shape, fn))):
             qtype = out_type
-            if qtype == GGMLType.Q8_0 and t.shape[-1] % 32:
+            if qtype == GGMLType.Q8_0 and shape[-1] % 32:
                 qtype = GGMLType.F16  # convert_lora_to_gguf.py falls back to F16 when Q8_0 does not fit (ranks < 32)
-            planned.append(PlannedTensor(new_name + suffix, tuple(t.shape), t, make, qtype))
+            planned.append(PlannedTensor(new_name + suffix, tuple(shape), t, make, qtype))
     if not pairs:
         raise ConversionError(f"{path}: no lora_A/lora_B tensors")
     return planned
