@@ -6,8 +6,8 @@
 [PosixPath('my-adapter-f16.gguf')]
 
 The output equals llama.cpp's ``convert_lora_to_gguf.py``: for each adapted weight ``W`` (out x in) of the
-base, ``<gguf name of W>.lora_a`` (rank x in) and ``.lora_b`` (out x rank), sorted by the adapter's tensor
-names; norms some tools add to an adapter (mergekit-extract-lora) come first, as that script yields them
+base, ``<gguf name of W>.lora_a`` (rank x in; the token embeddings' transposed) and ``.lora_b`` (out x rank),
+sorted by the adapter's tensor names; norms some tools add to an adapter (mergekit-extract-lora) come first, as that script yields them
 while it pairs A with B.  Metadata: ``general.type = adapter``, ``adapter.type = lora``, the adapter's
 model card, ``adapter.lora.alpha`` — no vocabulary, no hyper-parameters (llama.cpp takes those from the base).
 Only the base's ``config.json`` is read, as by that script (its weights, when present, check the shapes).
