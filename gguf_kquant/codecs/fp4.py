@@ -17,9 +17,10 @@ so blocks whose maximum is below 2^-125 get exponents 232..255 exactly as in ggm
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..types import TYPES, GGMLType, register_kernel
+from .chunks import run_chunks
 
 from .grids import kvalues_fp4
 
@@ -233,27 +234,43 @@ def dequantize_row_nvfp4(raw, y, kvalues):
 # ---------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _quantize_mxfp4_rows(x, out, kvalues):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_mxfp4_row_range, x.shape[0], x, out, kvalues)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_mxfp4_row_range(x, out, kvalues, r0, r1):
+    for r in range(r0, r1):
         quantize_row_mxfp4_ref(x[r], out[r], kvalues)
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _dequantize_mxfp4_rows(raw, out, kvalues):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_mxfp4_row_range, out.shape[0], raw, out, kvalues)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_mxfp4_row_range(raw, out, kvalues, r0, r1):
+    for r in range(r0, r1):
         dequantize_row_mxfp4(raw[r], out[r], kvalues)
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _quantize_nvfp4_rows(x, out, kvalues):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_nvfp4_row_range, x.shape[0], x, out, kvalues)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_nvfp4_row_range(x, out, kvalues, r0, r1):
+    for r in range(r0, r1):
         quantize_row_nvfp4_ref(x[r], out[r], kvalues)
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _dequantize_nvfp4_rows(raw, out, kvalues):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_nvfp4_row_range, out.shape[0], raw, out, kvalues)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_nvfp4_row_range(raw, out, kvalues, r0, r1):
+    for r in range(r0, r1):
         dequantize_row_nvfp4(raw[r], out[r], kvalues)
 
 

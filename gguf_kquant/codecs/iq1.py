@@ -57,10 +57,11 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..errors import BadTensorDataError
 from ..types import QK_K, TYPES, GGMLType, register_kernel
+from .chunks import run_chunks
 
 from . import grids
 from .helpers import fp16_bits_to_fp32, fp32_to_fp16_bits, load_fp16, nearest_int, store_fp16
@@ -373,11 +374,15 @@ def _quantize_block_iq1_s(x, xo, qw, qo, y, yo, levels, kmap, neighbours, x_p, x
     return 0
 
 
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _quantize_iq1_s(x, n, qw, out, levels, kmap, neighbours, x_p, x_m, failed):
     """x: the rows, flattened (ggml's src buffer), n per row."""
+    run_chunks(_quantize_iq1_s_rows, out.shape[0], x, n, qw, out, levels, kmap, neighbours, x_p, x_m, failed)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_iq1_s_rows(x, n, qw, out, levels, kmap, neighbours, x_p, x_m, failed, r0, r1):
     nb = n // QK_K
-    for r in prange(out.shape[0]):
+    for r in range(r0, r1):
         weight = np.empty(IQ1S_BLOCK_SIZE, np.float32)
         scales = np.empty(QK_K // IQ1S_BLOCK_SIZE, np.float32)
         shifts = np.empty(QK_K // IQ1S_BLOCK_SIZE, np.int32)
@@ -406,10 +411,14 @@ def quantize_iq1_s_imatrix(x, qw, out):
     _raise_if_failed("IQ1_S", failed)
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _dequantize_iq1_s(raw, out, grid):
+    run_chunks(_dequantize_iq1_s_rows, out.shape[0], raw, out, grid)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_iq1_s_rows(raw, out, grid, r0, r1):
     nb = out.shape[1] // QK_K
-    for r in prange(out.shape[0]):
+    for r in range(r0, r1):
         rr = raw[r]
         y = out[r]
         for i in range(nb):
@@ -656,11 +665,15 @@ def _pack_scales_iq1_m(x, xo, y, yo, levels, x_p, x_m, weight, scales, shifts, m
         y[yo + _M_SC + 2 * i + 1] = (sc[i] >> 8) & 255
 
 
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _quantize_iq1_m(x, n, qw, out, levels, kmap, neighbours, x_p, x_m, failed):
     """x: the rows, flattened (ggml's src buffer), n per row."""
+    run_chunks(_quantize_iq1_m_rows, out.shape[0], x, n, qw, out, levels, kmap, neighbours, x_p, x_m, failed)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_iq1_m_rows(x, n, qw, out, levels, kmap, neighbours, x_p, x_m, failed, r0, r1):
     nb = n // QK_K
-    for r in prange(out.shape[0]):
+    for r in range(r0, r1):
         weight = np.empty(QK_K, np.float32)
         scales = np.empty(QK_K // IQ1M_BLOCK_SIZE, np.float32)
         shifts = np.empty(QK_K // IQ1M_BLOCK_SIZE, np.int64)
@@ -700,10 +713,14 @@ def quantize_iq1_m_imatrix(x, qw, out):
     _run_iq1_m(x, qw, out)
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _dequantize_iq1_m(raw, out, grid):
+    run_chunks(_dequantize_iq1_m_rows, out.shape[0], raw, out, grid)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_iq1_m_rows(raw, out, grid, r0, r1):
     nb = out.shape[1] // QK_K
-    for r in prange(out.shape[0]):
+    for r in range(r0, r1):
         rr = raw[r]
         y = out[r]
         for i in range(nb):

@@ -45,10 +45,11 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..errors import QuantizeError
 from ..types import TYPES, GGMLType, register_kernel
+from .chunks import run_chunks
 from . import grids
 from .helpers import GROUP_MAX_EPS, load_fp16, make_qp_quants, nearest_int, store_fp16
 from .iq_grids import iq2_grid_tables
@@ -316,11 +317,15 @@ def quantize_block_iq2_xxs(x, xo, qw, qo, out, oo, tables, terms,
     return True
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _quantize_iq2_xxs(x, qw, out, tables, ok):
+    run_chunks(_quantize_iq2_xxs_rows, x.shape[0], x, qw, out, tables, ok)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_iq2_xxs_rows(x, qw, out, tables, ok, r0, r1):
     n_rows = x.shape[0]
     nb = x.shape[1] // QK_K
-    for r in prange(n_rows):
+    for r in range(r0, r1):
         scales = np.empty(8, np.float32)
         weight = np.empty(32, np.float32)
         xval = np.empty(32, np.float32)
@@ -503,10 +508,14 @@ def quantize_block_iq2_s(x, xo, qw, qo, has_qw, out, oo, tables, terms,
     return True
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _quantize_iq2_xs(x, qw, out, tables, ok):
+    run_chunks(_quantize_iq2_xs_rows, x.shape[0], x, qw, out, tables, ok)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_iq2_xs_rows(x, qw, out, tables, ok, r0, r1):
     nb = x.shape[1] // QK_K
-    for r in prange(x.shape[0]):
+    for r in range(r0, r1):
         scales = np.empty(16, np.float32)
         weight = np.empty(16, np.float32)
         xval = np.empty(16, np.float32)
@@ -528,10 +537,14 @@ def _quantize_iq2_xs(x, qw, out, tables, ok):
                                                waux, block_signs, q2, on_grid, on_grid_aux, prev)
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _quantize_iq2_s(x, qw, has_qw, out, tables, ok):
+    run_chunks(_quantize_iq2_s_rows, x.shape[0], x, qw, has_qw, out, tables, ok)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_iq2_s_rows(x, qw, has_qw, out, tables, ok, r0, r1):
     nb = x.shape[1] // QK_K
-    for r in prange(x.shape[0]):
+    for r in range(r0, r1):
         scales = np.empty(16, np.float32)
         weight = np.empty(16, np.float32)
         xval = np.empty(16, np.float32)
@@ -625,10 +638,14 @@ def _put_group(y, yo, dl, gridb, g, signs, kmask):
         y[yo + j] = -v if signs & kmask[j] else v  # C: v * (sign ? -1.f : 1.f), exact
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _dequantize_iq2_xxs(raw, out, gridb, ksigns, kmask):
+    run_chunks(_dequantize_iq2_xxs_rows, out.shape[0], raw, out, gridb, ksigns, kmask)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_iq2_xxs_rows(raw, out, gridb, ksigns, kmask, r0, r1):
     nb = out.shape[1] // QK_K
-    for r in prange(out.shape[0]):
+    for r in range(r0, r1):
         rr = raw[r]
         y = out[r]
         for i in range(nb):
@@ -644,10 +661,14 @@ def _dequantize_iq2_xxs(raw, out, gridb, ksigns, kmask):
                     _put_group(y, i * QK_K + 32 * ib32 + 8 * l, db, gridb, rr[qo + l], signs, kmask)
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _dequantize_iq2_xs(raw, out, gridb, ksigns, kmask):
+    run_chunks(_dequantize_iq2_xs_rows, out.shape[0], raw, out, gridb, ksigns, kmask)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_iq2_xs_rows(raw, out, gridb, ksigns, kmask, r0, r1):
     nb = out.shape[1] // QK_K
-    for r in prange(out.shape[0]):
+    for r in range(r0, r1):
         rr = raw[r]
         y = out[r]
         for i in range(nb):
@@ -664,10 +685,14 @@ def _dequantize_iq2_xs(raw, out, gridb, ksigns, kmask):
                                ksigns[q >> 9], kmask)
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _dequantize_iq2_s(raw, out, gridb, kmask):
+    run_chunks(_dequantize_iq2_s_rows, out.shape[0], raw, out, gridb, kmask)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_iq2_s_rows(raw, out, gridb, kmask, r0, r1):
     nb = out.shape[1] // QK_K
-    for r in prange(out.shape[0]):
+    for r in range(r0, r1):
         rr = raw[r]
         y = out[r]
         for i in range(nb):

@@ -54,10 +54,11 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from . import grids
 from ..types import register_kernel, type_info
+from .chunks import run_chunks
 from .helpers import fp16_bits_to_fp32, fp32_to_fp16_bits, nearest_int
 
 QK_K = 256
@@ -458,9 +459,13 @@ def quantize_row_iq3_xxs_impl(x, qw, have_qw, y, tables):
                 y[y0 + XXS_QS + 64 + 4 * ib + b] = np.uint8((sas[ib] >> np.uint32(8 * b)) & np.uint32(0xFF))
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _quantize_iq3_xxs(x, qw, have_qw, out, tables):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_iq3_xxs_rows, x.shape[0], x, qw, have_qw, out, tables)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_iq3_xxs_rows(x, qw, have_qw, out, tables, r0, r1):
+    for r in range(r0, r1):
         quantize_row_iq3_xxs_impl(x[r], qw, have_qw, out[r], tables)
 
 
@@ -507,9 +512,13 @@ def dequantize_row_iq3_xxs(raw, y, grid8, ksigns, kmask):
                     y[o + j + 4] = _F32(v2 * (_F32(-1.0) if signs & kmask[j + 4] else _F32(1.0)))
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _dequantize_iq3_xxs(raw, out, grid8, ksigns, kmask):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_iq3_xxs_rows, out.shape[0], raw, out, grid8, ksigns, kmask)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_iq3_xxs_rows(raw, out, grid8, ksigns, kmask, r0, r1):
+    for r in range(r0, r1):
         dequantize_row_iq3_xxs(raw[r], out[r], grid8, ksigns, kmask)
 
 
@@ -603,9 +612,13 @@ def quantize_row_iq3_s_impl(x, qw, have_qw, y, tables):
             y[y0 + S_SCALES + ib // 2] = l1 | (l2 << 4)
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _quantize_iq3_s(x, qw, have_qw, out, tables):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_iq3_s_rows, x.shape[0], x, qw, have_qw, out, tables)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_iq3_s_rows(x, qw, have_qw, out, tables, r0, r1):
+    for r in range(r0, r1):
         quantize_row_iq3_s_impl(x[r], qw, have_qw, out[r], tables)
 
 
@@ -651,9 +664,13 @@ def dequantize_row_iq3_s(raw, y, grid8, kmask):
                     y[o + j + 4] = _F32(v2 * (_F32(-1.0) if signs & kmask[j + 4] else _F32(1.0)))
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _dequantize_iq3_s(raw, out, grid8, kmask):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_iq3_s_rows, out.shape[0], raw, out, grid8, kmask)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_iq3_s_rows(raw, out, grid8, kmask, r0, r1):
+    for r in range(r0, r1):
         dequantize_row_iq3_s(raw[r], out[r], grid8, kmask)
 
 

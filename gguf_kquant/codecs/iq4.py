@@ -18,9 +18,10 @@ mixes them with floats, no FMA.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..types import QK_K, TYPES, GGMLType, register_kernel
+from .chunks import run_chunks
 
 from .grids import kvalues_iq4nl
 from .helpers import GROUP_MAX_EPS, load_fp16, nearest_int, store_fp16
@@ -290,27 +291,43 @@ def dequantize_row_iq4_xs(raw, y, values):
 _NO_WEIGHTS = np.empty(0, np.float32)  # C's NULL quant_weights
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _quantize_iq4_nl_rows(x, quant_weights, out, values):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_iq4_nl_row_range, x.shape[0], x, quant_weights, out, values)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_iq4_nl_row_range(x, quant_weights, out, values, r0, r1):
+    for r in range(r0, r1):
         quantize_iq4_nl_row(x[r], out[r], quant_weights, values)
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _quantize_iq4_xs_rows(x, quant_weights, out, values):
-    for r in prange(x.shape[0]):
+    run_chunks(_quantize_iq4_xs_row_range, x.shape[0], x, quant_weights, out, values)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_iq4_xs_row_range(x, quant_weights, out, values, r0, r1):
+    for r in range(r0, r1):
         quantize_iq4_xs_row(x[r], out[r], quant_weights, values)
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _dequantize_iq4_nl_rows(raw, out, values):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_iq4_nl_row_range, out.shape[0], raw, out, values)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_iq4_nl_row_range(raw, out, values, r0, r1):
+    for r in range(r0, r1):
         dequantize_row_iq4_nl(raw[r], out[r], values)
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _dequantize_iq4_xs_rows(raw, out, values):
-    for r in prange(out.shape[0]):
+    run_chunks(_dequantize_iq4_xs_row_range, out.shape[0], raw, out, values)
+
+
+@njit(cache=True, nogil=True)
+def _dequantize_iq4_xs_row_range(raw, out, values, r0, r1):
+    for r in range(r0, r1):
         dequantize_row_iq4_xs(raw[r], out[r], values)
 
 
