@@ -8,6 +8,12 @@ Goals (issue 12): wall ≤ 0.7x the sum of the six oracle runs, and peak RSS ≤
 largest of the six) + one output tensor (the largest) per extra output.  Every run is a fresh subprocess
 (bench_quantize_model.measure: ru_maxrss of the child); the one-pass outputs are compared byte for byte
 with the oracle's.
+
+Measured on the 2-core machine shared with other jobs (load 4-10, so single timings vary by up to 2x):
+
+    200MB, 2 threads: one pass 16.3 s vs 31.3 s for six oracle runs (x0.52); peak RSS 256 MiB, budget 257
+    2GB,   2 threads: one pass 120 s vs 294 s (x0.41; our six single runs: 171 s); peak RSS 340 MiB, budget 556
+    outputs identical to llama_model_quantize's in both.
 """
 
 from __future__ import annotations
