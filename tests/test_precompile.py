@@ -51,10 +51,10 @@ def _env(cache: Path) -> dict:
 def test_precompile_fills_the_cache_and_a_later_process_compiles_nothing(tmp_path):
     cache = tmp_path / "numba"
     cache.mkdir()
-    pre = subprocess.run([sys.executable, "-m", "gguf_kquant", "precompile", "Q8_0", "-j", "1"],
+    pre = subprocess.run([sys.executable, "-m", "gguf_kquant", "precompile", "Q8_0", "-j", "2"],
                          env=_env(cache), capture_output=True, text=True, timeout=600)
     assert pre.returncode == 0, pre.stderr
-    assert "2 kernels compiled" in pre.stderr  # Q8_0: quantize, dequantize
+    assert "2 kernels compiled" in pre.stderr  # Q8_0: quantize here, dequantize in a worker process
     files = _cache_files(cache)
     assert any(".nbi" in f for f in files) and any(".nbc" in f for f in files)
 
