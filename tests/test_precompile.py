@@ -110,3 +110,33 @@ def test_threaded_checks_name_the_row_whatever_the_split():
     for threads in (1, 2):
         with pytest.raises(gguf_kquant.BadTensorDataError, match="row 29, column 5"):
             gguf_kquant.quantize(x, "Q8_0", threads=threads)
+
+
+WARM = """
+import json, sys
+from types import SimpleNamespace as NS
+from gguf_kquant import precompile as pc
+from gguf_kquant.types import GGMLType as T
+pc._idle_core = lambda: True  # the shared test machine is rarely idle; the decision is not under test here
+rows = [NS(name="a", src_type=T.F32, dst_type=T.Q8_0, convert=True),
+        NS(name="b", src_type=T.F32, dst_type=T.F16, convert=True),
+        NS(name="c", src_type=T.F32, dst_type=T.F32, convert=False)]
+jobs = pc.jobs_for_plan(NS(rows=rows))
+before = [pc.is_cached(j) for j in jobs]
+pc.warm_for_plan(NS(rows=rows))
+print(json.dumps({"jobs": jobs, "before": before, "after": [pc.is_cached(j) for j in jobs]}))
+"""
+
+
+def test_warm_for_plan_compiles_the_missing_kernels_in_parallel_processes(tmp_path):
+    cache = tmp_path / "numba"
+    cache.mkdir()
+    env = dict(_env(cache))
+    env.pop("GGUF_KQUANT_NO_WARM")
+    child = subprocess.run([sys.executable, "-c", WARM], env=env, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr
+    got = json.loads(child.stdout)
+    assert got["jobs"] == [["F16", "quantize"], ["Q8_0", "quantize"]]
+    assert got["before"] == [False, False] and got["after"] == [True, True]
+    names = " ".join(_cache_files(cache))
+    assert "floats._quantize_f16_rows" in names and "legacy._quantize_q8_0_rows" in names
