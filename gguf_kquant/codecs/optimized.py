@@ -356,17 +356,21 @@ def _legacy_err(x, xo, w, d, m, qlo, qhi, L):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _legacy_fit(x, xo, w, L, affine, d, m):
-    """Weighted least squares of x ~ d*L (+ m); the fp16 values, or the inputs when degenerate."""
+def _legacy_fit(x, xo, w, qlo, qhi, affine, d, m):
+    """Levels of x at (d, m), then the weighted least squares of x ~ d*L (+ m) for them, in one pass:
+    the fp16 values, or the inputs when degenerate."""
     sqq = 0.0
     sq = 0.0
     s1 = 0.0
     sqx = 0.0
     sx = 0.0
+    inv = _F32(_F32(1.0) / d)  # the candidate's levels only seed the fit: a reciprocal is close enough
     for i in range(_QK):
+        v = x[xo + i]
+        t = _F32(_F32(v - m) * inv)
         wi = np.float64(w[xo + i])
-        q = np.float64(L[i])
-        xi = np.float64(x[xo + i])
+        q = np.float64(max(qlo, min(qhi, nearest_int(_F32(min(max(t, _F32(qlo - 1)), _F32(qhi + 1)))))))
+        xi = np.float64(v)
         sqq += wi * q * q
         sq += wi * q
         s1 += wi
@@ -409,8 +413,7 @@ def _optimize_row_legacy(x, w, y, nbytes, od, om, oqh, oqs, qlo, qhi):
                 dc = _F32(d0 * _F32(1.0 + k / 64.0))
                 if sign:
                     dc = -dc
-                _legacy_err(x, xo, w, dc, m0, qlo, qhi, Lt)
-                nd, nm = _legacy_fit(x, xo, w, Lt, affine, dc, m0)
+                nd, nm = _legacy_fit(x, xo, w, qlo, qhi, affine, dc, m0)
                 e = _legacy_err(x, xo, w, nd, nm, qlo, qhi, Lt)
                 if e < best:
                     best = e
