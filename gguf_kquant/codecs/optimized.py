@@ -333,8 +333,9 @@ def optimize_q5_k(x, w, out):
 # ---------------------------------------------------------------------------------------------------
 # Legacy 32-value blocks: Q4_0/Q5_0 value = d*q, q in [-8, 7] / [-16, 15] (stored +8/+16);
 # Q4_1/Q5_1 value = d*q + m, q in [0, 15] / [0, 31].  One fp16 scale (and min) per block, so the search is
-# over d itself: ggml's d stretched by up to +-1/8 in steps of 1/64 (both signs for the symmetric types),
-# each candidate followed by a weighted least-squares refit of d (and m) for its levels, rounded to fp16.
+# over d itself: ggml's d stretched by up to +-1/8 in steps of 1/64 (all 17 stretches for Q4_1/Q5_1; for
+# Q4_0/Q5_0 coarse to fine, 9 per sign, both signs), each candidate followed by a weighted least-squares
+# refit of d (and m) for its levels, rounded to fp16.
 # ---------------------------------------------------------------------------------------------------
 _QK = 32
 _STEPS = 8
@@ -409,12 +410,24 @@ def _optimize_row_legacy(x, w, y, nbytes, od, om, oqh, oqs, qlo, qhi):
         best_m = m0
         best = _legacy_err(x, xo, w, d0, m0, qlo, qhi, L)
         for sign in range(1 if affine else 2):
-            for k in range(-_STEPS, _STEPS + 1):
+            # coarse to fine: stretches -8, -4, 0, 4, 8 (/64), then +-1, +-2 around this sign's best
+            k_sign = 0
+            e_sign = np.inf
+            for c in range(2 * _STEPS + 1 if affine else 9):  # one sign only: all 17 stretches
+                if affine:
+                    k = c - _STEPS
+                else:
+                    k = c * 4 - _STEPS if c < 5 else k_sign + (c - 7 if c < 7 else c - 6)
+                if abs(k) > _STEPS:
+                    continue
                 dc = _F32(d0 * _F32(1.0 + k / 64.0))
                 if sign:
                     dc = -dc
                 nd, nm = _legacy_fit(x, xo, w, qlo, qhi, affine, dc, m0)
                 e = _legacy_err(x, xo, w, nd, nm, qlo, qhi, Lt)
+                if c < 5 and e < e_sign:
+                    e_sign = e
+                    k_sign = k
                 if e < best:
                     best = e
                     best_d = nd
