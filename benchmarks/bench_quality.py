@@ -20,14 +20,14 @@ per-chunk KLD difference (paired, so noise shared by both files cancels), file s
 Measured (``--chunks 12 --calib-chunks 32``, 2 threads, shared 2-core machine; mean ± standard error over
 the 12 chunks; sizes equal by construction):
 
-    mix     KLD llama          KLD optimized      paired change      ppl llama -> opt   wall time
-    Q2_K    0.3565 ± 0.0145    0.3090 ± 0.0130    -13.3% ± 1.2%      25.98 -> 24.84     ~8x
-    Q3_K_M  0.0862 ± 0.0029    0.0686 ± 0.0024    -20.4% ± 1.5%      24.57 -> 24.04     ~8x
-    Q4_K_M  0.0363 ± 0.0017    0.0318 ± 0.0013    -12.3% ± 4.5%      23.19 -> 22.95     ~9x
+    mix     KLD llama          KLD optimized      paired change      ppl llama -> opt   quantize time
+    Q2_K    0.3565 ± 0.0145    0.3088 ± 0.0133    -13.4% ± 1.3%      25.98 -> 24.91     1.5 s -> 13.7 s
+    Q3_K_M  0.0862 ± 0.0029    0.0699 ± 0.0023    -19.0% ± 1.8%      24.57 -> 24.05     2.4 s -> 17.3 s
+    Q4_K_M  0.0363 ± 0.0017    0.0315 ± 0.0014    -13.0% ± 4.2%      23.19 -> 22.96     2.0 s -> 14.0 s
 
 SmolLM2-135M's rows are 576 wide (not a multiple of 256): most of its tensors fall back to Q4_0/Q5_0/Q5_1
 (and Q8_0 for Q6_K's), so these numbers mostly measure the legacy refiners.  The default takes ~2 s here,
-dominated by Q4_0's very cheap quantizer, which the ~15 s of legacy scale search dwarfs; on k-quant tensors
+dominated by the very cheap Q4_0/Q5_0 quantizers, which the legacy scale search dwarfs (7-9x in all); on k-quant tensors
 the codec-level ratio is 2.2-3.6x.
 """
 from __future__ import annotations
