@@ -27,8 +27,8 @@ the 12 chunks; sizes equal by construction):
 
 SmolLM2-135M's rows are 576 wide (not a multiple of 256): most of its tensors fall back to Q4_0/Q5_0/Q5_1
 (and Q8_0 for Q6_K's), so these numbers mostly measure the legacy refiners.  The default takes ~2 s here,
-dominated by the very cheap Q4_0/Q5_0 quantizers, which the legacy scale search dwarfs (7-9x in all); on k-quant tensors
-the codec-level ratio is 2.2-3.6x.
+dominated by the very cheap Q4_0/Q5_0 quantizers, which the legacy scale search dwarfs (7-9x in all); on
+k-quant tensors the codec-level ratio is 2.2-3.6x.
 """
 from __future__ import annotations
 
