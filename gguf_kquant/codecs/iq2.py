@@ -48,13 +48,12 @@ import numpy as np
 from numba import njit
 
 from ..errors import QuantizeError
-from ..types import TYPES, GGMLType, register_kernel
+from ..types import QK_K, TYPES, GGMLType, register_kernel
 from .chunks import run_chunks
 from . import grids
 from .helpers import GROUP_MAX_EPS, load_fp16, make_qp_quants, nearest_int, store_fp16
 from .iq_grids import iq2_grid_tables
 
-QK_K = 256
 _F = np.float32
 
 GROUP_MAX_EPS_IQ2_S = np.float32(1e-8)  # ggml-quants.c: GROUP_MAX_EPS_IQ2_S
@@ -323,7 +322,6 @@ def _quantize_iq2_xxs(x, qw, out, tables, ok):
 
 @njit(cache=True, nogil=True)
 def _quantize_iq2_xxs_rows(x, qw, out, tables, ok, r0, r1):
-    n_rows = x.shape[0]
     nb = x.shape[1] // QK_K
     for r in range(r0, r1):
         scales = np.empty(8, np.float32)

@@ -57,11 +57,10 @@ import numpy as np
 from numba import njit
 
 from . import grids
-from ..types import register_kernel, type_info
+from ..types import QK_K, register_kernel, type_info
 from .chunks import run_chunks
-from .helpers import fp16_bits_to_fp32, fp32_to_fp16_bits, nearest_int
+from .helpers import load_fp16, nearest_int, store_fp16
 
-QK_K = 256
 KMAP_SIZE = 4096  # 4 coordinates of 3 bits
 MAX_NEIGHBOURS = 64  # longest neighbour record the kernels' scratch holds (ggml's tables: 36 and 38)
 _F32 = np.float32
@@ -345,18 +344,6 @@ def _sigma2(x, x0):
     return _F32(_F32(_F32(2.0) * sumx2) / _F32(QK_K))
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _put_fp16(out, pos, f):
-    h = fp32_to_fp16_bits(f)
-    out[pos] = np.uint8(h & np.uint16(0xFF))
-    out[pos + 1] = np.uint8(h >> np.uint16(8))
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _get_fp16(raw, pos):
-    return fp16_bits_to_fp32(np.uint16(raw[pos]) | (np.uint16(raw[pos + 1]) << np.uint16(8)))
-
-
 # ---------------------------------------------------------------------------------------------------
 # IQ3_XXS
 # ---------------------------------------------------------------------------------------------------
@@ -440,13 +427,13 @@ def quantize_row_iq3_xxs_impl(x, qw, have_qw, y, tables):
                                 | (block_signs[3] << 21))
             scales[ib] = scale
             max_scale = max_scale if max_scale > scale else scale
-        _put_fp16(y, y0, _F32(0.0))
+        store_fp16(y, y0, _F32(0.0))
         if not max_scale:
             for i in range(bs - 2):
                 y[y0 + XXS_QS + i] = 0
             continue
         d = _F32(max_scale / _F32(31.0))
-        _put_fp16(y, y0, _F32(d * _F32(1.0125)))
+        store_fp16(y, y0, _F32(d * _F32(1.0125)))
         id_ = _F32(_F32(1.0) / d)
         for ib in range(8):
             l = nearest_int(_F32(0.5) * _F32(_F32(id_ * scales[ib]) - _F32(1.0)))
@@ -491,7 +478,7 @@ def dequantize_row_iq3_xxs(raw, y, grid8, ksigns, kmask):
     """Port of ``dequantize_row_iq3_xxs`` for one row: ``grid8`` is iq3xxs_grid viewed as bytes."""
     for i in range(y.shape[0] // QK_K):
         r0 = _XXS_BYTES * i
-        d = _get_fp16(raw, r0)
+        d = load_fp16(raw, r0)
         qs = r0 + XXS_QS
         sas = qs + QK_K // 4
         y0 = QK_K * i
@@ -602,7 +589,7 @@ def quantize_row_iq3_s_impl(x, qw, have_qw, y, tables):
         if not max_scale:
             continue
         d = _F32(max_scale / _F32(31.0))
-        _put_fp16(y, y0, _F32(d * _F32(1.033)))
+        store_fp16(y, y0, _F32(d * _F32(1.033)))
         id_ = _F32(_F32(1.0) / d)
         for ib in range(0, 8, 2):
             l1 = nearest_int(_F32(0.5) * _F32(_F32(id_ * scales[ib]) - _F32(1.0)))
@@ -644,7 +631,7 @@ def dequantize_row_iq3_s(raw, y, grid8, kmask):
     """Port of ``dequantize_row_iq3_s`` for one row: ``grid8`` is iq3s_grid viewed as bytes."""
     for i in range(y.shape[0] // QK_K):
         r0 = _S_BYTES * i
-        d = _get_fp16(raw, r0)
+        d = load_fp16(raw, r0)
         y0 = QK_K * i
         for ib32 in range(8):
             sc = raw[r0 + S_SCALES + ib32 // 2]
