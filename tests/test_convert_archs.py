@@ -25,7 +25,7 @@ PRE = {"mixtral": "llama-bpe", "qwen2moe": "qwen2", "qwen3moe": "qwen2", "phi3":
 ARCHS = list(PRE)
 SPM = ("phi3", "gemma2")  # checkpoints with a SentencePiece tokenizer.model (the others: byte-level BPE)
 VOCAB_ONLY = ("mixtral", "gemma2", "phi3-longrope")  # GPT-2 BPE, SentencePiece, a key set with the tensors
-OUTTYPES = ("F16", "Q8_0")
+OUTTYPES = ("F32", "F16", "BF16", "Q8_0")
 
 
 def vendor_convert_jobs(jobs) -> None:
