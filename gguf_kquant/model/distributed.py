@@ -1,0 +1,411 @@
+"""Whole-model quantization on a Dask cluster: ``quantize_model(src, dst, mix, client=...)``.
+
+>>> from distributed import Client                                                  # doctest: +SKIP
+>>> gguf_kquant.quantize_model("/shared/m-f16.gguf", "/shared/m-q4.gguf", "Q4_K_M",
+...                            client=Client("tcp://scheduler:8786"))               # doctest: +SKIP
+
+``client`` is a ``distributed.Client`` or a scheduler address (``--dask ADDRESS`` on the CLI).  The output
+is byte-identical to a local run (and so to llama-quantize's), one file or split shards alike:
+
+1. The client does everything a local run does before the first byte: mix, imatrix, plan
+   (:mod:`~gguf_kquant.model.planner`), llama-quantize's refusals, the output metadata, the writer's plan of
+   every output file (header, each tensor's offset, file size) and the output path checks
+   (:mod:`gguf_kquant.safeio`).
+2. It creates the temp files next to the targets (:class:`~gguf_kquant.safeio.AtomicFiles`), sizes each to
+   its planned length (zeros: the padding) and writes each header.
+3. Before any work every worker answers one probe (:func:`check_workers`): the same versions of
+   gguf_kquant (and of its source files), numpy, numba and Python as the client; every source shard visible
+   at the client's path with the same size and first bytes; every temp file visible and writable.  The first
+   problem is one line (:class:`ClusterError`) and nothing is left behind.
+4. Each tensor is a task, and a tensor of more than the task size (:data:`TASK_BYTES`, smaller when the model
+   is small for the cluster) is split into row ranges.  A worker ``pread``s its rows from the shared source,
+   converts them with a local run's own converter (``_Converter.stream``: quantization is row-wise, so the
+   bytes do not depend on where ranges are cut), ``pwrite``s them at the planned offset and fsyncs.  A
+   retried task (Dask reruns the tasks of a worker that died) writes the same bytes at the same place again.
+5. Progress comes back as tasks finish (one line per tensor, or the live bar).  The first task that fails for
+   good (bad data: a NaN weight) cancels the rest and raises its own typed error; the temps are removed.
+   When every task succeeded the client writes the report, and renames all temps into place together.
+
+Workers need the source, the destination folder and the same package versions; nothing else is copied to
+them but each task's imatrix values.  ``threads`` is the codec threads per task (default 1: the Dask
+worker threads are the parallelism).  ``report=`` works (tensors are then not split, so that each task
+measures a whole tensor).  Several outputs in one pass (``dst`` a mapping) do not run on a cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+import numpy as np
+
+from ..errors import GGUFError, GGUFIOError, QuantizeError, WriteError
+from ..types import TYPES
+from .planner import PlanRow
+
+__all__ = ["quantize_on_cluster", "connect", "check_workers", "ClusterError", "TASK_BYTES"]
+
+TASK_BYTES = 64 * 2**20  # source bytes of one task at most: larger tensors are split into row ranges
+MIN_TASK_BYTES = 4 * 2**20  # ... but no smaller than this when a small model is spread over many workers
+CONNECT_TIMEOUT = 10.0  # seconds to reach the scheduler and to see a first worker
+_HEAD_BYTES = 1 << 16  # a source shard is "the same file" on a worker if its size and first bytes agree
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+class ClusterError(GGUFError):
+    """The Dask cluster cannot run the job: scheduler unreachable, no workers, a worker with other package
+    versions or without the source or destination, a worker that kept dying."""
+
+
+# ------------------------------------------------------------------------------------------------------
+# Connecting and checking the workers
+# ------------------------------------------------------------------------------------------------------
+def connect(client, timeout: Optional[float] = None) -> tuple:
+    """``(distributed.Client, owned)`` for a client or a scheduler address (``owned``: made here, to be closed
+    by the caller); a scheduler that cannot be reached within ``timeout`` seconds (default
+    :data:`CONNECT_TIMEOUT`), or has no worker, is a :class:`ClusterError`."""
+    timeout = CONNECT_TIMEOUT if timeout is None else timeout
+    try:
+        import distributed
+    except ImportError:
+        raise ClusterError("client=/--dask needs Dask: pip install 'dask[distributed]'") from None
+    owned = not isinstance(client, distributed.Client)
+    if owned:
+        address = os.fspath(client) if isinstance(client, (str, os.PathLike)) else client
+        try:
+            client = distributed.Client(address, timeout=timeout, set_as_default=False)
+        except (OSError, TimeoutError, ValueError) as exc:
+            why = " ".join(str(exc).split()) or type(exc).__name__
+            raise ClusterError(f"cannot reach the Dask scheduler at {address}: {why}") from None
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except (OSError, TimeoutError) as exc:
+        if owned:
+            client.close()
+        raise ClusterError(f"the Dask scheduler at {client.scheduler.address} has no workers "
+                           f"(waited {timeout:g} s)") from None
+    return client, owned
+
+
+def _source_digest() -> str:
+    """SHA-256 of the package's Python sources: equal version strings can hide different code."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def environment() -> dict:
+    """What must agree between the client and every worker for the bytes to agree."""
+    import numba
+
+    import gguf_kquant
+
+    return {"gguf_kquant": gguf_kquant.__version__, "gguf_kquant sources": _source_digest(),
+            "numpy": np.__version__, "numba": numba.__version__, "python": platform.python_version()}
+
+
+def _file_mark(path: str) -> tuple:
+    """(size, digest of the first bytes) of a file, raising OSError if it cannot be read."""
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, _HEAD_BYTES, 0)
+    finally:
+        os.close(fd)
+    return size, hashlib.sha256(head).hexdigest()
+
+
+def _probe(sources: list, temps: list) -> dict:
+    """Runs on every worker: its environment and the first file problem it sees (None if none)."""
+    env, problem = environment(), None
+    for path, mark in sources:
+        try:
+            if _file_mark(path) != tuple(mark):
+                problem = f"sees another file at the source path {path} (size or first bytes differ)"
+        except OSError as exc:
+            problem = f"cannot read the source file {path} ([Errno {exc.errno}] {exc.strerror})"
+        if problem:
+            return {"env": env, "problem": problem}
+    for path, size in temps:
+        try:
+            fd = os.open(path, os.O_WRONLY | _O_CLOEXEC)  # never O_CREAT: a temp the client removed stays gone
+            try:
+                seen = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if seen != size:
+                problem = f"sees another file at the output temp file {path} ({seen} bytes, not {size})"
+        except OSError as exc:
+            problem = (f"cannot write the output's temp file {path} in the destination folder "
+                       f"([Errno {exc.errno}] {exc.strerror})")
+        if problem:
+            break
+    return {"env": env, "problem": problem}
+
+
+def check_workers(client, sources=(), temps=()) -> int:
+    """Ask every worker (:func:`_probe`) before any work; the first mismatch or unreadable file is one line,
+    a :class:`ClusterError`.  ``sources``: paths the workers read, ``temps``: ``[(path, size)]`` they write.
+    Returns the number of workers."""
+    sources = [(os.fspath(p), _file_mark(os.fspath(p))) for p in sources]
+    temps = [(os.fspath(p), int(n)) for p, n in temps]
+    try:
+        answers = client.run(_probe, sources, temps)
+    except Exception as exc:  # e.g. a worker without gguf_kquant cannot even unpickle the probe
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        raise ClusterError(f"a Dask worker cannot run gguf_kquant's check: {type(exc).__name__}: {why}") from None
+    if not answers:
+        raise ClusterError("the Dask cluster has no workers")
+    mine = environment()
+    for worker, answer in sorted(answers.items()):
+        theirs = answer["env"]
+        for key, value in mine.items():
+            if theirs.get(key) != value:
+                raise ClusterError(f"Dask worker {worker} has {key} {theirs.get(key)}, this client {value}: every "
+                                   f"worker needs the client's versions of {', '.join(mine)}")
+        if answer["problem"]:
+            raise ClusterError(f"Dask worker {worker} {answer['problem']}")
+    return len(answers)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Tasks (run on the workers)
+# ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Source:
+    """The fields of a reader's TensorInfo that the converter reads (a TensorInfo holds an open file)."""
+
+    name: str
+    path: str
+    offset: int
+
+
+@dataclass(frozen=True)
+class _Task:
+    """Rows ``rows`` (None: all) of one tensor, to be written at ``offset`` of the temp file ``out``."""
+
+    row: PlanRow
+    source: _Source
+    rows: Optional[tuple]
+    out: str
+    offset: int
+    nbytes: int
+    imatrix: Optional[np.ndarray]  # this tensor's values (every expert), None: none
+    method: str
+    has_imatrix: bool  # the job has one (method "optimized" refuses to run without)
+    threads: int
+    stats: bool
+
+
+def _pwrite(fd: int, chunk, pos: int, path: str) -> int:
+    """Write all of ``chunk`` at ``pos``; returns the position after it."""
+    view = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
+    done = 0
+    while done < view.nbytes:
+        try:
+            done += os.pwrite(fd, view[done:], pos + done)
+        except OSError as exc:
+            raise GGUFIOError.wrap(path, exc, "writing failed") from None
+    return pos + done
+
+
+def run_task(task: _Task) -> tuple:
+    """Convert and write one task's rows; returns ``(tensor name, seconds, stats or None)``."""
+    from ..codecs.optimized import quantizer
+    from .imatrix import Imatrix
+    from .progress import Progress
+    from .quantize import _Converter
+
+    start = time.perf_counter()
+    im = None if task.imatrix is None else Imatrix({task.row.name: task.imatrix})
+    stats = [] if task.stats else None
+    conv = _Converter({task.row.name: task.source}, im, task.threads, Progress(1, quiet=True), stats,
+                      quantizer(task.method, task.has_imatrix))
+    try:
+        fd = os.open(task.out, os.O_WRONLY | _O_CLOEXEC)  # never O_CREAT: a removed temp stays removed
+    except OSError as exc:
+        raise GGUFIOError.wrap(task.out, exc, "cannot open the output's temp file") from None
+    try:
+        pos = task.offset
+        for chunk in conv.stream(task.row, task.rows):
+            pos = _pwrite(fd, chunk, pos, task.out)
+            if pos > task.offset + task.nbytes:
+                break
+        if pos != task.offset + task.nbytes:
+            raise WriteError(f"tensor {task.row.name}: {pos - task.offset} bytes for rows {task.rows}, "
+                             f"planned {task.nbytes}")
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise GGUFIOError.wrap(task.out, exc, "fsync failed") from None
+    finally:
+        os.close(fd)
+    return task.row.name, time.perf_counter() - start, stats[0] if stats else None
+
+
+def _split(row: PlanRow, task_bytes: int) -> list:
+    """Row ranges of one tensor: ``[None]`` (whole) or ``[(begin, end), ...]`` of at most ``task_bytes``
+    source bytes each (ranges may cross experts: the converter cuts its slabs at expert boundaries)."""
+    n_per_row = row.shape[-1]
+    if row.src_nbytes <= task_bytes or not n_per_row:
+        return [None]
+    n_rows = row.n_elements // n_per_row
+    step = max(1, task_bytes // TYPES[row.src_type].row_bytes(n_per_row))
+    return [(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
+
+
+def _tasks(plan, shards, temps, by_name, im, *, method: str, threads: int, stats: bool, task_bytes: int) -> list:
+    """Every task of the job, largest first (Dask runs earlier submissions first: the long ones start early)."""
+    from .quantize import _imatrix_for
+
+    where = {t.name: (temps[k], sp.data_offset + sp.offsets[i])
+             for k, sp in enumerate(shards) for i, t in enumerate(sp.tensors)}
+    tasks = []
+    for row in plan.rows:
+        t = by_name[row.name]
+        out, offset = where[row.name]
+        source = _Source(t.name, os.path.abspath(t.path), int(t.offset))
+        w = _imatrix_for(row, im) if row.convert else None
+        dst_row = TYPES[row.dst_type].row_bytes(row.shape[-1]) if row.shape[-1] else 0
+        for rows in ([None] if stats else _split(row, task_bytes)):
+            begin, end = rows or (0, row.n_elements // row.shape[-1] if row.shape[-1] else 0)
+            tasks.append(_Task(row, source, rows, os.fspath(out), offset + begin * dst_row, (end - begin) * dst_row,
+                               w, method, im is not None, threads, stats))
+    tasks.sort(key=lambda task: -task.nbytes)
+    return tasks
+
+
+# ------------------------------------------------------------------------------------------------------
+# The client side
+# ------------------------------------------------------------------------------------------------------
+def quantize_on_cluster(client, src, dst, ftype=None, *, imatrix=None, include_weights=(), exclude_weights=(),
+                        output_tensor_type=None, token_embedding_type=None, tensor_types=(), pure=False,
+                        leave_output_tensor=False, allow_requantize=False, override_kv=(), keep_split=False,
+                        split_max_size=None, split_max_tensors=None, threads=None, report=None,
+                        overwrite=False, quiet=True, stream=None, method="llama"):
+    """:func:`~gguf_kquant.model.quantize.quantize_model` with ``client=`` (see the module docstring): the
+    same options and result, the work done by the cluster's workers."""
+    from ..codecs import check_threads
+    from ..codecs.optimized import quantizer
+    from ..container.reader import open_gguf
+    from .multi import _shard_plans
+    from .planner import parse_mix
+    from .progress import Progress
+    from .quantize import (QuantizeResult, _check_plan, _input_paths, _output_metadata, _overrides, _plan,
+                           _prepare_imatrix, _source_model, _split_limits)
+
+    t0 = time.perf_counter()
+    if isinstance(dst, Mapping):
+        raise QuantizeError("several outputs in one pass do not run on a Dask cluster; give one dst and mix")
+    if ftype is None:
+        raise QuantizeError("no quantization mix given (ftype)")
+    mix, _file_type, _default = parse_mix(ftype)
+    threads = check_threads(threads) or 1
+    max_bytes = _split_limits(keep_split, split_max_size, split_max_tensors)
+    im = _prepare_imatrix(imatrix, tuple(include_weights or ()), tuple(exclude_weights or ()))
+    quantizer(method, im is not None)  # an unknown method, or "optimized" without an imatrix: refused here
+    overrides = _overrides(override_kv, im)
+    client, owned = connect(client)
+    try:
+        with open_gguf(src) as f:
+            model = _source_model(f, overrides)
+            plan = _plan(f, model, mix, im, pure=pure, leave_output_tensor=leave_output_tensor,
+                         output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
+                         tensor_types=tensor_types, keep_order=keep_split)
+            by_name = {t.name: t for t in f.tensors}
+            progress = Progress(len(plan.rows), quiet=quiet, stream=stream, total_bytes=plan.src_nbytes)
+            for w in plan.warnings:
+                progress.say(w)
+            _check_plan(plan, im, by_name, allow_requantize, False)
+            result = QuantizeResult(plan=plan, paths=[], src_nbytes=plan.src_nbytes, dst_nbytes=plan.dst_nbytes,
+                                    n_elements=plan.n_elements)
+            metadata, alignment = _output_metadata(f, plan.file_type, overrides)
+            shards = _shard_plans(f, dst, plan, metadata, alignment, keep_split, max_bytes, split_max_tensors)
+            sources = [os.path.abspath(p) for p in f.shards]
+            inputs = _input_paths(f, imatrix)
+        targets = [sp.path for sp in shards] + ([Path(report)] if report is not None else [])
+        from ..safeio import AtomicFiles, check_outputs
+
+        check_outputs(targets, inputs, overwrite=overwrite, error=QuantizeError)
+        with AtomicFiles(targets) as out:
+            temps = [os.path.abspath(p) for p in out.temps[:len(shards)]]
+            for sp, tmp in zip(shards, temps):
+                _preallocate(tmp, sp)
+            n_workers = check_workers(client, sources, [(tmp, sp.file_size) for sp, tmp in zip(shards, temps)])
+            slots = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()) or n_workers
+            task_bytes = min(TASK_BYTES, max(MIN_TASK_BYTES, plan.src_nbytes // (4 * slots)))
+            tasks = _tasks(plan, shards, temps, by_name, im, method=method, threads=threads,
+                           stats=report is not None, task_bytes=task_bytes)
+            stats = _run(client, tasks, plan, im, progress)
+            for sp, tmp in zip(shards, temps):
+                if os.stat(tmp).st_size != sp.file_size:
+                    raise WriteError(f"{sp.path}: file size {os.stat(tmp).st_size}, planned {sp.file_size}")
+            if report is not None:
+                from .report import render_report
+
+                result.report = [stats[r.name] for r in plan.rows if r.name in stats]
+                out.write_bytes(len(shards), render_report(result.report, plan, result))
+            result.paths = out.commit()[:len(shards)]
+    finally:
+        if owned:
+            client.close()
+    result.seconds = time.perf_counter() - t0
+    progress.summary(plan.src_nbytes, plan.dst_nbytes, plan.n_elements, plan.n_fallback)
+    return result
+
+
+def _preallocate(tmp: str, sp) -> None:
+    """The temp file at its planned size (zeros: the tensors' padding) with the header in place."""
+    fd = os.open(tmp, os.O_WRONLY | _O_CLOEXEC)
+    try:
+        os.ftruncate(fd, sp.file_size)
+        view, done = memoryview(sp.header), 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], done)
+    except OSError as exc:
+        raise GGUFIOError.wrap(sp.path, exc, "cannot prepare the temp file") from None
+    finally:
+        os.close(fd)
+
+
+def _run(client, tasks: list, plan, im, progress) -> dict:
+    """Submit every task, report each tensor when its last part is done; the first failure cancels the rest
+    and is raised.  Returns ``{tensor name: report stats}``."""
+    import distributed
+
+    parts = {}
+    for task in tasks:
+        parts[task.row.name] = parts.get(task.row.name, 0) + 1
+    rows = {r.name: r for r in plan.rows}
+    seconds, stats = dict.fromkeys(parts, 0.0), {}
+    futures = [client.submit(run_task, task, pure=False, key=f"gguf-kquant-{task.row.name}-{i}-{os.urandom(4).hex()}")
+               for i, task in enumerate(tasks)]
+    try:
+        for fut in distributed.as_completed(futures):
+            try:
+                name, secs, st = fut.result()
+            except distributed.KilledWorker as exc:
+                raise ClusterError(f"Dask workers kept dying while running a task ({exc}); nothing was written") \
+                    from None
+            seconds[name] += secs
+            if st is not None:
+                stats[name] = st
+            parts[name] -= 1
+            if parts[name] == 0:
+                r = rows[name]
+                if r.convert and im is not None and name not in im.entries:
+                    progress.say(f"====== did not find weights for {name}")
+                progress.tensor(name, r.shape[::-1], r.src_type.name, r.dst_type.name, r.src_nbytes, r.dst_nbytes,
+                                seconds[name])
+    except BaseException:
+        client.cancel(futures)
+        raise
+    return stats
