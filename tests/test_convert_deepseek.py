@@ -1,0 +1,148 @@
+"""DeepSeek-V2 / V3 (llama.cpp ``deepseek2``): our conversion equals convert_hf_to_gguf.py's on tiny random
+checkpoints (metadata, tensors, bytes and order, at F32/F16/BF16/Q8_0), Q4_K_M equals F16 then llama-quantize,
+and llama.cpp computes what transformers computes from our F16 file.
+
+Two tiny models (one dense layer, then routed + shared experts): V2-Lite style (``q_proj``, softmax
+routing) and V3 style (``q_a_proj``/``q_b_proj``, sigmoid routing with ``e_score_correction_bias`` and
+expert groups, YaRN RoPE scaling as the real checkpoints have); a third with rows of 256 for the k-quant mix.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import gguf_kquant
+from gguf_kquant.errors import ConversionError
+from oracle import lib_dir
+from test_convert_archs import vendor_convert_jobs
+from test_convert_helpers import (LLAMA3_RE, assert_same_gguf, gguf_logits, hf_logits, hf_tokenizer, train_bpe)
+
+PRE = "llama-bpe"  # tokenizer.ggml.pre given to convert_hf_to_gguf.py (its hash table does not know ours)
+OUTTYPES = ("F32", "F16", "BF16", "Q8_0")
+MODELS = ("v2", "v3")
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def make_deepseek(kind: str, out_dir, *, hidden_size: int = 64, seed: int = 0):
+    """A tiny random DeepSeek checkpoint: layer 0 dense, the next four routed experts (two per token) and a
+    shared one; dims multiples of 32 so that Q8_0 applies to the split kv_b_proj too."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>"]
+    train_bpe(out_dir, regex=LLAMA3_RE, specials=specials, bos=specials[0], eos=specials[1])
+    n_vocab = max(len(json.loads((out_dir / "tokenizer.json").read_text())["model"]["vocab"]), 300)
+    big = hidden_size >= 256
+    common = dict(vocab_size=n_vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                  moe_intermediate_size=hidden_size if big else 32, num_hidden_layers=2,
+                  num_attention_heads=2 if big else 4, num_key_value_heads=2 if big else 4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                  first_k_dense_replace=1, kv_lora_rank=256 if big else 32, qk_rope_head_dim=64 if big else 16,
+                  qk_nope_head_dim=128 if big else 32, v_head_dim=128 if big else 32, max_position_embeddings=256,
+                  bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    if kind == "v2":  # V2-Lite: no query compression, softmax routing, no groups; llama.cpp recognizes a model
+        # without q_lora_rank by its layer count alone (26 or 27 layers), so this one has 26
+        cfg = tf.DeepseekV2Config(q_lora_rank=None, norm_topk_prob=False, routed_scaling_factor=1.0,
+                                  **{**common, "num_hidden_layers": 26})
+        model = tf.DeepseekV2ForCausalLM(cfg)
+    else:
+        cfg = tf.DeepseekV3Config(q_lora_rank=256 if big else 32, n_group=2, topk_group=1, norm_topk_prob=True,
+                                  routed_scaling_factor=2.5, rope_parameters=dict(YARN), **common)
+        model = tf.DeepseekV3ForCausalLM(cfg)
+    with torch.no_grad():  # random norms and routing biases, so that a lost one shows in the logits
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1) if "norm" in name else p.copy_(torch.randn_like(p) * 0.1)
+    model.eval()
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    path = out_dir / "config.json"
+    c = json.loads(path.read_text())
+    c["scoring_func"] = "softmax" if kind == "v2" else "sigmoid"  # as the real checkpoints' config.json say
+    path.write_text(json.dumps(c, indent=2))
+    return model
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The checkpoints, their transformers models, and convert_hf_to_gguf.py's files of them."""
+    lib_dir()  # the oracle must be installed: fail, never skip
+    root = tmp_path_factory.mktemp("deepseek")
+    models = {k: make_deepseek(k, root / k, seed=50 + i) for i, k in enumerate(MODELS)}
+    make_deepseek("v3", root / "v3-256", hidden_size=256, seed=60)
+    jobs = [(root / k, root / f"{k}.{t}.theirs.gguf", t.lower(), PRE) for k in MODELS for t in OUTTYPES]
+    vendor_convert_jobs(jobs)
+    return root, models
+
+
+@pytest.mark.parametrize("ftype", OUTTYPES)
+@pytest.mark.parametrize("kind", MODELS)
+def test_matches_convert_hf_to_gguf(built, kind, ftype):
+    root, _ = built
+    ours = root / f"{kind}.{ftype}.ours.gguf"
+    gguf_kquant.convert_hf(root / kind, ours, ftype, overwrite=True)
+    meta = assert_same_gguf(ours, root / f"{kind}.{ftype}.theirs.gguf")
+    assert meta["general.architecture"][2] == "deepseek2"
+    assert meta["deepseek2.attention.head_count_kv"][2] == 1  # MLA written as MQA
+    with gguf_kquant.open(ours) as f:
+        names = {t.name: tuple(t.shape) for t in f.tensors}
+    assert names["blk.0.attn_k_b.weight"] == (4, 32, 32) and "blk.0.attn_kv_b.weight" not in names
+    assert "blk.0.ffn_up.weight" in names and names["blk.1.ffn_up_exps.weight"] == (4, 32, 64)
+    if kind == "v3":
+        assert meta["deepseek2.expert_gating_func"][2] == 2 and meta["deepseek2.expert_group_count"][2] == 2
+        assert meta["deepseek2.rope.scaling.type"][2] == "yarn" and "blk.1.exp_probs_b.bias" in names
+        assert "blk.0.attn_q_a.weight" in names
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_logits_match_transformers(built, kind):
+    root, models = built
+    out = root / f"{kind}.F16.logits.gguf"
+    gguf_kquant.convert_hf(root / kind, out, "F16", overwrite=True)
+    ids = hf_tokenizer(root / kind).encode("Hello world, 12345 Ünïcödé 🦙 and more text, long enough").ids[:24]
+    assert len(ids) == 24
+    ours = gguf_logits(out, ids)
+    ref = hf_logits(models[kind], ids, f16_weights=True)
+    cos = np.sum(ours * ref, -1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert (ours.argmax(-1) == ref.argmax(-1)).all(), f"{kind}: top-1 differs"
+    assert cos.min() >= 0.999, f"{kind}: cosine {cos.min():.5f}"
+
+
+def test_mix_equals_convert_then_llama_quantize(built, tmp_path):
+    """Q4_K_M in one pass == our F16 (the script's, above) then llama-quantize, byte for byte; rows of 256 so
+    that the k-quants meet the stacked experts and the MLA projections."""
+    import ctypes
+
+    import llama_cpp
+
+    root, _ = built
+    d = root / "v3-256"
+    f16, ref, ours = tmp_path / "f16.gguf", tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    gguf_kquant.convert_hf(d, f16, "F16")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = 15, 1  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(ref).encode(), ctypes.byref(params)) == 0
+    gguf_kquant.convert_hf(d, ours, "Q4_K_M")
+    assert_same_gguf(ours, ref)
+    with gguf_kquant.open(ours) as f:
+        types = {t.name: t.ggml_type.name for t in f.tensors}
+    assert types["blk.1.ffn_gate_exps.weight"] == "Q4_K" and types["blk.0.attn_q_b.weight"] == "Q4_K"
+
+
+def test_kv_b_proj_disagreeing_with_config_is_refused(built, tmp_path):
+    """Two KV heads in the config, which kv_b_proj's rows (four heads) disagree with: ConversionError naming
+    the tensor, nothing written."""
+    import shutil
+
+    root, _ = built
+    d = tmp_path / "bad"
+    shutil.copytree(root / "v2", d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_key_value_heads"] = 2
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match="kv_b_proj"):
+        gguf_kquant.convert_hf(d, tmp_path / "bad.gguf", "F16")
+    assert not (tmp_path / "bad.gguf").exists()
