@@ -40,7 +40,8 @@ def make_deepseek(kind: str, out_dir, *, hidden_size: int = 64, seed: int = 0):
     big = hidden_size >= 256
     common = dict(vocab_size=n_vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                   moe_intermediate_size=hidden_size if big else 32, num_hidden_layers=2,
-                  num_attention_heads=2 if big else 4, num_key_value_heads=2 if big else 4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                  num_attention_heads=2 if big else 4, num_key_value_heads=2 if big else 4, n_routed_experts=4,
+                  num_experts_per_tok=2, n_shared_experts=1,
                   first_k_dense_replace=1, kv_lora_rank=256 if big else 32, qk_rope_head_dim=64 if big else 16,
                   qk_nope_head_dim=128 if big else 32, v_head_dim=128 if big else 32, max_position_embeddings=256,
                   bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
@@ -73,9 +74,47 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("deepseek")
     models = {k: make_deepseek(k, root / k, seed=50 + i) for i, k in enumerate(MODELS)}
     make_deepseek("v3", root / "v3-256", hidden_size=256, seed=60)
+    _as_released_v3(root / "v3", root / "v3-released")
     jobs = [(root / k, root / f"{k}.{t}.theirs.gguf", t.lower(), PRE) for k in MODELS for t in OUTTYPES]
+    jobs.append((root / "v3-released", root / "v3-released.F16.theirs.gguf", "f16", PRE))
     vendor_convert_jobs(jobs)
     return root, models
+
+
+def _as_released_v3(src, d):
+    """The V3 checkpoint as deepseek-ai's repository has it: config.json in the pre-transformers-5 form
+    (``rope_scaling`` with ``type``, top-level ``rope_theta``, no ``head_dim``) with keys left to the config
+    class's defaults, and a multi-token-prediction layer past ``num_hidden_layers``."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = {"type": rope.pop("rope_type"), **rope}
+    for key in ("head_dim", "routed_scaling_factor", "norm_topk_prob", "first_k_dense_replace", "n_group"):
+        del cfg[key]
+    cfg["num_nextn_predict_layers"] = 1
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    t = load_file(d / "model.safetensors")
+    n_embd = t["model.norm.weight"].shape[0]
+    mtp = {k.replace("layers.1.", "layers.2."): v for k, v in t.items() if k.startswith("model.layers.1.")}
+    mtp.update({"model.layers.2.enorm.weight": t["model.norm.weight"], "model.layers.2.hnorm.weight":
+                t["model.norm.weight"], "model.layers.2.eh_proj.weight": np.zeros((n_embd, 2 * n_embd), np.float32)})
+    save_file({**t, **mtp}, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_released_config_form_matches(built):
+    """Absent keys take transformers' DeepseekV3Config defaults (as the script reads the config through
+    AutoConfig), legacy YaRN parameters are read, and the MTP layer is left out, as the script does."""
+    root, _ = built
+    ours = root / "v3-released.F16.ours.gguf"
+    gguf_kquant.convert_hf(root / "v3-released", ours, "F16")
+    meta = assert_same_gguf(ours, root / "v3-released.F16.theirs.gguf")
+    assert meta["deepseek2.expert_group_count"][2] == 8 and meta["deepseek2.leading_dense_block_count"][2] == 3
+    assert meta["deepseek2.block_count"][2] == 2 and meta["deepseek2.rope.scaling.yarn_beta_fast"][2] == 32.0
 
 
 @pytest.mark.parametrize("ftype", OUTTYPES)
@@ -144,5 +183,21 @@ def test_kv_b_proj_disagreeing_with_config_is_refused(built, tmp_path):
     cfg["num_key_value_heads"] = 2
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConversionError, match="kv_b_proj"):
+        gguf_kquant.convert_hf(d, tmp_path / "bad.gguf", "F16")
+    assert not (tmp_path / "bad.gguf").exists()
+
+
+@pytest.mark.parametrize("key, value", [("kv_lora_rank", 0), ("qk_rope_head_dim", 8.5), ("v_head_dim", None)])
+def test_bad_mla_config_is_refused(built, tmp_path, key, value):
+    """An MLA size that is no positive integer (null: not even transformers' default applies) names the key."""
+    import shutil
+
+    root, _ = built
+    d = tmp_path / "bad"
+    shutil.copytree(root / "v3", d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[key] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match=key):
         gguf_kquant.convert_hf(d, tmp_path / "bad.gguf", "F16")
     assert not (tmp_path / "bad.gguf").exists()

@@ -19,7 +19,7 @@ import numpy as np
 import gguf
 
 from ...errors import ConversionError
-from ..base import Converter, register
+from ..base import MAX_DIM, Converter, register
 from ..safetensors import read_json
 from .experts import ExpertStacker
 
@@ -74,11 +74,31 @@ def _insert_before(w: gguf.GGUFWriter, anchor: str, add) -> None:
     kv.update(items)
 
 
+def _fill_config_defaults(path: Path, hparams: dict) -> None:
+    """Give keys absent from config.json transformers' defaults for the architecture (in place)."""
+    raw = read_json(path)
+    arch = (hparams.get("architectures") or ["DeepseekV3ForCausalLM"])[0]
+    for key, value in _CONFIG_DEFAULTS.get(arch, _CONFIG_DEFAULTS["DeepseekV3ForCausalLM"]).items():
+        if key not in raw:  # absent; a null one (dropped from hparams by load_config) stays unset
+            hparams.setdefault(key, value)
+
+
+def _check_mla_keys(path: Path, hparams: dict) -> None:
+    """The DeepSeek keys base.check_hparams does not know: integers in range, or ConversionError."""
+    for key in _POSITIVE + _NON_NEGATIVE:
+        v = hparams.get(key)
+        low = 0 if key in _NON_NEGATIVE else 1
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not low <= v <= MAX_DIM):
+            raise ConversionError(f"{path}: key {key!r} must be an integer in {low}..{MAX_DIM}, not {v!r:.60}")
+
+
 @register
 class DeepseekV2Converter(ExpertStacker, Converter):
     hf_architectures = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
     arch = gguf.MODEL_ARCH.DEEPSEEK2
-    required_hparams = ()  # every key the conversion reads has a transformers default (_CONFIG_DEFAULTS)
+    # these have transformers defaults (_CONFIG_DEFAULTS) when absent: missing, they were given as null
+    required_hparams = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "kv_lora_rank",
+                        "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
     expert_count_keys = ("n_routed_experts",)
     expert_re = r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(down_proj|gate_proj|up_proj)\.weight"
     expert_weights = ("down_proj", "gate_proj", "up_proj")
@@ -87,20 +107,10 @@ class DeepseekV2Converter(ExpertStacker, Converter):
 
     def __init__(self, model_dir, hparams, checkpoint):
         model_dir = Path(model_dir)
-        raw = read_json(model_dir / "config.json")
-        arch = (hparams.get("architectures") or ["DeepseekV3ForCausalLM"])[0]
-        for key, value in _CONFIG_DEFAULTS.get(arch, _CONFIG_DEFAULTS["DeepseekV3ForCausalLM"]).items():
-            if key not in raw:  # absent (a null one is dropped from hparams, and stays unset)
-                hparams.setdefault(key, value)
-        hparams["head_dim"] = hparams["qk_rope_head_dim"]  # transformers' __post_init__ sets it so
-        hparams.setdefault("num_key_value_heads", hparams["num_attention_heads"])
-        path = model_dir / "config.json"
-        for key in _POSITIVE + _NON_NEGATIVE:
-            v = hparams.get(key)
-            low = 0 if key in _NON_NEGATIVE else 1
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not low <= v <= 1 << 24):
-                raise ConversionError(f"{path}: key {key!r} must be an integer in {low}..{1 << 24}, not {v!r:.60}")
+        _fill_config_defaults(model_dir / "config.json", hparams)
         super().__init__(model_dir, hparams, checkpoint)
+        _check_mla_keys(self.dir / "config.json", hparams)
+        hparams["head_dim"] = hparams["qk_rope_head_dim"]  # transformers' __post_init__ sets it so
         # TextModel mirrors a top-level original_max_position_embeddings into the RoPE parameters (YaRN reads it
         # there), and transformers gives every config a RoPE base
         if (n := hparams.get("original_max_position_embeddings")) is not None:
@@ -109,7 +119,7 @@ class DeepseekV2Converter(ExpertStacker, Converter):
         # kv_b_proj is split by the config's KV head count (the script splits before set_gguf_parameters
         # sets it to 1); the file then says one KV head: MLA is written as MQA, one head of kv_lora_rank +
         # rope width, which is also what llama-quantize's planning reads back
-        self.n_head_kv = hparams["num_key_value_heads"]
+        self.n_head_kv = hparams.get("num_key_value_heads") or hparams["num_attention_heads"]
         hparams["num_key_value_heads"] = 1
 
     # ---- tensors ------------------------------------------------------------------------------------
@@ -119,7 +129,7 @@ class DeepseekV2Converter(ExpertStacker, Converter):
             return None
         if self.hparams.get("tie_word_embeddings") and name in ("lm_head.weight", "model.lm_head.weight"):
             return None
-        m = re.match(r"model.layers.(\d+)", name)
+        m = re.match(r"model\.layers\.(\d+)\.", name)
         if m and int(m.group(1)) >= self.hparams["num_hidden_layers"]:
             return None  # the multi-token-prediction layers appended to V3 (llama.cpp skips them)
         if name.endswith("e_score_correction_bias"):  # a bias, named so that the tensor map knows it
