@@ -103,8 +103,27 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt_oss")
     models = {"bf16": make_gpt_oss(root / "bf16", seed=7)}
     models["mxfp4"] = make_mxfp4_form(root / "bf16", root / "mxfp4", copy.deepcopy(models["bf16"]))
-    vendor_convert_jobs([(root / f, root / f"{f}.{t}.theirs.gguf", t.lower(), PRE) for f in FORMS for t in OUTTYPES])
+    _drop_defaulted_keys(root / "bf16", root / "defaults")
+    vendor_convert_jobs([(root / f, root / f"{f}.{t}.theirs.gguf", t.lower(), PRE) for f in FORMS for t in OUTTYPES]
+                        + [(root / "defaults", root / "defaults.F16.theirs.gguf", "f16", PRE)])
     return root, models
+
+
+def _drop_defaulted_keys(src_dir, out_dir):
+    """The checkpoint with config keys transformers has defaults for removed (RoPE: YaRN x32 of 4096)."""
+    shutil.copytree(src_dir, out_dir)
+    cfg = json.loads((out_dir / "config.json").read_text())
+    for key in ("rope_parameters", "sliding_window", "num_experts_per_tok", "rms_norm_eps"):
+        del cfg[key]
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def test_config_defaults_match_convert_hf_to_gguf(built):
+    root, _ = built
+    ours = root / "defaults.F16.ours.gguf"
+    gguf_kquant.convert_hf(root / "defaults", ours, "F16")
+    meta = assert_same_gguf(ours, root / "defaults.F16.theirs.gguf")
+    assert meta["gpt-oss.rope.scaling.factor"][2] == 32.0 and meta["gpt-oss.attention.sliding_window"][2] == 128
 
 
 @pytest.mark.parametrize("ftype", OUTTYPES)

@@ -29,7 +29,9 @@ _EXPERTS = re.compile(r"(model\.layers\.(\d+)\.mlp\.experts)\.(gate_up_proj|down
 
 # What transformers' GptOssConfig fills in for absent keys (convert_hf_to_gguf.py reads AutoConfig's dict).
 DEFAULTS = {"head_dim": 64, "sliding_window": 128, "num_experts_per_tok": 4, "rms_norm_eps": 1e-5,
-            "max_position_embeddings": 131072, "num_key_value_heads": 8}
+            "max_position_embeddings": 131072, "num_key_value_heads": 8, "rope_theta": 150000.0}
+DEFAULT_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                "original_max_position_embeddings": 4096}
 
 
 def repack_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -145,6 +147,8 @@ class GptOssConverter(Converter):
 
     def __init__(self, model_dir, hparams, checkpoint):
         hparams = {**{k: v for k, v in DEFAULTS.items() if hparams.get(k) is None}, **hparams}
+        if hparams.get("rope_parameters") is None and hparams.get("rope_scaling") is None:
+            hparams["rope_parameters"] = {**DEFAULT_ROPE, "rope_theta": hparams["rope_theta"]}
         super().__init__(model_dir, hparams, checkpoint)
         qc = hparams.get("quantization_config")
         self.is_mxfp4 = isinstance(qc, dict) and qc.get("quant_method") == "mxfp4"
