@@ -171,18 +171,39 @@ def test_mix_equals_convert_then_llama_quantize(built, tmp_path):
     assert types["blk.1.ffn_gate_exps.weight"] == "Q4_K" and types["blk.0.attn_q_b.weight"] == "Q4_K"
 
 
-def test_kv_b_proj_disagreeing_with_config_is_refused(built, tmp_path):
-    """Two KV heads in the config, which kv_b_proj's rows (four heads) disagree with: ConversionError naming
-    the tensor, nothing written."""
+def _break(d, how):
+    """Spoil the checkpoint in ``d``; returns the tensor name the error must give."""
+    from safetensors.numpy import load_file, save_file
+
+    t = load_file(d / "model.safetensors")
+    if how == "kv-heads":  # config.json says 2 KV heads; kv_b_proj's rows are 4 heads'
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["num_key_value_heads"] = 2
+        (d / "config.json").write_text(json.dumps(cfg))
+        return "layers.0.self_attn.kv_b_proj"
+    p = "model.layers.1.mlp.experts."
+    if how == "missing-expert":
+        del t[p + "2.up_proj.weight"]
+        name = "experts.2.up_proj"
+    else:  # transformers' in-memory layout (gate_up_proj fused, experts outermost), not a saved checkpoint's
+        t[p + "gate_up_proj"] = np.concatenate([np.stack([t.pop(f"{p}{x}.{w}.weight") for x in range(4)])
+                                                for w in ("gate_proj", "up_proj")], axis=1)
+        name = "experts.gate_up_proj"
+    save_file(t, d / "model.safetensors", metadata={"format": "pt"})
+    return name
+
+
+@pytest.mark.parametrize("how", ["kv-heads", "missing-expert", "fused-experts"])
+def test_bad_checkpoint_is_refused_before_writing(built, tmp_path, how):
+    """Shapes that disagree with config.json, a missing expert, experts not stored one by one: ConversionError
+    naming the tensor, and no file."""
     import shutil
 
     root, _ = built
     d = tmp_path / "bad"
     shutil.copytree(root / "v2", d)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["num_key_value_heads"] = 2
-    (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConversionError, match="kv_b_proj"):
+    name = _break(d, how)
+    with pytest.raises(ConversionError, match=name):
         gguf_kquant.convert_hf(d, tmp_path / "bad.gguf", "F16")
     assert not (tmp_path / "bad.gguf").exists()
 
