@@ -56,6 +56,8 @@ def make_checkpoint(kind: str, out_dir, *, hidden_size: int = 64, seed: int = 0,
                                     moe_num_shared_experts=2, moe_intermediate_size=hidden_size // 2,
                                     vocab_size=n_vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0, **common)
         model = tf.Ernie4_5_MoeForCausalLM(cfg)
+        tcfg = json.loads((out_dir / "tokenizer_config.json").read_text())
+        (out_dir / "tokenizer_config.json").write_text(json.dumps({**tcfg, "add_prefix_space": False}))
     else:
         raise ValueError(kind)
     with torch.no_grad():  # random norms and biases so that a forgotten one shows in the logits
@@ -161,6 +163,21 @@ def test_fused_experts_are_split_slab_by_slab(tmp_path):
         for name, half in halves.items():
             got = np.frombuffer(bytes(by_name[name].raw()), np.float16).reshape(by_name[name].shape)
             assert np.array_equal(got, fused.array()[:, half]), name
+
+
+def test_ernie_prefix_and_mtp_tensors(built, tmp_path):
+    """Paddle-style ``ernie.`` names are read as ``model.``; multi-token-prediction tensors are skipped: the
+    same file as the script's from the plain checkpoint."""
+    from safetensors.numpy import load_file, save_file
+
+    root, _ = built
+    d = _copy(root, "ernie", tmp_path)
+    tensors = {k.replace("model.", "ernie.", 1): v for k, v in load_file(str(d / "model.safetensors")).items()}
+    tensors["model.mtp_block.0.mlp.up_proj.weight"] = np.ones((8, 64), np.float32)
+    tensors["model.mtp_emb_norm.0.weight"] = np.ones(64, np.float32)
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    gguf_kquant.convert_hf(d, tmp_path / "o.gguf", "F16")
+    assert_same_gguf(tmp_path / "o.gguf", root / "ernie.F16.theirs.gguf")
 
 
 def _prompt(root, kind):

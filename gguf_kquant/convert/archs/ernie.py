@@ -74,10 +74,10 @@ class Ernie45MoeConverter(ExpertStacker, Converter):
             raise ConversionError(f"{self.dir / 'config.json'}: MoE layers {[i for i in range(n_layer) if moe[i]]} "
                                   f"(start {start}, end {end}, interval {step}); llama.cpp's ernie4_5-moe needs "
                                   f"every layer from moe_layer_start_index on")
-        names = {self.filter_name(n) for n, _ in self.ckpt.items()}
+        kept = {new: t for n, t in self.ckpt.items() if (new := self.filter_name(n)) is not None}  # no MTP
         for i in range(n_layer):  # a router in each MoE layer, a plain feed-forward in each dense one
             need = f"model.layers.{i}.mlp.{'gate' if moe[i] else 'up_proj'}.weight"
-            if need not in names:
+            if need not in kept:
                 raise ConversionError(f"{self.dir}: tensor {need!r} is missing: config.json makes layer {i} "
                                       f"{'a MoE' if moe[i] else 'a dense'} layer (moe_layer_start_index {start})")
         n_ff_sh = self.shared_ff()
@@ -93,7 +93,7 @@ class Ernie45MoeConverter(ExpertStacker, Converter):
             "mlp.shared_experts.up_proj.weight": (n_ff_sh, n_embd),
             "mlp.shared_experts.down_proj.weight": (n_embd, n_ff_sh),
         }
-        for name, t in self.ckpt.items():
+        for name, t in kept.items():
             for suffix, shape in want.items():
                 if name.endswith(suffix):
                     self.expect_shape(t, shape)
