@@ -3,6 +3,8 @@ and weight (``blk.N.ffn_{gate,up,down}_exps``: experts outermost).  :class:`Expe
 per-expert tensors while planning, as convert_hf_to_gguf.py does (the stacked tensors appear where the
 layer's last expert tensor is met, so the tensor order is the same), and :class:`StackedExperts` presents
 them as one source that is read slab by slab: peak memory is one output slab, never a layer of experts.
+Checkpoints that store a layer's experts fused, input dimension first, are read the same way through
+:class:`TransposedExperts`.
 """
 
 from __future__ import annotations
@@ -139,3 +141,52 @@ class ExpertStacker:
             if p.name in getattr(self, "_stacked", {}):
                 p.source = self._stacked[p.name]
         return planned
+
+
+class TransposedExperts:
+    """Columns ``cols`` (a slice) of a fused ``(E, R, C)`` expert tensor, each expert transposed: an
+    ``(E, len(cols), R)`` source, for checkpoints that store experts fused with the input dimension first
+    (transformers' Llama 4: ``gate_up_proj`` (E, n_embd, 2 * n_ff), gate the first half of the columns).
+
+    Quacks like :class:`~gguf_kquant.convert.safetensors.SafeTensor` for the producer, as
+    :class:`StackedExperts` does; row slices are gathered from the mapped checkpoint on demand (peak: one
+    slab, never a whole fused tensor).
+    """
+
+    def __init__(self, name: str, t: SafeTensor, cols: slice):
+        self.name, self.t, self.cols = name, t, cols
+        self.dtype, self.file = t.dtype, t.file
+        self.shape = (t.shape[0], len(range(t.shape[2])[cols]), t.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.t.nbytes * self.shape[1] // self.t.shape[2]
+
+    def array(self) -> "_TransposedRows":
+        return _TransposedRows(self, self.shape)
+
+    def release(self) -> None:
+        self.t.release()
+
+
+class _TransposedRows:
+    """The transposed experts as rows: ``reshape(-1, R)`` and row slices ``[r0:r1]`` (what the producer uses)."""
+
+    def __init__(self, src: TransposedExperts, shape):
+        self.src, self.shape = src, tuple(shape)
+        self.ndim = len(self.shape)
+
+    def reshape(self, *shape):
+        n_cols = self.shape[-1]
+        if shape not in ((-1, n_cols), ((-1, n_cols),)):
+            raise NotImplementedError(f"transposed experts reshape to {shape}")
+        return _TransposedRows(self.src, (int(np.prod(self.shape[:-1])), n_cols))
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        r0, r1, step = rows.indices(self.shape[0])
+        assert step == 1 and self.ndim == 2
+        per = self.src.shape[1]  # output rows of one expert
+        a = self.src.t.array()
+        pieces = [a[e][:, self.src.cols][:, max(r0 - e * per, 0):min(r1 - e * per, per)].T
+                  for e in range(r0 // per, -(-r1 // per))]
+        return np.ascontiguousarray(np.concatenate(pieces)) if pieces else np.empty((0, self.shape[1]), a.dtype)

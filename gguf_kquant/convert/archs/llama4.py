@@ -7,8 +7,8 @@ transformers stores each MoE layer's experts fused, input dimension first::
     feed_forward.experts.down_proj     (n_expert, n_ff_exp, n_embd)
 
 llama.cpp wants ``ffn_{gate,up}_exps`` (n_expert, n_ff_exp, n_embd) and ``ffn_down_exps`` (n_expert, n_embd,
-n_ff_exp): the script transposes the last two axes and splits gate from up.  :class:`TransposedExperts` reads
-that transpose slab by slab from the mapped checkpoint (peak: one slab, not a layer of experts).
+n_ff_exp): the script transposes the last two axes and splits gate from up.  ``experts.TransposedExperts``
+reads that transpose slab by slab from the mapped checkpoint (peak: one slab, not a layer of experts).
 
 Only every ``interleave_moe_layer_step``-th layer is MoE (the others are dense with ``intermediate_size_mlp``);
 RoPE is interleaved already (no q/k permutation); the NoPE layers, chunked attention and attention temperature
@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
-
 import gguf
 
 from ...errors import ConversionError
 from ..base import Converter, register
+from .experts import TransposedExperts
 from .glm4moe import check_counts
 from .llama import LlamaConverter
 
@@ -36,50 +35,6 @@ HPARAM_DEFAULTS = {
     "interleave_moe_layer_step": 1, "rope_theta": 500000.0,
 }
 FUSED_RE = r"model\.layers\.(\d+)\.feed_forward\.experts\.(gate_up_proj|down_proj)"
-
-
-class TransposedExperts:
-    """Columns ``c0:c1`` of a fused ``(E, R, C)`` expert tensor, each expert transposed: an ``(E, c1 - c0, R)``
-    source.  Quacks like :class:`~gguf_kquant.convert.safetensors.SafeTensor` for the producer (as
-    :class:`~gguf_kquant.convert.archs.experts.StackedExperts` does)."""
-
-    def __init__(self, name: str, t, c0: int, c1: int):
-        self.name, self.t, self.c0, self.c1 = name, t, c0, c1
-        self.dtype, self.file = t.dtype, t.file
-        self.shape = (t.shape[0], c1 - c0, t.shape[1])
-
-    @property
-    def nbytes(self) -> int:
-        return self.t.nbytes * (self.c1 - self.c0) // self.t.shape[2]
-
-    def array(self) -> "_TransposedRows":
-        return _TransposedRows(self, self.shape)
-
-    def release(self) -> None:
-        self.t.release()
-
-
-class _TransposedRows:
-    """The transposed experts as rows: ``reshape(-1, R)`` and row slices (what the producer uses)."""
-
-    def __init__(self, src: TransposedExperts, shape):
-        self.src, self.shape = src, tuple(shape)
-        self.ndim = len(self.shape)
-
-    def reshape(self, *shape):
-        n_cols = self.shape[-1]
-        if shape not in ((-1, n_cols), ((-1, n_cols),)):
-            raise NotImplementedError(f"transposed experts reshape to {shape}")
-        return _TransposedRows(self.src, (int(np.prod(self.shape[:-1])), n_cols))
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        r0, r1, step = rows.indices(self.shape[0])
-        assert step == 1 and self.ndim == 2
-        per = self.src.c1 - self.src.c0  # output rows of one expert
-        a = self.src.t.array()
-        pieces = [a[e, :, self.src.c0 + max(r0 - e * per, 0):self.src.c0 + min(r1 - e * per, per)].T
-                  for e in range(r0 // per, -(-r1 // per))]
-        return np.ascontiguousarray(np.concatenate(pieces)) if pieces else np.empty((0, self.shape[1]), a.dtype)
 
 
 @register
@@ -155,14 +110,14 @@ class Llama4Converter(LlamaConverter):
         n_ff = t.shape[-1] // 2
         prefix = name[:m.start(2)]
         if m.group(2) == "down_proj":
-            parts = (("down_proj", 0, t.shape[-1]),)
+            parts = (("down_proj", slice(None)),)
         else:  # the script splits the transposed tensor: the first half of the rows is gate, then up
-            parts = (("gate_proj", 0, n_ff), ("up_proj", n_ff, 2 * n_ff))
+            parts = (("gate_proj", slice(0, n_ff)), ("up_proj", slice(n_ff, 2 * n_ff)))
         if not hasattr(self, "_fused"):
             self._fused = {}
-        for w_name, c0, c1 in parts:
+        for w_name, cols in parts:
             new_name = self.map_name(f"{prefix}{w_name}.weight")
-            self._fused[new_name] = TransposedExperts(new_name, t, c0, c1)
+            self._fused[new_name] = TransposedExperts(new_name, t, cols)
             yield new_name, self._fused[new_name].shape, None
 
     def plan(self, out_type):
