@@ -35,10 +35,9 @@ _CONFIG_DEFAULTS = {
         moe_intermediate_size=1407),
     "DeepseekV3ForCausalLM": dict(
         vocab_size=129280, hidden_size=7168, intermediate_size=18432, num_hidden_layers=61, num_attention_heads=128,
-        num_key_value_heads=128,
-        max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False, first_k_dense_replace=3,
-        kv_lora_rank=512, q_lora_rank=1536, n_routed_experts=256, n_shared_experts=1, qk_nope_head_dim=128,
-        qk_rope_head_dim=64, v_head_dim=128, routed_scaling_factor=2.5, norm_topk_prob=True,
+        num_key_value_heads=128, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        first_k_dense_replace=3, kv_lora_rank=512, q_lora_rank=1536, n_routed_experts=256, n_shared_experts=1,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, routed_scaling_factor=2.5, norm_topk_prob=True,
         moe_intermediate_size=2048, n_group=8, topk_group=4, num_experts_per_tok=8),
 }
 _POSITIVE = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
@@ -148,6 +147,7 @@ class DeepseekV2Converter(ExpertStacker, Converter):
         return super().plan_tensor(name, t, bid)
 
     def _split_kv_b(self, name, t):
+        """attn_k_b then attn_v_b, the script's order; each reads kv_b_proj (a small tensor) again."""
         h, n_kv = self.hparams, self.n_head_kv
         nope, v, rank = h["qk_nope_head_dim"], h["v_head_dim"], t.shape[-1]
         yield (self.map_name(name.replace("kv_b_proj", "k_b_proj")), (n_kv, rank, nope),
