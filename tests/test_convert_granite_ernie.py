@@ -83,7 +83,7 @@ def built(tmp_path_factory):
     models = {k: make_checkpoint(k, root / k, seed=60 + i) for i, k in enumerate(PRE)}
     for k in ("granitemoe", "ernie"):
         make_checkpoint(k, root / f"{k}-256", hidden_size=256, seed=70)
-    make_checkpoint("granitemoe", root / "granitemoe-bf16", seed=71, dtype="bfloat16")
+    make_checkpoint("granitemoe-shared", root / "granitemoe-bf16", seed=71, dtype="bfloat16")
     jobs = [(root / k, root / f"{k}.{t}.theirs.gguf", t.lower(), PRE[k]) for k in PRE for t in OUTTYPES]
     jobs += [(root / "granitemoe-bf16", root / f"granitemoe-bf16.{t}.theirs.gguf", t.lower(), "llama-bpe")
              for t in ("F16", "BF16")]
@@ -111,7 +111,8 @@ def test_matches_convert_hf_to_gguf(built, kind, ftype):
 
 @pytest.mark.parametrize("ftype", ["F16", "BF16"])
 def test_bf16_fused_experts_match(built, ftype):
-    """BF16 fused experts: split and widened slab by slab, the same bytes as the script's torch split."""
+    """BF16 fused experts (split and widened slab by slab) and shared expert: the same bytes as the script's
+    torch split."""
     root, _ = built
     ours = root / f"granitemoe-bf16.{ftype}.ours.gguf"
     gguf_kquant.convert_hf(root / "granitemoe-bf16", ours, ftype)
