@@ -56,7 +56,7 @@ CASES = [  # model, mix, imatrix, options
     ("gqa", "Q4_K_M", False, {}),
     ("moe", "Q4_K_S", True, {}),  # per-expert imatrix; row ranges that cross expert boundaries
     ("odd", "Q3_K_M", False, {}),  # fallbacks (rows of 320)
-    ("tied", "IQ2_S", True, {"split_max_tensors": 9}),  # F16 source, split output, report
+    ("tied", "Q5_K_M", True, {"split_max_tensors": 9}),  # F16 source, split output, report
 ]
 
 
@@ -85,7 +85,7 @@ def test_same_bytes_as_a_local_run(client, models, imatrices, tmp_path, small_ta
             assert {k: x[k] for k in x if k not in nums} == {k: y[k] for k in y if k not in nums}
             assert [x[k] for k in nums] == pytest.approx([y[k] for k in nums], rel=1e-12), x["name"]
     else:
-        assert any(t.rows is not None and t.rows[0] > 0 for t in small_tasks)  # some tensors were split
+        assert any(t.work.rows is not None and t.work.rows[0] > 0 for t in small_tasks)  # some tensors were split
     assert not list(tmp_path.glob(TEMP_PREFIX + "*"))
 
 
@@ -195,3 +195,39 @@ def test_worker_with_other_versions_refused_before_work(client, models, tmp_path
     finally:
         client.run(pretend, gguf_kquant.__version__)
     _no_leftovers(tmp_path, [])
+
+
+@pytest.mark.parametrize("arch,mix,split", [("llama", "Q4_K_M", None), ("mixtral", "F16", 60000)])
+def test_convert_hf_on_the_cluster(client, tmp_path, arch, mix, split):
+    """convert_hf's per-tensor transformations (q/k permutation, experts stacked) run on the workers."""
+    from gguf_kquant.convert import convert_hf
+    from test_convert_helpers import make_model
+
+    d = tmp_path / "hf"
+    make_model(arch, d, seed=5)
+    local = convert_hf(d, tmp_path / "local.gguf", mix, split_max_size=split)
+    ours = convert_hf(d, tmp_path / "dask.gguf", mix, split_max_size=split, client=client)
+    assert len(ours) == len(local) and (len(ours) > 1) == (split is not None)
+    for a, b in zip(ours, local):
+        _check_same(a, b)
+    assert not list(tmp_path.glob(TEMP_PREFIX + "*"))
+
+
+def test_cli_dask(client, models, tmp_path, capsys):
+    from gguf_kquant.cli import main
+
+    src = models["odd"]
+    local = gguf_kquant.quantize_model(src, tmp_path / "local.gguf", "Q4_K_M")
+    assert main(["quantize", str(src), str(tmp_path / "dask.gguf"), "Q4_K_M", "--dask", client.scheduler.address,
+                 "--quiet"]) == 0
+    _check_same(tmp_path / "dask.gguf", local.paths[0])
+    capsys.readouterr()
+    D_timeout = D.CONNECT_TIMEOUT
+    D.CONNECT_TIMEOUT = 2.0
+    try:
+        assert main(["quantize", str(src), str(tmp_path / "no.gguf"), "Q4_K_M", "--dask", "tcp://127.0.0.1:9"]) == 1
+    finally:
+        D.CONNECT_TIMEOUT = D_timeout
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in err
+    assert not (tmp_path / "no.gguf").exists()

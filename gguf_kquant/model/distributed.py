@@ -29,7 +29,9 @@ is byte-identical to a local run (and so to llama-quantize's), one file or split
 Workers need the source, the destination folder and the same package versions; nothing else is copied to
 them but each task's imatrix values.  ``threads`` is the codec threads per task (default 1: the Dask
 worker threads are the parallelism).  ``report=`` works (tensors are then not split, so that each task
-measures a whole tensor).  Several outputs in one pass (``dst`` a mapping) do not run on a cluster.
+measures a whole tensor).  Several outputs in one pass (``dst`` a mapping) do not run on a cluster.  The
+result is a local run's :class:`~gguf_kquant.model.quantize.QuantizeResult` plus ``worker_seconds``:
+``{tensor name: seconds the workers spent on it}`` (what per-worker throughput is measured from).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from ..errors import GGUFError, GGUFIOError, QuantizeError, WriteError
 from ..types import TYPES
 from .planner import PlanRow
 
-__all__ = ["quantize_on_cluster", "connect", "check_workers", "ClusterError", "TASK_BYTES"]
+__all__ = ["quantize_on_cluster", "convert_on_cluster", "connect", "check_workers", "ClusterError", "TASK_BYTES"]
 
 TASK_BYTES = 64 * 2**20  # source bytes of one task at most: larger tensors are split into row ranges
 MIN_TASK_BYTES = 4 * 2**20  # ... but no smaller than this when a small model is spread over many workers
@@ -84,7 +86,7 @@ def connect(client, timeout: Optional[float] = None) -> tuple:
             raise ClusterError(f"cannot reach the Dask scheduler at {address}: {why}") from None
     try:
         client.wait_for_workers(1, timeout=timeout)
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError):
         if owned:
             client.close()
         raise ClusterError(f"the Dask scheduler at {client.scheduler.address} has no workers "
@@ -189,20 +191,55 @@ class _Source:
 
 
 @dataclass(frozen=True)
-class _Task:
-    """Rows ``rows`` (None: all) of one tensor, to be written at ``offset`` of the temp file ``out``."""
+class _QuantizeRows:
+    """Rows ``rows`` (None: all) of one source tensor, converted as a local run converts them."""
 
     row: PlanRow
     source: _Source
     rows: Optional[tuple]
-    out: str
-    offset: int
-    nbytes: int
     imatrix: Optional[np.ndarray]  # this tensor's values (every expert), None: none
     method: str
     has_imatrix: bool  # the job has one (method "optimized" refuses to run without)
     threads: int
     stats: bool
+
+    def chunks(self, stats: list):
+        from ..codecs.optimized import quantizer
+        from .imatrix import Imatrix
+        from .progress import Progress
+        from .quantize import _Converter
+
+        im = None if self.imatrix is None else Imatrix({self.row.name: self.imatrix})
+        conv = _Converter({self.row.name: self.source}, im, self.threads, Progress(1, quiet=True),
+                          stats if self.stats else None, quantizer(self.method, self.has_imatrix))
+        return conv.stream(self.row, self.rows)
+
+
+@dataclass(frozen=True)
+class _Produce:
+    """A whole tensor made by ``producer(item, imatrix)`` — convert_hf's per-tensor transformation."""
+
+    producer: object  # a module-level function (pickled by reference)
+    item: object  # what it makes the tensor from (convert's PlannedTensor)
+    name: str
+    imatrix: Optional[np.ndarray]
+
+    def chunks(self, stats: list):
+        from .imatrix import Imatrix
+
+        im = None if self.imatrix is None else Imatrix({self.name: self.imatrix})
+        return self.producer(self.item, im, None)()
+
+
+@dataclass(frozen=True)
+class _Task:
+    """``nbytes`` bytes of tensor ``name`` at ``offset`` of the temp file ``out``, made by ``work``."""
+
+    name: str
+    out: str
+    offset: int
+    nbytes: int
+    work: object  # _QuantizeRows or _Produce
 
 
 def _pwrite(fd: int, chunk, pos: int, path: str) -> int:
@@ -218,37 +255,28 @@ def _pwrite(fd: int, chunk, pos: int, path: str) -> int:
 
 
 def run_task(task: _Task) -> tuple:
-    """Convert and write one task's rows; returns ``(tensor name, seconds, stats or None)``."""
-    from ..codecs.optimized import quantizer
-    from .imatrix import Imatrix
-    from .progress import Progress
-    from .quantize import _Converter
-
-    start = time.perf_counter()
-    im = None if task.imatrix is None else Imatrix({task.row.name: task.imatrix})
-    stats = [] if task.stats else None
-    conv = _Converter({task.row.name: task.source}, im, task.threads, Progress(1, quiet=True), stats,
-                      quantizer(task.method, task.has_imatrix))
+    """Make and write one task's bytes; returns ``(tensor name, seconds, CPU seconds, report stats or None)``."""
+    start, cpu = time.perf_counter(), time.thread_time()
+    stats: list = []
     try:
         fd = os.open(task.out, os.O_WRONLY | _O_CLOEXEC)  # never O_CREAT: a removed temp stays removed
     except OSError as exc:
         raise GGUFIOError.wrap(task.out, exc, "cannot open the output's temp file") from None
     try:
-        pos = task.offset
-        for chunk in conv.stream(task.row, task.rows):
+        pos, end = task.offset, task.offset + task.nbytes
+        for chunk in task.work.chunks(stats):
             pos = _pwrite(fd, chunk, pos, task.out)
-            if pos > task.offset + task.nbytes:
+            if pos > end:
                 break
-        if pos != task.offset + task.nbytes:
-            raise WriteError(f"tensor {task.row.name}: {pos - task.offset} bytes for rows {task.rows}, "
-                             f"planned {task.nbytes}")
+        if pos != end:
+            raise WriteError(f"tensor {task.name}: {pos - task.offset} bytes made, planned {task.nbytes}")
         try:
             os.fsync(fd)
         except OSError as exc:
             raise GGUFIOError.wrap(task.out, exc, "fsync failed") from None
     finally:
         os.close(fd)
-    return task.row.name, time.perf_counter() - start, stats[0] if stats else None
+    return task.name, time.perf_counter() - start, time.thread_time() - cpu, stats[0] if stats else None
 
 
 def _split(row: PlanRow, task_bytes: int) -> list:
@@ -263,23 +291,21 @@ def _split(row: PlanRow, task_bytes: int) -> list:
 
 
 def _tasks(plan, shards, temps, by_name, im, *, method: str, threads: int, stats: bool, task_bytes: int) -> list:
-    """Every task of the job, largest first (Dask runs earlier submissions first: the long ones start early)."""
+    """Every task of a quantization: each tensor, or each row range of a large one."""
     from .quantize import _imatrix_for
 
-    where = {t.name: (temps[k], sp.data_offset + sp.offsets[i])
-             for k, sp in enumerate(shards) for i, t in enumerate(sp.tensors)}
+    where = _places(shards, temps)
     tasks = []
     for row in plan.rows:
         t = by_name[row.name]
-        out, offset = where[row.name]
+        out, offset, _nbytes = where[row.name]
         source = _Source(t.name, os.path.abspath(t.path), int(t.offset))
         w = _imatrix_for(row, im) if row.convert else None
         dst_row = TYPES[row.dst_type].row_bytes(row.shape[-1]) if row.shape[-1] else 0
         for rows in ([None] if stats else _split(row, task_bytes)):
             begin, end = rows or (0, row.n_elements // row.shape[-1] if row.shape[-1] else 0)
-            tasks.append(_Task(row, source, rows, os.fspath(out), offset + begin * dst_row, (end - begin) * dst_row,
-                               w, method, im is not None, threads, stats))
-    tasks.sort(key=lambda task: -task.nbytes)
+            work = _QuantizeRows(row, source, rows, w, method, im is not None, threads, stats)
+            tasks.append(_Task(row.name, out, offset + begin * dst_row, (end - begin) * dst_row, work))
     return tasks
 
 
@@ -296,11 +322,13 @@ def quantize_on_cluster(client, src, dst, ftype=None, *, imatrix=None, include_w
     from ..codecs import check_threads
     from ..codecs.optimized import quantizer
     from ..container.reader import open_gguf
+    from ..safeio import check_outputs
     from .multi import _shard_plans
     from .planner import parse_mix
     from .progress import Progress
     from .quantize import (QuantizeResult, _check_plan, _input_paths, _output_metadata, _overrides, _plan,
                            _prepare_imatrix, _source_model, _split_limits)
+    from .report import render_report
 
     t0 = time.perf_counter()
     if isinstance(dst, Mapping):
@@ -332,34 +360,120 @@ def quantize_on_cluster(client, src, dst, ftype=None, *, imatrix=None, include_w
             sources = [os.path.abspath(p) for p in f.shards]
             inputs = _input_paths(f, imatrix)
         targets = [sp.path for sp in shards] + ([Path(report)] if report is not None else [])
-        from ..safeio import AtomicFiles, check_outputs
-
         check_outputs(targets, inputs, overwrite=overwrite, error=QuantizeError)
-        with AtomicFiles(targets) as out:
-            temps = [os.path.abspath(p) for p in out.temps[:len(shards)]]
-            for sp, tmp in zip(shards, temps):
-                _preallocate(tmp, sp)
-            n_workers = check_workers(client, sources, [(tmp, sp.file_size) for sp, tmp in zip(shards, temps)])
-            slots = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()) or n_workers
-            task_bytes = min(TASK_BYTES, max(MIN_TASK_BYTES, plan.src_nbytes // (4 * slots)))
-            tasks = _tasks(plan, shards, temps, by_name, im, method=method, threads=threads,
-                           stats=report is not None, task_bytes=task_bytes)
-            stats = _run(client, tasks, plan, im, progress)
-            for sp, tmp in zip(shards, temps):
-                if os.stat(tmp).st_size != sp.file_size:
-                    raise WriteError(f"{sp.path}: file size {os.stat(tmp).st_size}, planned {sp.file_size}")
-            if report is not None:
-                from .report import render_report
+        rows = {r.name: r for r in plan.rows}
 
-                result.report = [stats[r.name] for r in plan.rows if r.name in stats]
-                out.write_bytes(len(shards), render_report(result.report, plan, result))
-            result.paths = out.commit()[:len(shards)]
+        def make_tasks(temps, slots):
+            task_bytes = min(TASK_BYTES, max(MIN_TASK_BYTES, plan.src_nbytes // (4 * slots)))
+            return _tasks(plan, shards, temps, by_name, im, method=method, threads=threads,
+                          stats=report is not None, task_bytes=task_bytes)
+
+        def done(name, seconds):
+            r = rows[name]
+            if r.convert and im is not None and name not in im.entries:
+                progress.say(f"====== did not find weights for {name}")
+            progress.tensor(name, r.shape[::-1], r.src_type.name, r.dst_type.name, r.src_nbytes, r.dst_nbytes,
+                            seconds)
+
+        def side(stats):
+            result.report = [stats[r.name] for r in plan.rows if r.name in stats]
+            return render_report(result.report, plan, result)
+
+        result.paths, _stats, result.worker_seconds, result.worker_cpu_seconds = _execute(
+            client, shards, targets, sources, make_tasks, done, side if report is not None else None)
     finally:
         if owned:
             client.close()
     result.seconds = time.perf_counter() - t0
     progress.summary(plan.src_nbytes, plan.dst_nbytes, plan.n_elements, plan.n_fallback)
     return result
+
+
+def convert_on_cluster(client, dst, metadata, planned: list, im, producer, *, checkpoint_files, inputs,
+                       split_max_size=None, overwrite=False, progress=None) -> list:
+    """convert_hf's writing step on a Dask cluster: each planned tensor is a task running ``producer(p,
+    imatrix, None)`` (convert's per-tensor transformation) on a worker.  Returns the paths written."""
+    from ..container.writer import GGUFWriter
+    from ..errors import ConversionError
+    from ..safeio import check_outputs
+    from ..types import GGMLType
+    from .quantize import _imatrix_for
+
+    client, owned = connect(client)
+    try:
+        for f in checkpoint_files:  # the workers' current folder is not the client's
+            f.path = Path(os.path.abspath(f.path))
+        w = GGUFWriter(dst, metadata, split_max_size=split_max_size)
+        for p in planned:
+            w.add_tensor(p.name, _made_on_workers, shape=p.shape, ggml_type=p.qtype.name)
+        shards = w.plan()
+        targets = w.output_paths()
+        check_outputs(targets, inputs, overwrite=overwrite, error=ConversionError)
+        by_name = {p.name: p for p in planned}
+
+        def make_tasks(temps, _slots):
+            import cloudpickle
+
+            tasks = []
+            for name, (out, offset, nbytes) in _places(shards, temps).items():
+                p = by_name[name]
+                weights = _imatrix_for(p, im) if im is not None and p.qtype not in (GGMLType.F32, GGMLType.F16) \
+                    else None
+                task = _Task(name, out, offset, nbytes, _Produce(producer, p, name, weights))
+                try:
+                    cloudpickle.dumps(task)
+                except Exception as exc:
+                    raise ClusterError(f"tensor {name}: its conversion cannot be sent to Dask workers: "
+                                       f"{type(exc).__name__}: {exc}") from None
+                tasks.append(task)
+            return tasks
+
+        def done(name, seconds):
+            p = by_name[name]
+            if progress is not None:
+                n_out = TYPES[p.qtype].nbytes(p.shape)
+                progress.tensor(name, p.shape[::-1], p.source.dtype if p.source is not None else "F32",
+                                p.qtype.name, p.source.nbytes if p.source is not None else n_out, n_out, seconds)
+
+        sources = [f.path for f in checkpoint_files]
+        paths = _execute(client, shards, targets, sources, make_tasks, done)[0]
+    finally:
+        if owned:
+            client.close()
+    return paths
+
+
+def _made_on_workers():
+    raise AssertionError("the workers write this tensor's bytes")
+
+
+def _execute(client, shards, targets, sources, make_tasks, done, side=None) -> tuple:
+    """Temp files sized and headed, workers probed, tasks run, sizes checked, the side file (``side(stats)``,
+    the report) written, everything committed.  Returns (paths, stats, seconds, CPU seconds) — the last three
+    ``{tensor name: ...}``."""
+    from ..safeio import AtomicFiles
+
+    with AtomicFiles(targets) as out:
+        temps = [os.path.abspath(p) for p in out.temps[:len(shards)]]
+        for sp, tmp in zip(shards, temps):
+            _preallocate(tmp, sp)
+        n_workers = check_workers(client, sources, [(tmp, sp.file_size) for sp, tmp in zip(shards, temps)])
+        slots = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()) or n_workers
+        stats, seconds, cpu = _run(client, make_tasks(temps, slots), done)
+        for sp, tmp in zip(shards, temps):
+            size = os.stat(tmp).st_size
+            if size != sp.file_size:
+                raise WriteError(f"{sp.path}: file size {size}, planned {sp.file_size}")
+        if side is not None:
+            out.write_bytes(len(shards), side(stats))
+        paths = out.commit()[:len(shards)]
+    return paths, stats, seconds, cpu
+
+
+def _places(shards, temps) -> dict:
+    """tensor name -> (temp file, absolute offset of its data, its byte size), in file order."""
+    return {t.name: (os.fspath(temps[k]), sp.data_offset + sp.offsets[i], t.nbytes)
+            for k, sp in enumerate(shards) for i, t in enumerate(sp.tensors)}
 
 
 def _preallocate(tmp: str, sp) -> None:
@@ -376,36 +490,35 @@ def _preallocate(tmp: str, sp) -> None:
         os.close(fd)
 
 
-def _run(client, tasks: list, plan, im, progress) -> dict:
-    """Submit every task, report each tensor when its last part is done; the first failure cancels the rest
-    and is raised.  Returns ``{tensor name: report stats}``."""
+def _run(client, tasks: list, done) -> tuple:
+    """Submit every task, largest first (Dask runs earlier submissions first: the long ones start early);
+    ``done(name, seconds)`` when a tensor's last task is finished.  The first failure cancels the rest and is
+    raised.  Returns ``{name: report stats}``, ``{name: worker seconds}``, ``{name: worker CPU seconds}``."""
     import distributed
 
-    parts = {}
+    tasks = sorted(tasks, key=lambda task: -task.nbytes)
+    parts: dict = {}
     for task in tasks:
-        parts[task.row.name] = parts.get(task.row.name, 0) + 1
-    rows = {r.name: r for r in plan.rows}
-    seconds, stats = dict.fromkeys(parts, 0.0), {}
-    futures = [client.submit(run_task, task, pure=False, key=f"gguf-kquant-{task.row.name}-{i}-{os.urandom(4).hex()}")
+        parts[task.name] = parts.get(task.name, 0) + 1
+    seconds, cpu, stats = dict.fromkeys(parts, 0.0), dict.fromkeys(parts, 0.0), {}
+    tag = os.urandom(4).hex()
+    futures = [client.submit(run_task, task, pure=False, key=f"gguf-kquant-{tag}-{i}-{task.name}")
                for i, task in enumerate(tasks)]
     try:
         for fut in distributed.as_completed(futures):
             try:
-                name, secs, st = fut.result()
+                name, secs, cpu_secs, st = fut.result()
             except distributed.KilledWorker as exc:
                 raise ClusterError(f"Dask workers kept dying while running a task ({exc}); nothing was written") \
                     from None
             seconds[name] += secs
+            cpu[name] += cpu_secs
             if st is not None:
                 stats[name] = st
             parts[name] -= 1
             if parts[name] == 0:
-                r = rows[name]
-                if r.convert and im is not None and name not in im.entries:
-                    progress.say(f"====== did not find weights for {name}")
-                progress.tensor(name, r.shape[::-1], r.src_type.name, r.dst_type.name, r.src_nbytes, r.dst_nbytes,
-                                seconds[name])
+                done(name, seconds[name])
     except BaseException:
         client.cancel(futures)
         raise
-    return stats
+    return stats, seconds, cpu
