@@ -87,6 +87,8 @@ def built(tmp_path_factory):
     jobs = [(root / k, root / f"{k}.{t}.theirs.gguf", t.lower(), PRE[k]) for k in PRE for t in OUTTYPES]
     jobs += [(root / "granitemoe-bf16", root / f"granitemoe-bf16.{t}.theirs.gguf", t.lower(), "llama-bpe")
              for t in ("F16", "BF16")]
+    jobs += [(root / k, root / f"{k}.vocab.theirs.gguf", "f16", PRE[k], "--vocab-only")
+             for k in ("granitemoe", "ernie")]
     vendor_convert_jobs(jobs)
     return root, models
 
@@ -107,6 +109,14 @@ def test_matches_convert_hf_to_gguf(built, kind, ftype):
     else:  # the fused input_linear split into gate and up
         assert meta["granitemoe.embedding_scale"][2] == 2.0
         assert shapes["blk.1.ffn_gate_exps.weight"] == shapes["blk.1.ffn_up_exps.weight"] == (4, 128, 64)
+
+
+@pytest.mark.parametrize("kind", ["granitemoe", "ernie"])
+def test_vocab_only_matches_convert_hf_to_gguf(built, kind):
+    root, _ = built
+    ours = root / f"{kind}.vocab.ours.gguf"
+    gguf_kquant.convert_hf(root / kind, ours, vocab_only=True)
+    assert_same_gguf(ours, root / f"{kind}.vocab.theirs.gguf")
 
 
 @pytest.mark.parametrize("ftype", ["F16", "BF16"])
