@@ -12,6 +12,7 @@ layers interleaved, a NoPE layer (the 4th) and llama3 RoPE scaling (a ``rope_fre
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import json
 import shutil
@@ -27,7 +28,9 @@ from test_convert_helpers import (LLAMA3_RE, QWEN2_RE, assert_same_gguf, gguf_lo
                                   train_bpe)
 
 OUTTYPES = ("F32", "F16", "BF16", "Q8_0")
-PRE = {"glm4moe": "qwen2", "llama4": "llama-bpe"}  # given to convert_hf_to_gguf.py (our tokenizers are not hashed)
+# tokenizer.ggml.pre given to convert_hf_to_gguf.py (its hash table does not know our trained tokenizers)
+PRE = {"glm4moe": "qwen2", "llama4": "llama-bpe", "llama4mm": "llama-bpe"}
+FAMILIES = ("glm4moe", "llama4")  # llama4mm: the same text model inside Llama4ForConditionalGeneration
 GLM_SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
                 "<|assistant|>", "<|observation|>"]
 LLAMA4_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot|>", "<|header_start|>", "<|header_end|>"]
@@ -82,9 +85,10 @@ def make_glm4moe(d, *, hidden=64, seed=0, n_mtp=1):
     return model
 
 
-def make_llama4(d, *, hidden=64, seed=0, dtype="float32"):
+def make_llama4(d, *, hidden=64, seed=0, dtype="float32", vision=False):
     """A Llama-4-like text checkpoint: 4 layers, MoE on layers 1 and 3 (4 experts, fused as transformers
-    saves them, and a shared expert), layer 3 without RoPE, llama3 RoPE scaling."""
+    saves them, and a shared expert), layer 3 without RoPE, llama3 RoPE scaling.  ``vision``: a
+    Llama4ForConditionalGeneration (Scout's layout) with a tiny vision tower around it."""
     import torch
     import transformers as tf
 
@@ -94,14 +98,21 @@ def make_llama4(d, *, hidden=64, seed=0, dtype="float32"):
     n_vocab = max(len(vocab["model"]["vocab"]), 300)
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-    cfg = tf.Llama4TextConfig(vocab_size=n_vocab, hidden_size=hidden, intermediate_size=hidden,
-                              intermediate_size_mlp=2 * hidden, num_hidden_layers=4, num_attention_heads=4,
-                              num_key_value_heads=2, head_dim=hidden // 4, num_local_experts=4, num_experts_per_tok=1,
-                              interleave_moe_layer_step=2, max_position_embeddings=256, rope_parameters=rope,
-                              bos_token_id=0, eos_token_id=1, pad_token_id=None, tie_word_embeddings=False)
-    model = _randomize(tf.Llama4ForCausalLM(cfg))
-    model.to(getattr(torch, dtype)).save_pretrained(str(d))
-    return model.float()
+    text = dict(vocab_size=n_vocab, hidden_size=hidden, intermediate_size=hidden, intermediate_size_mlp=2 * hidden,
+                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2, max_position_embeddings=256,
+                rope_parameters=rope, bos_token_id=0, eos_token_id=1, pad_token_id=None, tie_word_embeddings=False)
+    if vision:
+        tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                     patch_size=14, vision_output_dim=hidden, projector_input_dim=hidden,
+                     projector_output_dim=hidden, pixel_shuffle_ratio=0.5)
+        model = tf.Llama4ForConditionalGeneration(tf.Llama4Config(text_config=text, vision_config=tower))
+    else:
+        model = tf.Llama4ForCausalLM(tf.Llama4TextConfig(**text))
+    model = _randomize(model)
+    # a copy: .to() would also cast the complex RoPE table of the model returned
+    (copy.deepcopy(model).to(getattr(torch, dtype)) if dtype != "float32" else model).save_pretrained(str(d))
+    return model.language_model if vision else model  # (its forward without images fails in transformers 5.24)
 
 
 def _sparse_config(src, dst, drop):
@@ -125,14 +136,15 @@ def built(tmp_path_factory):
     """The checkpoints, their transformers models, and convert_hf_to_gguf.py's files of them."""
     lib_dir()  # the oracle must be installed: fail, never skip
     root = tmp_path_factory.mktemp("glm_llama4")
-    models = {"glm4moe": make_glm4moe(root / "glm4moe", seed=1), "llama4": make_llama4(root / "llama4", seed=2)}
+    models = {"glm4moe": make_glm4moe(root / "glm4moe", seed=1), "llama4": make_llama4(root / "llama4", seed=2),
+              "llama4mm": make_llama4(root / "llama4mm", seed=4, vision=True)}
     make_llama4(root / "llama4-bf16", seed=3, dtype="bfloat16")
     _sparse_config(root / "glm4moe", root / "glm4moe-sparse", GLM_DEFAULTED)
     _sparse_config(root / "llama4", root / "llama4-sparse", LLAMA4_DEFAULTED)
     jobs = [(root / a, root / f"{a}.{t}.theirs.gguf", t.lower(), PRE[a]) for a in PRE for t in OUTTYPES]
     jobs += [(root / "llama4-bf16", root / f"llama4-bf16.{t}.theirs.gguf", t.lower(), PRE["llama4"])
              for t in ("F16", "BF16")]
-    jobs += [(root / f"{a}-sparse", root / f"{a}-sparse.F16.theirs.gguf", "f16", PRE[a]) for a in PRE]
+    jobs += [(root / f"{a}-sparse", root / f"{a}-sparse.F16.theirs.gguf", "f16", PRE[a]) for a in FAMILIES]
     vendor_convert_jobs(jobs)
     return root, models
 
@@ -144,7 +156,7 @@ def test_matches_convert_hf_to_gguf(built, arch, ftype):
     ours = root / f"{arch}.{ftype}.ours.gguf"
     gguf_kquant.convert_hf(root / arch, ours, ftype)
     meta = assert_same_gguf(ours, root / f"{arch}.{ftype}.theirs.gguf")
-    assert meta["general.architecture"][2] == arch
+    assert meta["general.architecture"][2] == arch.replace("llama4mm", "llama4")
     with gguf_kquant.open(ours) as f:
         shapes = {t.name: tuple(t.shape) for t in f.tensors}
     if arch == "glm4moe":  # 2 layers + the MTP layer; experts stacked; the MTP tensors kept
@@ -156,9 +168,10 @@ def test_matches_convert_hf_to_gguf(built, arch, ftype):
     else:  # fused experts transposed and split
         assert shapes["blk.1.ffn_gate_exps.weight"] == shapes["blk.1.ffn_up_exps.weight"] == (4, 64, 64)
         assert "blk.0.ffn_up.weight" in shapes and "rope_freqs.weight" in shapes
+        assert not any(n.startswith(("v.", "mm.")) for n in shapes)  # no vision tower in the text model
 
 
-@pytest.mark.parametrize("arch", list(PRE))
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_config_defaults_are_transformers(built, arch):
     """config.json without the keys transformers fills in (AutoConfig, which the script reads): the same file."""
     root, _ = built
@@ -209,7 +222,7 @@ def test_logits_match_transformers(built, arch):
             assert (ours.argmax(-1) == ref.argmax(-1)).all(), f"{arch} {ftype}: top-1 differs"
 
 
-@pytest.mark.parametrize("arch", list(PRE))
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_mix_equals_convert_then_llama_quantize(tmp_path, arch):
     """Q4_K_M in one pass == F16 then llama-quantize, byte for byte; rows of 256 so that the k-quants (not
     only their fallbacks) meet the experts."""

@@ -1,5 +1,6 @@
-"""Llama4ForCausalLM (the text model of Llama 4 Scout/Maverick) -> llama.cpp ``llama4`` (convert_hf_to_gguf.py's
-Llama4Model, conversion/llama.py).
+"""Llama4ForCausalLM and the text model of Llama4ForConditionalGeneration (Llama 4 Scout, Maverick: the
+vision tower and projector are left out) -> llama.cpp ``llama4`` (convert_hf_to_gguf.py's Llama4Model,
+conversion/llama.py).
 
 transformers stores each MoE layer's experts fused, input dimension first::
 
@@ -39,7 +40,7 @@ FUSED_RE = r"model\.layers\.(\d+)\.feed_forward\.experts\.(gate_up_proj|down_pro
 
 @register
 class Llama4Converter(LlamaConverter):
-    hf_architectures = ("Llama4ForCausalLM",)
+    hf_architectures = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
     arch = gguf.MODEL_ARCH.LLAMA4
     required_hparams = ("hidden_size", "num_attention_heads", "vocab_size")
     expert_count_keys = ("num_local_experts",)
@@ -68,6 +69,8 @@ class Llama4Converter(LlamaConverter):
             "feed_forward.experts.down_proj": (n_expert, n_ff_exp, n_embd),
         }
         for name, t in self.ckpt.items():
+            if self.filter_name(name) is None:  # the vision tower has attention projections of its own
+                continue
             for suffix, shape in want.items():
                 if name.endswith("." + suffix):
                     self.expect_shape(t, shape)
@@ -99,6 +102,13 @@ class Llama4Converter(LlamaConverter):
         w.add_expert_feed_forward_length(h["intermediate_size_moe"])
         if self._all_full_attention():
             w.add_sliding_window(0)  # MobileLLM: no chunked attention (and RoPE in every layer)
+
+    def filter_name(self, name):
+        # Llama4ForConditionalGeneration: the text model only (TextModel.filter_tensors drops these; the
+        # script writes them to the --mmproj file)
+        if name.startswith(("vision_model.", "multi_modal_projector.")):
+            return None
+        return super().filter_name(name)
 
     set_vocab = Converter.set_vocab  # GPT-2 BPE only (Llama4Model._set_vocab_gpt2)
 
