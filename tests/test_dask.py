@@ -8,7 +8,9 @@ Models and imatrices come from tests/test_model_quantize.py (where local runs ar
 
 from __future__ import annotations
 
+import io
 import os
+import re
 
 import numpy as np
 import pytest
@@ -68,8 +70,12 @@ def test_same_bytes_as_a_local_run(client, models, imatrices, tmp_path, small_ta
     report = {"report": tmp_path / "r.json"} if split else {}
     report_local = {"report": tmp_path / "r-local.json"} if split else {}
     local = gguf_kquant.quantize_model(src, tmp_path / "local.gguf", mix, imatrix=im, **report_local, **options)
+    log = io.StringIO()
     res = gguf_kquant.quantize_model(src, tmp_path / "dask.gguf", mix, imatrix=im, client=client, **report,
-                                     **options)
+                                     **options, quiet=False, stream=log)
+    lines = [line for line in log.getvalue().splitlines() if line.startswith("[")]  # progress: one per tensor
+    assert sorted(re.search(r"MiB\s+(\S+)", line).group(1) for line in lines) == sorted(r.name for r in res.plan)
+    assert "100.0%" in lines[-1]
     assert len(res.paths) == len(local.paths) and (len(res.paths) > 1) == split
     for ours, theirs in zip(res.paths, local.paths):
         _check_same(ours, theirs)

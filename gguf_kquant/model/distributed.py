@@ -26,6 +26,12 @@ is byte-identical to a local run (and so to llama-quantize's), one file or split
    good (bad data: a NaN weight) cancels the rest and raises its own typed error; the temps are removed.
    When every task succeeded the client writes the report, and renames all temps into place together.
 
+``convert_hf(model_dir, dst, mix, client=...)`` (:func:`convert_on_cluster`) runs the same steps: the client
+plans the conversion and the header, and each planned tensor's transformation (``convert``'s per-tensor
+producer: q/k permutation, stacked experts, F16 rounding, quantization) is one task on a worker, which reads
+the safetensors shards itself.  The plan objects are pickled (cloudpickle) and each is checked before any
+work; one that cannot be sent is a :class:`ClusterError` naming the tensor.
+
 Workers need the source, the destination folder and the same package versions; nothing else is copied to
 them but each task's imatrix values.  ``threads`` is the codec threads per task (default 1: the Dask
 worker threads are the parallelism).  ``report=`` works (tensors are then not split, so that each task
