@@ -273,12 +273,19 @@ def _rewrite_checkpoint(src, dst, edit):
     save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("case", ["glm-missing-expert", "glm-odd-expert", "glm-gate-shape", "llama4-fused-shape"])
+@pytest.mark.parametrize("case", ["glm-missing-expert", "glm-no-experts", "glm-odd-expert", "glm-gate-shape",
+                                  "llama4-fused-shape", "llama4-missing-fused"])
 def test_bad_checkpoints_refused_before_writing(built, tmp_path, case):
     root, _ = built
     arch = case.split("-")[0].replace("glm", "glm4moe")
     if case == "glm-missing-expert":
         name = "model.layers.1.mlp.experts.2.up_proj.weight"
+        edit = lambda s: s.pop(name)  # noqa: E731
+    elif case == "glm-no-experts":  # a whole MoE layer without experts (ExpertStacker sees none of them)
+        name = "model.layers.1.mlp.experts.0.down_proj.weight"
+        edit = lambda s: [s.pop(k) for k in list(s) if ".layers.1.mlp.experts." in k]  # noqa: E731
+    elif case == "llama4-missing-fused":
+        name = "model.layers.3.feed_forward.experts.down_proj"
         edit = lambda s: s.pop(name)  # noqa: E731
     elif case == "glm-odd-expert":
         name = "model.layers.1.mlp.experts.3.gate_proj.weight"
@@ -295,10 +302,11 @@ def test_bad_checkpoints_refused_before_writing(built, tmp_path, case):
     assert not (tmp_path / "bad.gguf").exists()
 
 
-@pytest.mark.parametrize("key, value", [("no_rope_layers", [1, 1, 0, 1]), ("attention_chunk_size", 4096)])
+@pytest.mark.parametrize("key, value", [("no_rope_layers", [1, 1, 0, 1]), ("attention_chunk_size", 4096),
+                                        ("use_qk_norm", False)])
 def test_llama4_attention_llama_cpp_fixes_refused(built, tmp_path, key, value):
-    """llama.cpp fixes the NoPE layers (every 4th) and the chunk size (8192): a config that differs would give
-    a file that loads but computes something else."""
+    """llama.cpp fixes the NoPE layers (every 4th), the chunk size (8192) and q/k norm (on unless 128 experts):
+    a config that differs would give a file that loads but computes something else."""
     root, _ = built
     shutil.copytree(root / "llama4", tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())

@@ -108,6 +108,13 @@ class Glm4MoeConverter(ExpertStacker, Converter):
             if (bid := _layer(name)) is not None and bid >= self.block_count:
                 raise ConversionError(f"{t.file.path}: tensor {name!r} is past the {self.block_count} layers "
                                       f"config.json gives (num_hidden_layers + num_nextn_predict_layers)")
+        # a main MoE layer without experts at all (ExpertStacker names the missing ones of a partial layer);
+        # the MTP layers may be absent as a whole
+        for i in range(h["first_k_dense_replace"], h["num_hidden_layers"]):
+            for w_name in self.expert_weights:
+                if (name := f"model.layers.{i}.mlp.experts.0.{w_name}.weight") not in self.ckpt:
+                    raise ConversionError(f"{self.dir}: expert tensor {name!r} missing (layer {i} is a MoE layer: "
+                                          f"first_k_dense_replace is {h['first_k_dense_replace']})")
 
     def filter_name(self, name):
         name = super().filter_name(name)

@@ -68,17 +68,26 @@ class Llama4Converter(LlamaConverter):
             "feed_forward.experts.gate_up_proj": (n_expert, n_embd, 2 * n_ff_exp),
             "feed_forward.experts.down_proj": (n_expert, n_ff_exp, n_embd),
         }
+        names = set()
         for name, t in self.ckpt.items():
             if self.filter_name(name) is None:  # the vision tower has attention projections of its own
                 continue
+            names.add(self.filter_name(name))
             for suffix, shape in want.items():
                 if name.endswith("." + suffix):
                     self.expect_shape(t, shape)
+        step = h["interleave_moe_layer_step"]
+        for i in range(step - 1, self.block_count, step):  # llama.cpp's MoE layers: (i + 1) % step == 0
+            for w_name in ("gate_up_proj", "down_proj"):
+                if (name := f"model.layers.{i}.feed_forward.experts.{w_name}") not in names:
+                    raise ConversionError(f"{self.dir}: expert tensor {name!r} missing (layer {i} is a MoE layer: "
+                                          f"interleave_moe_layer_step is {step})")
         self._check_fixed_attention()
 
     def _check_fixed_attention(self):
         """llama.cpp fixes what transformers reads from config.json: RoPE skipped in every 4th layer, 8192-token
-        chunks, temperature tuning with floor 8192 and scale 0.1 (all off when every layer is full attention).
+        chunks, temperature tuning with floor 8192 and scale 0.1 (all off when every layer is full attention),
+        q/k L2 norm unless there are 128 experts.
         The script writes none of it; a config that differs would load and compute something else: refused,
         as smollm3 refuses its NoPE interval."""
         h, path = self.hparams, self.dir / "config.json"
@@ -87,6 +96,9 @@ class Llama4Converter(LlamaConverter):
         if h.get("no_rope_layers") and h["no_rope_layers"] != want:
             raise ConversionError(f"{path}: no_rope_layers {h['no_rope_layers']} differ from llama.cpp's llama4 "
                                   f"pattern {want}")
+        if h.get("use_qk_norm", True) != (h["num_local_experts"] != 128):  # llama.cpp: off for 128 experts only
+            raise ConversionError(f"{path}: use_qk_norm is {h.get('use_qk_norm')!r}, but llama.cpp's llama4 "
+                                  f"decides it from the expert count ({h['num_local_experts']})")
         fixed = {"attention_chunk_size": 8192, "floor_scale": 8192, "attn_scale": 0.1}
         for key, value in fixed.items():
             if not full and h.get(key, value) != value:
