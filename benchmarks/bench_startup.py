@@ -1,15 +1,25 @@
-"""Start-up cost: the README's first command with an empty Numba cache (cold) and again (warm), per mix.
+"""Start-up cost: first use of each mix, imatrix and --report path, with and without the shipped kernel cache.
 
-    python benchmarks/bench_startup.py                          # Q4_K_M: cold and warm
-    python benchmarks/bench_startup.py --mixes Q4_K_M,Q6_K,Q8_0,IQ4_XS --imatrix --report
-    python benchmarks/bench_startup.py --no-warm                # without the job-start parallel compile
-    python benchmarks/bench_startup.py --precompile Q4_K,Q6_K   # `gguf-kquant precompile` first, then the job
+    python benchmarks/bench_startup.py                                   # this interpreter's gguf_kquant
+    python benchmarks/bench_startup.py --python /tmp/fr/bin/python \\
+        --mixes Q4_K_M,Q2_K,Q3_K_M,Q5_K_M,Q6_K,Q8_0,IQ4_XS --imatrix --report   # an installed wheel
+    python benchmarks/bench_startup.py --no-warm                         # without the job-start parallel compile
 
-Every run is a fresh process (``python -m gguf_kquant quantize fixtures/tiny-llama-f16.gguf OUT MIX``) with
-``NUMBA_CACHE_DIR`` pointing to a new empty temporary folder for the cold run; the warm run reuses that folder.
-Printed per run: wall seconds and CPU seconds (user + system of the process and every worker it waited for:
-on a shared machine the CPU figure is the one to compare; wall is what a user on an idle machine sees).
-Goal (issue 10): the Q4_K_M command <= 5 s wall on a 2-core machine with an empty cache.
+Every run is a fresh process of ``--python`` (an interpreter whose ``gguf_kquant`` is the one to measure:
+``pip install .`` into a fresh venv ships the compiled kernels inside the package, see setup.py):
+
+* **shipped**: the package's own cache as installed (``gguf_kquant/_nbcache``), ``NUMBA_CACHE_DIR`` unset and
+  an empty ``XDG_CACHE_HOME``; the package's cache folder is restored to its installed state after each
+  case, so every case is a true first use.  ``new`` counts the cache files the run wrote (kernels it had to
+  compile: 0 when the wheel carries everything the case needs).
+* **no shipped cache**: ``NUMBA_CACHE_DIR`` = a new empty folder (cold), then the same folder again (warm):
+  what a fresh install costs without the shipped kernels (an editable install, or another CPU model).
+
+The first case is the README's first command: ``gguf-kquant quantize ... Q4_K_M`` then ``gguf-kquant inspect``
+(two processes, times summed).  Imatrix cases use an importance-matrix file (llama.cpp's legacy format, all
+ones) with ``--imatrix``.  Times are wall and CPU (user + system of the process and every worker it waited
+for; on a shared machine CPU is the figure to compare).  Goal (issue 10): the first command <= 5 s wall on a
+2-core machine, and no first-use stall above 2 s.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,69 +37,117 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "fixtures" / "tiny-llama-f16.gguf"
 
-# --imatrix: the API with an all-ones importance matrix for every tensor (the CLI path needs a file)
-IMATRIX_JOB = """
+WRITE_IMATRIX = """
 import sys, numpy as np, gguf_kquant
-src, dst, mix = sys.argv[1:4]
-with gguf_kquant.open(src) as f:
+from gguf_kquant.model.imatrix import write_legacy_imatrix
+with gguf_kquant.open(sys.argv[1]) as f:
     im = {t.name: np.ones(t.shape[-1], np.float32) for t in f.tensors if len(t.shape) > 1}
-gguf_kquant.quantize_model(src, dst, mix, imatrix=im, overwrite=True, quiet=True)
+write_legacy_imatrix(sys.argv[2], im)
+"""
+WHERE = "import gguf_kquant._jitcache as j; print(j.package_cache_dir())"
+
+
+class Failed(Exception):
+    pass
+
+
+def run(cmds: list, env: dict) -> tuple:
+    """(wall s, CPU s) of fresh processes run in turn (and the children they waited for)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    for cmd in cmds:
+        p = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if p.returncode:  # e.g. a mix that needs an importance matrix
+            raise Failed(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}")
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def cases(py: str, mixes: list, imatrix: Path, report: bool, out: Path) -> list:
+    """(label, commands) per case; the first is the README's first command."""
+    q = [py, "-m", "gguf_kquant", "quantize", "--overwrite", "--quiet", str(FIXTURE)]
+    out_cases = [("README Q4_K_M+inspect", [q + [str(out), "Q4_K_M"], [py, "-m", "gguf_kquant", "inspect", str(out)]])]
+    for mix in mixes:
+        out_cases.append((mix, [q + [str(out), mix]]))
+        if imatrix:
+            out_cases.append((f"{mix} imatrix", [q + [str(out), mix, "--imatrix", str(imatrix)]]))
+        if report:
+            out_cases.append((f"{mix} --report", [q + [str(out), mix, "--report", str(out) + ".json"]]))
+    return out_cases
+
+
+NEEDS_IMATRIX = """
+import sys
+from gguf_kquant.model import mixes
+mix = sys.argv[1]
+print(mixes.MIXES.get(mix, (None, None))[1] in mixes.IMATRIX_REQUIRED[None] or mix in mixes.IMATRIX_REQUIRED)
 """
 
 
-def run(cmd, cache_dir: str, no_warm: bool) -> tuple:
-    """(wall s, CPU s) of one fresh process (and the children it waited for)."""
-    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
-    env.pop("GGUF_KQUANT_NO_WARM", None)
-    if no_warm:
-        env["GGUF_KQUANT_NO_WARM"] = "1"
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu
+def needs_imatrix(py: str, mix: str, env: dict) -> bool:
+    """llama-quantize refuses these mixes without an importance matrix (asked of the measured package)."""
+    if mix == "README":
+        return False
+    out = subprocess.run([py, "-c", NEEDS_IMATRIX, mix], env=env, capture_output=True, text=True)
+    return out.stdout.strip() == "True"
 
 
-def job(mix: str, out: Path, imatrix: bool, report: bool) -> list:
-    if imatrix:
-        return [sys.executable, "-c", IMATRIX_JOB, str(FIXTURE), str(out), mix]
-    cmd = [sys.executable, "-m", "gguf_kquant", "quantize", str(FIXTURE), str(out), mix, "--overwrite", "--quiet"]
-    if report:
-        cmd += ["--report", str(out) + ".json"]
-    return cmd
+def _files(d: Path) -> set:
+    return {p for p in d.rglob("*") if p.suffix in (".nbi", ".nbc")} if d.is_dir() else set()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--python", default=sys.executable, help="interpreter whose gguf_kquant to measure")
     ap.add_argument("--mixes", default="Q4_K_M")
-    ap.add_argument("--imatrix", action="store_true", help="also each mix with an importance matrix")
+    ap.add_argument("--imatrix", action="store_true", help="also each mix with an importance-matrix file")
     ap.add_argument("--report", action="store_true", help="also each mix with --report")
     ap.add_argument("--no-warm", action="store_true", help="GGUF_KQUANT_NO_WARM=1: no job-start parallel compile")
-    ap.add_argument("--precompile", default=None, metavar="TYPES",
-                    help="run `gguf-kquant precompile TYPES` (comma-separated) in the empty cache first")
+    ap.add_argument("--no-cold", action="store_true", help="skip the no-shipped-cache columns (the slow ones)")
     args = ap.parse_args()
-    print(f"{'case':<24} {'cold wall':>10} {'cold CPU':>9} {'warm wall':>10} {'warm CPU':>9}")
-    variants = [("", False, False)]
-    if args.imatrix:
-        variants.append((" imatrix", True, False))
-    if args.report:
-        variants.append((" --report", False, True))
+    base = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME",
+                                                             "GGUF_KQUANT_NO_WARM")}
+    if args.no_warm:
+        base["GGUF_KQUANT_NO_WARM"] = "1"
+    shipped = Path(subprocess.run([args.python, "-c", WHERE], env=base, check=True, capture_output=True,
+                                  text=True).stdout.strip())
+    print(f"package cache: {shipped} ({len(_files(shipped))} files as installed)")
+    print(f"{'case':<24} {'shipped wall':>12} {'CPU':>6} {'new':>4} | {'no shipped: cold wall':>21} {'CPU':>6}"
+          f" {'warm wall':>9} {'CPU':>6}")
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
-        for mix in args.mixes.split(","):
-            for label, imatrix, report in variants:
-                cache = tempfile.mkdtemp(dir=tmp, prefix="numba-")
-                out = Path(tmp) / f"out-{mix}.gguf"
-                cmd = job(mix, out, imatrix, report)
-                pre = ""
-                if args.precompile:
-                    pw, pc = run([sys.executable, "-m", "gguf_kquant", "precompile", "--quiet",
-                                  *args.precompile.split(",")], cache, args.no_warm)
-                    pre = f"   (precompile {pw:.1f} s wall, {pc:.1f} s CPU)"
-                cw, cc = run(cmd, cache, args.no_warm)
-                ww, wc = run(cmd, cache, args.no_warm)
-                print(f"{mix + label:<24} {cw:9.2f}s {cc:8.2f}s {ww:9.2f}s {wc:8.2f}s{pre}", flush=True)
+        tmp = Path(tmp)
+        pristine = tmp / "pristine"
+        if shipped.is_dir():
+            shutil.copytree(shipped, pristine)
+        imatrix = None
+        if args.imatrix:
+            imatrix = tmp / "imatrix.dat"
+            subprocess.run([args.python, "-c", WRITE_IMATRIX, str(FIXTURE), str(imatrix)], env=base, check=True)
+        for label, cmds in cases(args.python, args.mixes.split(","), imatrix, args.report, tmp / "out.gguf"):
+            if needs_imatrix(args.python, label.split()[0], base):
+                if not imatrix or "imatrix" in label:
+                    continue  # the mix's imatrix row measures it
+                label, cmds = label + " +im", [c + ["--imatrix", str(imatrix)] for c in cmds]
+            xdg = tempfile.mkdtemp(dir=tmp, prefix="xdg-")
+            had = _files(shipped)
+            try:
+                sw, sc = run(cmds, dict(base, XDG_CACHE_HOME=xdg))
+            except Failed as e:
+                print(f"{label:<24} failed: {e}", flush=True)
+                continue
+            finally:
+                new = len(_files(shipped) - had) + len(_files(Path(xdg)))
+                if pristine.is_dir():  # the next case meets the cache as installed again
+                    shutil.rmtree(shipped)
+                    shutil.copytree(pristine, shipped)
+            line = f"{label:<24} {sw:11.2f}s {sc:5.1f}s {new:4d} |"
+            if not args.no_cold:
+                env = dict(base, NUMBA_CACHE_DIR=tempfile.mkdtemp(dir=tmp, prefix="numba-"))
+                cw, cc = run(cmds, env)
+                ww, wc = run(cmds, env)
+                line += f" {cw:20.2f}s {cc:5.1f}s {ww:8.2f}s {wc:5.1f}s"
+            print(line, flush=True)
     print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     return 0
 

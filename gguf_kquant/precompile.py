@@ -1,8 +1,10 @@
 """Fill Numba's cache ahead of use: ``gguf-kquant precompile [TYPE ...] [--all]``, and the job-start warm-up.
 
 Kernels are compiled lazily (``cache=True``): the first call of each (type, operation) compiles it — seconds
-per kernel — and writes the result to the cache, which every later process loads in milliseconds.  Two ways
-to pay that cost less visibly:
+per kernel — and writes the result to the cache, which every later process loads in milliseconds.  A wheel
+(``pip install .``) ships every kernel compiled: setup.py calls :func:`build_cache` on the build's copy of the
+package (where the cache lives and why it survives installation: :mod:`gguf_kquant._jitcache`).  Without it
+(an editable install, another CPU model, another Numba version), two ways to pay that cost less visibly:
 
 * :func:`precompile` compiles the kernels of the given types in worker processes (one kernel per job, as
   many jobs at once as there are cores), so a CI image or a container can be built with a warm cache;
@@ -26,7 +28,7 @@ import numpy as np
 from .types import TYPES, GGMLType, Imatrix, type_info
 
 __all__ = ["Job", "jobs_for", "jobs_for_plan", "compile_job", "precompile", "warm_for_plan", "is_cached",
-           "cache_dir"]
+           "cache_dir", "build_cache"]
 
 Job = tuple  # (type name, op): op one of types.OPS
 
@@ -124,12 +126,25 @@ def is_cached(job: Job) -> bool:
 
 
 def cache_dir() -> str:
-    """The folder Numba caches this package's kernels in, as this process resolved it (NUMBA_CACHE_DIR, else
-    gguf_kquant/codecs/__pycache__ if writable, else ~/.cache/numba/..., else the fallback described in
-    gguf_kquant's docstring)."""
+    """The folder Numba caches this package's kernels in, as this process resolved it (the precedence is in
+    :mod:`gguf_kquant._jitcache`: NUMBA_CACHE_DIR, else gguf_kquant/_nbcache, else a per-user folder, ...)."""
     from .codecs import _row_max_abs_bits
 
     return _row_max_abs_bits._cache._cache_path
+
+
+def build_cache(processes: Optional[int] = None, jobs: Optional[Sequence[Job]] = None, on_done=None) -> dict:
+    """The wheel-build step (setup.py): compile every kernel (or ``jobs``) into this copy of the package's
+    ``_nbcache``, so that the installed wheel compiles nothing on first use.  Refuses to write anywhere else
+    (NUMBA_CACHE_DIR set, or the package folder read-only): a wheel without its cache would pass unnoticed."""
+    from . import _jitcache
+    from .errors import GGUFError
+
+    where = os.path.realpath(cache_dir())
+    if not where.startswith(os.path.realpath(_jitcache.package_cache_dir()) + os.sep):
+        raise GGUFError(f"the kernel cache resolves to {where}, not inside the package being built "
+                        f"({_jitcache.package_cache_dir()}): unset NUMBA_CACHE_DIR")
+    return precompile(jobs_for() if jobs is None else jobs, processes=processes, on_done=on_done)
 
 
 def _worker_count(n_jobs: int, processes: Optional[int]) -> int:
@@ -220,6 +235,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ops", default=None,
                         help="comma-separated operations: quantize, quantize_imatrix, dequantize (default: all)")
     parser.add_argument("-j", "--jobs", type=int, default=None, help="worker processes (default: usable cores)")
+    parser.add_argument("--clear", action="store_true",
+                        help="delete every cached kernel of this package (all the places of `gguf_kquant._jitcache`, "
+                             "including what `pip uninstall` leaves behind) instead of compiling")
     parser.add_argument("--quiet", action="store_true", help="print nothing")
 
 
@@ -229,6 +247,15 @@ def run(args) -> int:
     from .errors import GGUFError
     from .types import OPS
 
+    if args.clear:
+        if args.types or args.all or args.ops:
+            raise GGUFError("--clear takes no types, --all or --ops: it deletes every cached kernel")
+        from ._jitcache import clear
+
+        n = clear()
+        if not args.quiet:
+            print(f"{n} cached kernel files removed", file=sys.stderr)
+        return 0
     if bool(args.types) == bool(args.all):
         raise GGUFError("give the types to compile (e.g. Q4_K Q6_K) or --all, not both")
     ops = None if args.ops is None else [o.strip() for o in args.ops.split(",") if o.strip()]

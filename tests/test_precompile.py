@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,7 +98,8 @@ def test_jobs_for_types_and_plan(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["precompile"], ["precompile", "Q4_K", "--all"], ["precompile", "Q9_K"],
-                                  ["precompile", "Q4_K", "--ops", "encode"], ["precompile", "Q4_K", "-j", "0"]])
+                                  ["precompile", "Q4_K", "--ops", "encode"], ["precompile", "Q4_K", "-j", "0"],
+                                  ["precompile", "--clear", "Q4_K"]])
 def test_precompile_misuse_is_one_line(argv, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
@@ -140,3 +142,125 @@ def test_warm_for_plan_compiles_the_missing_kernels_in_parallel_processes(tmp_pa
     assert got["before"] == [False, False] and got["after"] == [True, True]
     names = " ".join(_cache_files(cache))
     assert "floats._quantize_f16_rows" in names and "legacy._quantize_q8_0_rows" in names
+
+
+# ------------------------------------------------------------------------------------------------------
+# the package's own cache (gguf_kquant/_jitcache.py): inside the package, keyed by source content, shipped
+# in the wheel.  Each test works on a copy of the package, never on this tree's cache.
+# ------------------------------------------------------------------------------------------------------
+# Runs in a fresh process on a copy of the package: quantize Q8_0 as CHILD does, report real compiles, the
+# cache folder, and the cache hits of the Q8_0 row kernel.  READ_ONLY=1 simulates a read-only installation
+# (root can write anywhere): the locator's writability test answers False inside the package.
+COPY_CHILD = CHILD.replace("import gguf_kquant\n", """
+import os
+if os.environ.get("READ_ONLY"):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gguf_kquant._jitcache", os.environ["PKG"] + "/_jitcache.py")
+    jc = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = jc
+    spec.loader.exec_module(jc)
+    _w = jc._writable
+    jc._writable = lambda p: False if p.startswith(os.environ["PKG"]) else _w(p)
+import gguf_kquant
+""", 1).replace('print(json.dumps({', """from gguf_kquant.codecs import legacy
+from gguf_kquant.precompile import cache_dir
+print(json.dumps({"dir": cache_dir(), "file": gguf_kquant.__file__,
+                  "hits": sum(legacy._quantize_q8_0_rows.stats.cache_hits.values()),""", 1)
+
+
+def _copy_package(dest: Path, preserve_mtimes: bool = True) -> Path:
+    """A copy of the package without any cache; copied like pip does (new mtimes) unless preserve_mtimes."""
+    shutil.copytree(ROOT / "gguf_kquant", dest / "gguf_kquant",
+                    ignore=shutil.ignore_patterns("__pycache__", "_nbcache"),
+                    copy_function=shutil.copy2 if preserve_mtimes else shutil.copyfile)
+    return dest / "gguf_kquant"
+
+
+def _run_copy(site: Path, tmp_path: Path, code: str = COPY_CHILD, **env_extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME")}
+    env.update(PYTHONPATH=str(site), XDG_CACHE_HOME=str(tmp_path / "xdg"), GGUF_KQUANT_NO_WARM="1",
+               PKG=str(site / "gguf_kquant"), **env_extra)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=site, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["file"] == str(site / "gguf_kquant" / "__init__.py")
+    return got
+
+
+WHERE = """
+import json, gguf_kquant
+from gguf_kquant.precompile import cache_dir
+print(json.dumps({"dir": cache_dir(), "file": gguf_kquant.__file__}))
+"""
+
+BUILD = """
+from gguf_kquant.precompile import build_cache
+build_cache(processes=1, jobs=[("Q8_0", "quantize"), ("Q8_0", "dequantize")])
+"""
+
+
+def test_a_built_cache_loads_after_installation_and_is_keyed_by_content(tmp_path):
+    """setup.py's build step on a tiny subset, then the "installed" copy (elsewhere, new mtimes) compiles
+    nothing; touching a source keeps the entries; changing its content recompiles its kernels."""
+    build = tmp_path / "build"
+    _copy_package(build)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    proc = subprocess.run([sys.executable, "-c", BUILD], env=dict(env, PYTHONPATH=str(build)), cwd=build,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    built = _cache_files(build / "gguf_kquant" / "_nbcache")
+    assert any("legacy._quantize_q8_0_rows" in f for f in built)
+
+    site = tmp_path / "site"  # installed: a different path, every file with a new mtime, the cache with it
+    shutil.copytree(build / "gguf_kquant", site / "gguf_kquant", copy_function=shutil.copyfile)
+    got = _run_copy(site, tmp_path)
+    assert got["dir"] == str(site / "gguf_kquant" / "_nbcache" / "codecs")
+    assert got["compiled"] == [] and got["hits"] == 1
+    assert _cache_files(site / "gguf_kquant" / "_nbcache") == built
+
+    other_cpu = _run_copy(site, tmp_path, NUMBA_CPU_NAME="generic")  # another CPU model: a miss, added
+    assert "_quantize_q8_0_rows" in other_cpu["compiled"] and other_cpu["q"] == got["q"]
+    assert _run_copy(site, tmp_path)["compiled"] == []  # this CPU's entries are still there
+
+    legacy = site / "gguf_kquant" / "codecs" / "legacy.py"
+    st = legacy.stat()
+    os.utime(legacy, (st.st_atime + 1000, st.st_mtime + 1000))
+    assert _run_copy(site, tmp_path)["compiled"] == []
+
+    legacy.write_text(legacy.read_text() + "\n# changed\n")
+    got = _run_copy(site, tmp_path)
+    assert "_quantize_q8_0_rows" in got["compiled"] and got["hits"] == 0
+    assert "fp32_to_fp16_bits" not in got["compiled"]  # helpers.py unchanged: still loaded from the cache
+
+
+def test_the_cache_is_in_the_package_when_writable_else_per_user_seeded_from_it(tmp_path):
+    site = tmp_path / "site"
+    pkg = _copy_package(site, preserve_mtimes=False)
+    first = _run_copy(site, tmp_path)
+    assert first["dir"] == str(pkg / "_nbcache" / "codecs") and first["compiled"]
+    shipped = _cache_files(pkg / "_nbcache")
+
+    ro = _run_copy(site, tmp_path, READ_ONLY="1")
+    user = Path(ro["dir"])
+    assert user.parent.parent == tmp_path / "xdg" / "gguf-kquant" and user.name == "codecs"
+    assert ro["compiled"] == [] and ro["hits"] == 1  # the shipped entries, copied to the user folder
+    assert set(shipped) <= set(_cache_files(user)) and _cache_files(pkg / "_nbcache") == shipped
+
+    assert ro["q"] == first["q"] and ro["y"] == first["y"]
+
+    nc = tmp_path / "numba-cache-dir"  # NUMBA_CACHE_DIR wins over both (Numba's own layout there)
+    mine = _run_copy(site, tmp_path, code=WHERE, NUMBA_CACHE_DIR=str(nc))
+    assert Path(mine["dir"]).parent == nc
+    for f in (pkg / "_nbcache" / "codecs").iterdir():  # entries as a run there would have written them
+        shutil.copy(f, mine["dir"])
+
+    n = len(shipped) + len(_cache_files(user)) + len(_cache_files(nc))
+    clear = subprocess.run([sys.executable, "-m", "gguf_kquant", "precompile", "--clear"], cwd=site,
+                           env=dict({k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"},
+                                    PYTHONPATH=str(site), XDG_CACHE_HOME=str(tmp_path / "xdg"),
+                                    NUMBA_CACHE_DIR=str(nc)),
+                           capture_output=True, text=True, timeout=600)
+    assert clear.returncode == 0, clear.stderr
+    assert f"{n} cached kernel files removed" in clear.stderr
+    assert not _cache_files(pkg) and not _cache_files(tmp_path / "xdg") and not _cache_files(nc)
