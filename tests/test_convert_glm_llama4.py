@@ -145,6 +145,7 @@ def built(tmp_path_factory):
     jobs += [(root / "llama4-bf16", root / f"llama4-bf16.{t}.theirs.gguf", t.lower(), PRE["llama4"])
              for t in ("F16", "BF16")]
     jobs += [(root / f"{a}-sparse", root / f"{a}-sparse.F16.theirs.gguf", "f16", PRE[a]) for a in FAMILIES]
+    jobs += [(root / a, root / f"{a}.vocab.theirs.gguf", "f16", PRE[a], "--vocab-only") for a in FAMILIES]
     vendor_convert_jobs(jobs)
     return root, models
 
@@ -196,6 +197,14 @@ def test_glm_special_tokens(built):
     tokens = meta["tokenizer.ggml.tokens"][2]
     for key, tok in (("bos", "[gMASK]"), ("eot", "<|user|>"), ("eom", "<|observation|>"), ("unknown", "<|endoftext|>")):
         assert tokens[meta[f"tokenizer.ggml.{key}_token_id"][2]] == tok
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_vocab_only_matches_convert_hf_to_gguf(built, arch):
+    root, _ = built
+    ours = root / f"{arch}.vocab.ours.gguf"
+    gguf_kquant.convert_hf(root / arch, ours, vocab_only=True)
+    assert_same_gguf(ours, root / f"{arch}.vocab.theirs.gguf")
 
 
 PROMPT = "Hello world, 12345 Ünïcödé 🦙 and more text, long enough for two dozen tokens"
