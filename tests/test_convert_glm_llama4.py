@@ -124,6 +124,19 @@ def _sparse_config(src, dst, drop):
     (dst / "config.json").write_text(json.dumps(cfg))
 
 
+def _legacy_config(src, dst):
+    """A copy of checkpoint ``src`` whose config.json has the transformers-4 form released checkpoints ship:
+    rope_theta, partial_rotary_factor and rope_scaling at the top level instead of rope_parameters."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    if "partial_rotary_factor" in rope:
+        cfg["partial_rotary_factor"] = rope.pop("partial_rotary_factor") / 2  # another value than the default
+    cfg["rope_scaling"] = rope if rope.get("rope_type") != "default" else None
+    (dst / "config.json").write_text(json.dumps(cfg))
+
+
 # config.json keys whose values in our checkpoints are transformers' defaults
 GLM_DEFAULTED = ("n_group", "topk_group", "n_shared_experts", "first_k_dense_replace", "norm_topk_prob",
                  "num_nextn_predict_layers", "rms_norm_eps", "rope_parameters")
@@ -144,7 +157,10 @@ def built(tmp_path_factory):
     jobs = [(root / a, root / f"{a}.{t}.theirs.gguf", t.lower(), PRE[a]) for a in PRE for t in OUTTYPES]
     jobs += [(root / "llama4-bf16", root / f"llama4-bf16.{t}.theirs.gguf", t.lower(), PRE["llama4"])
              for t in ("F16", "BF16")]
-    jobs += [(root / f"{a}-sparse", root / f"{a}-sparse.F16.theirs.gguf", "f16", PRE[a]) for a in FAMILIES]
+    for a in FAMILIES:
+        _legacy_config(root / a, root / f"{a}-legacy")
+    jobs += [(root / f"{a}-{v}", root / f"{a}-{v}.F16.theirs.gguf", "f16", PRE[a])
+             for a in FAMILIES for v in ("sparse", "legacy")]
     jobs += [(root / a, root / f"{a}.vocab.theirs.gguf", "f16", PRE[a], "--vocab-only") for a in FAMILIES]
     vendor_convert_jobs(jobs)
     return root, models
@@ -172,13 +188,17 @@ def test_matches_convert_hf_to_gguf(built, arch, ftype):
         assert not any(n.startswith(("v.", "mm.")) for n in shapes)  # no vision tower in the text model
 
 
+@pytest.mark.parametrize("variant", ["sparse", "legacy"])
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_config_defaults_are_transformers(built, arch):
-    """config.json without the keys transformers fills in (AutoConfig, which the script reads): the same file."""
+def test_config_forms_read_as_transformers_does(built, arch, variant):
+    """config.json without the keys transformers fills in (AutoConfig, which the script reads), or in the
+    transformers-4 form: the same file as the script's."""
     root, _ = built
-    ours = root / f"{arch}-sparse.F16.ours.gguf"
-    gguf_kquant.convert_hf(root / f"{arch}-sparse", ours, "F16")
-    assert_same_gguf(ours, root / f"{arch}-sparse.F16.theirs.gguf")
+    ours = root / f"{arch}-{variant}.F16.ours.gguf"
+    gguf_kquant.convert_hf(root / f"{arch}-{variant}", ours, "F16")
+    meta = assert_same_gguf(ours, root / f"{arch}-{variant}.F16.theirs.gguf")
+    if arch == "glm4moe" and variant == "legacy":
+        assert meta["glm4moe.rope.dimension_count"][2] == 8  # partial_rotary_factor 0.25 of head_dim 32
 
 
 @pytest.mark.parametrize("ftype", ["F16", "BF16"])
