@@ -9,6 +9,7 @@ Models and imatrices come from tests/test_model_quantize.py (where local runs ar
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 
@@ -54,6 +55,17 @@ def _no_leftovers(folder, expected):
     assert not list(folder.glob(TEMP_PREFIX + "*"))
 
 
+def _same_report(ours, theirs):
+    """The local run's report (BLAS on one thread in a worker: the statistics' last bits may differ)."""
+    a, b = json.loads(ours.read_text()), json.loads(theirs.read_text())
+    assert len(a["tensors"]) > 10
+    assert {k: v for k, v in a.items() if k != "tensors"} == {k: v for k, v in b.items() if k != "tensors"}
+    nums = ("rmse", "max_abs_error", "cosine")
+    for x, y in zip(a["tensors"], b["tensors"], strict=True):
+        assert {k: x[k] for k in x if k not in nums} == {k: y[k] for k in y if k not in nums}
+        assert [x[k] for k in nums] == pytest.approx([y[k] for k in nums], rel=1e-12), x["name"]
+
+
 CASES = [  # model, mix, imatrix, options
     ("gqa", "Q4_K_M", False, {}),
     ("moe", "Q4_K_S", True, {}),  # per-expert imatrix; row ranges that cross expert boundaries
@@ -80,16 +92,8 @@ def test_same_bytes_as_a_local_run(client, models, imatrices, tmp_path, small_ta
     for ours, theirs in zip(res.paths, local.paths):
         _check_same(ours, theirs)
     assert res.dst_nbytes == local.dst_nbytes
-    if split:  # the report has the local run's numbers (BLAS on one thread in a worker: last bits may differ)
-        import json
-
-        a, b = json.loads((tmp_path / "r.json").read_text()), json.loads((tmp_path / "r-local.json").read_text())
-        assert len(a["tensors"]) > 10
-        assert {k: v for k, v in a.items() if k != "tensors"} == {k: v for k, v in b.items() if k != "tensors"}
-        for x, y in zip(a["tensors"], b["tensors"], strict=True):
-            nums = ("rmse", "max_abs_error", "cosine")
-            assert {k: x[k] for k in x if k not in nums} == {k: y[k] for k in y if k not in nums}
-            assert [x[k] for k in nums] == pytest.approx([y[k] for k in nums], rel=1e-12), x["name"]
+    if split:
+        _same_report(tmp_path / "r.json", tmp_path / "r-local.json")
     else:
         assert any(t.work.rows is not None and t.work.rows[0] > 0 for t in small_tasks)  # some tensors were split
     assert not list(tmp_path.glob(TEMP_PREFIX + "*"))
@@ -237,3 +241,24 @@ def test_cli_dask(client, models, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in err
     assert not (tmp_path / "no.gguf").exists()
+
+
+def test_several_outputs_in_one_pass(client, models, imatrices, tmp_path, monkeypatch):
+    """stream_outputs_on_cluster in place of multi's local streaming (wired here by hand: the hook in
+    multi.quantize_outputs is the integrator's): each output, split, is its own local run's bytes."""
+    from gguf_kquant.model import multi
+
+    monkeypatch.setattr(multi, "_stream_all", lambda *a: D.stream_outputs_on_cluster(client, *a))
+    src, im = models["moe"], imatrices["moe"][0]
+    outs = {tmp_path / "a.gguf": "Q4_K_M", tmp_path / "b.gguf": "Q6_K", tmp_path / "c.gguf": "Q4_K_S"}
+    res = gguf_kquant.quantize_model(src, outs, imatrix=im, split_max_tensors=20,
+                                     report={tmp_path / "a.gguf": tmp_path / "a.json"})
+    for dst, mix in outs.items():
+        report = {"report": tmp_path / "local.json"} if mix == "Q4_K_M" else {}
+        local = gguf_kquant.quantize_model(src, tmp_path / f"local-{mix}.gguf", mix, imatrix=im, split_max_tensors=20,
+                                           **report)
+        assert len(res[dst].paths) == len(local.paths) > 1
+        for a, b in zip(res[dst].paths, local.paths):
+            _check_same(a, b)
+    _same_report(tmp_path / "a.json", tmp_path / "local.json")
+    assert not list(tmp_path.glob(TEMP_PREFIX + "*"))

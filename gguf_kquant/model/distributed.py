@@ -35,9 +35,12 @@ work; one that cannot be sent is a :class:`ClusterError` naming the tensor.
 Workers need the source, the destination folder and the same package versions; nothing else is copied to
 them but each task's imatrix values.  ``threads`` is the codec threads per task (default 1: the Dask
 worker threads are the parallelism).  ``report=`` works (tensors are then not split, so that each task
-measures a whole tensor).  Several outputs in one pass (``dst`` a mapping) do not run on a cluster.  The
-result is a local run's :class:`~gguf_kquant.model.quantize.QuantizeResult` plus ``worker_seconds``:
-``{tensor name: seconds the workers spent on it}`` (what per-worker throughput is measured from).
+measures a whole tensor).  Several outputs in one pass: :func:`stream_outputs_on_cluster` is
+:mod:`~gguf_kquant.model.multi`'s streaming step on a cluster (one task per source tensor, read once, writes
+every output's bytes); ``quantize_model({path: mix}, client=...)`` is refused until ``quantize_outputs``
+hands its client to it.  The result is a local run's :class:`~gguf_kquant.model.quantize.QuantizeResult` plus
+``worker_seconds`` and ``worker_cpu_seconds``: ``{tensor name: seconds (CPU seconds) the workers spent on it}``
+(what per-worker throughput is measured from).
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ from ..errors import GGUFError, GGUFIOError, QuantizeError, WriteError
 from ..types import TYPES
 from .planner import PlanRow
 
-__all__ = ["quantize_on_cluster", "convert_on_cluster", "connect", "check_workers", "ClusterError", "TASK_BYTES"]
+__all__ = ["quantize_on_cluster", "convert_on_cluster", "stream_outputs_on_cluster", "connect", "check_workers",
+           "ClusterError", "TASK_BYTES"]
 
 TASK_BYTES = 64 * 2**20  # source bytes of one task at most: larger tensors are split into row ranges
 MIN_TASK_BYTES = 4 * 2**20  # ... but no smaller than this when a small model is spread over many workers
@@ -238,6 +242,27 @@ class _Produce:
 
 
 @dataclass(frozen=True)
+class _MultiTensor:
+    """One source tensor for several outputs at once (multi-output's slabs: read once, each distinct type
+    quantized once); each output's bytes go to its own file and offset (``places``)."""
+
+    rows: tuple  # one PlanRow per output
+    source: _Source
+    places: tuple  # one (temp file, offset, nbytes) per output
+    imatrix: Optional[np.ndarray]
+    threads: int
+    stats: tuple  # per output: whether it wants a report
+
+    @property
+    def name(self) -> str:
+        return self.rows[0].name
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _p, _o, n in self.places)
+
+
+@dataclass(frozen=True)
 class _Task:
     """``nbytes`` bytes of tensor ``name`` at ``offset`` of the temp file ``out``, made by ``work``."""
 
@@ -283,6 +308,42 @@ def run_task(task: _Task) -> tuple:
     finally:
         os.close(fd)
     return task.name, time.perf_counter() - start, time.thread_time() - cpu, stats[0] if stats else None
+
+
+def run_multi_task(task: _MultiTensor) -> tuple:
+    """Make and write one source tensor's bytes for every output; returns ``(tensor name, seconds, CPU
+    seconds, [report stats or None per output])``."""
+    from .imatrix import Imatrix
+    from .multi import _slabs
+    from .quantize import _Stats
+
+    start, cpu = time.perf_counter(), time.thread_time()
+    im = None if task.imatrix is None else Imatrix({task.name: task.imatrix})
+    stats_of = {r.dst_type: _Stats(r) for r, want in zip(task.rows, task.stats) if want and r.convert}
+    fds = {}
+    try:
+        for path in dict.fromkeys(p for p, _o, _n in task.places):
+            try:
+                fds[path] = os.open(path, os.O_WRONLY | _O_CLOEXEC)  # never O_CREAT
+            except OSError as exc:
+                raise GGUFIOError.wrap(path, exc, "cannot open the output's temp file") from None
+        pos = [offset for _p, offset, _n in task.places]
+        for chunks in _slabs(task.source, list(task.rows), im, task.threads, stats_of):
+            for k, ((path, _o, _n), chunk) in enumerate(zip(task.places, chunks)):
+                pos[k] = _pwrite(fds[path], chunk, pos[k], path)
+        for (path, offset, nbytes), end in zip(task.places, pos):
+            if end != offset + nbytes:
+                raise WriteError(f"tensor {task.name}: {end - offset} bytes made, planned {nbytes}")
+        for path, fd in fds.items():
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                raise GGUFIOError.wrap(path, exc, "fsync failed") from None
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    stats = [stats_of[r.dst_type].result() if want and r.convert else None for r, want in zip(task.rows, task.stats)]
+    return task.name, time.perf_counter() - start, time.thread_time() - cpu, stats
 
 
 def _split(row: PlanRow, task_bytes: int) -> list:
@@ -338,7 +399,8 @@ def quantize_on_cluster(client, src, dst, ftype=None, *, imatrix=None, include_w
 
     t0 = time.perf_counter()
     if isinstance(dst, Mapping):
-        raise QuantizeError("several outputs in one pass do not run on a Dask cluster; give one dst and mix")
+        raise QuantizeError("several outputs in one pass do not run on a Dask cluster yet; quantize each output "
+                            "with client= on its own")
     if ftype is None:
         raise QuantizeError("no quantization mix given (ftype)")
     mix, _file_type, _default = parse_mix(ftype)
@@ -383,7 +445,7 @@ def quantize_on_cluster(client, src, dst, ftype=None, *, imatrix=None, include_w
 
         def side(stats):
             result.report = [stats[r.name] for r in plan.rows if r.name in stats]
-            return render_report(result.report, plan, result)
+            return [render_report(result.report, plan, result)]
 
         result.paths, _stats, result.worker_seconds, result.worker_cpu_seconds = _execute(
             client, shards, targets, sources, make_tasks, done, side if report is not None else None)
@@ -454,9 +516,9 @@ def _made_on_workers():
 
 
 def _execute(client, shards, targets, sources, make_tasks, done, side=None) -> tuple:
-    """Temp files sized and headed, workers probed, tasks run, sizes checked, the side file (``side(stats)``,
-    the report) written, everything committed.  Returns (paths, stats, seconds, CPU seconds) — the last three
-    ``{tensor name: ...}``."""
+    """Temp files sized and headed, workers probed, tasks run, sizes checked, the side files (``side(stats)``:
+    the bytes of each target after the shards, the reports) written, everything committed.  Returns (paths,
+    stats, seconds, CPU seconds) — the last three ``{tensor name: ...}``."""
     from ..safeio import AtomicFiles
 
     with AtomicFiles(targets) as out:
@@ -470,10 +532,59 @@ def _execute(client, shards, targets, sources, make_tasks, done, side=None) -> t
             size = os.stat(tmp).st_size
             if size != sp.file_size:
                 raise WriteError(f"{sp.path}: file size {size}, planned {sp.file_size}")
-        if side is not None:
-            out.write_bytes(len(shards), side(stats))
+        for j, data in enumerate(side(stats) if side is not None else ()):
+            out.write_bytes(len(shards) + j, data)
         paths = out.commit()[:len(shards)]
     return paths, stats, seconds, cpu
+
+
+def stream_outputs_on_cluster(client, f, by_name, order, outs, targets, im, threads, progress) -> None:
+    """Several outputs in one pass on a Dask cluster: what :func:`gguf_kquant.model.multi._stream_all` does
+    locally (same arguments but the client first), with one task per source tensor that writes every output's
+    bytes at their planned offsets.  Fills each output's report list ``o.stats`` in write order."""
+    from .multi import _say_tensor
+    from .quantize import QuantizeResult, _imatrix_for
+    from .report import render_report
+
+    threads = threads or 1
+    client, owned = connect(client)
+    try:
+        shards = [sp for o in outs for sp in o.shards]
+        rows = {name: [o.rows[name] for o in outs] for name in order}
+
+        def make_tasks(temps, _slots):
+            first, places = 0, {}  # every output holds every tensor: (output, name) -> its place
+            for k, o in enumerate(outs):
+                mine = _places(o.shards, temps[first:first + len(o.shards)])
+                places.update({(k, n): v for n, v in mine.items()})
+                first += len(o.shards)
+            tasks = []
+            for name in order:
+                t, rs = by_name[name], rows[name]
+                w = _imatrix_for(rs[0], im) if any(r.convert for r in rs) else None
+                tasks.append(_MultiTensor(tuple(rs), _Source(t.name, os.path.abspath(t.path), int(t.offset)),
+                                          tuple(places[(k, name)] for k in range(len(outs))), w, threads,
+                                          tuple(o.stats is not None for o in outs)))
+            return tasks
+
+        def side(stats):
+            reports = []
+            for k, o in enumerate(outs):
+                if o.stats is None:
+                    continue
+                o.stats.extend(stats[name][k] for name in order if stats[name][k] is not None)
+                if o.report:
+                    res = QuantizeResult(plan=o.plan, paths=[], src_nbytes=o.plan.src_nbytes,
+                                         dst_nbytes=o.plan.dst_nbytes, n_elements=o.plan.n_elements)
+                    reports.append(render_report(o.stats, o.plan, res))
+            return reports
+
+        sources = [os.path.abspath(p) for p in f.shards]
+        _execute(client, shards, targets, sources, make_tasks,
+                 lambda name, seconds: _say_tensor(progress, im, rows[name], seconds), side)
+    finally:
+        if owned:
+            client.close()
 
 
 def _places(shards, temps) -> dict:
@@ -508,7 +619,8 @@ def _run(client, tasks: list, done) -> tuple:
         parts[task.name] = parts.get(task.name, 0) + 1
     seconds, cpu, stats = dict.fromkeys(parts, 0.0), dict.fromkeys(parts, 0.0), {}
     tag = os.urandom(4).hex()
-    futures = [client.submit(run_task, task, pure=False, key=f"gguf-kquant-{tag}-{i}-{task.name}")
+    futures = [client.submit(run_multi_task if isinstance(task, _MultiTensor) else run_task, task, pure=False,
+                             key=f"gguf-kquant-{tag}-{i}-{task.name}")
                for i, task in enumerate(tasks)]
     try:
         for fut in distributed.as_completed(futures):
