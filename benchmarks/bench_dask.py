@@ -96,6 +96,9 @@ def main(argv=None) -> int:
           f"parameters/s ({cpu1:.2f} CPU s of tasks, {busy:.2f} s task wall time, in a {wall1:.2f} s run); "
           f"2 workers: {cpu2:.2f} CPU s of tasks (x{cpu2 / cpu1:.2f} the work) | load average now "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    busy2 = sum(r2.worker_seconds.values())
+    print(f"share of a core a running task got: 1 worker {cpu1 / busy:.0%}, 2 workers {cpu2 / busy2:.0%} (on idle "
+          f"cores both are near 100% and 2 workers take half the time)")
     by_type = {}
     for r in r1.plan.rows:
         if r.convert:

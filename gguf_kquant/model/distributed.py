@@ -90,6 +90,7 @@ def connect(client, timeout: Optional[float] = None) -> tuple:
     if owned:
         address = os.fspath(client) if isinstance(client, (str, os.PathLike)) else client
         try:
+            _knock(address, timeout)
             client = distributed.Client(address, timeout=timeout, set_as_default=False)
         except (OSError, TimeoutError, ValueError) as exc:
             why = " ".join(str(exc).split()) or type(exc).__name__
@@ -102,6 +103,19 @@ def connect(client, timeout: Optional[float] = None) -> tuple:
         raise ClusterError(f"the Dask scheduler at {client.scheduler.address} has no workers "
                            f"(waited {timeout:g} s)") from None
     return client, owned
+
+
+def _knock(address, timeout: float) -> None:
+    """A TCP scheduler address that refuses connections fails now (Dask's client retries until its timeout)."""
+    import socket
+
+    from distributed.comm import parse_address, parse_host_port
+
+    if not isinstance(address, str) or "://" not in address:
+        return
+    scheme, loc = parse_address(address)
+    if scheme == "tcp":
+        socket.create_connection(parse_host_port(loc), timeout=timeout).close()
 
 
 def _source_digest() -> str:
