@@ -20,7 +20,7 @@ import gguf_kquant
 from gguf_kquant.errors import BadTensorDataError
 from gguf_kquant.model import distributed as D
 from gguf_kquant.safeio import TEMP_PREFIX
-from test_model_quantize import _check_same, imatrices, models, oracle_quantize  # noqa: F401
+from test_model_quantize import _check_same, imatrices, make_imatrix, models, oracle_quantize  # noqa: F401
 
 from distributed import Client, LocalCluster
 
@@ -215,8 +215,14 @@ def test_convert_hf_on_the_cluster(client, tmp_path, arch, mix, split):
 
     d = tmp_path / "hf"
     make_model(arch, d, seed=5)
-    local = convert_hf(d, tmp_path / "local.gguf", mix, split_max_size=split)
-    ours = convert_hf(d, tmp_path / "dask.gguf", mix, split_max_size=split, client=client)
+    kw = {"split_max_size": split}
+    if mix != "F16":  # with an imatrix: each task gets its tensor's values
+        f16 = convert_hf(d, tmp_path / "f16.gguf", "F16")[0]
+        kw["imatrix"] = tmp_path / "m.imatrix"
+        make_imatrix(f16, kw["imatrix"], seed=9)
+        f16.unlink()
+    local = convert_hf(d, tmp_path / "local.gguf", mix, **kw)
+    ours = convert_hf(d, tmp_path / "dask.gguf", mix, client=client, **kw)
     assert len(ours) == len(local) and (len(ours) > 1) == (split is not None)
     for a, b in zip(ours, local):
         _check_same(a, b)
