@@ -268,3 +268,17 @@ def test_several_outputs_in_one_pass(client, models, imatrices, tmp_path, monkey
             _check_same(a, b)
     _same_report(tmp_path / "a.json", tmp_path / "local.json")
     assert not list(tmp_path.glob(TEMP_PREFIX + "*"))
+
+
+def test_worker_that_cannot_see_the_destination_refused_before_work(client, models, tmp_path):
+    """/proc/self/fd/N/out.gguf: a folder only the client's process can reach through its open descriptor."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        _refused(models["gqa"], f"/proc/self/fd/{fd}/m.gguf", client,
+                 rf"^Dask worker \S+ (cannot write the output's temp file /proc/self/fd/{fd}/\.gguf-kquant-\w+\.tmp "
+                 r"in the destination folder|sees another file at the output temp file)")
+    finally:
+        os.close(fd)
+    assert list(out_dir.iterdir()) == []
