@@ -6,18 +6,15 @@ are stacked slab by slab (checked with tracemalloc on 64 experts)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import gguf_kquant
 from gguf_kquant.errors import ConversionError
-from oracle import lib_dir, vendor_llama_cpp
+from oracle import lib_dir
 from test_convert_helpers import (QWEN2_RE, assert_same_gguf, gguf_logits, hf_logits, hf_tokenizer, llama_cpp_model,
-                                  make_model, train_bpe)
+                                  make_model, train_bpe, vendor_convert_jobs)
 
 # tokenizer.ggml.pre given to convert_hf_to_gguf.py (its hash table does not know our trained tokenizers)
 PRE = {"mixtral": "llama-bpe", "qwen2moe": "qwen2", "qwen3moe": "qwen2", "phi3": "default", "gemma2": "default",
@@ -26,26 +23,6 @@ ARCHS = list(PRE)
 SPM = ("phi3", "gemma2")  # checkpoints with a SentencePiece tokenizer.model (the others: byte-level BPE)
 VOCAB_ONLY = ("mixtral", "gemma2", "phi3-longrope")  # GPT-2 BPE, SentencePiece, a key set with the tensors
 OUTTYPES = ("F32", "F16", "BF16", "Q8_0")
-
-
-def vendor_convert_jobs(jobs) -> None:
-    """convert_hf_to_gguf.py on each (model_dir, outfile, outtype, pre, *flags) in one process (torch imported
-    once)."""
-    src = vendor_llama_cpp()
-    driver = (
-        "import sys, runpy\n"
-        f"sys.path.insert(0, {str(src)!r}); sys.path.insert(1, {str(src / 'gguf-py')!r})\n"
-        "import conversion.base as b\n"
-        f"main = runpy.run_path({str(src / 'convert_hf_to_gguf.py')!r}, run_name='convert_hf_to_gguf')['main']\n"
-        f"for d, o, t, pre, *flags in {[(str(j[0]), str(j[1]), *j[2:]) for j in jobs]!r}:\n"
-        "    b.TextModel.get_vocab_base_pre = lambda self, tokenizer, pre=pre: pre\n"
-        "    sys.argv = ['convert_hf_to_gguf.py', d, '--outfile', o, '--outtype', t, *flags]\n"
-        "    main()\n"
-    )
-    env = dict(os.environ)
-    env.pop("NO_LOCAL_GGUF", None)
-    r = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, env=env, cwd=str(src))
-    assert r.returncode == 0, r.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")

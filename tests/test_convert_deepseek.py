@@ -17,7 +17,7 @@ import pytest
 import gguf_kquant
 from gguf_kquant.errors import ConversionError
 from oracle import lib_dir
-from test_convert_archs import vendor_convert_jobs
+from test_convert_helpers import vendor_convert_jobs
 from test_convert_helpers import (LLAMA3_RE, assert_same_gguf, gguf_logits, hf_logits, hf_tokenizer, train_bpe)
 
 PRE = "llama-bpe"  # tokenizer.ggml.pre given to convert_hf_to_gguf.py (its hash table does not know ours)

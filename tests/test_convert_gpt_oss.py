@@ -17,7 +17,7 @@ import gguf_kquant
 from gguf_kquant.errors import ConversionError
 from gguf_kquant.types import GGMLType
 from oracle import lib_dir, to_float
-from test_convert_archs import vendor_convert_jobs
+from test_convert_helpers import vendor_convert_jobs
 from test_convert_helpers import QWEN2_RE, assert_same_gguf, gguf_logits, hf_logits, hf_tokenizer, train_bpe
 
 OUTTYPES = ("F32", "F16", "BF16", "Q8_0")

@@ -315,25 +315,30 @@ def vendor_convert(model_dir: Path, outfile: Path, outtype: str = "f16", pre: st
     Tiny tokenizers trained here have no entry in its pre-tokenizer hash table, so ``pre`` (the name our
     converter chose) is injected in place of the hash lookup (it only matters to the GPT-2 BPE path).
     """
-    vendor_convert_many([(model_dir, outfile)], outtype, pre)
+    vendor_convert_jobs([(model_dir, outfile, outtype, pre)])
 
 
 def vendor_convert_many(jobs, outtype: str = "f16", pre: str | None = None) -> None:
     """vendor_convert for each (model_dir, outfile) of ``jobs``, in one process (torch is imported once)."""
+    vendor_convert_jobs([(d, o, outtype, pre) for d, o in jobs])
+
+
+def vendor_convert_jobs(jobs) -> None:
+    """convert_hf_to_gguf.py on each (model_dir, outfile, outtype, pre, *flags) of ``jobs`` in one process
+    (torch imported once); ``pre`` None: the script's own hash lookup."""
     from oracle import vendor_llama_cpp
 
     src = vendor_llama_cpp()
     assert src is not None, "GGUF_KQUANT_LLAMA_CPP_SRC is not set: .ci/run unpacks llama.cpp's source there"
-    argvs = [["convert_hf_to_gguf.py", str(d), "--outfile", str(o), "--outtype", outtype] for d, o in jobs]
     driver = (
         "import sys, runpy\n"
         f"sys.path.insert(0, {str(src)!r}); sys.path.insert(1, {str(src / 'gguf-py')!r})\n"
         "import conversion.base as b\n"
-        f"PRE = {pre!r}\n"
-        "if PRE is not None:\n"
-        "    b.TextModel.get_vocab_base_pre = lambda self, tokenizer: PRE\n"
+        "own_pre = b.TextModel.get_vocab_base_pre\n"
         f"main = runpy.run_path({str(src / 'convert_hf_to_gguf.py')!r}, run_name='convert_hf_to_gguf')['main']\n"
-        f"for sys.argv in {argvs!r}:\n"
+        f"for d, o, t, pre, *flags in {[(str(j[0]), str(j[1]), *j[2:]) for j in jobs]!r}:\n"
+        "    b.TextModel.get_vocab_base_pre = own_pre if pre is None else (lambda self, tokenizer, pre=pre: pre)\n"
+        "    sys.argv = ['convert_hf_to_gguf.py', d, '--outfile', o, '--outtype', t, *flags]\n"
         "    main()\n"
     )
     env = dict(os.environ)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import gguf_kquant
-from test_convert_helpers import assert_same_gguf, make_model, vendor_convert
+from test_convert_helpers import assert_same_gguf, make_model, vendor_convert, vendor_convert_jobs
 
 # tokenizer.ggml.pre: our trained tokenizers are not in llama.cpp's hash table; convert_hf_to_gguf.py is given
 # the name our converter infers from the split regex (its hash lookup would refuse them).
@@ -27,20 +27,27 @@ def _check(model_dir, root, name, ftype, outtype, pre):
     return assert_same_gguf(ours, theirs)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "bert"])
-def test_f16_matches_convert_hf_to_gguf(root, arch):
-    d = root / arch
-    make_model(arch, d, seed=3)
-    meta = _check(d, root, arch, "F16", "f16", PRE[arch])
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "bert")
+OUTTYPES = ("F32", "F16", "BF16", "Q8_0")
+
+
+@pytest.fixture(scope="module")
+def vendor_files(root):
+    """Each architecture's checkpoint and convert_hf_to_gguf.py's file of it at every outtype (one process)."""
+    for i, arch in enumerate(ARCHS):
+        make_model(arch, root / arch, seed=3 + 10 * i)
+    vendor_convert_jobs([(root / a, root / f"{a}.{t}.theirs.gguf", t.lower(), PRE[a])
+                         for a in ARCHS for t in OUTTYPES])
+    return root
+
+
+@pytest.mark.parametrize("ftype", OUTTYPES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_matches_convert_hf_to_gguf(vendor_files, arch, ftype):
+    ours = vendor_files / f"{arch}.{ftype}.ours.gguf"
+    gguf_kquant.convert_hf(vendor_files / arch, ours, ftype)
+    meta = assert_same_gguf(ours, vendor_files / f"{arch}.{ftype}.theirs.gguf")
     assert meta["tokenizer.ggml.pre"][2] == PRE[arch]
-
-
-@pytest.mark.parametrize("ftype", ["F32", "BF16", "Q8_0"])
-def test_other_outtypes_match(root, ftype):
-    d = root / "llama-other"
-    if not d.exists():
-        make_model("llama", d, seed=4)
-    _check(d, root, f"llama-{ftype}", ftype, ftype.lower(), PRE["llama"])
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -168,6 +168,11 @@ class Converter:
     arch: gguf.MODEL_ARCH
     required_hparams: tuple = ()  # config.json keys this architecture reads without a default
     expert_count_keys = ("num_local_experts", "num_experts", "n_routed_experts")  # where MoE configs count experts
+    # what the tests compare with llama.cpp (the README's table): convert_hf_to_gguf.py's file at every outtype,
+    # and these mixes against convert_hf_to_gguf.py --outtype f16 + llama-quantize
+    tested_outtypes = ("F32", "F16", "BF16", "Q8_0")
+    tested_mixes: tuple = ()
+    untested_architectures: tuple = ()  # of hf_architectures
 
     def __init__(self, model_dir: Path, hparams: dict, checkpoint: Checkpoint):
         self.dir = Path(model_dir)

@@ -5,14 +5,21 @@ tests/test_readme.py checks that the README holds exactly this table, so it cann
 
 from __future__ import annotations
 
+import gguf
+
 from ..base import REGISTRY
 
 
 def architecture_table() -> str:
-    lines = ["| Hugging Face architecture | GGUF architecture | module |", "|---|---|---|"]
+    lines = ["| Hugging Face architecture | GGUF architecture | tested against llama.cpp | module |",
+             "|---|---|---|---|"]
     for hf_name, cls in sorted(REGISTRY.items()):
-        arch = getattr(cls.arch, "name", str(cls.arch)).lower()
-        lines.append(f"| `{hf_name}` | `{arch}` | `convert/archs/{cls.__module__.rsplit('.', 1)[-1]}.py` |")
+        if hf_name in cls.untested_architectures:
+            tested = "registered, not tested"
+        else:  # the class's own mixes: a subclass is not tested by its parent's mix tests
+            tested = ", ".join(cls.tested_outtypes + vars(cls).get("tested_mixes", ()))
+        module = f"convert/archs/{cls.__module__.rsplit('.', 1)[-1]}.py"
+        lines.append(f"| `{hf_name}` | `{gguf.MODEL_ARCH_NAMES[cls.arch]}` | {tested} | `{module}` |")
     return "\n".join(lines)
 
 

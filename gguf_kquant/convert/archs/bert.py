@@ -11,6 +11,7 @@ from ..vocab import set_vocab_bert
 @register
 class BertConverter(Converter):
     hf_architectures = ("BertModel", "BertForMaskedLM")
+    untested_architectures = ("BertForMaskedLM",)
     arch = gguf.MODEL_ARCH.BERT
     required_hparams = ("hidden_size", "vocab_size", "max_position_embeddings", "intermediate_size")
 

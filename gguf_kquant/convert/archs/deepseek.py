@@ -94,6 +94,7 @@ def _check_mla_keys(path: Path, hparams: dict) -> None:
 @register
 class DeepseekV2Converter(ExpertStacker, Converter):
     hf_architectures = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+    tested_mixes = ("Q4_K_M",)
     arch = gguf.MODEL_ARCH.DEEPSEEK2
     # these have transformers defaults (_CONFIG_DEFAULTS) when absent: missing, they were given as null
     required_hparams = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "kv_lora_rank",

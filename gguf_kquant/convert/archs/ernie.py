@@ -31,6 +31,7 @@ _MTP = re.compile(r"model.mtp_block.(\d+)|model.mtp_emb_norm.(\d+)|model.mtp_hid
 @register
 class Ernie45MoeConverter(ExpertStacker, Converter):
     hf_architectures = ("Ernie4_5_MoeForCausalLM",)
+    tested_mixes = ("Q4_K_M",)
     arch = gguf.MODEL_ARCH.ERNIE4_5_MOE
     required_hparams = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
                         "vocab_size", "moe_num_experts", "moe_k")

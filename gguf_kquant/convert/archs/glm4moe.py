@@ -57,6 +57,7 @@ def insert_before_tail(w: gguf.GGUFWriter, tail_keys: tuple, add) -> None:
 @register
 class Glm4MoeConverter(ExpertStacker, Converter):
     hf_architectures = ("Glm4MoeForCausalLM",)
+    tested_mixes = ("Q4_K_M",)
     arch = gguf.MODEL_ARCH.GLM4_MOE
     required_hparams = ("hidden_size", "num_attention_heads", "vocab_size", "num_hidden_layers")
     expert_count_keys = ("n_routed_experts",)

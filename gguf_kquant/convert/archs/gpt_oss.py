@@ -140,6 +140,7 @@ class _TransposedRows:
 @register
 class GptOssConverter(Converter):
     hf_architectures = ("GptOssForCausalLM",)
+    tested_mixes = ("Q4_K_M", "MXFP4_MOE")
     arch = gguf.MODEL_ARCH.GPT_OSS
     required_hparams = ("hidden_size", "num_attention_heads", "intermediate_size", "num_local_experts",
                         "vocab_size", "num_hidden_layers")

@@ -54,6 +54,7 @@ def split_fused_experts(name: str, t: SafeTensor, row_ranges) -> StackedExperts:
 @register
 class GraniteMoeConverter(GraniteConverter):
     hf_architectures = ("GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM")
+    tested_mixes = ("Q4_K_M",)
     arch = gguf.MODEL_ARCH.GRANITE_MOE
     expert_count_keys = ("num_local_experts",)
 

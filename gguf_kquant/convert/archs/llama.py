@@ -24,6 +24,7 @@ def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
 @register
 class LlamaConverter(Converter):
     hf_architectures = ("LlamaForCausalLM", "MistralForCausalLM")
+    tested_mixes = ("Q4_K_M", "Q6_K")
     arch = gguf.MODEL_ARCH.LLAMA
     required_hparams = ("hidden_size", "num_attention_heads", "vocab_size", "intermediate_size")
 

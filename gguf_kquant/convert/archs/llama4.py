@@ -41,6 +41,7 @@ FUSED_RE = r"model\.layers\.(\d+)\.feed_forward\.experts\.(gate_up_proj|down_pro
 @register
 class Llama4Converter(LlamaConverter):
     hf_architectures = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
+    tested_mixes = ("Q4_K_M",)
     arch = gguf.MODEL_ARCH.LLAMA4
     required_hparams = ("hidden_size", "num_attention_heads", "vocab_size")
     expert_count_keys = ("num_local_experts",)

@@ -11,6 +11,7 @@ from ..base import register
 @register
 class MixtralConverter(ExpertStacker, LlamaConverter):
     hf_architectures = ("MixtralForCausalLM",)
+    tested_mixes = ("Q4_K_M",)
     required_hparams = LlamaConverter.required_hparams + ("num_local_experts",)
     expert_count_keys = ("num_local_experts",)
     expert_re = r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight"

@@ -13,6 +13,7 @@ from ..base import Converter, register
 @register
 class Qwen2MoeConverter(ExpertStacker, Qwen2Converter):
     hf_architectures = ("Qwen2MoeForCausalLM",)
+    tested_mixes = ("Q4_K_M",)
     arch = gguf.MODEL_ARCH.QWEN2MOE
     expert_re = r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(down_proj|gate_proj|up_proj)\.weight"
     expert_weights = ("down_proj", "gate_proj", "up_proj")
