@@ -266,6 +266,7 @@ class _MultiTensor:
     imatrix: Optional[np.ndarray]
     threads: int
     stats: tuple  # per output: whether it wants a report
+    quantize: object  # the method's quantize function (module-level: pickled by reference)
 
     @property
     def name(self) -> str:
@@ -342,7 +343,7 @@ def run_multi_task(task: _MultiTensor) -> tuple:
             except OSError as exc:
                 raise GGUFIOError.wrap(path, exc, "cannot open the output's temp file") from None
         pos = [offset for _p, offset, _n in task.places]
-        for chunks in _slabs(task.source, list(task.rows), im, task.threads, stats_of):
+        for chunks in _slabs(task.source, list(task.rows), im, task.threads, stats_of, task.quantize):
             for k, ((path, _o, _n), chunk) in enumerate(zip(task.places, chunks)):
                 pos[k] = _pwrite(fds[path], chunk, pos[k], path)
         for (path, offset, nbytes), end in zip(task.places, pos):
@@ -552,7 +553,8 @@ def _execute(client, shards, targets, sources, make_tasks, done, side=None) -> t
     return paths, stats, seconds, cpu
 
 
-def stream_outputs_on_cluster(client, f, by_name, order, outs, targets, im, threads, progress) -> None:
+def stream_outputs_on_cluster(client, f, by_name, order, outs, targets, im, threads, progress,
+                              quantize_tensor) -> None:
     """Several outputs in one pass on a Dask cluster: what :func:`gguf_kquant.model.multi._stream_all` does
     locally (same arguments but the client first), with one task per source tensor that writes every output's
     bytes at their planned offsets.  Fills each output's report list ``o.stats`` in write order."""
@@ -578,7 +580,7 @@ def stream_outputs_on_cluster(client, f, by_name, order, outs, targets, im, thre
                 w = _imatrix_for(rs[0], im) if any(r.convert for r in rs) else None
                 tasks.append(_MultiTensor(tuple(rs), _Source(t.name, os.path.abspath(t.path), int(t.offset)),
                                           tuple(places[(k, name)] for k in range(len(outs))), w, threads,
-                                          tuple(o.stats is not None for o in outs)))
+                                          tuple(o.stats is not None for o in outs), quantize_tensor))
             return tasks
 
         def side(stats):
