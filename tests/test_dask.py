@@ -282,3 +282,16 @@ def test_worker_that_cannot_see_the_destination_refused_before_work(client, mode
     finally:
         os.close(fd)
     assert list(out_dir.iterdir()) == []
+
+
+def test_split_source_keep_split(client, models, tmp_path, small_tasks):
+    """A source in three shards (each worker reads every shard) and --keep-split's one output per shard."""
+    from test_model_quantize import _write_split_copy
+
+    _write_split_copy(models["gqa"], tmp_path / "src.gguf", 30)
+    src = tmp_path / "src-00001-of-00003.gguf"
+    local = gguf_kquant.quantize_model(src, tmp_path / "local", "Q6_K", keep_split=True)
+    res = gguf_kquant.quantize_model(src, tmp_path / "dask", "Q6_K", keep_split=True, client=client)
+    assert len(res.paths) == len(local.paths) == 3
+    for a, b in zip(res.paths, local.paths):
+        _check_same(a, b)
