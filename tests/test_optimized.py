@@ -56,7 +56,14 @@ def _imatrix(src: Path) -> dict:
                 if t.name.startswith("blk.") and len(t.shape) == 2}
 
 
-@pytest.mark.parametrize("mix", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q4_0"])
+def test_bytes_do_not_depend_on_threads():
+    x, w = _realish(np.random.default_rng(2), 24, 512)
+    for qtype in REFINED:
+        np.testing.assert_array_equal(quantize_optimized(x, qtype, w, threads=1),
+                                      quantize_optimized(x, qtype, w, threads=2), err_msg=qtype)
+
+
+@pytest.mark.parametrize("mix", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q4_0", "IQ4_XS"])
 def test_same_plan_and_size_loads_in_llama_cpp(example_model, tmp_path, mix):
     im = _imatrix(example_model)
     a, b = tmp_path / "llama.gguf", tmp_path / "optimized.gguf"
@@ -100,3 +107,29 @@ def test_unknown_method_refused(example_model, tmp_path):
         gguf_kquant.quantize_model(example_model, tmp_path / "o.gguf", "Q4_K_M", method="best",
                                    imatrix=_imatrix(example_model))
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_convert_hf_method_optimized_is_convert_then_quantize(tmp_path):
+    from test_convert_helpers import make_model
+
+    hf = tmp_path / "hf"
+    make_model("llama", hf, hidden_size=256, seed=3)
+    f16 = tmp_path / "f16.gguf"
+    gguf_kquant.convert_hf(hf, f16, "F16")
+    im = _imatrix(f16)
+    ours, llama, two_step = (tmp_path / f"{n}.gguf" for n in ("ours", "llama", "two-step"))
+    gguf_kquant.convert_hf(hf, ours, "Q4_K_M", imatrix=im, method="optimized")
+    gguf_kquant.convert_hf(hf, llama, "Q4_K_M", imatrix=im)
+    gguf_kquant.quantize_model(f16, two_step, "Q4_K_M", imatrix=im, method="optimized")
+    with gguf_kquant.open(ours) as a, gguf_kquant.open(two_step) as b, gguf_kquant.open(llama) as c:
+        assert [(t.name, t.type_name) for t in a.tensors] == [(t.name, t.type_name) for t in c.tensors]
+        assert any(t.type_name == "Q4_K" for t in a.tensors)
+        for ta, tb, tc in zip(a.tensors, b.tensors, c.tensors):
+            assert np.array_equal(ta.raw(), tb.raw()), ta.name  # the same blocks as convert, then quantize
+        assert any(not np.array_equal(ta.raw(), tc.raw()) for ta, tc in zip(a.tensors, c.tensors))
+    assert ours.stat().st_size == llama.stat().st_size
+    with pytest.raises(ImatrixError, match="needs an imatrix"):
+        gguf_kquant.convert_hf(hf, tmp_path / "x.gguf", "Q4_K_M", method="optimized")
+    with pytest.raises(gguf_kquant.errors.ConversionError, match="quantization mixes"):
+        gguf_kquant.convert_hf(hf, tmp_path / "x.gguf", "F16", method="optimized")
+    assert not (tmp_path / "x.gguf").exists()

@@ -1,37 +1,52 @@
-"""Optimized k-quant block parameters: the same ggml block formats, lower importance-weighted error.
+"""Optimized block parameters: the same ggml block formats, lower importance-weighted error.
 
 Not ports of ggml: these kernels are *our* algorithm, used only by ``quantize_model(..., method="optimized")``.
 They are deliberately kept out of the type table (whose kernels are the byte-exact ones) and reached through
-:func:`quantizer` below.  The blocks they write are ordinary Q2_K/Q3_K/Q4_K/Q5_K blocks: any llama.cpp
-decodes them with its usual ``dequantize_row_*``.
+:func:`quantizer` below.  The blocks they write are ordinary Q2_K/Q3_K/Q4_K/Q5_K, Q4_0/Q4_1/Q5_0/Q5_1 and
+IQ4_NL/IQ4_XS blocks: any llama.cpp decodes them with its usual ``dequantize_row_*``.
 
-Method (per 256-value super-block), after ik_llama.cpp's idea of searching the *quantized* sub-block scales
-instead of rounding a float scale once:
+Method for the k-quants (per 256-value super-block), after ik_llama.cpp's idea of searching the *quantized*
+sub-block scales instead of rounding a float scale once:
 
 1. start from ggml's own imatrix block (``ggml_quantize_chunk``), decode its fp16 ``d``/``dmin`` and integer
    sub-block scales/mins;
 2. for each sub-block, try every integer (scale, min) within +-R of the current ones, re-rounding its values
    to the nearest level for each candidate, and keep the pair with the least weighted error;
 3. with scales, mins and levels fixed, the value ``d*sc*q - dmin*m`` is linear in (d, dmin): solve the 2x2
-   weighted least squares, round to fp16, keep it if the (re-rounded) error drops;
-4. repeat 2-3 a few times.
+   weighted least squares, round to fp16, keep it if the error of the current levels (closed form) drops;
+4. repeat 2-3 up to three times.
 
 The objective is the importance-weighted squared error ``sum(imatrix[col] * (x - deq)^2)`` — the expected
 squared error of the layer's output when the imatrix holds mean squared activations.  Every step only
 accepts an improvement over the block it starts from, so no block is worse than ggml's under this measure.
-Legacy Q4_0/Q4_1/Q5_0/Q5_1 blocks (also what k-quant tensors fall back to when a row is not a multiple of 256)
-get a finer search of their one scale (see below).  Types without a refiner here (Q6_K, Q8_0, IQ) are
-written exactly as ggml writes them.
+Legacy blocks (also what k-quant tensors fall back to when a row is not a multiple of 256) and IQ4_NL get a
+search of their one scale, IQ4_XS a search of its 6-bit block scales (see their sections).  Types without a
+refiner (Q6_K, Q8_0, the 1-3 bit IQ types, ...) are written exactly as ggml writes them.
+
+Speed (the goal: at most 3x the default's quantize time).  Candidates are evaluated side by side: one pass
+over a block's values with the candidates in the inner loop, whose accumulators are independent, so LLVM
+vectorises it without reassociating a sum (no fastmath); the lanes are float32, multiply by a reciprocal and
+round by the magic number — they only rank, and the winner's error is recomputed exactly before it is kept.
+A candidate d/dmin's error for fixed levels is a quadratic form of sums already at hand.  Rows run on
+run_chunks' threads, not prange (no OpenMP threads spinning on a loaded machine).  Measured per codec on one
+SmolLM2-135M tensor (CPU time, one thread), refine time as a multiple of ggml's imatrix quantize of the same
+rows: Q4_0/Q5_0 1.2x, Q4_1/Q5_1 0.5x, Q2_K/Q4_K/Q5_K ~1x, Q3_K 2x, IQ4_NL/IQ4_XS 1.1x.
+
+Error feedback (GPTQ) is not used: with the imatrix as the Hessian proxy the Hessian is diagonal, and then
+GPTQ's update of the not-yet-quantized columns is zero — pushing a column's rounding error onto others can
+only raise this objective (each column's error is weighted on its own).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..errors import ImatrixError, InvalidArgumentError
 from ..types import QK_K, GGMLType, type_info
+from .chunks import run_chunks
+from .grids import kvalues_iq4nl
 from .helpers import (
     get_scale_min_k4,
     load_fp16,
@@ -46,6 +61,7 @@ from .helpers import (
     q3_k_scale,
     store_fp16,
 )
+from .iq4 import _best_index_16  # the branch-free nearest level, which vectorises
 from .legacy import (
     Q4_0_BYTES, Q4_0_D, Q4_0_QS, Q4_1_BYTES, Q4_1_D, Q4_1_M, Q4_1_QS,
     Q5_0_BYTES, Q5_0_D, Q5_0_QH, Q5_0_QS, Q5_1_BYTES, Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS,
@@ -88,32 +104,64 @@ def _affine_sub_err(x, xo, w, n, d, dmin, sc, m, qmax, L, lo):
 
 
 @njit(cache=True, nogil=True)
+def _affine_lanes(x, xo, w, n, d, dmin, qmax, cs, cm, nc, ds, dm, inv, ce):
+    """ce[c] = weighted error of one sub-block at (cs[c], cm[c]), c < nc, in one pass over its values: the
+    inner loop runs across candidates (independent accumulators, so it vectorises without reassociation)."""
+    fq = _F32(qmax)
+    for c in range(nc):
+        ds[c] = _F32(d * _F32(cs[c]))
+        dm[c] = _F32(dmin * _F32(cm[c]))
+        inv[c] = _F32(_F32(1.0) / ds[c]) if ds[c] != _F32(0.0) else _F32(0.0)  # scale 0: every q is 0
+        ce[c] = _F32(0.0)
+    for i in range(n):
+        v = x[xo + i]
+        wi = w[xo + i]
+        for c in range(nc):  # nearest level, half to even by the float magic number, then clamped
+            t = _F32(_F32(v + dm[c]) * inv[c])
+            q = min(max(_F32(_F32(t + _F32(12582912.0)) - _F32(12582912.0)), _F32(0.0)), fq)
+            diff = _F32(_F32(_F32(ds[c] * q) - dm[c]) - v)
+            ce[c] += _F32(_F32(wi * diff) * diff)
+
+
+@njit(cache=True, nogil=True)
 def _refine_affine(x, xo, w, nsub, n, qmax, smax, radius, d, dmin, sc, mn, L, Lt):
     """Steps 2-4 on one super-block; sc/mn/L are updated in place; returns (d, dmin) (fp16 values)."""
     err = np.empty(nsub, np.float64)
     for j in range(nsub):
         err[j] = _affine_sub_err(x, xo + n * j, w, n, d, dmin, sc[j], mn[j], qmax, L, n * j)
+    err0 = err.sum()
+    ds = np.empty((2 * radius + 1) ** 2, np.float32)
+    dm = np.empty_like(ds)
+    inv = np.empty_like(ds)
+    cs = np.empty(ds.shape[0], np.int64)
+    cm = np.empty(ds.shape[0], np.int64)
+    ce = np.empty(ds.shape[0], np.float32)  # float32 lanes only rank: the exact error decides
     for _it in range(_ITERS):
-        for j in range(nsub):  # step 2: integer scale/min neighbourhood
-            s0 = sc[j]
-            m0 = mn[j]
-            for s in range(max(0, s0 - radius), min(smax, s0 + radius) + 1):
-                for m in range(max(0, m0 - radius), min(smax, m0 + radius) + 1):
-                    if s == s0 and m == m0:
-                        continue
-                    e = _affine_sub_err(x, xo + n * j, w, n, d, dmin, s, m, qmax, Lt, 0)
-                    if e < err[j]:
-                        err[j] = e
-                        sc[j] = s
-                        mn[j] = m
-                        for i in range(n):
-                            L[n * j + i] = Lt[i]
+        for j in range(nsub):  # step 2: integer scale/min neighbourhood, all candidates in one pass
+            nc = 0
+            for s in range(max(0, sc[j] - radius), min(smax, sc[j] + radius) + 1):
+                for m in range(max(0, mn[j] - radius), min(smax, mn[j] + radius) + 1):
+                    if s != sc[j] or m != mn[j]:
+                        cs[nc] = s
+                        cm[nc] = m
+                        nc += 1
+            _affine_lanes(x, xo + n * j, w, n, d, dmin, qmax, cs, cm, nc, ds, dm, inv, ce)
+            c = np.argmin(ce[:nc])
+            if ce[c] < err[j] * (1.0 + 1e-5):  # lanes round in float32 and by a reciprocal: the exact error decides
+                e = _affine_sub_err(x, xo + n * j, w, n, d, dmin, cs[c], cm[c], qmax, Lt, 0)
+                if e < err[j]:
+                    err[j] = e
+                    sc[j] = cs[c]
+                    mn[j] = cm[c]
+                    for i in range(n):
+                        L[n * j + i] = Lt[i]
         # step 3: (d, dmin) by weighted least squares of x ~ d*A - dmin*B, A = sc*q, B = m
         saa = 0.0
         sab = 0.0
         sbb = 0.0
         sax = 0.0
         sbx = 0.0
+        sxx = 0.0
         for j in range(nsub):
             b = np.float64(mn[j])
             for i in range(n):
@@ -126,6 +174,7 @@ def _refine_affine(x, xo, w, nsub, n, qmax, smax, radius, d, dmin, sc, mn, L, Lt
                 sbb += wi * b * b
                 sax += wi * a * xi
                 sbx += wi * b * xi
+                sxx += wi * xi * xi
         det = saa * sbb - sab * sab
         if det > 1e-12 * saa * sbb and saa > 0.0:
             nd = (sax * sbb - sab * sbx) / det
@@ -139,18 +188,17 @@ def _refine_affine(x, xo, w, nsub, n, qmax, smax, radius, d, dmin, sc, mn, L, Lt
             break
         nd16 = load_fp16(_fp16_bytes(_F32(nd)), 0)
         nm16 = load_fp16(_fp16_bytes(_F32(nm)), 0)
-        total = 0.0
-        tot_new = 0.0
-        for j in range(nsub):
-            total += err[j]
-            tot_new += _affine_sub_err(x, xo + n * j, w, n, nd16, nm16, sc[j], mn[j], qmax, Lt, 0)
-        if tot_new >= total:
+        # the error of the current levels at (nd16, nm16), in closed form: re-rounding can only lower it
+        a = np.float64(nd16)
+        b = np.float64(nm16)
+        tot_new = sxx - 2.0 * a * sax + 2.0 * b * sbx + a * a * saa - 2.0 * a * b * sab + b * b * sbb
+        if not tot_new < err.sum() * (1.0 - 1e-6):
             break
         d = nd16
         dmin = nm16
         for j in range(nsub):
             err[j] = _affine_sub_err(x, xo + n * j, w, n, d, dmin, sc[j], mn[j], qmax, L, n * j)
-    return d, dmin
+    return d, dmin, err.sum() < err0
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -178,7 +226,9 @@ def _optimize_row_k4(x, w, y, nbytes, od, odm, osc, oqs, oqh, qmax, radius):
             s, m = get_scale_min_k4(j, y, yo + osc)
             sc[j] = s
             mn[j] = m
-        d, dmin = _refine_affine(x, xo, w, 8, 32, qmax, 63, radius, d, dmin, sc, mn, L, Lt)
+        d, dmin, better = _refine_affine(x, xo, w, 8, 32, qmax, 63, radius, d, dmin, sc, mn, L, Lt)
+        if not better:
+            continue  # keep ggml's bytes
         for j in range(8):
             Ls[j] = np.uint8(sc[j])
             Lm[j] = np.uint8(mn[j])
@@ -207,7 +257,9 @@ def _optimize_row_q2_k(x, w, y, radius):
             b = np.int64(y[yo + Q2_K_SCALES + j])
             sc[j] = b & 0xF
             mn[j] = b >> 4
-        d, dmin = _refine_affine(x, xo, w, 16, 16, 3, 15, radius, d, dmin, sc, mn, L, Lt)
+        d, dmin, better = _refine_affine(x, xo, w, 16, 16, 3, 15, radius, d, dmin, sc, mn, L, Lt)
+        if not better:
+            continue
         for j in range(16):
             y[yo + Q2_K_SCALES + j] = np.uint8(sc[j] | (mn[j] << 4))
         store_fp16(y, yo + Q2_K_D, d)
@@ -237,46 +289,73 @@ def _sym_sub_err(x, xo, w, n, d, s, qmin, qmax, L, lo):
 
 
 @njit(cache=True, nogil=True)
+def _sym_lanes(x, xo, w, n, d, qmin, qmax, cs, nc, ds, inv, ce):
+    """As :func:`_affine_lanes`, for value = d*s*q."""
+    flo = _F32(qmin)
+    fhi = _F32(qmax)
+    for c in range(nc):
+        ds[c] = _F32(d * _F32(cs[c]))
+        inv[c] = _F32(_F32(1.0) / ds[c]) if ds[c] != _F32(0.0) else _F32(0.0)
+        ce[c] = _F32(0.0)
+    for i in range(n):
+        v = x[xo + i]
+        wi = w[xo + i]
+        for c in range(nc):
+            t = _F32(v * inv[c])
+            q = min(max(_F32(_F32(t + _F32(12582912.0)) - _F32(12582912.0)), flo), fhi)
+            diff = _F32(_F32(ds[c] * q) - v)
+            ce[c] += _F32(_F32(wi * diff) * diff)
+
+
+@njit(cache=True, nogil=True)
 def _refine_sym(x, xo, w, nsub, n, qmin, qmax, smin, smax, radius, d, sc, L, Lt):
     err = np.empty(nsub, np.float64)
     for j in range(nsub):
         err[j] = _sym_sub_err(x, xo + n * j, w, n, d, sc[j], qmin, qmax, L, n * j)
+    err0 = err.sum()
+    ds = np.empty(2 * radius + 1, np.float32)
+    inv = np.empty_like(ds)
+    cs = np.empty(ds.shape[0], np.int64)
+    ce = np.empty(ds.shape[0], np.float32)  # float32 lanes only rank: the exact error decides
     for _it in range(_ITERS):
         for j in range(nsub):
-            s0 = sc[j]
-            for s in range(max(smin, s0 - radius), min(smax, s0 + radius) + 1):
-                if s == s0:
-                    continue
-                e = _sym_sub_err(x, xo + n * j, w, n, d, s, qmin, qmax, Lt, 0)
+            nc = 0
+            for s in range(max(smin, sc[j] - radius), min(smax, sc[j] + radius) + 1):
+                if s != sc[j]:
+                    cs[nc] = s
+                    nc += 1
+            _sym_lanes(x, xo + n * j, w, n, d, qmin, qmax, cs, nc, ds, inv, ce)
+            c = np.argmin(ce[:nc])
+            if ce[c] < err[j] * (1.0 + 1e-5):
+                e = _sym_sub_err(x, xo + n * j, w, n, d, cs[c], qmin, qmax, Lt, 0)
                 if e < err[j]:
                     err[j] = e
-                    sc[j] = s
+                    sc[j] = cs[c]
                     for i in range(n):
                         L[n * j + i] = Lt[i]
         saa = 0.0
         sax = 0.0
+        sxx = 0.0
         for k in range(nsub * n):
             wi = np.float64(w[xo + k])
             a = np.float64(sc[k // n] * L[k])
+            xi = np.float64(x[xo + k])
             saa += wi * a * a
-            sax += wi * a * np.float64(x[xo + k])
+            sax += wi * a * xi
+            sxx += wi * xi * xi
         if saa <= 0.0:
             break
         nd = sax / saa
         if not np.isfinite(nd) or abs(nd) > 65000.0 or nd == 0.0:
             break
         nd16 = load_fp16(_fp16_bytes(_F32(nd)), 0)
-        total = 0.0
-        tot_new = 0.0
-        for j in range(nsub):
-            total += err[j]
-            tot_new += _sym_sub_err(x, xo + n * j, w, n, nd16, sc[j], qmin, qmax, Lt, 0)
-        if tot_new >= total:
+        a = np.float64(nd16)
+        if not sxx - 2.0 * a * sax + a * a * saa < err.sum() * (1.0 - 1e-6):  # as in _refine_affine
             break
         d = nd16
         for j in range(nsub):
             err[j] = _sym_sub_err(x, xo + n * j, w, n, d, sc[j], qmin, qmax, L, n * j)
-    return d
+    return d, err.sum() < err0
 
 
 @njit(cache=True, nogil=True)
@@ -291,7 +370,9 @@ def _optimize_row_q3_k(x, w, y, radius):
         d = load_fp16(y, yo + Q3_K_D)
         for j in range(16):
             sc[j] = q3_k_scale(y, yo + Q3_K_SCALES, j) - 32
-        d = _refine_sym(x, xo, w, 16, 16, -4, 3, -32, 31, radius, d, sc, L, Lt)
+        d, better = _refine_sym(x, xo, w, 16, 16, -4, 3, -32, 31, radius, d, sc, L, Lt)
+        if not better:
+            continue
         for j in range(16):
             Ls[j] = sc[j] + 32
         pack_q3_k_scales(y, yo + Q3_K_SCALES, Ls)
@@ -302,43 +383,56 @@ def _optimize_row_q3_k(x, w, y, radius):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Row-parallel drivers: refine ggml's blocks ``out`` in place; rows independent (thread-count free)
+# Row-range kernels, run on threads by run_chunks (no prange: see codecs/chunks.py); they refine ggml's
+# blocks ``out`` in place, each row by one serial call, so the bytes never depend on the thread count.
 # ---------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
+def _rows_q2_k(x, w, out, radius, r0, r1):
+    for r in range(r0, r1):
+        _optimize_row_q2_k(x[r], w, out[r], radius)
+
+
+@njit(cache=True, nogil=True)
+def _rows_q3_k(x, w, out, radius, r0, r1):
+    for r in range(r0, r1):
+        _optimize_row_q3_k(x[r], w, out[r], radius)
+
+
+@njit(cache=True, nogil=True)
+def _rows_k4(x, w, out, nbytes, od, odm, osc, oqs, oqh, qmax, radius, r0, r1):
+    for r in range(r0, r1):
+        _optimize_row_k4(x[r], w, out[r], nbytes, od, odm, osc, oqs, oqh, qmax, radius)
+
+
 def optimize_q2_k(x, w, out):
-    for r in prange(x.shape[0]):
-        _optimize_row_q2_k(x[r], w, out[r], 2)
+    run_chunks(_rows_q2_k, x.shape[0], x, w, out, 2)
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def optimize_q3_k(x, w, out):
-    for r in prange(x.shape[0]):
-        _optimize_row_q3_k(x[r], w, out[r], 3)
+    run_chunks(_rows_q3_k, x.shape[0], x, w, out, 3)
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def optimize_q4_k(x, w, out):
-    for r in prange(x.shape[0]):
-        _optimize_row_k4(x[r], w, out[r], Q4_K_BYTES, Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, Q4_K_QS, -1, 15, 2)
+    run_chunks(_rows_k4, x.shape[0], x, w, out, Q4_K_BYTES, Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, Q4_K_QS, -1, 15, 2)
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def optimize_q5_k(x, w, out):
-    for r in prange(x.shape[0]):
-        _optimize_row_k4(x[r], w, out[r], Q5_K_BYTES, Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, Q5_K_QS, Q5_K_QH, 31, 2)
+    run_chunks(_rows_k4, x.shape[0], x, w, out, Q5_K_BYTES, Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, Q5_K_QS, Q5_K_QH,
+               31, 2)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Legacy 32-value blocks: Q4_0/Q5_0 value = d*q, q in [-8, 7] / [-16, 15] (stored +8/+16);
 # Q4_1/Q5_1 value = d*q + m, q in [0, 15] / [0, 31].  One fp16 scale (and min) per block, so the search is
-# over d itself: ggml's d stretched by up to +-1/8 in steps of 1/64 (all 17 stretches for Q4_1/Q5_1; for
-# Q4_0/Q5_0 coarse to fine, 9 per sign, both signs), each candidate followed by a weighted least-squares
-# refit of d (and m) for its levels, rounded to fp16.
+# over d itself: ggml's d stretched by up to +-1/8 in steps of 1/32 (9 stretches; both signs for Q4_0/Q5_0),
+# all in one pass; the candidate whose levels admit the least error under their own least-squares (d, m)
+# wins, and that fit, rounded to fp16, replaces ggml's if its (re-rounded) error is lower.
 # ---------------------------------------------------------------------------------------------------
 _QK = 32
 _STEPS = 8
+_STEP = 2  # in 1/64; 4 (half the candidates): Q5_0 weighted error 0.963 of ggml's instead of 0.959
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -357,21 +451,17 @@ def _legacy_err(x, xo, w, d, m, qlo, qhi, L):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _legacy_fit(x, xo, w, qlo, qhi, affine, d, m):
-    """Levels of x at (d, m), then the weighted least squares of x ~ d*L (+ m) for them, in one pass:
-    the fp16 values, or the inputs when degenerate."""
+def _legacy_refit(x, xo, w, L, affine, d, m):
+    """The fp16 (d, m) of the weighted least squares x ~ d*L (+ m) for fixed levels L; (d, m) if degenerate."""
     sqq = 0.0
     sq = 0.0
     s1 = 0.0
     sqx = 0.0
     sx = 0.0
-    inv = _F32(_F32(1.0) / d)  # the candidate's levels only seed the fit: a reciprocal is close enough
     for i in range(_QK):
-        v = x[xo + i]
-        t = _F32(_F32(v - m) * inv)
         wi = np.float64(w[xo + i])
-        q = np.float64(max(qlo, min(qhi, nearest_int(_F32(min(max(t, _F32(qlo - 1)), _F32(qhi + 1)))))))
-        xi = np.float64(v)
+        q = np.float64(L[i])
+        xi = np.float64(x[xo + i])
         sqq += wi * q * q
         sq += wi * q
         s1 += wi
@@ -388,17 +478,30 @@ def _legacy_fit(x, xo, w, qlo, qhi, affine, d, m):
             return d, m
         nd = sqx / sqq
         nm = 0.0
-    if not (np.isfinite(nd) and np.isfinite(nm)) or abs(nd) > 65000.0 or abs(nm) > 65000.0:
+    if not (np.isfinite(nd) and np.isfinite(nm)) or nd == 0.0 or abs(nd) > 65000.0 or abs(nm) > 65000.0:
         return d, m
-    return load_fp16(_fp16_bytes(_F32(nd)), 0), load_fp16(_fp16_bytes(_F32(nm)), 0)
+    return load_fp16(_fp16_bytes(_F32(nd)), 0), load_fp16(_fp16_bytes(_F32(nm)), 0) if affine else _F32(0.0)
 
 
 @njit(cache=True, nogil=True)
-def _optimize_row_legacy(x, w, y, nbytes, od, om, oqh, oqs, qlo, qhi):
-    """Q4_0 (om < 0, oqh < 0), Q4_1 (oqh < 0), Q5_0 (om < 0), Q5_1 rows, in place on ggml's blocks y."""
+def _optimize_row_legacy(x, w, y, nbytes, od, om, oqh, oqs, qlo, qhi, stretch):
+    """Q4_0 (om < 0, oqh < 0), Q4_1 (oqh < 0), Q5_0 (om < 0), Q5_1 rows, in place on ggml's blocks y.
+
+    Every candidate scale ``d0 * stretch[c]`` is evaluated in the same pass over the block (the inner loop
+    runs across candidates, so its accumulators are independent and vectorise without reassociation); a
+    candidate's score is the least error of its levels under the best real (d, m), in closed form.  Only the
+    winner is refitted, rounded to fp16, re-rounded and compared with ggml's block.
+    """
     affine = om >= 0
+    nc = stretch.shape[0]
+    inv = np.empty(nc, np.float32)
+    sqq = np.empty(nc, np.float32)  # float32 lanes: twice as many per vector; they only rank candidates
+    sqx = np.empty(nc, np.float32)
+    sq = np.empty(nc, np.float32)
     L = np.empty(_QK, np.int64)
     Lt = np.empty(_QK, np.int64)
+    flo = _F32(qlo)
+    fhi = _F32(qhi)
     for ib in range(x.shape[0] // _QK):
         xo = ib * _QK
         yo = ib * nbytes
@@ -406,39 +509,74 @@ def _optimize_row_legacy(x, w, y, nbytes, od, om, oqh, oqs, qlo, qhi):
         m0 = load_fp16(y, yo + om) if affine else _F32(0.0)
         if d0 == _F32(0.0) or not np.isfinite(d0):
             continue  # an all-equal block is exact already
-        best_d = d0
-        best_m = m0
-        best = _legacy_err(x, xo, w, d0, m0, qlo, qhi, L)
-        for sign in range(1 if affine else 2):
-            # coarse to fine: stretches -8, -4, 0, 4, 8 (/64), then +-1, +-2 around this sign's best
-            k_sign = 0
-            e_sign = np.inf
-            for c in range(2 * _STEPS + 1 if affine else 9):  # one sign only: all 17 stretches
-                if affine:
-                    k = c - _STEPS
-                else:
-                    k = c * 4 - _STEPS if c < 5 else k_sign + (c - 7 if c < 7 else c - 6)
-                if abs(k) > _STEPS:
+        for c in range(nc):
+            inv[c] = _F32(_F32(1.0) / _F32(d0 * stretch[c]))
+            sqq[c] = _F32(0.0)
+            sqx[c] = _F32(0.0)
+            sq[c] = _F32(0.0)
+        s1 = 0.0
+        sx = 0.0
+        for i in range(_QK):
+            v = x[xo + i]
+            vm = _F32(v - m0)
+            wi = w[xo + i]
+            wx = _F32(wi * v)
+            s1 += np.float64(wi)
+            sx += np.float64(wx)
+            for c in range(nc):  # round half to even by the float magic number; clamped to the levels
+                t = _F32(vm * inv[c])
+                q = min(max(_F32(_F32(t + _F32(12582912.0)) - _F32(12582912.0)), flo), fhi)
+                wq = _F32(wi * q)
+                sqq[c] += _F32(wq * q)
+                sqx[c] += _F32(wx * q)
+                sq[c] += wq
+        best = -np.inf
+        nd = 0.0
+        nm = 0.0
+        for c in range(nc):
+            qq = np.float64(sqq[c])
+            qx = np.float64(sqx[c])
+            q1 = np.float64(sq[c])
+            if affine:  # x ~ d*q + m: the 2x2 weighted normal equations
+                det = qq * s1 - q1 * q1
+                if not det > 1e-6 * qq * s1:
                     continue
-                dc = _F32(d0 * _F32(1.0 + k / 64.0))
-                if sign:
-                    dc = -dc
-                nd, nm = _legacy_fit(x, xo, w, qlo, qhi, affine, dc, m0)
-                e = _legacy_err(x, xo, w, nd, nm, qlo, qhi, Lt)
-                if c < 5 and e < e_sign:
-                    e_sign = e
-                    k_sign = k
-                if e < best:
-                    best = e
-                    best_d = nd
-                    best_m = nm
-                    for i in range(_QK):
-                        L[i] = Lt[i]
-        if best_d == d0 and best_m == m0:
-            continue  # ggml's block is already the best found: keep its bytes
-        store_fp16(y, yo + od, best_d)
+                a = (qx * s1 - q1 * sx) / det
+                b = (qq * sx - q1 * qx) / det
+                gain = a * qx + b * sx  # the error is sum(w x^2) - gain
+            else:
+                if not qq > 0.0:
+                    continue
+                a = qx / qq
+                b = 0.0
+                gain = a * qx
+            if gain > best:
+                best = gain
+                nd = a
+                nm = b
+        if best == -np.inf or not (np.isfinite(nd) and np.isfinite(nm)) or abs(nd) > 65000.0 \
+                or abs(nm) > 65000.0:
+            continue
+        d1 = load_fp16(_fp16_bytes(_F32(nd)), 0)
+        m1 = load_fp16(_fp16_bytes(_F32(nm)), 0) if affine else _F32(0.0)
+        if d1 == _F32(0.0):
+            continue
+        e1 = _legacy_err(x, xo, w, d1, m1, qlo, qhi, L)
+        # re-rounding at the fitted (d, m) moves a few levels: one more fit for them, kept if better
+        d2, m2 = _legacy_refit(x, xo, w, L, affine, d1, m1)
+        if d2 != d1 or m2 != m1:
+            e2 = _legacy_err(x, xo, w, d2, m2, qlo, qhi, Lt)
+            if e2 < e1:
+                e1 = e2
+                d1 = d2
+                m1 = m2
+                for i in range(_QK):
+                    L[i] = Lt[i]
+        if e1 >= _legacy_err(x, xo, w, d0, m0, qlo, qhi, Lt):
+            continue  # ggml's block is at least as good: keep its bytes
+        store_fp16(y, yo + od, d1)
         if affine:
-            store_fp16(y, yo + om, best_m)
+            store_fp16(y, yo + om, m1)
         else:
             for i in range(_QK):
                 L[i] -= qlo  # stored unsigned
@@ -449,28 +587,266 @@ def _optimize_row_legacy(x, w, y, nbytes, od, om, oqh, oqs, qlo, qhi):
             pack_q5_0(y, yo + oqh, yo + oqs, L)
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
+def _rows_legacy(x, w, out, nbytes, od, om, oqh, oqs, qlo, qhi, stretch, r0, r1):
+    for r in range(r0, r1):
+        _optimize_row_legacy(x[r], w, out[r], nbytes, od, om, oqh, oqs, qlo, qhi, stretch)
+
+
+def _stretches(signs):
+    """Candidate scales as multiples of ggml's d: 1 + k/64, k in [-8, 8] step 2; both signs for the symmetric
+    types (their levels are lopsided, [-8, 7]: which end the largest value takes matters)."""
+    k = np.arange(-_STEPS, _STEPS + 1, _STEP)
+    s = np.float32(1.0) + k.astype(np.float32) / np.float32(64.0)
+    return np.concatenate([s, -s] if signs == 2 else [s]).astype(np.float32)
+
+
 def optimize_q4_0(x, w, out):
-    for r in prange(x.shape[0]):
-        _optimize_row_legacy(x[r], w, out[r], Q4_0_BYTES, Q4_0_D, -1, -1, Q4_0_QS, -8, 7)
+    run_chunks(_rows_legacy, x.shape[0], x, w, out, Q4_0_BYTES, Q4_0_D, -1, -1, Q4_0_QS, -8, 7, _stretches(2))
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def optimize_q4_1(x, w, out):
-    for r in prange(x.shape[0]):
-        _optimize_row_legacy(x[r], w, out[r], Q4_1_BYTES, Q4_1_D, Q4_1_M, -1, Q4_1_QS, 0, 15)
+    run_chunks(_rows_legacy, x.shape[0], x, w, out, Q4_1_BYTES, Q4_1_D, Q4_1_M, -1, Q4_1_QS, 0, 15, _stretches(1))
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def optimize_q5_0(x, w, out):
-    for r in prange(x.shape[0]):
-        _optimize_row_legacy(x[r], w, out[r], Q5_0_BYTES, Q5_0_D, -1, Q5_0_QH, Q5_0_QS, -16, 15)
+    run_chunks(_rows_legacy, x.shape[0], x, w, out, Q5_0_BYTES, Q5_0_D, -1, Q5_0_QH, Q5_0_QS, -16, 15, _stretches(2))
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def optimize_q5_1(x, w, out):
-    for r in prange(x.shape[0]):
-        _optimize_row_legacy(x[r], w, out[r], Q5_1_BYTES, Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS, 0, 31)
+    run_chunks(_rows_legacy, x.shape[0], x, w, out, Q5_1_BYTES, Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS, 0, 31, _stretches(1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Non-linear blocks: value = s * kvalues_iq4nl[q], q in [0, 15] (levels -127..113, lopsided); IQ4_NL:
+# s = d, one fp16 per 32 values (searched as the legacy scales are); IQ4_XS: s = d * (ls - 32), fp16 d per
+# 256 and a 6-bit ls per 32 (searched as Q3_K's sub-block scales are).  Levels are the nearest by iq4's
+# branch-free best_index; ggml's block is decoded as stored to decide which block is kept.
+# ---------------------------------------------------------------------------------------------------
+_IQ4_NL = type_info("IQ4_NL")
+_IQ4_XS = type_info("IQ4_XS")
+IQ4_NL_BYTES, IQ4_NL_D, IQ4_NL_QS = _IQ4_NL.type_size, _IQ4_NL.field_offset("d"), _IQ4_NL.field_offset("qs")
+IQ4_XS_BYTES = _IQ4_XS.type_size
+IQ4_XS_D, IQ4_XS_SCALES_H, IQ4_XS_SCALES_L, IQ4_XS_QS = (
+    _IQ4_XS.field_offset(f) for f in ("d", "scales_h", "scales_l", "qs"))
+
+
+_LUT = 256  # |t| range of the lanes' level table; levels are within [-127, 113]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _lut_level(lut, t):
+    """The lanes' level of t (kvalue units): the nearest to round(t), from a table (no search; only ranks)."""
+    r = _F32(_F32(min(max(t, _F32(-_LUT)), _F32(_LUT - 1)) + _F32(12582912.0)) - _F32(12582912.0))
+    return lut[np.int64(r) + _LUT]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _nl_err(x, xo, w, s, fval, L, lo):
+    """Weighted error of 32 values at scale s, each at its nearest level (indices into L[lo:lo+32])."""
+    inv = _F32(_F32(1.0) / s) if s != _F32(0.0) else _F32(0.0)
+    err = 0.0
+    for i in range(_QK):
+        v = x[xo + i]
+        q = _best_index_16(fval, _F32(v * inv))
+        L[lo + i] = q
+        diff = np.float64(_F32(s * fval[q])) - np.float64(v)
+        err += np.float64(w[xo + i]) * diff * diff
+    return err
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _nl_stored_err(x, xo, w, s, fval, y, qo):
+    """Weighted error of 32 values as a stored block decodes them (quants q4[j] = L[j] | L[j+16] << 4)."""
+    err = 0.0
+    for j in range(16):
+        b = y[qo + j]
+        for h in range(2):
+            q = (b >> np.uint8(4 * h)) & np.uint8(0xF)
+            diff = np.float64(_F32(s * fval[q])) - np.float64(x[xo + j + 16 * h])
+            err += np.float64(w[xo + j + 16 * h]) * diff * diff
+    return err
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _pack_nl(y, qo, L, lo):
+    for j in range(16):
+        y[qo + j] = np.uint8(L[lo + j] | (L[lo + j + 16] << 4))
+
+
+@njit(cache=True, nogil=True)
+def _optimize_row_iq4_nl(x, w, y, fval, lut, stretch):
+    """IQ4_NL rows, in place: candidate scales side by side as in :func:`_optimize_row_legacy`."""
+    nc = stretch.shape[0]
+    inv = np.empty(nc, np.float32)
+    sqq = np.empty(nc, np.float32)
+    sqx = np.empty(nc, np.float32)
+    L = np.empty(_QK, np.int64)
+    for ib in range(x.shape[0] // _QK):
+        xo = ib * _QK
+        yo = ib * IQ4_NL_BYTES
+        d0 = load_fp16(y, yo + IQ4_NL_D)
+        if d0 == _F32(0.0) or not np.isfinite(d0):
+            continue
+        for c in range(nc):
+            inv[c] = _F32(_F32(1.0) / _F32(d0 * stretch[c]))
+            sqq[c] = _F32(0.0)
+            sqx[c] = _F32(0.0)
+        for i in range(_QK):
+            v = x[xo + i]
+            wi = w[xo + i]
+            wx = _F32(wi * v)
+            for c in range(nc):
+                k = fval[_lut_level(lut, _F32(v * inv[c]))]
+                sqq[c] += _F32(_F32(wi * k) * k)
+                sqx[c] += _F32(wx * k)
+        best = -np.inf
+        nd = 0.0
+        for c in range(nc):
+            qq = np.float64(sqq[c])
+            qx = np.float64(sqx[c])
+            if qq > 0.0 and qx * qx / qq > best:
+                best = qx * qx / qq
+                nd = qx / qq
+        if best == -np.inf or not np.isfinite(nd) or abs(nd) > 65000.0:
+            continue
+        d1 = load_fp16(_fp16_bytes(_F32(nd)), 0)
+        if d1 == _F32(0.0) or _nl_err(x, xo, w, d1, fval, L, 0) >= _nl_stored_err(
+                x, xo, w, d0, fval, y, yo + IQ4_NL_QS):
+            continue
+        store_fp16(y, yo + IQ4_NL_D, d1)
+        _pack_nl(y, yo + IQ4_NL_QS, L, 0)
+
+
+@njit(cache=True, nogil=True)
+def _nl_lanes(x, xo, w, d, cs, nc, fval, lut, ds, inv, ce):
+    """As :func:`_sym_lanes`, for value = d*s*kvalues[q]."""
+    for c in range(nc):
+        ds[c] = _F32(d * _F32(cs[c]))
+        inv[c] = _F32(_F32(1.0) / ds[c]) if ds[c] != _F32(0.0) else _F32(0.0)
+        ce[c] = _F32(0.0)
+    for i in range(_QK):
+        v = x[xo + i]
+        wi = w[xo + i]
+        for c in range(nc):
+            diff = _F32(_F32(ds[c] * fval[_lut_level(lut, _F32(v * inv[c]))]) - v)
+            ce[c] += _F32(_F32(wi * diff) * diff)
+
+
+@njit(cache=True, nogil=True)
+def _iq4_xs_scale(y, yo, ib):
+    """The 6-bit ls of block ib (scales_l nibble | scales_h bits << 4), minus 32."""
+    lo = (np.int64(y[yo + IQ4_XS_SCALES_L + ib // 2]) >> (4 * (ib % 2))) & 0xF
+    hi = (np.int64(y[yo + IQ4_XS_SCALES_H + ib // 4]) >> (2 * (ib % 4))) & 3
+    return (lo | (hi << 4)) - 32
+
+
+@njit(cache=True, nogil=True)
+def _optimize_row_iq4_xs(x, w, y, fval, lut, radius):
+    """IQ4_XS rows, in place: ls searched per block of 32 and d refitted, as :func:`_refine_sym` does."""
+    nsub = QK_K // _QK
+    sc = np.empty(nsub, np.int64)
+    err = np.empty(nsub, np.float64)
+    L = np.empty(QK_K, np.int64)
+    Lt = np.empty(_QK, np.int64)
+    ds = np.empty(2 * radius + 1, np.float32)
+    inv = np.empty_like(ds)
+    cs = np.empty(ds.shape[0], np.int64)
+    ce = np.empty(ds.shape[0], np.float32)
+    for ibl in range(x.shape[0] // QK_K):
+        xo = ibl * QK_K
+        yo = ibl * IQ4_XS_BYTES
+        d = load_fp16(y, yo + IQ4_XS_D)
+        if d == _F32(0.0) or not np.isfinite(d):
+            continue
+        e0 = 0.0
+        for j in range(nsub):
+            sc[j] = _iq4_xs_scale(y, yo, j)
+            s = _F32(d * _F32(sc[j]))
+            e0 += _nl_stored_err(x, xo + _QK * j, w, s, fval, y, yo + IQ4_XS_QS + 16 * j)
+            err[j] = _nl_err(x, xo + _QK * j, w, s, fval, L, _QK * j)
+        for _it in range(_ITERS):
+            for j in range(nsub):
+                nc = 0
+                for s in range(max(-32, sc[j] - radius), min(31, sc[j] + radius) + 1):
+                    if s != sc[j]:
+                        cs[nc] = s
+                        nc += 1
+                _nl_lanes(x, xo + _QK * j, w, d, cs, nc, fval, lut, ds, inv, ce)
+                c = np.argmin(ce[:nc])
+                if ce[c] < err[j] * (1.0 + 1e-5):
+                    e = _nl_err(x, xo + _QK * j, w, _F32(d * _F32(cs[c])), fval, Lt, 0)
+                    if e < err[j]:
+                        err[j] = e
+                        sc[j] = cs[c]
+                        for i in range(_QK):
+                            L[_QK * j + i] = Lt[i]
+            saa = 0.0
+            sax = 0.0
+            sxx = 0.0
+            for k in range(QK_K):
+                wi = np.float64(w[xo + k])
+                a = np.float64(sc[k // _QK]) * np.float64(fval[L[k]])
+                xi = np.float64(x[xo + k])
+                saa += wi * a * a
+                sax += wi * a * xi
+                sxx += wi * xi * xi
+            if saa <= 0.0:
+                break
+            nd = sax / saa
+            if not np.isfinite(nd) or abs(nd) > 65000.0 or nd == 0.0:
+                break
+            nd16 = load_fp16(_fp16_bytes(_F32(nd)), 0)
+            a = np.float64(nd16)
+            if not sxx - 2.0 * a * sax + a * a * saa < err.sum() * (1.0 - 1e-6):
+                break
+            d = nd16
+            for j in range(nsub):
+                err[j] = _nl_err(x, xo + _QK * j, w, _F32(d * _F32(sc[j])), fval, L, _QK * j)
+        if not err.sum() < e0:
+            continue  # keep ggml's bytes
+        store_fp16(y, yo + IQ4_XS_D, d)
+        scales_h = 0
+        for j in range(nsub):
+            ls = sc[j] + 32
+            if j % 2 == 0:
+                y[yo + IQ4_XS_SCALES_L + j // 2] = np.uint8(ls & 0xF)
+            else:
+                y[yo + IQ4_XS_SCALES_L + j // 2] |= np.uint8((ls & 0xF) << 4)
+            scales_h |= (ls >> 4) << (2 * j)
+            _pack_nl(y, yo + IQ4_XS_QS + 16 * j, L, _QK * j)
+        y[yo + IQ4_XS_SCALES_H] = np.uint8(scales_h & 0xFF)
+        y[yo + IQ4_XS_SCALES_H + 1] = np.uint8((scales_h >> 8) & 0xFF)
+
+
+@njit(cache=True, nogil=True)
+def _rows_iq4_nl(x, w, out, fval, lut, stretch, r0, r1):
+    for r in range(r0, r1):
+        _optimize_row_iq4_nl(x[r], w, out[r], fval, lut, stretch)
+
+
+@njit(cache=True, nogil=True)
+def _rows_iq4_xs(x, w, out, fval, lut, radius, r0, r1):
+    for r in range(r0, r1):
+        _optimize_row_iq4_xs(x[r], w, out[r], fval, lut, radius)
+
+
+def _nl_tables():
+    """kvalues_iq4nl as float32, and the nearest level of each integer t in [-_LUT, _LUT) (lut[t + _LUT])."""
+    fval = kvalues_iq4nl.astype(np.float32)
+    t = np.arange(-_LUT, _LUT, dtype=np.float32)
+    lut = np.abs(t[:, None] - fval[None, ::-1]).argmin(1)  # reversed: a tie goes to the upper level
+    return fval, (15 - lut).astype(np.int64)
+
+
+def optimize_iq4_nl(x, w, out):
+    fval, lut = _nl_tables()
+    run_chunks(_rows_iq4_nl, x.shape[0], x, w, out, fval, lut, _stretches(2))
+
+
+def optimize_iq4_xs(x, w, out):
+    fval, lut = _nl_tables()
+    run_chunks(_rows_iq4_xs, x.shape[0], x, w, out, fval, lut, 2)
 
 
 # The small separate lookup (the type table keeps the byte-exact kernels): ggml type -> in-place refiner.
@@ -483,6 +859,8 @@ REFINERS = {
     GGMLType.Q4_1: optimize_q4_1,
     GGMLType.Q5_0: optimize_q5_0,
     GGMLType.Q5_1: optimize_q5_1,
+    GGMLType.IQ4_NL: optimize_iq4_nl,
+    GGMLType.IQ4_XS: optimize_iq4_xs,
 }
 
 
