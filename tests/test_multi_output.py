@@ -15,7 +15,7 @@ import pytest
 
 import gguf_kquant
 import gguf_kquant.codecs as codecs
-from gguf_kquant.errors import BadTensorDataError, ImatrixError, QuantizeError
+from gguf_kquant.errors import BadTensorDataError, ImatrixError, InvalidArgumentError, QuantizeError
 from gguf_kquant.model import multi, quantize as single
 from gguf_kquant.safeio import TEMP_PREFIX
 from test_model_quantize import (_check_same, _write_split_copy, imatrices, imatrix_kv,  # noqa: F401
@@ -102,6 +102,27 @@ def test_moe_split_and_keep_split_outputs_equal_single_runs_and_reports(models, 
                                      report=tmp_path / "single" / "k6.json")
     assert rep.read_bytes() == (tmp_path / "single" / "k6.json").read_bytes()
     assert json.loads(rep.read_text())["mix"] == "Q6_K" and res[k6].report == one.report and not res[k2].report
+
+
+def test_optimized_outputs_equal_their_single_runs(models, imatrices, tmp_path, monkeypatch):
+    src = models["gqa"]
+    path, _values = imatrices["gqa"]
+    outs = {tmp_path / "a.gguf": "Q4_K_M", tmp_path / "b.gguf": "Q3_K_M", tmp_path / "c.gguf": "Q4_0"}
+    res = gguf_kquant.quantize_model(src, outs, imatrix=path, method="optimized", threads=2)
+    (tmp_path / "one").mkdir()
+    for dst, mix in outs.items():
+        one = gguf_kquant.quantize_model(src, tmp_path / "one" / dst.name, mix, imatrix=path, method="optimized")
+        llama = gguf_kquant.quantize_model(src, tmp_path / "one" / f"llama-{dst.name}", mix, imatrix=path)
+        assert res[dst].paths == [dst] and dst.read_bytes() == one.paths[0].read_bytes()
+        assert dst.read_bytes() != llama.paths[0].read_bytes()  # the refiners did run
+        assert dst.stat().st_size == llama.paths[0].stat().st_size
+    # refused before any work: optimized without an imatrix, an unknown method
+    _no_work(monkeypatch)
+    for kw, message in (({}, "needs an imatrix"), ({"imatrix": path, "method": "best"}, "unknown quantization")):
+        with pytest.raises((ImatrixError, InvalidArgumentError), match=message):
+            gguf_kquant.quantize_model(src, {tmp_path / "x.gguf": "Q4_K_M", tmp_path / "y.gguf": "Q8_0"},
+                                       **{"method": "optimized", **kw})
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
 
 
 def _no_work(monkeypatch):

@@ -38,6 +38,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from ..codecs.optimized import quantizer
 from ..errors import BadTensorDataError, QuantizeError, WriteError
 from ..safeio import AtomicFiles, check_outputs
 from ..types import GGMLType, TYPES
@@ -57,11 +58,13 @@ def quantize_outputs(src, outputs: Mapping, *, imatrix=None, include_weights=(),
                      output_tensor_type=None, token_embedding_type=None, tensor_types=(), pure=False,
                      leave_output_tensor=False, allow_requantize=False, override_kv=(), keep_split=False,
                      split_max_size=None, split_max_tensors=None, threads=None, dry_run=False, report=None,
-                     overwrite=False, quiet=True, stream=None) -> dict:
+                     overwrite=False, quiet=True, stream=None, method: str = "llama") -> dict:
     """Write every ``{dst: mix}`` of ``outputs`` from ``src`` in one pass; returns ``{dst: QuantizeResult}``.
 
     The options are :func:`~gguf_kquant.model.quantize.quantize_model`'s and apply to every output, except
-    ``report``: a mapping ``{dst: report path}`` for the outputs that want one.
+    ``report``: a mapping ``{dst: report path}`` for the outputs that want one.  ``method`` applies to all
+    outputs: with ``"optimized"`` each output is the file its own ``quantize_model(..., method="optimized")``
+    writes (the refiners work row by row, so slabs and shared types do not change the bytes).
     """
     from ..container.reader import open_gguf
     from .planner import parse_mix
@@ -76,6 +79,7 @@ def quantize_outputs(src, outputs: Mapping, *, imatrix=None, include_weights=(),
     reports = _report_paths(report, outputs)
     max_bytes = _split_limits(keep_split, split_max_size, split_max_tensors)
     im = _prepare_imatrix(imatrix, tuple(include_weights or ()), tuple(exclude_weights or ()))
+    quantize_tensor = quantizer(method, im is not None)  # an unknown method, or optimized without imatrix
     overrides = _overrides(override_kv, im)
     rules = dict(pure=pure, leave_output_tensor=leave_output_tensor, output_tensor_type=output_tensor_type,
                  token_embedding_type=token_embedding_type, tensor_types=tensor_types, keep_order=keep_split)
@@ -115,7 +119,7 @@ def quantize_outputs(src, outputs: Mapping, *, imatrix=None, include_weights=(),
             outs.append(_Output(dst, plan, shards, reports.get(dst)))
         targets = [sp.path for o in outs for sp in o.shards] + [Path(o.report) for o in outs if o.report]
         check_outputs(targets, _input_paths(f, imatrix), overwrite=overwrite, error=QuantizeError)
-        _stream_all(f, by_name, order, outs, targets, im, threads, progress)
+        _stream_all(f, by_name, order, outs, targets, im, threads, progress, quantize_tensor)
         seconds = time.perf_counter() - t0
         for o in outs:
             res = results[o.dst]
@@ -181,7 +185,7 @@ def _never_called():
     raise AssertionError("the multi-output writer streams the bytes itself")
 
 
-def _stream_all(f, by_name, order, outs, targets, im, threads, progress) -> None:
+def _stream_all(f, by_name, order, outs, targets, im, threads, progress, quantize_tensor) -> None:
     """Write every output tensor by tensor, then the reports, and commit everything together."""
     n_files = sum(len(o.shards) for o in outs)
     with AtomicFiles(targets) as out, ExitStack() as files:
@@ -196,7 +200,7 @@ def _stream_all(f, by_name, order, outs, targets, im, threads, progress) -> None
             start = time.perf_counter()
             for w, o in zip(writers, outs):
                 w.begin(*o.where[name])
-            for chunks in _slabs(t, rows, im, threads, stats_of):
+            for chunks in _slabs(t, rows, im, threads, stats_of, quantize_tensor):
                 for w, c in zip(writers, chunks):
                     w.write(c)
             for w in writers:
@@ -227,11 +231,10 @@ def _say_tensor(progress: Progress, im: Optional[Imatrix], rows: list, seconds: 
                     sum(r.dst_nbytes for r in rows), seconds)
 
 
-def _slabs(t, rows: list, im: Optional[Imatrix], threads, stats_of: dict):
+def _slabs(t, rows: list, im: Optional[Imatrix], threads, stats_of: dict, q):
     """Per slab of source rows of tensor ``t``: a list, parallel to ``rows`` (one PlanRow per output), of
-    that output's bytes — the raw slab for a copy, else the slab quantized once per distinct type."""
-    from ..codecs import quantize as q
-
+    that output's bytes — the raw slab for a copy, else the slab quantized by ``q`` (the method's quantize
+    function) once per distinct type."""
     src_type = rows[0].src_type
     ne = rows[0].shape[::-1]
     n_per_row = ne[0]
