@@ -13,7 +13,6 @@ layers interleaved, a NoPE layer (the 4th) and llama3 RoPE scaling (a ``rope_fre
 from __future__ import annotations
 
 import copy
-import ctypes
 import json
 import shutil
 
@@ -23,9 +22,8 @@ import pytest
 import gguf_kquant
 from gguf_kquant.errors import ConversionError
 from oracle import lib_dir
-from test_convert_helpers import vendor_convert_jobs
-from test_convert_helpers import (LLAMA3_RE, QWEN2_RE, assert_same_gguf, gguf_logits, hf_logits, hf_tokenizer,
-                                  train_bpe)
+from test_convert_helpers import (LLAMA3_RE, QWEN2_RE, assert_logits_match, assert_same_gguf, gguf_logits, hf_logits,
+                                  hf_tokenizer, llama_quantize, train_bpe, vendor_convert_jobs)
 
 OUTTYPES = ("F32", "F16", "BF16", "Q8_0")
 # tokenizer.ggml.pre given to convert_hf_to_gguf.py (its hash table does not know our trained tokenizers)
@@ -245,25 +243,18 @@ def test_logits_match_transformers(built, arch):
         if not path.exists():
             gguf_kquant.convert_hf(root / arch, path, ftype)
         ours = gguf_logits(path, ids)
-        cos = np.sum(ours * ref, -1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1))
-        assert cos.min() >= min_cos, f"{arch} {ftype}: cosine {cos.min():.5f}"
-        if ftype in ("F16", "F32"):
-            assert (ours.argmax(-1) == ref.argmax(-1)).all(), f"{arch} {ftype}: top-1 differs"
+        assert_logits_match(ours, ref, f"{arch} {ftype}", min_cos, top1=ftype in ("F16", "F32"))
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_mix_equals_convert_then_llama_quantize(tmp_path, arch):
     """Q4_K_M in one pass == F16 then llama-quantize, byte for byte; rows of 256 so that the k-quants (not
     only their fallbacks) meet the experts."""
-    import llama_cpp
-
     d = tmp_path / arch
     (make_glm4moe if arch == "glm4moe" else make_llama4)(d, hidden=256, seed=40)
     f16, ref, ours = tmp_path / "f16.gguf", tmp_path / "ref.gguf", tmp_path / "ours.gguf"
     gguf_kquant.convert_hf(d, f16, "F16")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = 15, 1  # LLAMA_FTYPE_MOSTLY_Q4_K_M
-    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(ref).encode(), ctypes.byref(params)) == 0
+    llama_quantize(f16, ref, 15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M
     gguf_kquant.convert_hf(d, ours, "Q4_K_M")
     assert_same_gguf(ours, ref)
     with gguf_kquant.open(ours) as f:

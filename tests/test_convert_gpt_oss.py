@@ -6,7 +6,6 @@ never called) that llama.cpp decodes to exactly the checkpoint's values."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
 
@@ -17,8 +16,8 @@ import gguf_kquant
 from gguf_kquant.errors import ConversionError
 from gguf_kquant.types import GGMLType
 from oracle import lib_dir, to_float
-from test_convert_helpers import vendor_convert_jobs
-from test_convert_helpers import QWEN2_RE, assert_same_gguf, gguf_logits, hf_logits, hf_tokenizer, train_bpe
+from test_convert_helpers import (QWEN2_RE, assert_logits_match, assert_same_gguf, gguf_logits, hf_logits,
+                                  hf_tokenizer, llama_quantize, train_bpe, vendor_convert_jobs)
 
 OUTTYPES = ("F32", "F16", "BF16", "Q8_0")
 FORMS = ("bf16", "mxfp4")
@@ -149,9 +148,7 @@ def test_logits_match_transformers(built, form):
     assert len(ids) == 24  # longer than the 16-token window of layer 0
     ours = gguf_logits(out, ids)
     ref = hf_logits(models[form], ids, f16_weights=True)
-    cos = np.sum(ours * ref, -1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1))
-    assert (ours.argmax(-1) == ref.argmax(-1)).all(), f"{form}: top-1 differs"
-    assert cos.min() >= 0.999, f"{form}: cosine {cos.min():.5f}"
+    assert_logits_match(ours, ref, f"{form}")
 
 
 def test_mxfp4_experts_are_moved_not_decoded(built, monkeypatch, tmp_path):
@@ -185,15 +182,11 @@ def test_mxfp4_experts_are_moved_not_decoded(built, monkeypatch, tmp_path):
 def test_q4_k_m_equals_f16_then_llama_quantize(tmp_path):
     """Q4_K_M in one pass == our F16 (equal to convert_hf_to_gguf.py's, above) then llama-quantize; rows of 256
     so that the k-quants themselves meet the experts split out of gate_up_proj."""
-    import llama_cpp
-
     d = tmp_path / "m256"
     make_gpt_oss(d, hidden=256, ff=256, seed=11)
     f16, ref, ours = tmp_path / "f16.gguf", tmp_path / "ref.gguf", tmp_path / "ours.gguf"
     gguf_kquant.convert_hf(d, f16, "F16")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = 15, 1  # LLAMA_FTYPE_MOSTLY_Q4_K_M
-    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(ref).encode(), ctypes.byref(params)) == 0
+    llama_quantize(f16, ref, 15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M
     gguf_kquant.convert_hf(d, ours, "Q4_K_M")
     assert_same_gguf(ours, ref)
     with gguf_kquant.open(ours) as f:
@@ -223,14 +216,10 @@ def test_bad_experts_refused_before_writing(built, tmp_path, bad):
 def test_mxfp4_moe_equals_f16_then_llama_quantize(built, tmp_path):
     """MXFP4_MOE of the MXFP4 checkpoint: the experts copied (MXFP4 to MXFP4), the rest Q8_0 — what
     llama-quantize makes of convert_hf_to_gguf.py's F16; Q4_K_M would requantize MXFP4, which both refuse."""
-    import llama_cpp
-
     root, _ = built
     f16, ref, ours = tmp_path / "f16.gguf", tmp_path / "ref.gguf", tmp_path / "ours.gguf"
     gguf_kquant.convert_hf(root / "mxfp4", f16, "F16")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = 38, 1  # LLAMA_FTYPE_MOSTLY_MXFP4_MOE
-    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(ref).encode(), ctypes.byref(params)) == 0
+    llama_quantize(f16, ref, 38)  # LLAMA_FTYPE_MOSTLY_MXFP4_MOE
     gguf_kquant.convert_hf(root / "mxfp4", ours, "MXFP4_MOE")
     assert_same_gguf(ours, ref)
     with pytest.raises(ConversionError, match="requantizing"):
@@ -240,7 +229,7 @@ def test_mxfp4_moe_equals_f16_then_llama_quantize(built, tmp_path):
 
 def test_fused_expert_rows_equal_numpy(tmp_path):
     """Row slabs of every length, crossing experts or not, are the rows of ``w.swapaxes(1, 2)[:, k::2]``."""
-    from gguf_kquant.convert.archs.gpt_oss import FusedExperts
+    from gguf_kquant.convert.archs.experts import TransposedExperts
     from gguf_kquant.convert.safetensors import SafetensorsFile
     from safetensors.numpy import save_file
 
@@ -249,7 +238,7 @@ def test_fused_expert_rows_equal_numpy(tmp_path):
     t = SafetensorsFile(tmp_path / "m.safetensors").tensors["w"]
     for start, step in ((0, 1), (0, 2), (1, 2)):
         want = w.swapaxes(1, 2)[:, start::step].reshape(-1, 4)
-        rows = FusedExperts(t, start, step).array().reshape(-1, 4)
+        rows = TransposedExperts(t.name, t, slice(start, None, step)).array().reshape(-1, 4)
         assert rows.shape == want.shape
         for n in (1, 2, 3, 4, 7, 100):
             got = np.concatenate([rows[r:r + n] for r in range(0, rows.shape[0], n)])

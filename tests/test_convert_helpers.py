@@ -347,6 +347,31 @@ def vendor_convert_jobs(jobs) -> None:
     assert r.returncode == 0, r.stderr[-4000:]
 
 
+def llama_quantize(src, dst, ftype_id: int, nthread: int = 1) -> None:
+    """llama-quantize (libllama's llama_model_quantize) of ``src`` to ``dst``; ``ftype_id`` a llama_ftype
+    (15: Q4_K_M, 18: Q6_K, 38: MXFP4_MOE)."""
+    import ctypes
+
+    from oracle import lib_dir
+
+    lib_dir()  # the oracle must be installed: fail, never skip
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = ftype_id, nthread
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+
+
+def assert_logits_match(ours: np.ndarray, ref: np.ndarray, what: str, min_cos: float = 0.999,
+                        top1: bool = True) -> None:
+    """llama.cpp's logits ``ours`` against transformers' ``ref`` (tokens x vocab): the same top-1 token at
+    every position and cosine >= ``min_cos``."""
+    cos = np.sum(ours * ref, -1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1))
+    if top1:
+        assert (ours.argmax(-1) == ref.argmax(-1)).all(), f"{what}: top-1 differs"
+    assert cos.min() >= min_cos, f"{what}: cosine {cos.min():.5f}"
+
+
 def llama_cpp_model(path, **kw):
     """llama.cpp (through llama-cpp-python) on a GGUF file: one thread, a small context."""
     import llama_cpp

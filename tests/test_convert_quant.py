@@ -3,7 +3,6 @@ and the errors a bad checkpoint or destination raises."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 
 import numpy as np
@@ -12,8 +11,7 @@ import pytest
 import gguf_kquant
 from gguf_kquant.convert.safetensors import SafetensorsFile, write_safetensors
 from gguf_kquant.errors import ConversionError, GGUFError
-from oracle import lib_dir
-from test_convert_helpers import diff_gguf, make_model, vendor_convert
+from test_convert_helpers import diff_gguf, llama_quantize, make_model, vendor_convert
 
 
 @pytest.fixture(scope="module")
@@ -30,24 +28,13 @@ def tiny(tmp_path_factory):
     return d
 
 
-def _llama_quantize(src, dst, ftype_id):
-    lib_dir()
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype_id
-    params.nthread = 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    assert rc == 0
-
-
 @pytest.mark.parametrize("mix", ["Q4_K_M", "Q6_K"])
 def test_mix_equals_convert_then_llama_quantize(tmp_path, llama256, mix):
     ids = {"Q4_K_M": 15, "Q6_K": 18}
     f16 = tmp_path / "f16.gguf"
     gguf_kquant.convert_hf(llama256, f16, "F16")
     ref = tmp_path / "ref.gguf"
-    _llama_quantize(f16, ref, ids[mix])
+    llama_quantize(f16, ref, ids[mix])
     ours = tmp_path / "ours.gguf"
     gguf_kquant.convert_hf(llama256, ours, mix)
     assert diff_gguf(ours, ref) == []

@@ -8,7 +8,6 @@ the table that :func:`gguf_kquant.convert.convert_hf` looks up by ``config.json`
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -161,6 +160,12 @@ def _bid(name: str) -> Optional[int]:
     return None
 
 
+# llama.cpp's llama_expert_gating_func_type, and the config.json keys naming it (TextModel's list)
+_GATING_FUNCS = {"softmax": 1, "sigmoid": 2, "sqrtsoftplus": 4}
+_SCORE_FUNCTION_KEYS = ("score_function", "scoring_func", "score_func", "moe_router_activation",
+                        "moe_router_activation_func", "expert_selection_fn")
+
+
 class Converter:
     """Base class of the per-architecture converters (see the module docstring)."""
 
@@ -254,11 +259,13 @@ class Converter:
         """Architecture hyper-parameters; the generic part mirrors TextModel.set_gguf_parameters."""
         h = self.hparams
         w.add_block_count(self.block_count)
-        if (n := self.find(["max_position_embeddings", "n_ctx", "n_positions", "max_length"], True)) is not None:
+        if (n := self.find(["max_position_embeddings", "n_ctx", "n_positions", "max_length",
+                                  "max_sequence_length", "model_max_length"], True)) is not None:
             w.add_context_length(n)
         if (n := self.find(["hidden_size", "n_embd", "dim"], True)) is not None:
             w.add_embedding_length(n)
-        if (n := self.find(["intermediate_size", "n_inner", "hidden_dim"], True)) is not None:
+        if (n := self.find(["prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size",
+                                  "n_inner", "hidden_dim"], True)) is not None:
             w.add_feed_forward_length(n)
         if (n := self.find(["num_attention_heads", "n_head", "n_heads"], True)) is not None:
             w.add_head_count(n)
@@ -278,6 +285,14 @@ class Converter:
                 raise ConversionError(f"{self.dir / 'config.json'}: YaRN RoPE scaling needs key "
                                       f"'original_max_position_embeddings'")
             w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+            if (x := rope.get("extrapolation_factor")) is not None:
+                w.add_rope_scaling_yarn_ext_factor(x)
+            if (x := rope.get("attention_factor", rope.get("attn_factor"))) is not None:
+                w.add_rope_scaling_yarn_attn_factor(x)
+            if (x := rope.get("beta_fast")) is not None:
+                w.add_rope_scaling_yarn_beta_fast(x)
+            if (x := rope.get("beta_slow")) is not None:
+                w.add_rope_scaling_yarn_beta_slow(x)
         elif rope_type in ("su", "longrope"):
             w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
         elif rope_type not in (None, "default", "dynamic", "llama3", "Llama3"):
@@ -294,6 +309,16 @@ class Converter:
             w.add_expert_count(n)
         if (n := self.find(["num_experts_per_tok", "num_experts_per_token", "top_k_experts"], True)) is not None:
             w.add_expert_used_count(n)
+        if (n := h.get("n_group")) is not None:
+            w.add_expert_group_count(n)
+        if (n := h.get("topk_group")) is not None:
+            w.add_expert_group_used_count(n)
+        if (func := self.find(_SCORE_FUNCTION_KEYS, True)) is not None:
+            if func not in _GATING_FUNCS:
+                raise ConversionError(f"{self.dir / 'config.json'}: unsupported expert scoring function {func!r} "
+                                      f"(llama.cpp knows {', '.join(_GATING_FUNCS)})")
+            # a plain uint32: the gguf package may lack a newer function's enum member (sqrtsoftplus)
+            w.add_uint32(gguf.Keys.LLM.EXPERT_GATING_FUNC.format(arch=self.arch_name), _GATING_FUNCS[func])
         if (head_dim := h.get("head_dim")) is not None:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)

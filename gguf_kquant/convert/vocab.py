@@ -18,7 +18,6 @@ Merges, special token ids, add_bos/add_eos and the chat template come from gguf-
 
 from __future__ import annotations
 
-import json
 from hashlib import sha256
 from pathlib import Path
 

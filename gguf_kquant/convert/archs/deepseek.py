@@ -43,10 +43,6 @@ _CONFIG_DEFAULTS = {
 _POSITIVE = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
              "moe_intermediate_size", "n_routed_experts", "n_group", "topk_group", "num_experts_per_tok")
 _NON_NEGATIVE = ("first_k_dense_replace", "n_shared_experts")
-# llama.cpp's llama_expert_gating_func_type (gguf-py 0.19's enum lacks SQRTSOFTPLUS = 4)
-_GATING = {"softmax": 1, "sigmoid": 2, "sqrtsoftplus": 4}
-_SCORE_KEYS = ("score_function", "scoring_func", "score_func", "moe_router_activation",
-               "moe_router_activation_func", "expert_selection_fn")
 
 
 def split_kv_b(w: np.ndarray, n_head_kv: int, qk_nope_head_dim: int, v_head_dim: int):
@@ -57,20 +53,6 @@ def split_kv_b(w: np.ndarray, n_head_kv: int, qk_nope_head_dim: int, v_head_dim:
     k_b = np.ascontiguousarray(kv_b[:, :qk_nope_head_dim, :].transpose(0, 2, 1))
     v_b = np.ascontiguousarray(kv_b[:, qk_nope_head_dim:, :])
     return k_b, v_b
-
-
-def _insert_before(w: gguf.GGUFWriter, anchor: str, add) -> None:
-    """Call ``add(w)`` and move the keys it writes to just before ``anchor`` (a key always written): where
-    convert_hf_to_gguf.py's TextModel writes them, among the keys the base converter writes."""
-    kv = w.kv_data[0]
-    before = set(kv)
-    add(w)
-    new = [k for k in kv if k not in before]
-    items = [(k, v) for k, v in kv.items() if k not in new]
-    at = [k for k, _ in items].index(anchor)
-    items[at:at] = [(k, kv[k]) for k in new]
-    kv.clear()
-    kv.update(items)
 
 
 def _fill_config_defaults(path: Path, hparams: dict) -> None:
@@ -181,12 +163,7 @@ class DeepseekV2Converter(ExpertStacker, Converter):
     # ---- metadata -----------------------------------------------------------------------------------
     def set_parameters(self, w):
         h = self.hparams
-        super().set_parameters(w)
-        arch = self.arch_name
-        rope = self.rope_parameters.get("full_attention", self.rope_parameters)
-        if rope.get("rope_type") == "yarn" and rope.get("factor") is not None:
-            _insert_before(w, gguf.Keys.Rope.FREQ_BASE.format(arch=arch), lambda w: self._yarn(w, rope))
-        _insert_before(w, gguf.Keys.Attention.KEY_LENGTH.format(arch=arch), self._expert_routing)
+        super().set_parameters(w)  # with TextModel's YaRN, expert-group and scoring keys
         # DeepseekV2Model's own keys, in its order
         n_dense = h.get("first_k_dense_replace")
         if n_dense is None:  # no key: all layers dense without experts, none with
@@ -214,27 +191,3 @@ class DeepseekV2Converter(ExpertStacker, Converter):
             # llama.cpp's [TAG_DEEPSEEK2_YARN_LOG_MUL_FIX]: 0.1 * mscale_all_dim, unlike other architectures
             w.add_rope_scaling_yarn_log_mul(0.1 * mscale_all)
 
-    @staticmethod
-    def _yarn(w, rope):
-        """TextModel's YaRN keys beyond the base's (type, factor, original context)."""
-        if (x := rope.get("extrapolation_factor")) is not None:
-            w.add_rope_scaling_yarn_ext_factor(x)
-        if (x := rope.get("attention_factor", rope.get("attn_factor"))) is not None:
-            w.add_rope_scaling_yarn_attn_factor(x)
-        if (x := rope.get("beta_fast")) is not None:
-            w.add_rope_scaling_yarn_beta_fast(x)
-        if (x := rope.get("beta_slow")) is not None:
-            w.add_rope_scaling_yarn_beta_slow(x)
-
-    def _expert_routing(self, w):
-        """TextModel's expert-group and scoring keys (written after the used-expert count, before head_dim's)."""
-        h = self.hparams
-        if (n := h.get("n_group")) is not None:
-            w.add_expert_group_count(n)
-        if (n := h.get("topk_group")) is not None:
-            w.add_expert_group_used_count(n)
-        if (func := self.find(_SCORE_KEYS, optional=True)) is not None:
-            if func not in _GATING:
-                raise ConversionError(f"{self.dir / 'config.json'}: unsupported expert scoring function {func!r} "
-                                      f"(llama.cpp knows {', '.join(_GATING)})")
-            w.add_uint32(gguf.Keys.LLM.EXPERT_GATING_FUNC.format(arch=self.arch_name), _GATING[func])

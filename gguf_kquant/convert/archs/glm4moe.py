@@ -29,9 +29,6 @@ HPARAM_DEFAULTS = {
     "norm_topk_prob": True, "num_nextn_predict_layers": 1, "rope_theta": 10000.0,
 }
 
-# llama.cpp's llama_expert_gating_func_type (gguf-py 0.19's enum lacks SQRTSOFTPLUS = 4)
-GATING_FUNCS = {"softmax": 1, "sigmoid": 2, "sqrtsoftplus": 4}
-
 POSITIVE_KEYS = ("moe_intermediate_size", "n_routed_experts", "n_group", "topk_group")
 NON_NEGATIVE_KEYS = ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers")
 
@@ -43,15 +40,6 @@ def check_counts(model_dir, h: dict, keys: tuple, low: int) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= MAX_DIM:
             raise ConversionError(f"{model_dir}/config.json: key {key!r} must be an integer in {low}..{MAX_DIM}, "
                                   f"not {v!r:.60}")
-
-
-def insert_before_tail(w: gguf.GGUFWriter, tail_keys: tuple, add) -> None:
-    """Call ``add(w)`` so that the keys it adds land before ``tail_keys`` (keys an earlier call already wrote):
-    gguf-py keeps keys in insertion order, and the script writes some keys in the middle of TextModel's list."""
-    kv = w.kv_data[0]
-    tail = {k: kv.pop(k) for k in list(kv) if k in tail_keys}
-    add(w)
-    kv.update(tail)
 
 
 @register
@@ -128,10 +116,8 @@ class Glm4MoeConverter(ExpertStacker, Converter):
         return super().plan_tensor(name, t, bid) if stacked is None else stacked
 
     def set_parameters(self, w):
-        super().set_parameters(w)
-        h, arch = self.hparams, self.arch_name
-        tail = (f"{arch}.attention.key_length", f"{arch}.attention.value_length", "general.file_type")
-        insert_before_tail(w, tail, self._set_expert_groups)
+        super().set_parameters(w)  # with TextModel's expert-group and scoring keys
+        h = self.hparams
         w.add_rope_dimension_count(int(self.head_dim() * self.partial_rotary_factor))
         w.add_expert_count(h["n_routed_experts"])  # again, as the script does (the value and place are kept)
         w.add_expert_feed_forward_length(h["moe_intermediate_size"])
@@ -141,21 +127,6 @@ class Glm4MoeConverter(ExpertStacker, Converter):
         w.add_expert_weights_scale(h["routed_scaling_factor"])
         w.add_expert_weights_norm(h["norm_topk_prob"])
         w.add_nextn_predict_layers(h["num_nextn_predict_layers"])
-
-    def _set_expert_groups(self, w):
-        # TextModel.set_gguf_parameters' group-limited routing keys (between the expert counts and head_dim)
-        h = self.hparams
-        if (n := h.get("n_group")) is not None:
-            w.add_expert_group_count(n)
-        if (n := h.get("topk_group")) is not None:
-            w.add_expert_group_used_count(n)
-        keys = ("score_function", "scoring_func", "score_func", "moe_router_activation",
-                "moe_router_activation_func", "expert_selection_fn")
-        if (func := self.find(keys, optional=True)) is not None:
-            if func not in GATING_FUNCS:
-                raise ConversionError(f"{self.dir / 'config.json'}: unsupported expert scoring function {func!r} "
-                                      f"(llama.cpp knows {', '.join(GATING_FUNCS)})")
-            w.add_uint32(gguf.Keys.LLM.EXPERT_GATING_FUNC.format(arch=self.arch_name), GATING_FUNCS[func])
 
     def set_vocab(self, w):
         """The script's ``_set_vocab_glm``: GPT-2 BPE, then bos/eot/unk/eom from GLM's chat tokens."""

@@ -22,6 +22,7 @@ import gguf
 from ...errors import ConversionError
 from ...types import TYPES, GGMLType
 from ..base import Converter, PlannedTensor, register
+from .experts import TransposedExperts
 
 _MX = TYPES[GGMLType.MXFP4]
 QK_MXFP4 = _MX.block_size
@@ -89,52 +90,6 @@ class MXFP4Experts:
     def release(self) -> None:
         self.blocks.release()
         self.scales.release()
-
-
-class FusedExperts:
-    """A bf16 fused expert tensor ``(E, n_in, n_cols)`` seen as ``(E, n_out, n_in)``: transposed, keeping every
-    ``step``-th column from ``start`` (GptOssModel: ``data.transpose(-1, -2)[:, start::step, :]``).
-
-    Quacks like a :class:`~gguf_kquant.convert.safetensors.SafeTensor` for the conversion's producer; its
-    ``array()`` gathers row slabs from the mapped checkpoint on demand (peak: one slab, not a layer).
-    """
-
-    def __init__(self, t, start: int = 0, step: int = 1):
-        self.t, self.cols = t, slice(start, None, step)
-        n_expert, n_in, n_cols = t.shape
-        self.name, self.dtype, self.file = t.name, t.dtype, t.file
-        self.shape = (n_expert, len(range(n_cols)[self.cols]), n_in)
-
-    @property
-    def nbytes(self) -> int:
-        return self.t.nbytes * self.shape[1] // self.t.shape[2]
-
-    def array(self) -> "_TransposedRows":
-        return _TransposedRows(self, (self.shape[0] * self.shape[1], self.shape[2]))
-
-    def release(self) -> None:
-        self.t.release()
-
-
-class _TransposedRows:
-    """The rows of a :class:`FusedExperts`: ``reshape(-1, n_in)`` and row slices ``[r0:r1]``."""
-
-    def __init__(self, src: FusedExperts, shape):
-        self.src, self.shape, self.ndim = src, tuple(shape), len(shape)
-
-    def reshape(self, *shape):
-        if shape not in ((-1, self.shape[1]), ((-1, self.shape[1]),)):
-            raise NotImplementedError(f"fused experts reshape to {shape}")
-        return self  # already (E * n_out, n_in)
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        r0, r1, _ = rows.indices(self.shape[0])
-        per = self.src.shape[1]  # output rows of one expert
-        a, cols, pieces = self.src.t.array(), self.src.cols, []
-        for e in range(r0 // per, -(-r1 // per)):
-            j0, j1 = max(r0 - e * per, 0), min(r1 - e * per, per)
-            pieces.append(a[e][:, cols][:, j0:j1].T)
-        return np.ascontiguousarray(np.concatenate(pieces)) if pieces else np.empty((0, self.shape[1]), a.dtype)
 
 
 @register
@@ -213,14 +168,14 @@ class GptOssConverter(Converter):
         if w == "down_proj" and suffix == "_bias":
             yield self.map_name(f"{base}.down_proj.bias"), tuple(t.shape), None
         elif w == "down_proj":
-            yield self._view(f"{base}.down_proj.weight", FusedExperts(t))
+            yield self._view(f"{base}.down_proj.weight", TransposedExperts(t.name, t, slice(None)))
         elif suffix == "_bias":  # gate and up interleaved: even columns gate, odd columns up
             for k, part in enumerate(("gate_proj", "up_proj")):
                 yield (self.map_name(f"{base}.{part}.bias"), (n_exp, t.shape[1] // 2),
                        lambda x, k=k: np.ascontiguousarray(x[..., k::2]))
         else:
             for k, part in enumerate(("gate_proj", "up_proj")):
-                yield self._view(f"{base}.{part}.weight", FusedExperts(t, k, 2))
+                yield self._view(f"{base}.{part}.weight", TransposedExperts(t.name, t, slice(k, None, 2)))
 
     def _view(self, hf_name, src):
         new_name = self.map_name(hf_name)
@@ -228,7 +183,7 @@ class GptOssConverter(Converter):
         return new_name, src.shape, None
 
     def plan(self, out_type):
-        self._views = {}  # gguf name -> FusedExperts, filled by plan_tensor
+        self._views = {}  # gguf name -> TransposedExperts, filled by plan_tensor
         planned = super().plan(out_type)
         for p in planned:
             p.source = self._views.get(p.name, p.source)
@@ -260,30 +215,5 @@ class GptOssConverter(Converter):
                                                 gguf.LlamaFileType.MOSTLY_BF16):
             self.file_type = gguf.LlamaFileType.MOSTLY_MXFP4_MOE  # the script's prepare_metadata does this
         super().set_parameters(w)
-        self.add_yarn_parameters(w)
         w.add_sliding_window(h["sliding_window"])
         w.add_expert_feed_forward_length(h["intermediate_size"])
-
-    def add_yarn_parameters(self, w):
-        """TextModel.set_gguf_parameters' optional YaRN keys, right after the original context length."""
-        rope = self.rope_parameters.get("full_attention", self.rope_parameters)
-        if rope.get("rope_type") != "yarn" or rope.get("factor") is None:
-            return
-        kv = w.kv_data[0]
-        before = list(kv)
-        if (v := rope.get("extrapolation_factor")) is not None:
-            w.add_rope_scaling_yarn_ext_factor(v)
-        if (v := rope.get("attention_factor", rope.get("attn_factor"))) is not None:
-            w.add_rope_scaling_yarn_attn_factor(v)
-        if (v := rope.get("beta_fast")) is not None:
-            w.add_rope_scaling_yarn_beta_fast(v)
-        if (v := rope.get("beta_slow")) is not None:
-            w.add_rope_scaling_yarn_beta_slow(v)
-        added = [k for k in kv if k not in before]
-        anchor = gguf.Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=self.arch_name)
-        items = list(kv.items())
-        at = [k for k, _ in items].index(anchor) + 1
-        moved = [(k, kv[k]) for k in added]
-        rest = [it for it in items if it[0] not in added]
-        kv.clear()
-        kv.update(rest[:at] + moved + rest[at:])
