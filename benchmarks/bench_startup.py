@@ -127,7 +127,7 @@ def main() -> int:
         for label, cmds in cases(args.python, args.mixes.split(","), imatrix, args.report, tmp / "out.gguf"):
             if needs_imatrix(args.python, label.split()[0], base):
                 if not imatrix or "imatrix" in label:
-                    continue  # the mix's imatrix row measures it
+                    continue  # no importance matrix given, or the same run as the mix's "+im" row
                 label, cmds = label + " +im", [c + ["--imatrix", str(imatrix)] for c in cmds]
             xdg = tempfile.mkdtemp(dir=tmp, prefix="xdg-")
             had = _files(shipped)
