@@ -1,12 +1,18 @@
 """gguf_kquant: read, write, inspect and quantize GGUF files, bit-for-bit faithful to llama.cpp.
 
-Compiled kernels are cached by Numba (``cache=True``) in ``gguf_kquant/codecs/__pycache__`` — or, when that
-folder is not writable, in Numba's user cache (``~/.cache/numba``).  When neither is writable (a read-only
-container) the cache goes to ``$TMPDIR/gguf-kquant-numba-<uid>`` (a private folder; a fresh temporary one if
-that name is taken by someone else).  ``NUMBA_CACHE_DIR`` overrides all of these.  Clearing the cache is
-deleting those folders' ``*.nbi``/``*.nbc`` files; it is rebuilt on the next call of each kernel.
-``gguf-kquant precompile TYPE... | --all`` fills it ahead of time and prints the folder in use; ``pip uninstall``
-does not delete these files (nor the folders outside the package): remove them by hand.
+Compiled kernels are cached by Numba (``cache=True``), looked up in this order (:mod:`gguf_kquant._jitcache`):
+
+1. ``NUMBA_CACHE_DIR``, when set: Numba's own layout there (the kernels shipped in the wheel are not used);
+2. ``gguf_kquant/_nbcache`` inside the installed package, when writable: a wheel built by ``pip install .``
+   ships every kernel compiled there for the build machine's CPU (entries are keyed by the source file's
+   content, Numba's version and the CPU, so another CPU simply compiles lazily);
+3. ``$XDG_CACHE_HOME/gguf-kquant/`` (``~/.cache/gguf-kquant``) for a read-only install, first filled from
+   the shipped entries;
+4. ``$TMPDIR/gguf-kquant-numba-<uid>`` (a private folder) when none of these is writable.
+
+``gguf-kquant precompile TYPE... | --all`` fills the cache ahead of time; ``gguf-kquant precompile --clear``
+deletes every cache file of this package in all of these places (run it before ``pip uninstall``, which
+removes only the files the wheel shipped).
 """
 
 import os as _os
@@ -56,6 +62,10 @@ def _ensure_numba_cache_dir() -> None:
         _sys.modules["numba"].config.CACHE_DIR = fallback
 
 
+# our Numba cache locator (the shipped kernels), installed before any codec module is decorated
+from . import _jitcache  # noqa: E402
+
+_jitcache.install()
 _ensure_numba_cache_dir()
 
 from .errors import *  # noqa: F401,F403  (the GGUFError family is part of the public API)
