@@ -32,14 +32,14 @@ Size-budget mode (``target_bpw`` = llama-quantize's Q4_K_M file, header included
 optimized; same imatrix; ``--mixes Q4_K_M --chunks 12 --calib-chunks 32``; paired change vs Q4_K_M llama):
 
     candidates          KLD                size (Q4_K_M: 105454368)   paired change     ppl     quantize time
-    all                 0.00361 ± 0.00009   98362656                  -90.0% ± 4.6%     22.14   66.0 s
-    all but Q4_1/Q5_1   0.02821 ± 0.00134  105454368                  -22.2% ± 4.4%     22.76   25.9 s
+    all                 0.00361 ± 0.00009   98362656                  -90.0% ± 4.6%     22.14   38.3 s
+    all but Q4_1/Q5_1   0.02555 ± 0.00118  105447456                  -29.5% ± 4.4%     22.41   30.5 s
 
 The first row is this model's artefact, not a result: its weights lie on a Q4_1 grid, the measured error finds
 that Q4_1 reproduces them exactly (and Q5_1 nearly), and every tensor becomes Q4_1 below the budget.  The
 second row keeps those two types out (``quantize_to_budget(..., candidates=...)``) — the number that says
-what the allocation does on weights that are not on a grid; with ggml's own blocks (method llama) the same
-allocation gives -9.4%, so about half the gain is the allocation and half the optimized blocks.
+what the allocation does on weights that are not on a grid.  With ggml's own blocks (method llama) the
+allocation alone gives -18.2%; the optimized blocks (-12.5% at Q4_K_M's own types in this run) add the rest.
 
 SmolLM2-135M's rows are 576 wide (not a multiple of 256): most of its tensors fall back to Q4_0/Q5_0/Q5_1
 (and Q8_0 for Q6_K's), so these numbers mostly measure the legacy refiners.  The default takes ~2 s here,

@@ -122,18 +122,26 @@ def test_allocation_follows_the_imatrix(example_model):
 
 
 def _measured_error(src, path, im) -> float:
-    """Sum over the quantized tensors of the imatrix-weighted squared error (what the allocation minimises);
-    tensors without an entry weighted by the imatrix's mean, as the budget does."""
+    """Sum over the quantized tensors of the imatrix-weighted squared error times the tensor's residual gain
+    (what the allocation minimises); tensors without an entry weighted by the imatrix's mean, as the budget
+    does."""
+    from gguf_kquant.model.budget import _residual_gain
+    from gguf_kquant.model.imatrix import Imatrix
+    from gguf_kquant.model.planner import ModelInfo, PlanRow
+
     mean_w = float(np.mean([v.mean() for v in im.values()]))
     total = 0.0
     with gguf_kquant.open(src) as fs, gguf_kquant.open(path) as fq:
         x_by_name = {t.name: t for t in fs.tensors}
+        model = ModelInfo.from_metadata(fs.metadata)
         for t in fq.tensors:
             if t.type_name in ("F32", "F16"):
                 continue
             x = x_by_name[t.name].numpy().reshape(-1, t.shape[-1])
             w = im.get(t.name, np.full(t.shape[-1], mean_w, np.float32))
-            total += weighted_error(x, t.raw().reshape(x.shape[0], -1), t.type_name, w)
+            row = PlanRow(t.name, t.shape, GGMLType.F16, t.ggml_type, "", True)
+            gain = _residual_gain(row, x_by_name, Imatrix(im), model)
+            total += gain * weighted_error(x, t.raw().reshape(x.shape[0], -1), t.type_name, w)
     return total
 
 
@@ -189,3 +197,40 @@ def test_dry_run_prints_the_allocation_without_writing(example_model, tmp_path, 
     gguf_kquant.quantize_model(example_model, dst, target_size="2M", imatrix=im, dry_run=True, quiet=False,
                                stream=s)
     assert "size budget: 2000000 bytes" in s.getvalue() and not dst.exists()
+
+
+class _Stub:
+    """What _residual_gain reads of a tensor: shape and values."""
+
+    def __init__(self, x):
+        self.x = np.asarray(x, np.float32)
+        self.shape = self.x.shape
+
+    def numpy(self):
+        return self.x
+
+
+def test_residual_gain_is_the_measured_propagation_factor():
+    """attn_v: mean squared column norm of attn_output times n_head/n_head_kv; ffn_up/gate: through ffn_down,
+    |down[:, c]|^2 * E[h_c^2] / E[y_c^2]; tensors that write the residual stream: 1."""
+    from gguf_kquant.model.budget import _residual_gain
+    from gguf_kquant.model.imatrix import Imatrix
+    from gguf_kquant.model.planner import ModelInfo, PlanRow
+
+    rng = np.random.default_rng(3)
+    up, down, wo = rng.standard_normal((8, 4)), rng.standard_normal((4, 8)), rng.standard_normal((4, 4))
+    x2, h2 = rng.gamma(1.0, 1.0, 4), rng.gamma(1.0, 1.0, 8)
+    by_name = {"blk.0.ffn_up.weight": _Stub(up), "blk.0.ffn_down.weight": _Stub(down),
+               "blk.0.attn_v.weight": _Stub(np.ones((2, 4))), "blk.0.attn_output.weight": _Stub(wo)}
+    im = Imatrix({"blk.0.ffn_up.weight": x2.astype(np.float32), "blk.0.ffn_down.weight": h2.astype(np.float32)})
+    model = ModelInfo(arch="llama", n_layer=1, n_head=4, n_head_kv=2)
+
+    def row(name):
+        return PlanRow(name, by_name[name].shape, GGMLType.F32, GGMLType.F32, "", True)
+
+    up32, down32, wo32 = (a.astype(np.float32).astype(np.float64) for a in (up, down, wo))
+    want_up = np.mean((down32 ** 2).sum(0) * h2.astype(np.float32) / ((up32 ** 2) @ x2.astype(np.float32)))
+    assert _residual_gain(row("blk.0.ffn_up.weight"), by_name, im, model) == pytest.approx(want_up, rel=1e-9)
+    assert _residual_gain(row("blk.0.attn_v.weight"), by_name, im, model) == pytest.approx(
+        (wo32 ** 2).sum(0).mean() * 2, rel=1e-9)
+    assert _residual_gain(row("blk.0.ffn_down.weight"), by_name, im, model) == 1.0
