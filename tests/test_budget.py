@@ -91,6 +91,12 @@ def test_refused_without_imatrix_before_any_work(tmp_path):
 
 def test_contradicting_options_refused(example_model, tmp_path):
     im = _imatrix(example_model)
+    (tmp_path / "there.gguf").write_bytes(b"keep")
+    with pytest.raises(QuantizeError, match="exists"):  # before the measurement
+        gguf_kquant.quantize_model(example_model, tmp_path / "there.gguf", target_bpw=5.0, imatrix=im)
+    assert (tmp_path / "there.gguf").read_bytes() == b"keep"
+    with pytest.raises(QuantizeError, match="input"):
+        gguf_kquant.quantize_model(example_model, example_model, target_bpw=5.0, imatrix=im, overwrite=True)
     with pytest.raises(QuantizeError, match="give no mix"):
         gguf_kquant.quantize_model(example_model, tmp_path / "o.gguf", "Q4_K_M", target_bpw=5.0, imatrix=im)
     with pytest.raises(QuantizeError, match="tensor_types cannot be combined"):

@@ -33,7 +33,9 @@ the achievable range; the imatrix is required (it is the measure) and checked be
 from __future__ import annotations
 
 import math
+import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -313,10 +315,12 @@ def _check_options(options: dict) -> None:
 
 def plan_budget(src, *, target_bpw=None, target_size=None, imatrix=None, method: str = "llama",
                 include_weights=(), exclude_weights=(), override_kv=(), leave_output_tensor: bool = False,
-                allow_requantize: bool = False, threads: Optional[int] = None, candidates=None) -> Allocation:
+                allow_requantize: bool = False, threads: Optional[int] = None, candidates=None,
+                say=None) -> Allocation:
     """Choose each quantizable tensor's type of ``src`` so the file fits the budget with the least predicted
     error (see the module docstring).  Nothing is written.  ``candidates``: the types a tensor may get (a
     subset of :data:`CANDIDATES` and F32/BF16; default all of them); the source's float type is always one.
+    ``say``: called with a progress line per measured tensor.
 
     >>> a = plan_budget("m-f16.gguf", target_bpw=5.0, imatrix="m.imatrix")        # doctest: +SKIP
     >>> print(a.format())                                                         # doctest: +SKIP
@@ -356,12 +360,16 @@ def plan_budget(src, *, target_bpw=None, target_size=None, imatrix=None, method:
                                 f"bpw, header included)")
         mean_w = float(np.mean([v.mean() for v in im.entries.values()]))
         choices = []
-        for r in free:
+        for i, r in enumerate(free, 1):
+            t0 = time.perf_counter()
             gain = _residual_gain(r, by_name, im, model)
             errs = [gain * e for e in _measure(by_name[r.name], r, im, quantize_tensor, cand[r.name], mean_w,
                                                threads)]
             opts = _hull(list(zip(size[r.name], errs, cand[r.name])))
             choices.append(_Choice(r.name, r.shape, r.n_elements, opts))
+            if say is not None:
+                say(f"[{i:4d}/{len(free):4d}] measured {r.name:<36s} as {len(errs)} types, "
+                    f"{time.perf_counter() - t0:6.2f} s")
     alloc = Allocation(target, lo, hi, fixed, plan.n_elements, choices)
     _allocate(choices, target - lo)
     alloc.mix = _label_mix(choices)
@@ -383,10 +391,17 @@ def quantize_to_budget(src, dst, ftype=None, *, target_bpw=None, target_size=Non
     if isinstance(dst, Mapping):
         raise QuantizeError("target_bpw/target_size write one output at a time")
     _check_options(options)
+    if not dry_run:  # a refused output is refused before the measurement, not after it
+        from ..safeio import check_outputs
+
+        im_path = imatrix if isinstance(imatrix, (str, os.PathLike)) else None
+        outputs = [dst] + ([options["report"]] if options.get("report") else [])
+        check_outputs(outputs, [src, im_path], overwrite=bool(options.get("overwrite")), error=QuantizeError)
     keep = ("include_weights", "exclude_weights", "override_kv", "leave_output_tensor", "allow_requantize",
             "threads")
+    say = None if quiet else (lambda line: print(line, file=stream or sys.stderr, flush=True))
     alloc = plan_budget(src, target_bpw=target_bpw, target_size=target_size, imatrix=imatrix, method=method,
-                        candidates=candidates, **{k: options[k] for k in keep if k in options})
+                        candidates=candidates, say=say, **{k: options[k] for k in keep if k in options})
     for k in _REFUSED:
         options.pop(k, None)
     result = quantize_model(src, dst, alloc.mix, imatrix=imatrix, method=method, dry_run=dry_run, quiet=quiet,
