@@ -240,3 +240,23 @@ def test_residual_gain_is_the_measured_propagation_factor():
     assert _residual_gain(row("blk.0.attn_v.weight"), by_name, im, model) == pytest.approx(
         (wo32 ** 2).sum(0).mean() * 2, rel=1e-9)
     assert _residual_gain(row("blk.0.ffn_down.weight"), by_name, im, model) == 1.0
+
+
+def test_moe_experts_measured_per_expert_and_loaded(tmp_path):
+    """3-D expert tensors: each expert's rows are sampled with its own imatrix slice."""
+    from make_example_model import build_llama_gguf
+
+    src = build_llama_gguf(tmp_path / "moe.gguf", seed=3, n_layer=2, n_embd=256, n_head=4, n_head_kv=1, n_ff=256,
+                           n_vocab=512, dtype="F16", n_expert=8, n_expert_used=2)
+    rng = np.random.default_rng(5)
+    with gguf_kquant.open(src) as f:
+        im = {t.name: rng.gamma(0.5, 1.0, (t.shape[0] if len(t.shape) == 3 else 1) * t.shape[-1]).astype(np.float32)
+              for t in f.tensors if t.name.startswith("blk.") and len(t.shape) >= 2 and "gate_inp" not in t.name}
+        assert any(len(t.shape) == 3 for t in f.tensors)
+    dst = tmp_path / "b.gguf"
+    r = gguf_kquant.quantize_model(src, dst, target_bpw=5.0, imatrix=im)
+    assert dst.stat().st_size == r.allocation.file_bytes <= r.allocation.target_bytes
+    experts = [c for c in r.allocation.choices if len(c.shape) == 3]
+    assert experts and all(e > 0 for c in experts for _b, e, t in c.options if t != GGMLType.F16)
+    logits = llama_logits(dst, [1, 300, 301, 302], tmp_path / "b.npy")
+    assert np.isfinite(logits).all()
