@@ -593,10 +593,10 @@ def _rows_legacy(x, w, out, nbytes, od, om, oqh, oqs, qlo, qhi, stretch, r0, r1)
         _optimize_row_legacy(x[r], w, out[r], nbytes, od, om, oqh, oqs, qlo, qhi, stretch)
 
 
-def _stretches(signs):
-    """Candidate scales as multiples of ggml's d: 1 + k/64, k in [-8, 8] step 2; both signs for the symmetric
-    types (their levels are lopsided, [-8, 7]: which end the largest value takes matters)."""
-    k = np.arange(-_STEPS, _STEPS + 1, _STEP)
+def _stretches(signs, step=_STEP):
+    """Candidate scales as multiples of ggml's d: 1 + k/64, k in [-8, 8] by ``step``; both signs for the
+    symmetric types (their levels are lopsided, [-8, 7]: which end the largest value takes matters)."""
+    k = np.arange(-_STEPS, _STEPS + 1, step)
     s = np.float32(1.0) + k.astype(np.float32) / np.float32(64.0)
     return np.concatenate([s, -s] if signs == 2 else [s]).astype(np.float32)
 
@@ -841,7 +841,9 @@ def _nl_tables():
 
 def optimize_iq4_nl(x, w, out):
     fval, lut = _nl_tables()
-    run_chunks(_rows_iq4_nl, x.shape[0], x, w, out, fval, lut, _stretches(2))
+    # coarser than the legacy types' (step 4): on a SmolLM2 tensor, weighted error 0.8845 of ggml's vs 0.8836
+    # with step 2, at 0.7x the time
+    run_chunks(_rows_iq4_nl, x.shape[0], x, w, out, fval, lut, _stretches(2, 4))
 
 
 def optimize_iq4_xs(x, w, out):
