@@ -13,7 +13,7 @@ at a time, so memory stays around one tensor.
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import time
 from pathlib import Path
@@ -90,7 +90,8 @@ def _inputs(model_dir: Path, ckpt, imatrix) -> list:
 
 def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_size=None, overwrite: bool = False,
                quiet: bool = True, model_name: Optional[str] = None, pre_tokenizer: Optional[str] = None,
-               progress=None, vocab_only: bool = False, **options) -> list:
+               progress=None, vocab_only: bool = False, client=None, method: str = "llama",
+               **options) -> list:
     """Convert the Hugging Face model in ``model_dir`` to ``dst``; returns the paths written.
 
     ``ftype``: ``F32``, ``F16`` (default), ``BF16``, ``Q8_0`` (what convert_hf_to_gguf.py offers) or a
@@ -103,6 +104,8 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
     ``pre_tokenizer``: force ``tokenizer.ggml.pre`` when llama.cpp's hash table does not know the tokenizer.
     ``options`` go to the quantization planner (``pure``, ``output_tensor_type``, ...); other names raise
     TypeError.  ``vocab_only``: write the metadata and vocabulary alone, no tensors (``--vocab-only``).
+    ``client`` (a ``distributed.Client`` or a scheduler address): every tensor is made and written by a Dask
+    cluster's worker sharing the file system; the same bytes (:mod:`gguf_kquant.model.distributed`).
 
     >>> convert_hf("tiny-llama/", "tiny.gguf", "Q8_0", overwrite=True)        # doctest: +SKIP
     """
@@ -167,6 +170,12 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
         from ..model.quantize import _prepare_imatrix
 
         im = _prepare_imatrix(imatrix, (), ())
+    # issue 13 (optimized): method= as quantize_model's (checked before any work; a mix only)
+    if method != "llama" and quant_plan is None:
+        raise ConversionError(f"method {method!r} applies to the quantization mixes, not {ftype_name}")
+    from ..codecs.optimized import quantizer
+
+    quantize_tensor = quantizer(method, im is not None)
     if quant_plan is not None:
         from ..errors import ImatrixError
 
@@ -193,9 +202,16 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
         total_bytes = sum(p.source.nbytes for p in planned if p.source is not None)
         progress = Progress(len(planned), quiet=quiet, total_bytes=total_bytes) if Progress else None
     inputs = _inputs(model_dir, ckpt, imatrix)
+    if client is not None and planned:  # dask (issue 12): each tensor made and written by a cluster's worker
+        from ..model.distributed import convert_on_cluster
+
+        producer = functools.partial(_producer, quantize_tensor=quantize_tensor)  # method= on the workers too
+        return convert_on_cluster(client, dst, metadata, planned, im, producer, checkpoint_files=ckpt.files,
+                                  inputs=inputs, split_max_size=split_max_size, overwrite=overwrite,
+                                  progress=progress)
     w = GGUFWriter(dst, metadata, split_max_size=split_max_size, inputs=inputs, overwrite=overwrite)
     for p in planned:
-        w.add_tensor(p.name, _producer(p, im, progress), shape=p.shape, ggml_type=p.qtype.name)
+        w.add_tensor(p.name, _producer(p, im, progress, quantize_tensor), shape=p.shape, ggml_type=p.qtype.name)
     check_outputs(w.output_paths(), inputs, overwrite=overwrite, error=ConversionError)  # before any tensor
     paths = w.close()
     if progress is not None and hasattr(progress, "say"):
@@ -244,7 +260,7 @@ def _metadata(conv: Converter, planned: list, file_type, model_name) -> list:
     return _kv_from_gguf_writer(w)
 
 
-def _producer(p: PlannedTensor, im, progress):
+def _producer(p: PlannedTensor, im, progress, quantize_tensor=None):  # issue 13: quantize_tensor (method=)
     """A callable for the writer: yields tensor ``p``'s output bytes, in row slabs when it is quantized.
 
     A tensor without a transform is read from the mapped checkpoint slab by slab (peak: one slab); one with
@@ -255,6 +271,12 @@ def _producer(p: PlannedTensor, im, progress):
     def make():
         from ..model.quantize import SLAB_BYTES, _check_finite
 
+        if getattr(p.source, "ggml_type", None) is not None:  # gpt-oss: MXFP4 experts, ggml blocks copied as is
+            yield from p.source.ggml_blocks(p.qtype)
+            if progress is not None:
+                n = p.source.nbytes
+                progress.tensor(p.name, p.shape[::-1], p.source.dtype, p.qtype.name, n, n, 0.0)
+            return
         t0 = time.perf_counter()
         widen = False
         if p.make is None:  # stored elements (BF16 as uint16 bits), widened per slab
@@ -291,7 +313,7 @@ def _producer(p: PlannedTensor, im, progress):
             else:
                 from .. import quantize
 
-                out = quantize(slab, p.qtype.name, imatrix=weights)
+                out = (quantize_tensor or quantize)(slab, p.qtype.name, imatrix=weights)
             n_out += out.nbytes
             yield out
         del y, rows

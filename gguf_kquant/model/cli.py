@@ -47,6 +47,15 @@ def add_arguments(p) -> None:
     p.add_argument("--method", choices=("llama", "optimized"), default="llama",
                    help="llama: llama-quantize's bytes (default); optimized: same types and size, block "
                         "parameters of lower imatrix-weighted error (needs --imatrix)")
+    # size-budget mode (gguf_kquant.model.budget): no MIX; each tensor's type chosen to fit the size
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--target-bpw", type=float, metavar="X",
+                   help="instead of MIX: the file (header included) at most X bits per weight, each tensor's "
+                        "type chosen for the least predicted error (needs --imatrix; --dry-run shows the choice)")
+    g.add_argument("--target-size", metavar="N[M|G]", help="like --target-bpw, a file of at most N bytes")
+    p.add_argument("--dask", metavar="SCHEDULER_ADDRESS",  # dask (issue 12): gguf_kquant.model.distributed
+                   help="run the work on a Dask cluster (e.g. tcp://host:8786) whose workers share SRC's and DST's "
+                        "file system; the output is the same bytes (needs dask[distributed])")
 
 
 def _outputs(specs) -> dict:
@@ -75,8 +84,10 @@ def run(args) -> int:
             raise QuantizeError("--report works with one output (DST MIX); with several, use the Python API's "
                                 "report={dst: path}")
         dst, ftype = _outputs(args.out), None
-    elif dst is None or ftype is None:
+    elif dst is None or (ftype is None and args.target_bpw is None and args.target_size is None):
         raise QuantizeError("give DST and MIX, or --out MIX=PATH (repeatable)")
+    budget = {} if args.target_bpw is None and args.target_size is None else {  # size-budget mode
+        "target_bpw": args.target_bpw, "target_size": args.target_size}
     result = quantize_model(
         args.src, dst, ftype, imatrix=args.imatrix, include_weights=args.include_weights,
         exclude_weights=args.exclude_weights, output_tensor_type=args.output_tensor_type,
@@ -85,7 +96,8 @@ def run(args) -> int:
         override_kv=args.override_kv, keep_split=args.keep_split, split_max_size=args.split_max_size,
         split_max_tensors=args.split_max_tensors, threads=args.threads,
         dry_run=args.dry_run, report=report, overwrite=args.overwrite, quiet=args.quiet and not args.dry_run,
-        stream=sys.stdout if args.dry_run else sys.stderr, method=args.method)
+        stream=sys.stdout if args.dry_run else sys.stderr, method=args.method, **budget,
+        client=args.dask)  # dask (issue 12)
     if report and not args.quiet and result.report:
         print(f"worst tensors (report in {report}):")
         for s in worst(result.report):

@@ -120,7 +120,8 @@ def quantize_model(src, dst, ftype=None, *, imatrix=None, include_weights: Seque
                    allow_requantize: bool = False, override_kv: Sequence = (), keep_split: bool = False,
                    split_max_size=None, split_max_tensors: Optional[int] = None, threads: Optional[int] = None,
                    dry_run: bool = False, report=None, overwrite: bool = False, quiet: bool = True,
-                   stream=None, method: str = "llama") -> QuantizeResult:
+                   stream=None, method: str = "llama", target_bpw=None, target_size=None,
+                   client=None) -> QuantizeResult:
     """Quantize the GGUF model ``src`` to mix ``ftype`` (``"Q4_K_M"``, ...) and write ``dst``.
 
     Several outputs in one pass: ``dst`` a mapping ``{path: mix}`` and no ``ftype`` (each tensor is read
@@ -138,6 +139,8 @@ def quantize_model(src, dst, ftype=None, *, imatrix=None, include_weights: Seque
     only; ``report`` (a path) writes per-tensor error statistics as JSON, committed with the model;
     ``quiet=False`` prints progress to ``stream`` (stderr).  ``method="optimized"`` (needs an imatrix) writes
     the same types with block parameters of lower imatrix-weighted error (:mod:`gguf_kquant.codecs.optimized`).
+    ``target_bpw`` / ``target_size`` (no ``ftype``; needs an imatrix): each tensor's type chosen for the least
+    predicted error within that file size (:mod:`gguf_kquant.model.budget`).
 
     ``overwrite``: an existing destination (any output shard, the report) is refused unless True —
     the same policy as :func:`gguf_kquant.convert_hf` and the CLI's ``--overwrite``.  Whatever
@@ -145,11 +148,28 @@ def quantize_model(src, dst, ftype=None, *, imatrix=None, include_weights: Seque
     link): :class:`QuantizeError` before any work.  The outputs appear together when everything succeeded,
     else none of them is touched (the limits POSIX sets are in :mod:`gguf_kquant.safeio`).
 
+    ``client`` (a ``distributed.Client`` or a scheduler address): the work runs on a Dask cluster's workers,
+    which share the source's and destination's file system; the bytes are the same
+    (:mod:`gguf_kquant.model.distributed`).
+
     >>> quantize_model("m-f16.gguf", "m-q4.gguf", "Q4_K_M", report="m-q4.json", overwrite=True)  # doctest: +SKIP
     """
+    if target_bpw is not None or target_size is not None:  # size-budget mode: gguf_kquant.model.budget
+        args = {k: v for k, v in locals().items() if k not in ("src", "dst", "ftype", "target_bpw", "target_size")}
+        from .budget import quantize_to_budget
+
+        return quantize_to_budget(src, dst, ftype, target_bpw=target_bpw, target_size=target_size, **args)
+    if client is not None and not dry_run:  # dask (issue 12): the same job done by a Dask cluster's workers
+        from .distributed import quantize_on_cluster
+
+        return quantize_on_cluster(
+            client, src, dst, ftype, imatrix=imatrix, include_weights=include_weights,
+            exclude_weights=exclude_weights, output_tensor_type=output_tensor_type,
+            token_embedding_type=token_embedding_type, tensor_types=tensor_types, pure=pure,
+            leave_output_tensor=leave_output_tensor, allow_requantize=allow_requantize, override_kv=override_kv,
+            keep_split=keep_split, split_max_size=split_max_size, split_max_tensors=split_max_tensors,
+            threads=threads, report=report, overwrite=overwrite, quiet=quiet, stream=stream, method=method)
     if isinstance(dst, Mapping):  # several outputs in one pass: gguf_kquant.model.multi
-        if method != "llama":
-            raise QuantizeError("method= is for one output at a time")
         if ftype is not None:
             raise QuantizeError("several outputs: give each output's mix in the mapping {path: mix}, not ftype")
         from .multi import quantize_outputs
@@ -160,7 +180,8 @@ def quantize_model(src, dst, ftype=None, *, imatrix=None, include_weights: Seque
             tensor_types=tensor_types, pure=pure, leave_output_tensor=leave_output_tensor,
             allow_requantize=allow_requantize, override_kv=override_kv, keep_split=keep_split,
             split_max_size=split_max_size, split_max_tensors=split_max_tensors, threads=threads,
-            dry_run=dry_run, report=report, overwrite=overwrite, quiet=quiet, stream=stream)
+            dry_run=dry_run, report=report, overwrite=overwrite, quiet=quiet, stream=stream,
+            method=method)  # issue 13 (optimized): method= for several outputs too
     if ftype is None:
         raise QuantizeError("no quantization mix given (ftype)")
     from ..container.reader import open_gguf
@@ -398,16 +419,17 @@ class _Converter:
         self.progress = progress
         self.stats = stats
 
-    def stream(self, row):
-        """Yield the bytes of tensor ``row`` (a PlanRow) in llama-quantize's output type."""
+    def stream(self, row, rows=None):
+        """Yield the bytes of tensor ``row`` (a PlanRow) in llama-quantize's output type; ``rows=(begin,
+        end)``: only those rows (dask: a task's share of a large tensor, gguf_kquant.model.distributed)."""
         t = self.by_name[row.name]
         start = time.perf_counter()
         fd = os.open(t.path, os.O_RDONLY)
         try:
             if not row.convert:
-                yield from self._copy(fd, t, row)
+                yield from self._copy(fd, t, row, rows)
             else:
-                yield from self._convert(fd, t, row)
+                yield from self._convert(fd, t, row, rows)
         finally:
             os.close(fd)
         ne = row.shape[::-1]
@@ -430,20 +452,21 @@ class _Converter:
             got += k
         return buf
 
-    def _copy(self, fd, t, row):
+    def _copy(self, fd, t, row, rows=None):
         info = TYPES[row.src_type]
         n_per_row = row.shape[-1]
         row_bytes = info.row_bytes(n_per_row) if n_per_row else 0
         n_rows = row.n_elements // n_per_row if n_per_row else 0
+        begin, n_rows = rows or (0, n_rows)  # dask: a row range
         step = max(1, SLAB_BYTES // max(row_bytes, 1))
-        for r0 in range(0, n_rows, step):
+        for r0 in range(begin, n_rows, step):
             k = min(step, n_rows - r0)
             raw = self._read(fd, t.offset + r0 * row_bytes, k * row_bytes, t)
             if info.ggml_type in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
                 _check_finite(row.name, _to_f32(raw, info.ggml_type, k, n_per_row), r0)
             yield raw
 
-    def _convert(self, fd, t, row):
+    def _convert(self, fd, t, row, rows=None):
         from ..codecs import quantize
 
         q = self.quantize_tensor or quantize
@@ -456,7 +479,7 @@ class _Converter:
         weights = _imatrix_for(row, self.im)
         per_row_cost = src_row + 4 * n_per_row + TYPES[row.dst_type].row_bytes(n_per_row)
         step = max(1, SLAB_BYTES // per_row_cost)
-        r0 = 0
+        r0, n_rows = rows or (0, n_rows)  # dask: a row range
         acc = _Stats(row) if self.stats is not None else None
         while r0 < n_rows:
             mat = r0 // rows_per_mat
