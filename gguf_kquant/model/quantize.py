@@ -537,12 +537,14 @@ class _Stats:
 
         y = dequantize(out, qtype, x.shape)
         d = (y.astype(np.float64) - x)
-        self.sq += float(np.dot(d.ravel(), d.ravel()))
+        # numpy's pairwise sums, not BLAS dot products: a BLAS splits the sum by its thread count, so the
+        # report's last digits would depend on the process (and differ between two runs of one job)
+        self.sq += float(np.sum(d * d))
         self.maxabs = max(self.maxabs, float(np.abs(d).max()) if d.size else 0.0)
         xf, yf = x.astype(np.float64).ravel(), y.astype(np.float64).ravel()
-        self.dot += float(np.dot(xf, yf))
-        self.nx += float(np.dot(xf, xf))
-        self.ny += float(np.dot(yf, yf))
+        self.dot += float(np.sum(xf * yf))
+        self.nx += float(np.sum(xf * xf))
+        self.ny += float(np.sum(yf * yf))
         self.n += x.size
 
     def result(self) -> dict:
