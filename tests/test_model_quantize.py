@@ -515,3 +515,22 @@ def test_keep_split_of_a_single_file_names_one_shard(models, tmp_path):
     res = gguf_kquant.quantize_model(src, tmp_path / "ours.gguf", "Q8_0", keep_split=True)
     assert [p.name for p in res.paths] == ["ours-00001-of-00001.gguf"]
     _check_same(res.paths[0], tmp_path / "theirs-00001-of-00001.gguf")
+
+
+def test_report_does_not_depend_on_the_blas_thread_count(tmp_path):
+    """The report's sums are numpy's, not a BLAS dot product's (whose last digits follow its thread count:
+    test_faults once saw a report written in another process differ from the reference)."""
+    import os
+    import subprocess
+    import sys
+
+    src = Path(__file__).resolve().parent.parent / "fixtures" / "tiny-llama-f16.gguf"
+    code = ("import sys, gguf_kquant; gguf_kquant.quantize_model(sys.argv[1], sys.argv[2], 'Q4_K_M', "
+            "report=sys.argv[3])")
+    reports = []
+    for n in ("1", "2"):
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=n, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n)
+        out, rep = tmp_path / f"q{n}.gguf", tmp_path / f"q{n}.json"
+        subprocess.run([sys.executable, "-c", code, str(src), str(out), str(rep)], check=True, env=env)
+        reports.append(rep.read_bytes())
+    assert reports[0] == reports[1]
