@@ -30,10 +30,13 @@ round by the magic number — they only rank, and the winner's error is recomput
 A candidate d/dmin's error for fixed levels is a quadratic form of sums already at hand.  Rows run on
 run_chunks' threads, not prange (no OpenMP threads spinning on a loaded machine).  Measured per codec on one
 SmolLM2-135M tensor (CPU time, one thread), refine time as a multiple of ggml's imatrix quantize of the same
-rows: Q4_0/Q5_0 1.65x, Q4_1/Q5_1 0.55x, Q2_K 1.1x, Q3_K 1.5x, Q4_K/Q5_K 1.0x, IQ4_NL 1.1x, IQ4_XS 1.2x
-(before these changes: 5-9x).  Whole SmolLM2-135M, warm kernel cache, 2 threads: quantize_model's wall time
-2.1x the default's at Q2_K, 1.8x at Q4_K_M, 2.05x at IQ4_XS (was 7-9x).  The refiners' first compilation
-takes ~17 s for all of them (then cached).
+rows: Q4_0/Q5_0 1.65x, Q4_1/Q5_1 0.55x, Q2_K 1.2x, Q3_K 1.9x, Q4_K/Q5_K 1.2x, IQ4_NL 1.1x, IQ4_XS 1.2x
+(before these changes: 5-9x).  Whole SmolLM2-135M, warm kernel cache, 2 threads, best of 3 interleaved runs:
+quantize_model's wall time 2.25x the default's at Q2_K, 2.2x at Q3_K_M, 1.8x at Q4_K_M, 2.2x at IQ4_XS (was
+7-9x).  The refiners' first compilation takes ~17 s for all of them (then cached).
+
+Quality (benchmarks/bench_quality.py, SmolLM2-135M, same imatrix, equal file sizes): mean KL divergence
+-28.5% at Q2_K, -24.0% at Q3_K_M, -25.4% at Q4_K_M, -20.3% at IQ4_XS against llama-quantize's files.
 
 Error feedback (GPTQ) is not used: with the imatrix as the Hessian proxy the Hessian is diagonal, and then
 GPTQ's update of the not-yet-quantized columns is zero — pushing a column's rounding error onto others can
