@@ -579,3 +579,15 @@ def test_planning_a_model_type_checks_its_hyper_parameters(tmp_path, key, value)
     gguf_kquant.write(p, md, {"blk.0.ffn_up.weight": np.zeros((256, 256), np.float32)}, fsync=False)
     with pytest.raises(MetadataTypeError, match=rf"^{re.escape(str(p))}: metadata key {re.escape(key)} must be"):
         plan_model(p, "Q4_K_M")
+
+
+@pytest.mark.parametrize("name,path", [("tokenizer.json", ("added_tokens",)),  # found by the generated test
+                                       ("tokenizer.json", ("pre_tokenizer", "pretokenizers")),
+                                       ("tokenizer.json", ("normalizer",)),
+                                       ("tokenizer_config.json", ("added_tokens_decoder",))])
+def test_null_where_a_list_or_object_may_be(tiny_llama, tmp_path, name, path):
+    """JSON null where an optional list or object may stand is read as absent: converts or a GGUFError, never
+    a TypeError (test_generated_hostile_checkpoint_json once drew ``"added_tokens": null``)."""
+    d = _copy(tiny_llama, tmp_path / "m")
+    _edit(d / name, lambda doc: _put(doc, path, None))
+    _convert(d, tmp_path / "out.gguf")

@@ -299,7 +299,7 @@ class Converter:
             raise ConversionError(f"{self.dir / 'config.json'}: unsupported RoPE type {rope_type!r}")
         if (theta := rope.get("rope_theta")) is not None:
             w.add_rope_freq_base(theta)
-        if (local := self.rope_parameters.get("sliding_attention", {}).get("rope_theta")) is not None:
+        if (local := (self.rope_parameters.get("sliding_attention") or {}).get("rope_theta")) is not None:
             w.add_rope_freq_base_swa(local)
         if (eps := self.find(["rms_norm_eps", "norm_eps"], True)) is not None:
             w.add_layer_norm_rms_eps(eps)

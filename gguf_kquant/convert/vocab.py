@@ -41,9 +41,9 @@ def _split_regexes(pre) -> list:
     if not isinstance(pre, dict):
         return []
     if pre.get("type") == "Sequence":
-        return [r for p in pre.get("pretokenizers", []) for r in _split_regexes(p)]
+        return [r for p in pre.get("pretokenizers") or [] for r in _split_regexes(p)]
     if pre.get("type") == "Split":
-        pat = pre.get("pattern", {})
+        pat = pre.get("pattern") or {}
         return [pat.get("Regex") or pat.get("String")]
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return ["<gpt2>"]
@@ -84,12 +84,12 @@ def _check_pre_tokenizer(path: Path, pre, key: str, depth: int = 0) -> None:
         raise ConversionError(f"{path}: key {key!r} nests Sequence pre-tokenizers more than 8 deep")
     _want(path, f"{key}.type", pre.get("type"), str, "a string")
     if pre.get("type") == "Sequence":
-        subs = pre.get("pretokenizers", [])
+        subs = pre.get("pretokenizers") or []
         _want(path, f"{key}.pretokenizers", subs, list, "a list", optional=False)
         for j, sub in enumerate(subs):
             _check_pre_tokenizer(path, sub, f"{key}.pretokenizers[{j}]", depth + 1)
     if pre.get("type") == "Split":
-        pat = pre.get("pattern", {})
+        pat = pre.get("pattern") or {}
         _want(path, f"{key}.pattern", pat, dict, "an object", optional=False)
         for k in ("Regex", "String"):
             _want(path, f"{key}.pattern.{k}", pat.get(k), str, "a string")
@@ -278,7 +278,7 @@ def vocab_base(conv) -> tuple[list, list, dict]:
         raise ConversionError(f"{path}: unsupported tokenizer model type {model.get('type')!r} "
                               f"(supported: BPE, WordPiece)")
     vocab = dict(model.get("vocab") or {})
-    added = {a["content"]: a for a in tj.get("added_tokens", [])}
+    added = {a["content"]: a for a in tj.get("added_tokens") or []}
     for content, a in added.items():
         vocab[content] = a["id"]
     vocab_size = conv.hparams.get("vocab_size", len(vocab))
@@ -369,7 +369,7 @@ def sentencepiece_vocab(conv) -> tuple[list, list, list]:
             if i < n:
                 tokens[i], scores[i], types[i] = tok, -1000.0, T.USER_DEFINED
     if (cfg := conv.dir / "tokenizer_config.json").is_file():
-        for i, a in read_json(cfg).get("added_tokens_decoder", {}).items():
+        for i, a in (read_json(cfg).get("added_tokens_decoder") or {}).items():
             i, tok = int(i), a["content"]
             if i >= n:
                 continue
@@ -495,7 +495,7 @@ class SpecialVocab(gguf.SpecialVocab):
             if "strip_accents" in n:
                 self.normalizer_strip_accents = n["strip_accents"]
         elif t == "Sequence":
-            for m in n.get("normalizers", []):
+            for m in n.get("normalizers") or []:
                 self._parse_normalizer(m)
 
     def _try_load_from_tokenizer_json(self, path: Path) -> bool:
@@ -503,7 +503,7 @@ class SpecialVocab(gguf.SpecialVocab):
         if (path / "tokenizer.json").is_file():
             tokenizer = read_json(path / "tokenizer.json")
             if self.load_merges:
-                merges = tokenizer.get("model", {}).get("merges")
+                merges = (tokenizer.get("model") or {}).get("merges")
                 if isinstance(merges, list) and merges:
                     if isinstance(merges[0], str):
                         self.merges = merges
@@ -515,7 +515,7 @@ class SpecialVocab(gguf.SpecialVocab):
                         raise ConversionError(f"{path / 'tokenizer.json'}: unknown merges format")
             if normalizer := tokenizer.get("normalizer"):
                 self._parse_normalizer(normalizer)
-            added_tokens = tokenizer.get("added_tokens", [])
+            added_tokens = tokenizer.get("added_tokens") or []
         cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else None
         if tokenizer:
             bos, cls = (cfg or {}).get("bos_token"), (cfg or {}).get("cls_token")
@@ -537,7 +537,7 @@ class SpecialVocab(gguf.SpecialVocab):
                     if not sep and cfg:
                         cfg["sep_token"] = sep = proc.get("sep", [eos])[0]
                 elif ptype == "TemplateProcessing":
-                    single, pair = proc.get("single", []), proc.get("pair", [])
+                    single, pair = proc.get("single") or [], proc.get("pair") or []
                     first = last = None
                     if len(single) > 1:
                         if first := single[0].get("SpecialToken", {}).get("id"):

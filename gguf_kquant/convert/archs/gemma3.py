@@ -59,7 +59,7 @@ class Gemma3Converter(Converter):
         if (self.dir / "tokenizer.model").is_file():
             return len(sentencepiece_vocab(self)[0])
         tj = read_json(self.dir / "tokenizer.json")
-        return len(tj["model"]["vocab"]) + len(tj.get("added_tokens", []))
+        return len(tj["model"]["vocab"]) + len(tj.get("added_tokens") or [])
 
     def plan_tensor(self, name, t, bid):
         shape, fn = tuple(t.shape), None

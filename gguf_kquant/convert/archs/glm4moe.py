@@ -137,7 +137,7 @@ class Glm4MoeConverter(ExpertStacker, Converter):
         w.add_tokenizer_pre(pre)
         w.add_token_list(tokens)
         w.add_token_types(types)
-        added = {a.get("content"): a.get("id") for a in tj.get("added_tokens", [])}
+        added = {a.get("content"): a.get("id") for a in tj.get("added_tokens") or []}
         special = SpecialVocab(self.dir, load_merges=True)
         # the script notes that <|endoftext|> as eot makes generation endless: <|user|> ends a turn
         for typ, tok in (("bos", "[gMASK]"), ("eot", "<|user|>"), ("unk", "<|endoftext|>"),

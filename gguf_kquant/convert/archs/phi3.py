@@ -116,9 +116,9 @@ def phi3_vocab(conv, cfg: dict):
     T = gguf.TokenType
     tokens, scores, types = sentencepiece_vocab(conv)  # its added_tokens_decoder typing is overwritten below
     n = len(tokens)
-    added = list(cfg.get("added_tokens_decoder", {}).items())
+    added = list((cfg.get("added_tokens_decoder") or {}).items())
     if (tj := conv.dir / "tokenizer.json").is_file():
-        added += [(a["id"], a) for a in read_json(tj).get("added_tokens", [])]
+        added += [(a["id"], a) for a in read_json(tj).get("added_tokens") or []]
     for i, a in added:
         i = int(i)
         if not 0 <= i < n:
