@@ -250,16 +250,29 @@ def test_cli_dask(client, models, tmp_path, capsys):
 
 
 def test_several_outputs_in_one_pass(client, models, imatrices, tmp_path, monkeypatch):
-    """stream_outputs_on_cluster in place of multi's local streaming (wired here by hand: the hook in
-    multi.quantize_outputs is the integrator's): each output, split, is its own local run's bytes."""
+    """quantize_model({path: mix}, client=...): one task per source tensor writes every output (split); each
+    output is its own local run's bytes."""
     from gguf_kquant.model import multi
 
-    monkeypatch.setattr(multi, "_stream_all", lambda *a: D.stream_outputs_on_cluster(client, *a))
+    with monkeypatch.context() as m:  # the cluster's streaming, not the local one
+        m.setattr(multi, "_stream_all", lambda *a: pytest.fail("several outputs streamed locally"))
+        res = _several_outputs(client, models, imatrices, tmp_path)
+    _check_several_outputs(res, models, imatrices, tmp_path)
+
+
+def _outputs(tmp_path) -> dict:
+    return {tmp_path / "a.gguf": "Q4_K_M", tmp_path / "b.gguf": "Q6_K", tmp_path / "c.gguf": "Q4_K_S"}
+
+
+def _several_outputs(client, models, imatrices, tmp_path):
+    src, im, outs = models["moe"], imatrices["moe"][0], _outputs(tmp_path)
+    return gguf_kquant.quantize_model(src, outs, imatrix=im, split_max_tensors=20, client=client,
+                                      report={tmp_path / "a.gguf": tmp_path / "a.json"})
+
+
+def _check_several_outputs(res, models, imatrices, tmp_path):
     src, im = models["moe"], imatrices["moe"][0]
-    outs = {tmp_path / "a.gguf": "Q4_K_M", tmp_path / "b.gguf": "Q6_K", tmp_path / "c.gguf": "Q4_K_S"}
-    res = gguf_kquant.quantize_model(src, outs, imatrix=im, split_max_tensors=20,
-                                     report={tmp_path / "a.gguf": tmp_path / "a.json"})
-    for dst, mix in outs.items():
+    for dst, mix in _outputs(tmp_path).items():
         report = {"report": tmp_path / "local.json"} if mix == "Q4_K_M" else {}
         local = gguf_kquant.quantize_model(src, tmp_path / f"local-{mix}.gguf", mix, imatrix=im, split_max_tensors=20,
                                            **report)

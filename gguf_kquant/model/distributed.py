@@ -414,8 +414,8 @@ def quantize_on_cluster(client, src, dst, ftype=None, *, imatrix=None, include_w
 
     t0 = time.perf_counter()
     if isinstance(dst, Mapping):
-        raise QuantizeError("several outputs in one pass do not run on a Dask cluster yet; quantize each output "
-                            "with client= on its own")
+        raise QuantizeError("several outputs: quantize_model(src, {path: mix}, client=...) runs them in one "
+                            "pass (stream_outputs_on_cluster)")
     if ftype is None:
         raise QuantizeError("no quantization mix given (ftype)")
     mix, _file_type, _default = parse_mix(ftype)

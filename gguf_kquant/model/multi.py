@@ -58,7 +58,7 @@ def quantize_outputs(src, outputs: Mapping, *, imatrix=None, include_weights=(),
                      output_tensor_type=None, token_embedding_type=None, tensor_types=(), pure=False,
                      leave_output_tensor=False, allow_requantize=False, override_kv=(), keep_split=False,
                      split_max_size=None, split_max_tensors=None, threads=None, dry_run=False, report=None,
-                     overwrite=False, quiet=True, stream=None, method: str = "llama") -> dict:
+                     overwrite=False, quiet=True, stream=None, method: str = "llama", client=None) -> dict:
     """Write every ``{dst: mix}`` of ``outputs`` from ``src`` in one pass; returns ``{dst: QuantizeResult}``.
 
     The options are :func:`~gguf_kquant.model.quantize.quantize_model`'s and apply to every output, except
@@ -119,7 +119,13 @@ def quantize_outputs(src, outputs: Mapping, *, imatrix=None, include_weights=(),
             outs.append(_Output(dst, plan, shards, reports.get(dst)))
         targets = [sp.path for o in outs for sp in o.shards] + [Path(o.report) for o in outs if o.report]
         check_outputs(targets, _input_paths(f, imatrix), overwrite=overwrite, error=QuantizeError)
-        _stream_all(f, by_name, order, outs, targets, im, threads, progress, quantize_tensor)
+        if client is not None:  # one task per source tensor on a Dask cluster: gguf_kquant.model.distributed
+            from .distributed import stream_outputs_on_cluster
+
+            stream_outputs_on_cluster(client, f, by_name, order, outs, targets, im, threads, progress,
+                                      quantize_tensor)
+        else:
+            _stream_all(f, by_name, order, outs, targets, im, threads, progress, quantize_tensor)
         seconds = time.perf_counter() - t0
         for o in outs:
             res = results[o.dst]

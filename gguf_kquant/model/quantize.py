@@ -159,7 +159,7 @@ def quantize_model(src, dst, ftype=None, *, imatrix=None, include_weights: Seque
         from .budget import quantize_to_budget
 
         return quantize_to_budget(src, dst, ftype, target_bpw=target_bpw, target_size=target_size, **args)
-    if client is not None and not dry_run:  # dask (issue 12): the same job done by a Dask cluster's workers
+    if client is not None and not dry_run and not isinstance(dst, Mapping):  # on a Dask cluster's workers
         from .distributed import quantize_on_cluster
 
         return quantize_on_cluster(
@@ -181,7 +181,7 @@ def quantize_model(src, dst, ftype=None, *, imatrix=None, include_weights: Seque
             allow_requantize=allow_requantize, override_kv=override_kv, keep_split=keep_split,
             split_max_size=split_max_size, split_max_tensors=split_max_tensors, threads=threads,
             dry_run=dry_run, report=report, overwrite=overwrite, quiet=quiet, stream=stream,
-            method=method)  # issue 13 (optimized): method= for several outputs too
+            method=method, client=None if dry_run else client)
     if ftype is None:
         raise QuantizeError("no quantization mix given (ftype)")
     from ..container.reader import open_gguf
