@@ -128,6 +128,17 @@ def test_convert_hf_method_optimized_is_convert_then_quantize(tmp_path):
             assert np.array_equal(ta.raw(), tb.raw()), ta.name  # the same blocks as convert, then quantize
         assert any(not np.array_equal(ta.raw(), tc.raw()) for ta, tc in zip(a.tensors, c.tensors))
     assert ours.stat().st_size == llama.stat().st_size
+    from gguf_kquant.cli import main
+
+    from gguf_kquant.model.imatrix import write_legacy_imatrix
+
+    cli, im_file = tmp_path / "cli.gguf", tmp_path / "im.dat"
+    write_legacy_imatrix(im_file, im)  # the mean per column, as given
+    assert main(["convert", str(hf), str(cli), "--type", "Q4_K_M", "--imatrix", str(im_file), "--method",
+                 "optimized", "-q"]) == 0
+    with gguf_kquant.open(cli) as a, gguf_kquant.open(ours) as b:  # the metadata names the imatrix file
+        assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+        assert all(np.array_equal(ta.raw(), tb.raw()) for ta, tb in zip(a.tensors, b.tensors))
     with pytest.raises(ImatrixError, match="needs an imatrix"):
         gguf_kquant.convert_hf(hf, tmp_path / "x.gguf", "Q4_K_M", method="optimized")
     with pytest.raises(gguf_kquant.errors.ConversionError, match="quantization mixes"):

@@ -16,6 +16,9 @@ def add_arguments(p) -> None:
     p.add_argument("--vocab-only", action="store_true", help="write the metadata and vocabulary only, no tensors")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    p.add_argument("--method", choices=("llama", "optimized"), default="llama",
+                   help="for a mix: llama (convert_hf_to_gguf.py + llama-quantize's bytes, default) or optimized "
+                        "(same types and size, block parameters of lower imatrix-weighted error; needs --imatrix)")
     p.add_argument("--dask", metavar="SCHEDULER_ADDRESS",  # dask (issue 12): gguf_kquant.model.distributed
                    help="make and write the tensors on a Dask cluster (e.g. tcp://host:8786) whose workers share "
                         "MODEL_DIR's and DST's file system; the output is the same bytes (needs dask[distributed])")
@@ -27,7 +30,7 @@ def run(args) -> int:
     paths = convert_hf(args.model_dir, args.dst, args.ftype, imatrix=args.imatrix,
                        split_max_size=args.split_max_size, overwrite=args.overwrite, quiet=args.quiet,
                        model_name=args.model_name, pre_tokenizer=args.pre_tokenizer, vocab_only=args.vocab_only,
-                       client=args.dask)  # dask (issue 12)
+                       client=args.dask, method=args.method)
     if not args.quiet:
         for p in paths:
             print(p)
