@@ -30,25 +30,35 @@ from .types import TYPES, GGMLType, Imatrix, type_info
 __all__ = ["Job", "jobs_for", "jobs_for_plan", "compile_job", "precompile", "warm_for_plan", "is_cached",
            "cache_dir", "build_cache"]
 
-Job = tuple  # (type name, op): op one of types.OPS
+Job = tuple  # (type name, op): op one of types.OPS, or OPTIMIZED
+OPTIMIZED = "optimized"  # method="optimized"'s block refiner of a type (gguf_kquant.codecs.optimized.REFINERS)
+
+
+def _refined() -> set:
+    from .codecs.optimized import REFINERS
+
+    return {TYPES[t].name for t in REFINERS}
 
 
 def jobs_for(types: Optional[Iterable] = None, ops: Optional[Sequence[str]] = None) -> list:
-    """(type, op) for every kernel of ``types`` (None: every type with a codec), restricted to ``ops``."""
+    """(type, op) for every kernel of ``types`` (None: every type with a codec), restricted to ``ops``; a
+    type's optimized refiner is the op OPTIMIZED."""
     infos = [type_info(t) for t in types] if types is not None else [i for i in TYPES.values() if i.codec]
+    refined = _refined()
     jobs = []
     for info in infos:
-        for op in info.ops:
+        for op in info.ops + ((OPTIMIZED,) if info.name in refined else ()):
             if ops is None or op in ops:
                 jobs.append((info.name, op))
     return jobs
 
 
-def jobs_for_plan(plan, im=None, report: bool = False) -> list:
+def jobs_for_plan(plan, im=None, report: bool = False, method: str = "llama") -> list:
     """The kernels a quantization plan will call: quantize_imatrix for tensors with importance data (``im``:
     the job's :class:`~gguf_kquant.model.imatrix.Imatrix` or None), quantize for the others, dequantize of
     quantized sources (requantization) and, with a report, of each output type."""
     entries = getattr(im, "entries", None) or {}
+    refined = _refined() if method == OPTIMIZED else set()
     jobs = set()
     for r in plan.rows:
         if not r.convert:
@@ -62,6 +72,8 @@ def jobs_for_plan(plan, im=None, report: bool = False) -> list:
             jobs.add((src.name, "dequantize"))
         if report:
             jobs.add((dst.name, "dequantize"))
+        if method == OPTIMIZED and dst.name in refined:
+            jobs.add((dst.name, OPTIMIZED))
     return sorted(jobs)
 
 
@@ -87,6 +99,10 @@ def compile_job(job: Job) -> float:
     elif op == "dequantize":
         raw = np.zeros((x.shape[0], info.row_bytes(x.shape[1])), np.uint8)
         codecs.dequantize(raw, info.ggml_type, x.shape)
+    elif op == OPTIMIZED:
+        from .codecs.optimized import quantize_optimized
+
+        quantize_optimized(x, info.ggml_type, w)
     else:
         raise ValueError(f"unknown kernel operation {op!r}")
     return time.process_time() - t0
@@ -107,7 +123,12 @@ def is_cached(job: Job) -> bool:
     (any specialization: a cheap test, no compiling, no loading)."""
     name, op = job
     try:
-        found = _dispatchers(type_info(name).kernel(op))
+        if op == OPTIMIZED:
+            from .codecs.optimized import REFINERS
+
+            found = _dispatchers(REFINERS[type_info(name).ggml_type])
+        else:
+            found = _dispatchers(type_info(name).kernel(op))
     except Exception:  # an import error surfaces when the kernel is used, not here
         return True
     for d in found:
@@ -192,7 +213,7 @@ def precompile(jobs: Sequence[Job], processes: Optional[int] = None, on_done=Non
 def _costliest_first(jobs: list) -> list:
     # quantizers (scale searches) compile several times longer than dequantizers: start them first; among
     # them Q6_K (7.4 s CPU) before Q4_K (5.4 s): higher type names first is a fair proxy for the k-quants
-    weight = {"quantize_imatrix": 0, "quantize": 1, "dequantize": 2}
+    weight = {OPTIMIZED: 0, "quantize_imatrix": 0, "quantize": 1, "dequantize": 2}
     return sorted(jobs, key=lambda j: (weight.get(j[1], 3), [-ord(c) for c in j[0]]))
 
 
@@ -206,13 +227,13 @@ def _idle_core() -> bool:
     return load <= _worker_count(1 << 16, None) - 1
 
 
-def warm_for_plan(plan, im=None, report: bool = False) -> None:
+def warm_for_plan(plan, im=None, report: bool = False, method: str = "llama") -> None:
     """Before a job: compile the plan's missing kernels in parallel worker processes (a no-op when the cache
     is warm, when one kernel is missing, on a one-core or busy machine, or with GGUF_KQUANT_NO_WARM set).  Any failure here is left for the job
     itself to meet: warming never changes what the job does."""
     if os.environ.get("GGUF_KQUANT_NO_WARM"):
         return
-    missing = [j for j in jobs_for_plan(plan, im, report) if not is_cached(j)]
+    missing = [j for j in jobs_for_plan(plan, im, report, method) if not is_cached(j)]
     if len(missing) < 2 or _worker_count(len(missing), None) < 2 or not _idle_core():
         return
     try:
@@ -233,7 +254,8 @@ def add_arguments(parser) -> None:
                         help="ggml types whose kernels to compile (Q4_K Q6_K ...); see --all")
     parser.add_argument("--all", action="store_true", help="every type's kernels")
     parser.add_argument("--ops", default=None,
-                        help="comma-separated operations: quantize, quantize_imatrix, dequantize (default: all)")
+                        help="comma-separated operations: quantize, quantize_imatrix, dequantize, optimized "
+                             "(method=\"optimized\"'s refiners) (default: all)")
     parser.add_argument("-j", "--jobs", type=int, default=None, help="worker processes (default: usable cores)")
     parser.add_argument("--clear", action="store_true",
                         help="delete every cached kernel of this package (all the places of `gguf_kquant._jitcache`, "
@@ -260,8 +282,8 @@ def run(args) -> int:
         raise GGUFError("give the types to compile (e.g. Q4_K Q6_K) or --all, not both")
     ops = None if args.ops is None else [o.strip() for o in args.ops.split(",") if o.strip()]
     for op in ops or ():
-        if op not in OPS:
-            raise GGUFError(f"unknown operation {op!r}; one of {', '.join(OPS)}")
+        if op not in OPS + (OPTIMIZED,):
+            raise GGUFError(f"unknown operation {op!r}; one of {', '.join(OPS + (OPTIMIZED,))}")
     if args.jobs is not None and args.jobs < 1:
         raise GGUFError(f"--jobs must be >= 1, got {args.jobs}")
     jobs = jobs_for(None if args.all else args.types, ops)

@@ -87,7 +87,9 @@ def test_an_empty_cache_compiles_in_the_child(tmp_path):
 
 
 def test_jobs_for_types_and_plan(tmp_path):
-    assert jobs_for(["Q4_K"]) == [("Q4_K", "dequantize"), ("Q4_K", "quantize"), ("Q4_K", "quantize_imatrix")]
+    assert jobs_for(["Q4_K"]) == [("Q4_K", "dequantize"), ("Q4_K", "quantize"), ("Q4_K", "quantize_imatrix"),
+                                  ("Q4_K", "optimized")]  # method="optimized"'s refiner
+    assert jobs_for(["Q6_K"], ops=["optimized"]) == []  # written as ggml writes it: no refiner
     assert jobs_for(["IQ2_XXS"], ops=["quantize"]) == []  # needs an imatrix: no plain quantizer
     assert len(jobs_for()) > 60
 
@@ -95,6 +97,8 @@ def test_jobs_for_types_and_plan(tmp_path):
     assert jobs_for_plan(r.plan) == [("Q4_K", "quantize"), ("Q6_K", "quantize")]
     assert jobs_for_plan(r.plan, report=True) == [("Q4_K", "dequantize"), ("Q4_K", "quantize"),
                                                   ("Q6_K", "dequantize"), ("Q6_K", "quantize")]
+    assert jobs_for_plan(r.plan, method="optimized") == [("Q4_K", "optimized"), ("Q4_K", "quantize"),
+                                                         ("Q6_K", "quantize")]
 
 
 @pytest.mark.parametrize("argv", [["precompile"], ["precompile", "Q4_K", "--all"], ["precompile", "Q9_K"],

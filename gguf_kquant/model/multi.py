@@ -113,7 +113,7 @@ def quantize_outputs(src, outputs: Mapping, *, imatrix=None, include_weights=(),
 
         outs = []
         for dst, plan in plans.items():
-            warm_for_plan(plan, im, dst in reports)  # compile missing kernels in parallel processes
+            warm_for_plan(plan, im, dst in reports, method)  # compile missing kernels in parallel processes
             metadata, alignment = _output_metadata(f, plan.file_type, overrides)  # COPY's is a guess
             shards = _shard_plans(f, dst, plan, metadata, alignment, keep_split, max_bytes, split_max_tensors)
             outs.append(_Output(dst, plan, shards, reports.get(dst)))

@@ -215,7 +215,7 @@ def quantize_model(src, dst, ftype=None, *, imatrix=None, include_weights: Seque
         metadata, alignment = _output_metadata(f, plan.file_type, overrides)
         from ..precompile import warm_for_plan
 
-        warm_for_plan(plan, im, report is not None)  # compile missing kernels in parallel processes
+        warm_for_plan(plan, im, report is not None, method)  # compile missing kernels in parallel processes
         stats = [] if report is not None else None
         conv = _Converter(by_name, im, threads, progress, stats, quantize_tensor)
         side = [] if report is None else [(report, lambda: render_report(stats, plan, result))]
