@@ -20,31 +20,31 @@ per-chunk KLD difference (paired, so noise shared by both files cancels), file s
 With Q4_K_M among the mixes (and no ``--no-budget``), two rows of the size-budget mode
 (:mod:`gguf_kquant.model.budget`) at the Q4_K_M llama file's size follow.
 
-Measured (``--chunks 12 --calib-chunks 32``, 2 threads, shared 2-core machine; mean ± standard error over
-the 12 chunks; sizes equal by construction):
+Measured (``--chunks 12 --calib-chunks 32``, 2 threads, 2-core machine; mean ± standard error over the 12
+chunks; sizes equal by construction; quantize time: best of 3 interleaved runs, warm kernel cache):
 
     mix     KLD llama          KLD optimized      paired change      ppl llama -> opt   quantize time
-    Q2_K    0.3565 ± 0.0145    0.3088 ± 0.0133    -13.4% ± 1.3%      25.98 -> 24.91     1.5 s -> 13.7 s
-    Q3_K_M  0.0862 ± 0.0029    0.0699 ± 0.0023    -19.0% ± 1.8%      24.57 -> 24.05     2.4 s -> 17.3 s
-    Q4_K_M  0.0363 ± 0.0017    0.0315 ± 0.0014    -13.0% ± 4.2%      23.19 -> 22.96     2.0 s -> 14.0 s
+    Q2_K    0.3565 ± 0.0145    0.2550 ± 0.0106    -28.5% ± 1.7%      25.98 -> 24.94     1.27 s -> 2.86 s
+    Q3_K_M  0.0862 ± 0.0029    0.0655 ± 0.0027    -24.0% ± 3.1%      24.57 -> 23.83     1.50 s -> 3.30 s
+    Q4_K_M  0.0363 ± 0.0017    0.0270 ± 0.0013    -25.4% ± 2.2%      23.19 -> 22.92     1.55 s -> 2.76 s
+    IQ4_XS  0.0985 ± 0.0054    0.0785 ± 0.0053    -20.3% ± 3.6%      24.79 -> 23.50     2.60 s -> 5.79 s
 
 Size-budget mode (``target_bpw`` = llama-quantize's Q4_K_M file, header included, per weight: 6.2717; method
 optimized; same imatrix; ``--mixes Q4_K_M --chunks 12 --calib-chunks 32``; paired change vs Q4_K_M llama):
 
     candidates          KLD                size (Q4_K_M: 105454368)   paired change     ppl     quantize time
-    all                 0.00361 ± 0.00009   98362656                  -90.0% ± 4.6%     22.14   38.3 s
-    all but Q4_1/Q5_1   0.02555 ± 0.00118  105447456                  -29.5% ± 4.4%     22.41   30.5 s
+    all                 0.00361 ± 0.00009   98362656                  -90.0% ± 4.6%     22.14   13.6 s
+    all but Q4_1/Q5_1   0.02359 ± 0.00126  105447456                  -34.9% ± 4.1%     22.33   11.5 s
 
 The first row is this model's artefact, not a result: its weights lie on a Q4_1 grid, the measured error finds
 that Q4_1 reproduces them exactly (and Q5_1 nearly), and every tensor becomes Q4_1 below the budget.  The
 second row keeps those two types out (``quantize_to_budget(..., candidates=...)``) — the number that says
 what the allocation does on weights that are not on a grid.  With ggml's own blocks (method llama) the
-allocation alone gives -18.2%; the optimized blocks (-12.5% at Q4_K_M's own types in this run) add the rest.
+allocation alone gives -18.2%; the optimized blocks (-25.4% at Q4_K_M's own types) add the rest.
 
-SmolLM2-135M's rows are 576 wide (not a multiple of 256): most of its tensors fall back to Q4_0/Q5_0/Q5_1
-(and Q8_0 for Q6_K's), so these numbers mostly measure the legacy refiners.  The default takes ~2 s here,
-dominated by the very cheap Q4_0/Q5_0 quantizers, which the legacy scale search dwarfs (7-9x in all); on
-k-quant tensors the codec-level ratio is 2.2-3.6x.
+SmolLM2-135M's rows are 576 wide (not a multiple of 256): most of its tensors fall back to Q4_0/Q5_0/Q5_1/IQ4_NL
+(and Q8_0 for Q6_K's), so these numbers mostly measure the legacy and IQ4_NL refiners; the k-quants meet only
+``ffn_down``.
 """
 from __future__ import annotations
 
