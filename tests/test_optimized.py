@@ -44,9 +44,15 @@ def test_blocks_decode_in_ggml_with_lower_weighted_error(qtype):
     assert weighted_error(x, ours, qtype, w) < 0.97 * weighted_error(x, default, qtype, w)
 
 
+def test_every_k_quant_and_legacy_type_has_a_refiner():
+    # issue 13: an improved weighted scale search for every k-quant and legacy type ggml quantizes rows to
+    assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"} <= set(REFINED)
+
+
 def test_types_without_refiner_are_ggml_bytes():
     x, w = _realish(np.random.default_rng(1), 8, 256)
-    np.testing.assert_array_equal(quantize_optimized(x, "Q6_K", w), gguf_kquant.quantize(x, "Q6_K", w))
+    assert GGMLType.IQ3_S not in REFINERS
+    np.testing.assert_array_equal(quantize_optimized(x, "IQ3_S", w), gguf_kquant.quantize(x, "IQ3_S", w))
 
 
 def _imatrix(src: Path) -> dict:
@@ -63,7 +69,7 @@ def test_bytes_do_not_depend_on_threads():
                                       quantize_optimized(x, qtype, w, threads=2), err_msg=qtype)
 
 
-@pytest.mark.parametrize("mix", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q4_0", "IQ4_XS"])
+@pytest.mark.parametrize("mix", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q4_0", "IQ4_XS", "Q6_K", "Q8_0"])
 def test_same_plan_and_size_loads_in_llama_cpp(example_model, tmp_path, mix):
     im = _imatrix(example_model)
     a, b = tmp_path / "llama.gguf", tmp_path / "optimized.gguf"

@@ -2,8 +2,8 @@
 
 Not ports of ggml: these kernels are *our* algorithm, used only by ``quantize_model(..., method="optimized")``.
 They are deliberately kept out of the type table (whose kernels are the byte-exact ones) and reached through
-:func:`quantizer` below.  The blocks they write are ordinary Q2_K/Q3_K/Q4_K/Q5_K, Q4_0/Q4_1/Q5_0/Q5_1 and
-IQ4_NL/IQ4_XS blocks: any llama.cpp decodes them with its usual ``dequantize_row_*``.
+:func:`quantizer` below.  The blocks they write are ordinary Q2_K/Q3_K/Q4_K/Q5_K/Q6_K, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0
+and IQ4_NL/IQ4_XS blocks: any llama.cpp decodes them with its usual ``dequantize_row_*``.
 
 Method for the k-quants (per 256-value super-block), after ik_llama.cpp's idea of searching the *quantized*
 sub-block scales instead of rounding a float scale once:
@@ -19,9 +19,10 @@ sub-block scales instead of rounding a float scale once:
 The objective is the importance-weighted squared error ``sum(imatrix[col] * (x - deq)^2)`` — the expected
 squared error of the layer's output when the imatrix holds mean squared activations.  Every step only
 accepts an improvement over the block it starts from, so no block is worse than ggml's under this measure.
-Legacy blocks (also what k-quant tensors fall back to when a row is not a multiple of 256) and IQ4_NL get a
-search of their one scale, IQ4_XS a search of its 6-bit block scales (see their sections).  Types without a
-refiner (Q6_K, Q8_0, the 1-3 bit IQ types, ...) are written exactly as ggml writes them.
+Q3_K and Q6_K (symmetric: value = d*s*q) search their signed sub-block scales alone.  Legacy blocks (also
+what k-quant tensors fall back to when a row is not a multiple of 256: Q6_K falls back to Q8_0) and IQ4_NL get
+a search of their one scale, IQ4_XS a search of its 6-bit block scales (see their sections).  Types without a
+refiner (the 1-3 bit IQ types, TQ, MXFP4, ...) are written exactly as ggml writes them.
 
 Speed (the goal: at most 3x the default's quantize time).  Candidates are evaluated side by side: one pass
 over a block's values with the candidates in the inner loop, whose accumulators are independent, so LLVM
@@ -31,9 +32,13 @@ A candidate d/dmin's error for fixed levels is a quadratic form of sums already 
 run_chunks' threads, not prange (no OpenMP threads spinning on a loaded machine).  Measured per codec on one
 SmolLM2-135M tensor (CPU time, one thread), refine time as a multiple of ggml's imatrix quantize of the same
 rows: Q4_0/Q5_0 1.65x, Q4_1/Q5_1 0.55x, Q2_K 1.2x, Q3_K 1.9x, Q4_K/Q5_K 1.2x, IQ4_NL 1.1x, IQ4_XS 1.2x
-(before these changes: 5-9x).  Whole SmolLM2-135M, warm kernel cache, 2 threads, best of 3 interleaved runs:
-quantize_model's wall time 2.25x the default's at Q2_K, 2.2x at Q3_K_M, 1.8x at Q4_K_M, 2.2x at IQ4_XS (was
-7-9x).  The refiners' first compilation takes ~17 s for all of them (then cached).
+(before these changes: 5-9x); Q6_K 1.9x (four ffn_down tensors; weighted error 0.77 of ggml's); Q8_0
+13-16x of ggml's Q8_0, which is one trivial pass (~1.5 ns a value; the refiner ~20; weighted error 0.41 of
+ggml's on the same tensors: ggml's Q8_0 ignores the imatrix).  Whole SmolLM2-135M, warm kernel cache,
+2 threads, best of 3 interleaved runs: quantize_model's wall time 2.25x the default's at Q2_K, 2.2x at Q3_K_M,
+1.8x at Q4_K_M, 2.2x at IQ4_XS (was 7-9x); with the Q6_K and Q8_0 refiners (best of 2, machine shared): 2.2x
+at Q4_K_M, but 4.0x at Q6_K and 5.7x at Q8_0, whose default is I/O-bound (0.5-0.9 s; SmolLM2's 576-wide rows
+make Q6_K mostly Q8_0 fallback).  The refiners' first compilation takes ~17 s for all of them (then cached).
 
 Quality (benchmarks/bench_quality.py, SmolLM2-135M, same imatrix, equal file sizes): mean KL divergence
 -28.5% at Q2_K, -24.0% at Q3_K_M, -25.4% at Q4_K_M, -20.3% at IQ4_XS against llama-quantize's files.
@@ -54,6 +59,8 @@ from ..types import QK_K, GGMLType, type_info
 from .chunks import run_chunks
 from .grids import kvalues_iq4nl
 from .helpers import (
+    fp16_bits_to_fp32,
+    fp32_to_fp16_bits,
     get_scale_min_k4,
     load_fp16,
     nearest_int,
@@ -71,12 +78,14 @@ from .iq4 import _best_index_16  # the branch-free nearest level, which vectoris
 from .legacy import (
     Q4_0_BYTES, Q4_0_D, Q4_0_QS, Q4_1_BYTES, Q4_1_D, Q4_1_M, Q4_1_QS,
     Q5_0_BYTES, Q5_0_D, Q5_0_QH, Q5_0_QS, Q5_1_BYTES, Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS,
+    Q8_0_BYTES, Q8_0_D, Q8_0_QS,
 )
 from .kquants import (
     Q2_K_BYTES, Q2_K_D, Q2_K_DMIN, Q2_K_QS, Q2_K_SCALES,
     Q3_K_BYTES, Q3_K_D, Q3_K_HMASK, Q3_K_QS, Q3_K_SCALES,
     Q4_K_BYTES, Q4_K_D, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES,
     Q5_K_BYTES, Q5_K_D, Q5_K_DMIN, Q5_K_QH, Q5_K_QS, Q5_K_SCALES,
+    Q6_K_BYTES, Q6_K_D, Q6_K_QH, Q6_K_QL, Q6_K_SCALES,
 )
 
 __all__ = ["METHODS", "quantizer", "weighted_error"]
@@ -192,8 +201,8 @@ def _refine_affine(x, xo, w, nsub, n, qmax, smax, radius, d, dmin, sc, mn, L, Lt
             break
         if not (np.isfinite(nd) and np.isfinite(nm)) or nd <= 0.0 or abs(nd) > 65000.0 or abs(nm) > 65000.0:
             break
-        nd16 = load_fp16(_fp16_bytes(_F32(nd)), 0)
-        nm16 = load_fp16(_fp16_bytes(_F32(nm)), 0)
+        nd16 = _to_fp16(_F32(nd))
+        nm16 = _to_fp16(_F32(nm))
         # the error of the current levels at (nd16, nm16), in closed form: re-rounding can only lower it
         a = np.float64(nd16)
         b = np.float64(nm16)
@@ -208,10 +217,9 @@ def _refine_affine(x, xo, w, nsub, n, qmax, smax, radius, d, dmin, sc, mn, L, Lt
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _fp16_bytes(f):
-    b = np.empty(2, np.uint8)
-    store_fp16(b, 0, f)
-    return b
+def _to_fp16(f):
+    """The float32 that ggml reads back after storing f as fp16 (no byte buffer: this runs once a block)."""
+    return fp16_bits_to_fp32(fp32_to_fp16_bits(f))
 
 
 @njit(cache=True, nogil=True)
@@ -274,7 +282,8 @@ def _optimize_row_q2_k(x, w, y, radius):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Symmetric blocks (Q3_K): value = d*s*q, q in [-4, 3], s in [-32, 31] (stored +32)
+# Symmetric blocks: Q3_K value = d*s*q, q in [-4, 3], s in [-32, 31] (stored +32);
+# Q6_K value = d*s*q, q in [-32, 31] (stored +32), s an int8 in [-128, 127]; 16 sub-blocks of 16 values
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -354,7 +363,7 @@ def _refine_sym(x, xo, w, nsub, n, qmin, qmax, smin, smax, radius, d, sc, L, Lt)
         nd = sax / saa
         if not np.isfinite(nd) or abs(nd) > 65000.0 or nd == 0.0:
             break
-        nd16 = load_fp16(_fp16_bytes(_F32(nd)), 0)
+        nd16 = _to_fp16(_F32(nd))
         a = np.float64(nd16)
         if not sxx - 2.0 * a * sax + a * a * saa < err.sum() * (1.0 - 1e-6):  # as in _refine_affine
             break
@@ -388,6 +397,50 @@ def _optimize_row_q3_k(x, w, y, radius):
         pack_q3_k(y, yo + Q3_K_HMASK, yo + Q3_K_QS, L)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _pack_q6_k(y, qlo, qho, L):
+    """6-bit levels L[0:256] (0..63) into ql/qh, as quantize_row_q6_K writes them:
+
+        ql[64h + l]      = L[128h + l] & 15      | (L[128h + l + 64] & 15) << 4
+        ql[64h + 32 + l] = L[128h + l + 32] & 15 | (L[128h + l + 96] & 15) << 4
+        qh[32h + l]      = L[128h+l] >> 4 | L[128h+l+32] >> 4 << 2 | L[128h+l+64] >> 4 << 4 | L[128h+l+96] >> 4 << 6
+    """
+    for h in range(2):
+        for l in range(32):
+            b = 128 * h + l
+            q1 = L[b]
+            q2 = L[b + 32]
+            q3 = L[b + 64]
+            q4 = L[b + 96]
+            y[qlo + 64 * h + l] = np.uint8(((q1 & 0xF) | ((q3 & 0xF) << 4)) & 0xFF)
+            y[qlo + 64 * h + 32 + l] = np.uint8(((q2 & 0xF) | ((q4 & 0xF) << 4)) & 0xFF)
+            y[qho + 32 * h + l] = np.uint8(((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6))
+                                           & 0xFF)
+
+
+@njit(cache=True, nogil=True)
+def _optimize_row_q6_k(x, w, y, radius):
+    """Q6_K rows, in place: value = d*s*q, q in [-32, 31] (stored +32), s an int8 per 16 values."""
+    sc = np.empty(16, np.int64)
+    L = np.empty(QK_K, np.int64)
+    Lt = np.empty(16, np.int64)
+    for ib in range(x.shape[0] // QK_K):
+        xo = ib * QK_K
+        yo = ib * Q6_K_BYTES
+        d = load_fp16(y, yo + Q6_K_D)
+        for j in range(16):
+            sc[j] = np.int64(np.int8(y[yo + Q6_K_SCALES + j]))
+        d, better = _refine_sym(x, xo, w, 16, 16, -32, 31, -128, 127, radius, d, sc, L, Lt)
+        if not better:
+            continue
+        for j in range(16):
+            y[yo + Q6_K_SCALES + j] = np.uint8(sc[j] & 0xFF)  # int8_t store
+        store_fp16(y, yo + Q6_K_D, d)
+        for k in range(QK_K):
+            L[k] += 32
+        _pack_q6_k(y, yo + Q6_K_QL, yo + Q6_K_QH, L)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Row-range kernels, run on threads by run_chunks (no prange: see codecs/chunks.py); they refine ggml's
 # blocks ``out`` in place, each row by one serial call, so the bytes never depend on the thread count.
@@ -407,6 +460,12 @@ def _rows_q3_k(x, w, out, radius, r0, r1):
 
 
 @njit(cache=True, nogil=True)
+def _rows_q6_k(x, w, out, radius, r0, r1):
+    for r in range(r0, r1):
+        _optimize_row_q6_k(x[r], w, out[r], radius)
+
+
+@njit(cache=True, nogil=True)
 def _rows_k4(x, w, out, nbytes, od, odm, osc, oqs, oqh, qmax, radius, r0, r1):
     for r in range(r0, r1):
         _optimize_row_k4(x[r], w, out[r], nbytes, od, odm, osc, oqs, oqh, qmax, radius)
@@ -417,12 +476,21 @@ def _rows_k4(x, w, out, nbytes, od, odm, osc, oqs, oqh, qmax, radius, r0, r1):
 # Q4_K's (2R+1)^2 pairs grow with R: R = 3 (Q2_K 0.919, 0.892 at +6% time; R = 5: 0.915, 0.881 at +70%).
 
 
+# Q6_K's int8 scales are ~8x finer than Q3_K's 6-bit ones: on four SmolLM2 ffn_down tensors R = 16 gives 0.766
+# of ggml's weighted error (R = 8: 0.842, R = 32: 0.718) at about the time of R = 8.
+_Q6_K_RADIUS = 16
+
+
 def optimize_q2_k(x, w, out):
     run_chunks(_rows_q2_k, x.shape[0], x, w, out, 3)
 
 
 def optimize_q3_k(x, w, out):
     run_chunks(_rows_q3_k, x.shape[0], x, w, out, 8)
+
+
+def optimize_q6_k(x, w, out):
+    run_chunks(_rows_q6_k, x.shape[0], x, w, out, _Q6_K_RADIUS)
 
 
 def optimize_q4_k(x, w, out):
@@ -436,8 +504,9 @@ def optimize_q5_k(x, w, out):
 
 # ---------------------------------------------------------------------------------------------------
 # Legacy 32-value blocks: Q4_0/Q5_0 value = d*q, q in [-8, 7] / [-16, 15] (stored +8/+16);
-# Q4_1/Q5_1 value = d*q + m, q in [0, 15] / [0, 31].  One fp16 scale (and min) per block, so the search is
-# over d itself: ggml's d stretched by up to +-3/4 in steps of 3/32 (17 stretches; both signs for Q4_0/Q5_0),
+# Q4_1/Q5_1 value = d*q + m, q in [0, 15] / [0, 31]; Q8_0 value = d*q, q an int8 in [-128, 127].  One fp16
+# scale (and min) per block, so the search is over d itself: ggml's d stretched by up to +-3/4 in steps of 3/32
+# (17 stretches; both signs for Q4_0/Q5_0; Q8_0's are finer, see _Q8_0_REACH),
 # all in one pass; the candidate whose levels admit the least error under their own least-squares (d, m)
 # wins, and that fit, rounded to fp16, replaces ggml's if its (re-rounded) error is lower.
 # ---------------------------------------------------------------------------------------------------
@@ -491,12 +560,12 @@ def _legacy_refit(x, xo, w, L, affine, d, m):
         nm = 0.0
     if not (np.isfinite(nd) and np.isfinite(nm)) or nd == 0.0 or abs(nd) > 65000.0 or abs(nm) > 65000.0:
         return d, m
-    return load_fp16(_fp16_bytes(_F32(nd)), 0), load_fp16(_fp16_bytes(_F32(nm)), 0) if affine else _F32(0.0)
+    return _to_fp16(_F32(nd)), _to_fp16(_F32(nm)) if affine else _F32(0.0)
 
 
 @njit(cache=True, nogil=True)
 def _optimize_row_legacy(x, w, y, nbytes, od, om, oqh, oqs, qlo, qhi, stretch):
-    """Q4_0 (om < 0, oqh < 0), Q4_1 (oqh < 0), Q5_0 (om < 0), Q5_1 rows, in place on ggml's blocks y.
+    """Q4_0 (om < 0, oqh < 0), Q4_1 (oqh < 0), Q5_0 (om < 0), Q5_1, Q8_0 (qhi = 127) rows, in place on y.
 
     Every candidate scale ``d0 * stretch[c]`` is evaluated in the same pass over the block (the inner loop
     runs across candidates, so its accumulators are independent and vectorise without reassociation); a
@@ -568,8 +637,8 @@ def _optimize_row_legacy(x, w, y, nbytes, od, om, oqh, oqs, qlo, qhi, stretch):
         if best == -np.inf or not (np.isfinite(nd) and np.isfinite(nm)) or abs(nd) > 65000.0 \
                 or abs(nm) > 65000.0:
             continue
-        d1 = load_fp16(_fp16_bytes(_F32(nd)), 0)
-        m1 = load_fp16(_fp16_bytes(_F32(nm)), 0) if affine else _F32(0.0)
+        d1 = _to_fp16(_F32(nd))
+        m1 = _to_fp16(_F32(nm)) if affine else _F32(0.0)
         if d1 == _F32(0.0):
             continue
         e1 = _legacy_err(x, xo, w, d1, m1, qlo, qhi, L)
@@ -586,6 +655,10 @@ def _optimize_row_legacy(x, w, y, nbytes, od, om, oqh, oqs, qlo, qhi, stretch):
         if e1 >= _legacy_err(x, xo, w, d0, m0, qlo, qhi, Lt):
             continue  # ggml's block is at least as good: keep its bytes
         store_fp16(y, yo + od, d1)
+        if qhi == 127:  # Q8_0: the levels are the int8 quants themselves
+            for i in range(_QK):
+                y[yo + oqs + i] = np.uint8(L[i] & 0xFF)
+            continue
         if affine:
             store_fp16(y, yo + om, m1)
         else:
@@ -626,6 +699,17 @@ def optimize_q5_0(x, w, out):
 
 def optimize_q5_1(x, w, out):
     run_chunks(_rows_legacy, x.shape[0], x, w, out, Q5_1_BYTES, Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS, 0, 31, _stretches(1))
+
+
+# Q8_0: one sign (its levels [-128, 127] are near symmetric), steps of 1/64 within +-8/64 of ggml's d: on
+# four SmolLM2 tensors weighted error 0.32 of ggml's (+-16/64: 0.23, +-32/64: 0.17, but the cost grows with
+# the lanes, and the default Q8_0 is one cheap pass; ggml's d alone, refitted: 0.65).
+_Q8_0_REACH = 8
+
+
+def optimize_q8_0(x, w, out):
+    run_chunks(_rows_legacy, x.shape[0], x, w, out, Q8_0_BYTES, Q8_0_D, -1, -1, Q8_0_QS, -128, 127,
+               _stretches(1, _Q8_0_REACH, 1))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -721,7 +805,7 @@ def _optimize_row_iq4_nl(x, w, y, fval, lut, stretch):
                 nd = qx / qq
         if best == -np.inf or not np.isfinite(nd) or abs(nd) > 65000.0:
             continue
-        d1 = load_fp16(_fp16_bytes(_F32(nd)), 0)
+        d1 = _to_fp16(_F32(nd))
         if d1 == _F32(0.0) or _nl_err(x, xo, w, d1, fval, L, 0) >= _nl_stored_err(
                 x, xo, w, d0, fval, y, yo + IQ4_NL_QS):
             continue
@@ -807,7 +891,7 @@ def _optimize_row_iq4_xs(x, w, y, fval, lut, radius):
             nd = sax / saa
             if not np.isfinite(nd) or abs(nd) > 65000.0 or nd == 0.0:
                 break
-            nd16 = load_fp16(_fp16_bytes(_F32(nd)), 0)
+            nd16 = _to_fp16(_F32(nd))
             a = np.float64(nd16)
             if not sxx - 2.0 * a * sax + a * a * saa < err.sum() * (1.0 - 1e-6):
                 break
@@ -868,10 +952,12 @@ REFINERS = {
     GGMLType.Q3_K: optimize_q3_k,
     GGMLType.Q4_K: optimize_q4_k,
     GGMLType.Q5_K: optimize_q5_k,
+    GGMLType.Q6_K: optimize_q6_k,
     GGMLType.Q4_0: optimize_q4_0,
     GGMLType.Q4_1: optimize_q4_1,
     GGMLType.Q5_0: optimize_q5_0,
     GGMLType.Q5_1: optimize_q5_1,
+    GGMLType.Q8_0: optimize_q8_0,
     GGMLType.IQ4_NL: optimize_iq4_nl,
     GGMLType.IQ4_XS: optimize_iq4_xs,
 }
