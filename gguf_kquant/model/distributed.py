@@ -407,9 +407,7 @@ def quantize_on_cluster(client, src, dst, ftype=None, *, imatrix=None, include_w
     from ..safeio import check_outputs
     from .multi import _shard_plans
     from .planner import parse_mix
-    from .progress import Progress
-    from .quantize import (QuantizeResult, _check_plan, _input_paths, _output_metadata, _overrides, _plan,
-                           _prepare_imatrix, _source_model, _split_limits)
+    from .quantize import _input_paths, _output_metadata, _overrides, _planned, _prepare_imatrix, _split_limits
     from .report import render_report
 
     t0 = time.perf_counter()
@@ -426,18 +424,11 @@ def quantize_on_cluster(client, src, dst, ftype=None, *, imatrix=None, include_w
     overrides = _overrides(override_kv, im)
     client, owned = connect(client)
     try:
+        rules = dict(pure=pure, leave_output_tensor=leave_output_tensor, output_tensor_type=output_tensor_type,
+                     token_embedding_type=token_embedding_type, tensor_types=tensor_types, keep_order=keep_split)
         with open_gguf(src) as f:
-            model = _source_model(f, overrides)
-            plan = _plan(f, model, mix, im, pure=pure, leave_output_tensor=leave_output_tensor,
-                         output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
-                         tensor_types=tensor_types, keep_order=keep_split)
-            by_name = {t.name: t for t in f.tensors}
-            progress = Progress(len(plan.rows), quiet=quiet, stream=stream, total_bytes=plan.src_nbytes)
-            for w in plan.warnings:
-                progress.say(w)
-            _check_plan(plan, im, by_name, allow_requantize, False)
-            result = QuantizeResult(plan=plan, paths=[], src_nbytes=plan.src_nbytes, dst_nbytes=plan.dst_nbytes,
-                                    n_elements=plan.n_elements)
+            plan, by_name, progress, result = _planned(f, mix, im, overrides, rules, allow_requantize, False, quiet,
+                                                       stream)
             metadata, alignment = _output_metadata(f, plan.file_type, overrides)
             shards = _shard_plans(f, dst, plan, metadata, alignment, keep_split, max_bytes, split_max_tensors)
             sources = [os.path.abspath(p) for p in f.shards]

@@ -194,19 +194,11 @@ def quantize_model(src, dst, ftype=None, *, imatrix=None, include_weights: Seque
     quantize_tensor = quantizer(method, im is not None)
     overrides = _overrides(override_kv, im)
 
+    rules = dict(pure=pure, leave_output_tensor=leave_output_tensor, output_tensor_type=output_tensor_type,
+                 token_embedding_type=token_embedding_type, tensor_types=tensor_types, keep_order=keep_split)
     with open_gguf(src) as f:
-        model = _source_model(f, overrides)
-        plan = _plan(f, model, mix, im, pure=pure, leave_output_tensor=leave_output_tensor,
-                     output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
-                     tensor_types=tensor_types, keep_order=keep_split)
-        by_name = {t.name: t for t in f.tensors}
-        progress = Progress(len(plan.rows), quiet=quiet, stream=stream, total_bytes=plan.src_nbytes)
-        for w in plan.warnings:
-            progress.say(w)
-        _check_plan(plan, im, by_name, allow_requantize, dry_run)
-        result = QuantizeResult(plan=plan, paths=[], n_elements=plan.n_elements)
-        result.src_nbytes = plan.src_nbytes
-        result.dst_nbytes = plan.dst_nbytes
+        plan, by_name, progress, result = _planned(f, mix, im, overrides, rules, allow_requantize, dry_run, quiet,
+                                                   stream)
         if dry_run:
             _say_dry_run(progress, plan, im)
             result.seconds = time.perf_counter() - t0
@@ -228,6 +220,20 @@ def quantize_model(src, dst, ftype=None, *, imatrix=None, include_weights: Seque
         if stats is not None:
             result.report = stats
     return result
+
+
+def _planned(f, mix, im, overrides, rules: dict, allow_requantize: bool, dry_run: bool, quiet: bool, stream):
+    """Plan the open source ``f`` for ``mix`` as llama-quantize would (``rules``: _plan's options), say its
+    warnings, refuse what llama-quantize refuses; returns (plan, tensors by name, progress, the result to fill)."""
+    plan = _plan(f, _source_model(f, overrides), mix, im, **rules)
+    by_name = {t.name: t for t in f.tensors}
+    progress = Progress(len(plan.rows), quiet=quiet, stream=stream, total_bytes=plan.src_nbytes)
+    for w in plan.warnings:
+        progress.say(w)
+    _check_plan(plan, im, by_name, allow_requantize, dry_run)
+    result = QuantizeResult(plan=plan, paths=[], src_nbytes=plan.src_nbytes, dst_nbytes=plan.dst_nbytes,
+                            n_elements=plan.n_elements)
+    return plan, by_name, progress, result
 
 
 def _split_limits(keep_split: bool, split_max_size, split_max_tensors):
