@@ -22,8 +22,9 @@ import pytest
 import gguf_kquant
 from gguf_kquant.errors import ConversionError
 from oracle import lib_dir
-from test_convert_helpers import (LLAMA3_RE, QWEN2_RE, assert_logits_match, assert_same_gguf, gguf_logits, hf_logits,
-                                  hf_tokenizer, llama_quantize, train_bpe, vendor_convert_jobs)
+from test_convert_helpers import (LLAMA3_RE, QWEN2_RE, assert_converts_in_slabs, assert_logits_match,
+                                  assert_same_gguf, gguf_logits, hf_logits, hf_tokenizer, llama_quantize, train_bpe,
+                                  vendor_convert_jobs)
 
 OUTTYPES = ("F32", "F16", "BF16", "Q8_0")
 # tokenizer.ggml.pre given to convert_hf_to_gguf.py (its hash table does not know our trained tokenizers)
@@ -354,10 +355,7 @@ def test_fused_experts_are_transposed_slab_by_slab(tmp_path):
     """32 fused experts of 256 x 1024 (gate_up_proj 32 MiB in F16, 64 MiB as float32): the conversion's
     Python-side peak stays below three 16 MiB slabs, so no fused tensor is ever transposed as a whole
     (measured: 29 MiB; 105 MiB when the whole tensor is transposed at once)."""
-    import tracemalloc
-
     from gguf_kquant.convert.safetensors import write_safetensors
-    from gguf_kquant.model.quantize import SLAB_BYTES
 
     n_expert, n_embd, n_ff, n_vocab = 32, 256, 1024, 400
     d = tmp_path / "m"
@@ -388,13 +386,7 @@ def test_fused_experts_are_transposed_slab_by_slab(tmp_path):
         p + "feed_forward.shared_expert.down_proj.weight": t(n_embd, n_ff),
         p + "feed_forward.experts.gate_up_proj": t(n_expert, n_embd, 2 * n_ff),
         p + "feed_forward.experts.down_proj": t(n_expert, n_ff, n_embd)})
-    tracemalloc.start()
-    try:
-        gguf_kquant.convert_hf(d, tmp_path / "m.gguf", "F16")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 3 * SLAB_BYTES, f"peak {peak / 2**20:.1f} MiB"
+    assert_converts_in_slabs(d, tmp_path / "m.gguf")
     from safetensors.numpy import load_file
 
     src = load_file(str(d / "model.safetensors"))[p + "feed_forward.experts.gate_up_proj"]

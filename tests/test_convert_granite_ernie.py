@@ -17,8 +17,9 @@ import pytest
 import gguf_kquant
 from gguf_kquant.errors import ConversionError
 from oracle import lib_dir
-from test_convert_helpers import (LLAMA3_RE, assert_logits_match, assert_same_gguf, gguf_logits, hf_logits,
-                                  hf_tokenizer, llama_quantize, train_bpe, train_spm, vendor_convert_jobs)
+from test_convert_helpers import (LLAMA3_RE, assert_converts_in_slabs, assert_logits_match, assert_same_gguf,
+                                  gguf_logits, hf_logits, hf_tokenizer, llama_quantize, train_bpe, train_spm,
+                                  vendor_convert_jobs)
 
 OUTTYPES = ("F32", "F16", "BF16", "Q8_0")
 # tokenizer.ggml.pre given to convert_hf_to_gguf.py (its hash table does not know our trained tokenizers);
@@ -130,10 +131,7 @@ def test_bf16_fused_experts_match(built, ftype):
 def test_fused_experts_are_split_slab_by_slab(tmp_path):
     """64 experts of 2 x 1024 x 256 fused in one F16 tensor (64 MiB; its gate half is 64 MiB in float32):
     the conversion's Python-side peak stays within a few 16 MiB slabs."""
-    import tracemalloc
-
     from gguf_kquant.convert.safetensors import SafetensorsFile, write_safetensors
-    from gguf_kquant.model.quantize import SLAB_BYTES
 
     n_expert, n_embd, n_ff, n_vocab = 64, 256, 1024, 400
     train_bpe(tmp_path, regex=LLAMA3_RE, specials=["<|begin_of_text|>", "<|end_of_text|>"])
@@ -158,13 +156,7 @@ def test_fused_experts_are_split_slab_by_slab(tmp_path):
         p + "block_sparse_moe.input_linear.weight": t(n_expert, 2 * n_ff, n_embd),
         p + "block_sparse_moe.output_linear.weight": t(n_expert, n_embd, n_ff),
         **{p + f"self_attn.{x}_proj.weight": t(n_embd, n_embd) for x in "qkvo"}})
-    tracemalloc.start()
-    try:
-        gguf_kquant.convert_hf(tmp_path, tmp_path / "out.gguf", "F16")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 3 * SLAB_BYTES, f"peak {peak / 2**20:.1f} MiB"
+    assert_converts_in_slabs(tmp_path, tmp_path / "out.gguf")
     fused = SafetensorsFile(tmp_path / "model.safetensors").tensors[p + "block_sparse_moe.input_linear.weight"]
     with gguf_kquant.open(tmp_path / "out.gguf") as f:
         by_name = {t.name: t for t in f.tensors}

@@ -347,6 +347,23 @@ def vendor_convert_jobs(jobs) -> None:
     assert r.returncode == 0, r.stderr[-4000:]
 
 
+def assert_converts_in_slabs(model_dir, out, ftype: str = "F16") -> None:
+    """convert_hf's Python-side peak (tracemalloc) stays under three slabs: experts and fused tensors are
+    read, stacked or transposed slab by slab, never a whole layer (a whole-tensor transform fails this)."""
+    import tracemalloc
+
+    import gguf_kquant
+    from gguf_kquant.model.quantize import SLAB_BYTES
+
+    tracemalloc.start()
+    try:
+        gguf_kquant.convert_hf(model_dir, out, ftype)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * SLAB_BYTES, f"peak {peak / 2**20:.1f} MiB"
+
+
 def llama_quantize(src, dst, ftype_id: int, nthread: int = 1) -> None:
     """llama-quantize (libllama's llama_model_quantize) of ``src`` to ``dst``; ``ftype_id`` a llama_ftype
     (15: Q4_K_M, 18: Q6_K, 38: MXFP4_MOE)."""
