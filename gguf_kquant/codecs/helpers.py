@@ -672,14 +672,31 @@ def pack_q5_k(y, qho, qso, L):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def quantize_q6_k_scales_and_pack(x, xo, y, yo, qlo, qho, sco, do, block_bytes, L, scales, max_scale,
-                                  max_abs_scale):
-    """The common end of quantize_row_q6_K_ref / _impl: int8 scales, fp16 d, final quants, packing.
+def pack_q6_k(y, qlo, qho, L):
+    """Q6_K's 6-bit levels L[0:256] (0..63) into ql (at ``qlo``) and qh (at ``qho``), as quantize_row_q6_K:
 
         ql[64h + l]      = L[128h + l] & 15      | (L[128h + l + 64] & 15) << 4
         ql[64h + 32 + l] = L[128h + l + 32] & 15 | (L[128h + l + 96] & 15) << 4
         qh[32h + l]      = L[128h+l] >> 4 | L[128h+l+32] >> 4 << 2 | L[128h+l+64] >> 4 << 4 | L[128h+l+96] >> 4 << 6
     """
+    for h in range(2):
+        for l in range(32):
+            b = 128 * h + l
+            q1 = np.int64(L[b])
+            q2 = np.int64(L[b + 32])
+            q3 = np.int64(L[b + 64])
+            q4 = np.int64(L[b + 96])
+            y[qlo + 64 * h + l] = np.uint8(((q1 & 0xF) | ((q3 & 0xF) << 4)) & 0xFF)
+            y[qlo + 64 * h + 32 + l] = np.uint8(((q2 & 0xF) | ((q4 & 0xF) << 4)) & 0xFF)
+            y[qho + 32 * h + l] = np.uint8(((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6))
+                                           & 0xFF)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def quantize_q6_k_scales_and_pack(x, xo, y, yo, qlo, qho, sco, do, block_bytes, L, scales, max_scale,
+                                  max_abs_scale):
+    """The common end of quantize_row_q6_K_ref / _impl: int8 scales, fp16 d, final quants, packing
+    (:func:`pack_q6_k`)."""
     if max_abs_scale < GROUP_MAX_EPS:  # memset(&y[i], 0, sizeof(block_q6_K)); d = fp16(0) is 0 too
         for k in range(block_bytes):
             y[yo + k] = 0
@@ -695,14 +712,4 @@ def quantize_q6_k_scales_and_pack(x, xo, y, yo, qlo, qho, sco, do, block_bytes, 
         for ii in range(16):
             l = nearest_int(x[xo + 16 * j + ii] / d)
             L[16 * j + ii] = max(-32, min(31, l)) + 32
-    for h in range(2):
-        for l in range(32):
-            b = 128 * h + l
-            q1 = np.int64(L[b])
-            q2 = np.int64(L[b + 32])
-            q3 = np.int64(L[b + 64])
-            q4 = np.int64(L[b + 96])
-            y[yo + qlo + 64 * h + l] = np.uint8(((q1 & 0xF) | ((q3 & 0xF) << 4)) & 0xFF)
-            y[yo + qlo + 64 * h + 32 + l] = np.uint8(((q2 & 0xF) | ((q4 & 0xF) << 4)) & 0xFF)
-            y[yo + qho + 32 * h + l] = np.uint8(((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4)
-                                                 | ((q4 >> 4) << 6)) & 0xFF)
+    pack_q6_k(y, yo + qlo, yo + qho, L)

@@ -70,6 +70,7 @@ from .helpers import (
     pack_q4_k,
     pack_q5_0,
     pack_q5_k,
+    pack_q6_k,
     pack_scale_min_k4,
     q3_k_scale,
     store_fp16,
@@ -397,27 +398,6 @@ def _optimize_row_q3_k(x, w, y, radius):
         pack_q3_k(y, yo + Q3_K_HMASK, yo + Q3_K_QS, L)
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _pack_q6_k(y, qlo, qho, L):
-    """6-bit levels L[0:256] (0..63) into ql/qh, as quantize_row_q6_K writes them:
-
-        ql[64h + l]      = L[128h + l] & 15      | (L[128h + l + 64] & 15) << 4
-        ql[64h + 32 + l] = L[128h + l + 32] & 15 | (L[128h + l + 96] & 15) << 4
-        qh[32h + l]      = L[128h+l] >> 4 | L[128h+l+32] >> 4 << 2 | L[128h+l+64] >> 4 << 4 | L[128h+l+96] >> 4 << 6
-    """
-    for h in range(2):
-        for l in range(32):
-            b = 128 * h + l
-            q1 = L[b]
-            q2 = L[b + 32]
-            q3 = L[b + 64]
-            q4 = L[b + 96]
-            y[qlo + 64 * h + l] = np.uint8(((q1 & 0xF) | ((q3 & 0xF) << 4)) & 0xFF)
-            y[qlo + 64 * h + 32 + l] = np.uint8(((q2 & 0xF) | ((q4 & 0xF) << 4)) & 0xFF)
-            y[qho + 32 * h + l] = np.uint8(((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6))
-                                           & 0xFF)
-
-
 @njit(cache=True, nogil=True)
 def _optimize_row_q6_k(x, w, y, radius):
     """Q6_K rows, in place: value = d*s*q, q in [-32, 31] (stored +32), s an int8 per 16 values."""
@@ -438,7 +418,7 @@ def _optimize_row_q6_k(x, w, y, radius):
         store_fp16(y, yo + Q6_K_D, d)
         for k in range(QK_K):
             L[k] += 32
-        _pack_q6_k(y, yo + Q6_K_QL, yo + Q6_K_QH, L)
+        pack_q6_k(y, yo + Q6_K_QL, yo + Q6_K_QH, L)
 
 
 # ---------------------------------------------------------------------------------------------------
