@@ -26,21 +26,21 @@ chunks; sizes equal by construction; quantize time: best of 3 interleaved runs, 
     mix     KLD llama          KLD optimized      paired change      ppl llama -> opt   quantize time
     Q2_K    0.3565 ± 0.0145    0.2550 ± 0.0106    -28.5% ± 1.7%      25.98 -> 24.94     1.27 s -> 2.86 s
     Q3_K_M  0.0862 ± 0.0029    0.0655 ± 0.0027    -24.0% ± 3.1%      24.57 -> 23.83     1.50 s -> 3.30 s
-    Q4_K_M  0.0363 ± 0.0017    0.0270 ± 0.0013    -25.4% ± 2.2%      23.19 -> 22.92     1.55 s -> 2.76 s
+    Q4_K_M  0.0363 ± 0.0017    0.0266 ± 0.0012    -26.7% ± 2.7%      23.19 -> 22.80     2.86 s -> 5.25 s
     IQ4_XS  0.0985 ± 0.0054    0.0785 ± 0.0053    -20.3% ± 3.6%      24.79 -> 23.50     2.60 s -> 5.79 s
 
 Size-budget mode (``target_bpw`` = llama-quantize's Q4_K_M file, header included, per weight: 6.2717; method
 optimized; same imatrix; ``--mixes Q4_K_M --chunks 12 --calib-chunks 32``; paired change vs Q4_K_M llama):
 
     candidates          KLD                size (Q4_K_M: 105454368)   paired change     ppl     quantize time
-    all                 0.00361 ± 0.00009   98362656                  -90.0% ± 4.6%     22.14   13.6 s
-    all but Q4_1/Q5_1   0.02359 ± 0.00126  105447456                  -34.9% ± 4.1%     22.33   11.5 s
+    all                 0.00361 ± 0.00009   98362656                  -90.0% ± 4.6%     22.14   25.0 s
+    all but Q4_1/Q5_1   0.02275 ± 0.00113  105454368                  -37.2% ± 4.4%     22.33   20.9 s
 
 The first row is this model's artefact, not a result: its weights lie on a Q4_1 grid, the measured error finds
 that Q4_1 reproduces them exactly (and Q5_1 nearly), and every tensor becomes Q4_1 below the budget.  The
 second row keeps those two types out (``quantize_to_budget(..., candidates=...)``) — the number that says
 what the allocation does on weights that are not on a grid.  With ggml's own blocks (method llama) the
-allocation alone gives -18.2%; the optimized blocks (-25.4% at Q4_K_M's own types) add the rest.
+allocation alone gives -18.2%; the optimized blocks (-26.7% at Q4_K_M's own types) add the rest.
 
 SmolLM2-135M's rows are 576 wide (not a multiple of 256): most of its tensors fall back to Q4_0/Q5_0/Q5_1/IQ4_NL
 (and Q8_0 for Q6_K's), so these numbers mostly measure the legacy and IQ4_NL refiners; the k-quants meet only
