@@ -143,6 +143,10 @@ def make_job(world, op: str, out: Path) -> Job:
 
 def run_child(job: Job, cfg: dict, limit_fsize=None) -> subprocess.CompletedProcess:
     def limit():
+        # the signals' default actions, as in a terminal: a parent started with nohup passes SIGHUP on ignored
+        # (the library leaves an ignored signal ignored; the SIGHUP case would then see no signal at all)
+        for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
         if limit_fsize is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_fsize, limit_fsize))
 

@@ -52,8 +52,8 @@ def _env(cache: Path) -> dict:
 def test_precompile_fills_the_cache_and_a_later_process_compiles_nothing(tmp_path):
     cache = tmp_path / "numba"
     cache.mkdir()
-    pre = subprocess.run([sys.executable, "-m", "gguf_kquant", "precompile", "Q8_0", "-j", "2"],
-                         env=_env(cache), capture_output=True, text=True, timeout=600)
+    pre = subprocess.run([sys.executable, "-m", "gguf_kquant", "precompile", "Q8_0", "--ops", "quantize,dequantize",
+                          "-j", "2"], env=_env(cache), capture_output=True, text=True, timeout=600)
     assert pre.returncode == 0, pre.stderr
     assert "2 kernels compiled" in pre.stderr  # Q8_0: quantize here, dequantize in a worker process
     files = _cache_files(cache)
@@ -71,8 +71,8 @@ def test_precompile_fills_the_cache_and_a_later_process_compiles_nothing(tmp_pat
     assert bytes.fromhex(got["q"]) == q.tobytes()
     assert bytes.fromhex(got["y"]) == gguf_kquant.dequantize(q, "Q8_0", x.shape).tobytes()
 
-    again = subprocess.run([sys.executable, "-m", "gguf_kquant", "precompile", "Q8_0"], env=_env(cache),
-                           capture_output=True, text=True, timeout=600)
+    again = subprocess.run([sys.executable, "-m", "gguf_kquant", "precompile", "Q8_0", "--ops", "quantize,dequantize"],
+                           env=_env(cache), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "0 kernels compiled, 2 already cached" in again.stderr
 
 
@@ -89,7 +89,7 @@ def test_an_empty_cache_compiles_in_the_child(tmp_path):
 def test_jobs_for_types_and_plan(tmp_path):
     assert jobs_for(["Q4_K"]) == [("Q4_K", "dequantize"), ("Q4_K", "quantize"), ("Q4_K", "quantize_imatrix"),
                                   ("Q4_K", "optimized")]  # method="optimized"'s refiner
-    assert jobs_for(["Q6_K"], ops=["optimized"]) == []  # written as ggml writes it: no refiner
+    assert jobs_for(["IQ3_S"], ops=["optimized"]) == []  # written as ggml writes it: no refiner
     assert jobs_for(["IQ2_XXS"], ops=["quantize"]) == []  # needs an imatrix: no plain quantizer
     assert len(jobs_for()) > 60
 
@@ -98,7 +98,7 @@ def test_jobs_for_types_and_plan(tmp_path):
     assert jobs_for_plan(r.plan, report=True) == [("Q4_K", "dequantize"), ("Q4_K", "quantize"),
                                                   ("Q6_K", "dequantize"), ("Q6_K", "quantize")]
     assert jobs_for_plan(r.plan, method="optimized") == [("Q4_K", "optimized"), ("Q4_K", "quantize"),
-                                                         ("Q6_K", "quantize")]
+                                                         ("Q6_K", "optimized"), ("Q6_K", "quantize")]
 
 
 @pytest.mark.parametrize("argv", [["precompile"], ["precompile", "Q4_K", "--all"], ["precompile", "Q9_K"],
