@@ -105,6 +105,19 @@ def test_same_bytes_as_llama_quantize(client, models, tmp_path, small_tasks):
     _check_same(res.paths[0], oracle_quantize(src, tmp_path / "oracle.gguf", "Q5_K_M"))
 
 
+def test_method_optimized_on_the_cluster(client, models, imatrices, tmp_path, small_tasks):
+    """method="optimized" travels with the tasks: the cluster's file is the local optimized run's, row ranges
+    included, and not llama-quantize's."""
+    src, im = models["gqa"], imatrices["gqa"][0]
+    local = gguf_kquant.quantize_model(src, tmp_path / "local.gguf", "Q4_K_M", imatrix=im, method="optimized")
+    plain = gguf_kquant.quantize_model(src, tmp_path / "plain.gguf", "Q4_K_M", imatrix=im)
+    res = gguf_kquant.quantize_model(src, tmp_path / "dask.gguf", "Q4_K_M", imatrix=im, method="optimized",
+                                     client=client)
+    _check_same(res.paths[0], local.paths[0])
+    assert res.paths[0].read_bytes() != plain.paths[0].read_bytes()
+    assert any(t.work.rows is not None and t.work.rows[0] > 0 for t in small_tasks)  # some tensors were split
+
+
 def test_worker_killed_mid_task_is_retried(client, models, tmp_path, small_tasks):
     """The first task to write kills its worker process after scribbling over its range (a marker file makes
     it happen once); Dask reruns it and the file is still the local run's."""
