@@ -55,6 +55,15 @@ _REAL_KEYS = (  # finite positive numbers
 _ROPE_KEYS = ("rope_parameters", "rope_scaling", "full_attention", "sliding_attention")
 
 
+def check_counts(path: Path, h: dict, keys: tuple, low: int = 1) -> None:
+    """An architecture's own config.json integers (those _COUNT_KEYS does not list): each absent, null or an
+    integer in ``low``..MAX_DIM, else ConversionError naming ``path`` and the key."""
+    for key in keys:
+        v = h.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not low <= v <= MAX_DIM):
+            raise ConversionError(f"{path}: key {key!r} must be an integer in {low}..{MAX_DIM}, not {v!r:.60}")
+
+
 def load_config(model_dir: Path) -> dict:
     """``config.json`` (merged with its ``text_config``), every value the converters use type-checked."""
     path = Path(model_dir) / "config.json"

@@ -19,7 +19,7 @@ import numpy as np
 import gguf
 
 from ...errors import ConversionError
-from ..base import MAX_DIM, Converter, register
+from ..base import Converter, check_counts, register
 from ..safetensors import read_json
 from .experts import ExpertStacker
 
@@ -64,15 +64,6 @@ def _fill_config_defaults(path: Path, hparams: dict) -> None:
             hparams.setdefault(key, value)
 
 
-def _check_mla_keys(path: Path, hparams: dict) -> None:
-    """The DeepSeek keys base.check_hparams does not know: integers in range, or ConversionError."""
-    for key in _POSITIVE + _NON_NEGATIVE:
-        v = hparams.get(key)
-        low = 0 if key in _NON_NEGATIVE else 1
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not low <= v <= MAX_DIM):
-            raise ConversionError(f"{path}: key {key!r} must be an integer in {low}..{MAX_DIM}, not {v!r:.60}")
-
-
 @register
 class DeepseekV2Converter(ExpertStacker, Converter):
     hf_architectures = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
@@ -91,7 +82,8 @@ class DeepseekV2Converter(ExpertStacker, Converter):
         model_dir = Path(model_dir)
         _fill_config_defaults(model_dir / "config.json", hparams)
         super().__init__(model_dir, hparams, checkpoint)
-        _check_mla_keys(self.dir / "config.json", hparams)
+        check_counts(self.dir / "config.json", hparams, _POSITIVE)  # the DeepSeek keys base does not know
+        check_counts(self.dir / "config.json", hparams, _NON_NEGATIVE, 0)
         hparams["head_dim"] = hparams["qk_rope_head_dim"]  # transformers' __post_init__ sets it so
         # TextModel mirrors a top-level original_max_position_embeddings into the RoPE parameters (YaRN reads it
         # there), and transformers gives every config a RoPE base

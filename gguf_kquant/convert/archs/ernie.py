@@ -15,7 +15,7 @@ import gguf
 
 from ...errors import ConversionError
 from .experts import ExpertStacker
-from ..base import Converter, register
+from ..base import Converter, check_counts, register
 from ..vocab import read_json, set_vocab_sentencepiece
 
 # transformers' Ernie4_5_MoeConfig defaults, which convert_hf_to_gguf.py (through AutoConfig) sees for keys a
@@ -47,10 +47,8 @@ class Ernie45MoeConverter(ExpertStacker, Converter):
             h.setdefault("rope_theta", 500000.0)
         super().__init__(model_dir, h, checkpoint)
         cfg = self.dir / "config.json"
-        for key in _MOE_COUNTS + ("moe_layer_start_index", "moe_num_shared_experts"):
-            v, low = h[key], 1 if key in _MOE_COUNTS else 0
-            if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= 1 << 24:
-                raise ConversionError(f"{cfg}: key {key!r} must be an integer >= {low}, not {v!r:.60}")
+        check_counts(cfg, h, _MOE_COUNTS)
+        check_counts(cfg, h, ("moe_layer_start_index", "moe_num_shared_experts"), 0)
         if h["moe_k"] > h["moe_num_experts"]:
             raise ConversionError(f"{cfg}: moe_k {h['moe_k']} exceeds moe_num_experts {h['moe_num_experts']}")
 

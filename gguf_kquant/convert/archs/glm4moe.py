@@ -12,11 +12,12 @@ present, as we do; llama.cpp loads a file without them ("trunk only").
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import gguf
 
 from ...errors import ConversionError
-from ..base import MAX_DIM, Converter, register
+from ..base import Converter, check_counts, register
 from ..vocab import SpecialVocab, check_not_byte_fallback, checked_pre_tokenizer, pre_tokenizer_name, vocab_base
 from .experts import ExpertStacker
 
@@ -33,15 +34,6 @@ POSITIVE_KEYS = ("moe_intermediate_size", "n_routed_experts", "n_group", "topk_g
 NON_NEGATIVE_KEYS = ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers")
 
 
-def check_counts(model_dir, h: dict, keys: tuple, low: int) -> None:
-    """config.json integers the base converter does not know: refused unless in ``low``..MAX_DIM."""
-    for key in keys:
-        v = h[key]
-        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= MAX_DIM:
-            raise ConversionError(f"{model_dir}/config.json: key {key!r} must be an integer in {low}..{MAX_DIM}, "
-                                  f"not {v!r:.60}")
-
-
 @register
 class Glm4MoeConverter(ExpertStacker, Converter):
     hf_architectures = ("Glm4MoeForCausalLM",)
@@ -56,8 +48,8 @@ class Glm4MoeConverter(ExpertStacker, Converter):
 
     def __init__(self, model_dir, hparams, checkpoint):
         h = {**HPARAM_DEFAULTS, **hparams}
-        check_counts(model_dir, h, POSITIVE_KEYS, 1)
-        check_counts(model_dir, h, NON_NEGATIVE_KEYS, 0)
+        check_counts(Path(model_dir) / "config.json", h, POSITIVE_KEYS, 1)
+        check_counts(Path(model_dir) / "config.json", h, NON_NEGATIVE_KEYS, 0)
         x = h["routed_scaling_factor"]
         if not isinstance(x, (int, float)) or isinstance(x, bool) or not (math.isfinite(x) and x > 0):
             raise ConversionError(f"{model_dir}/config.json: key 'routed_scaling_factor' must be a finite number "

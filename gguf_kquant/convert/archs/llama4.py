@@ -20,13 +20,13 @@ layers are all full attention (MobileLLM) gets ``sliding_window = 0``.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import gguf
 
 from ...errors import ConversionError
-from ..base import Converter, register
+from ..base import Converter, check_counts, register
 from .experts import TransposedExperts
-from .glm4moe import check_counts
 from .llama import LlamaConverter
 
 # transformers' Llama4TextConfig defaults (convert_hf_to_gguf.py reads config.json through AutoConfig)
@@ -51,7 +51,7 @@ class Llama4Converter(LlamaConverter):
         # the script's own fix-up: "intermediate_size" is the experts' width, the dense layers' is
         # "intermediate_size_mlp"; TextModel then writes feed_forward_length from "intermediate_size"
         h["intermediate_size_moe"], h["intermediate_size"] = h["intermediate_size"], h["intermediate_size_mlp"]
-        check_counts(model_dir, h, ("interleave_moe_layer_step",), 1)
+        check_counts(Path(model_dir) / "config.json", h, ("interleave_moe_layer_step",))
         super().__init__(model_dir, h, checkpoint)
 
     def check_shapes(self):
