@@ -63,12 +63,9 @@ def user_cache_dir() -> str:
 @functools.lru_cache(maxsize=None)
 def _writable(path: str) -> bool:
     """Numba's test (_CacheLocator.ensure_cache_path), once per folder and process."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-        return True
-    except OSError:
-        return False
+    from . import _writable_dir  # defined before the package imports this module
+
+    return _writable_dir(path)
 
 
 @functools.lru_cache(maxsize=None)
