@@ -99,16 +99,20 @@ def load_imatrix(path, *, include=(), exclude=()) -> Imatrix:
     return im.filtered(include, exclude) if (include or exclude) else im
 
 
-def _load_gguf(p: Path) -> Imatrix:
+def _open_gguf_imatrix(p: Path):
+    """The GGUF file ``p`` opened; a malformed one is an ImatrixError naming it (I/O errors stay GGUFIOError)."""
     from ..container.reader import open_gguf
 
     try:
-        f = open_gguf(p, split=False)
+        return open_gguf(p, split=False)
     except GGUFIOError:
         raise
     except GGUFError as exc:
         raise ImatrixError(f"imatrix {p}: {exc}") from None
-    with f:
+
+
+def _load_gguf(p: Path) -> Imatrix:
+    with _open_gguf_imatrix(p) as f:
         md = f.metadata
         missing = [k for k in ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size") if k not in md]
         if missing:
@@ -284,15 +288,7 @@ def read_imatrix_stats(path, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Imatrix
 
 def _gguf_pairs(p: Path, datasets: list) -> dict:
     """name -> (float32 sums, float32 counts) of a GGUF imatrix (common_imatrix_load); fills ``datasets``."""
-    from ..container.reader import open_gguf
-
-    try:
-        f = open_gguf(p, split=False)
-    except GGUFIOError:
-        raise
-    except GGUFError as exc:
-        raise ImatrixError(f"imatrix {p}: {exc}") from None
-    with f:
+    with _open_gguf_imatrix(p) as f:
         if not f.tensors:
             raise ImatrixError(f"imatrix {p}: no data")
         md = f.metadata
