@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from gguf import GGUFEndian, GGUFReader, GGUFWriter
 from gguf import GGUFValueType as GT
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import gguf_kquant
 from gguf_kquant import GGMLType
@@ -507,11 +507,14 @@ def prop_dir(tmp_path_factory):
 @settings(max_examples=120, deadline=None)
 @given(kvs=st.lists(st.tuples(_TEXT.filter(bool), _value_strategy()), max_size=8, unique_by=lambda kv: kv[0]),
        bo=st.sampled_from("<>"), version=st.sampled_from([2, 3]))
+# drawn in CI: split.* keys make a file a shard (opened alone here; the split rules are tested with the shards)
+@example(kvs=[("split.count", (VT.UINT16, 2))], bo="<", version=3)
+@example(kvs=[("split.count", (VT.ARRAY, (VT.UINT8, [])))], bo="<", version=3)
 def test_any_metadata_reads_back(prop_dir, kvs, bo, version):
     path = prop_dir / "prop.gguf"
     path.write_bytes(build_gguf([(k, vt, v) for k, (vt, v) in kvs], [("t", [2], 0, b"\0" * 8)], bo=bo,
                                 version=version))
-    with gguf_kquant.open(path) as f:
+    with gguf_kquant.open(path, split=False) as f:  # the file alone, whatever split.* keys it holds
         assert (f.version, f.byte_order) == (version, bo)
         assert list(f.metadata) == [k for k, _ in kvs]
         for key, (vt, value) in kvs:
