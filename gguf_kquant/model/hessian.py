@@ -1,0 +1,733 @@
+"""Full input covariances ("Hessians") of a model's weight matrices, collected by running llama.cpp.
+
+For a weight ``W`` applied as ``y = W x``, error-feedback (GPTQ-style) rounding needs the whole matrix
+``H = sum_t x_t x_t^T`` over calibration tokens ``t``; an importance matrix (llama-imatrix) keeps only its
+diagonal divided by the token count.  :func:`collect_hessians` evaluates a text with llama.cpp (through
+llama-cpp-python's ctypes API, an optional dependency) exactly as llama-imatrix does — the text is tokenized
+with BOS, cut into chunks of ``ctx`` tokens, each chunk starts with BOS and is decoded on its own with logits
+for every token — and, from the scheduler's eval callback (``cb_eval``), adds ``X^T X`` (float64) of the
+input ``X`` of every ``MUL_MAT`` whose first operand is a model weight.
+
+Not collected (the quantizer falls back to the imatrix for them; :attr:`HessianSummary.skipped` says why):
+expert matrices (``MUL_MAT_ID``: each expert sees its own tokens), 3-D weights, inputs of types other than
+F32/F16/BF16, and inputs wider than ``max_n_in`` (default 16384: an ``n_in``-wide matrix is ``8 n_in^2``
+bytes while collecting).  Weights that read one input tensor (``attn_q/k/v``, ``ffn_gate/up``) share one
+matrix.  Memory: the accumulators and one chunk's input (``ctx x n_in``); ``n_in^2 x 8`` bytes per distinct
+input, e.g. ~1.4 GB per layer of a 7B Llama (three 4096-wide inputs and one 11008-wide).
+
+The file is a GGUF (``general.type = "hessian"``):
+
+* one F32 tensor ``<first weight>.hessian`` of shape ``(n_in, n_in)`` per distinct input: the SUM of
+  ``x x^T`` over its tokens (not the mean);
+* ``hessian.weights`` / ``hessian.matrices``: string arrays of one length, weight name -> tensor holding its H;
+* ``hessian.tokens``: UINT32 array, the token count of each tensor in file order (a single UINT32 is read as
+  the count of every tensor);
+* ``hessian.chunk_size``, ``hessian.chunk_count`` (UINT32), ``hessian.datasets`` (string array: the text).
+
+>>> collect_hessians("model-f16.gguf", "calibration.txt", "model.hessian.gguf", ctx=512)  # doctest: +SKIP
+>>> with load_hessians("model.hessian.gguf") as hs:                                     # doctest: +SKIP
+...     H, n = hs.for_weight("blk.0.attn_q.weight")        # float64 (n_in, n_in), tokens
+...     im = hs.imatrix()                                  # diag(H)/n: what llama-imatrix would compute
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..errors import GGUFError, GGUFIOError, InvalidArgumentError
+from .progress import Progress
+
+__all__ = ["HessianError", "LlamaCppMissingError", "HessianSummary", "Hessians", "collect_hessians",
+           "load_hessians", "DEFAULT_MAX_N_IN"]
+
+DEFAULT_MAX_N_IN = 16384
+GENERAL_TYPE = "hessian"
+TENSOR_SUFFIX = ".hessian"
+KEY_WEIGHTS = "hessian.weights"
+KEY_MATRICES = "hessian.matrices"
+KEY_TOKENS = "hessian.tokens"
+KEY_CHUNK_SIZE = "hessian.chunk_size"
+KEY_CHUNK_COUNT = "hessian.chunk_count"
+KEY_DATASETS = "hessian.datasets"
+_UINT32_MAX = 2**32 - 1
+_SYMMETRY_TOL = 1e-5  # relative to the largest |H_ij|: files are written exactly symmetric
+
+
+class HessianError(GGUFError):
+    """A Hessian file that is malformed, or a collection that cannot be carried out."""
+
+
+class LlamaCppMissingError(GGUFError):
+    """Collecting Hessians runs the model with llama.cpp, and llama-cpp-python is not installed."""
+
+
+# ------------------------------------------------------------------------------------------------------
+# llama.cpp through ctypes
+# ------------------------------------------------------------------------------------------------------
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise LlamaCppMissingError(f"collecting Hessians runs the model with llama.cpp: pip install "
+                                   f"llama-cpp-python ({exc})") from None
+    return llama_cpp
+
+
+# ggml.h (ggml 0.25.3)
+GGML_MAX_DIMS = 4
+GGML_MAX_SRC = 10
+GGML_MAX_OP_PARAMS = 64
+GGML_MAX_NAME = 64
+
+
+class _GGMLTensor(ctypes.Structure):
+    """``struct ggml_tensor`` of ggml.h; :meth:`_GGML.tensor` checks it against ggml's own accessors."""
+
+
+_GGMLTensor._fields_ = [
+    ("type", ctypes.c_int),
+    ("buffer", ctypes.c_void_p),
+    ("ne", ctypes.c_int64 * GGML_MAX_DIMS),
+    ("nb", ctypes.c_size_t * GGML_MAX_DIMS),
+    ("op", ctypes.c_int),
+    ("op_params", ctypes.c_int32 * (GGML_MAX_OP_PARAMS // 4)),
+    ("flags", ctypes.c_int32),
+    ("src", ctypes.POINTER(_GGMLTensor) * GGML_MAX_SRC),
+    ("view_src", ctypes.POINTER(_GGMLTensor)),
+    ("view_offs", ctypes.c_size_t),
+    ("data", ctypes.c_void_p),
+    ("name", ctypes.c_char * GGML_MAX_NAME),
+    ("extra", ctypes.c_void_p),
+    ("padding", ctypes.c_char * 8),
+]
+
+# activation types we read, by ggml_type_name: numpy dtype of the stored element
+_INPUT_DTYPES = {b"f32": np.dtype(np.float32), b"f16": np.dtype(np.float16), b"bf16": np.dtype(np.uint16)}
+
+
+class _GGML:
+    """The few exported ggml functions the collector calls (names, sizes, backend buffers)."""
+
+    def __init__(self, llama_cpp):
+        from llama_cpp import _ctypes_extensions, _ggml
+
+        lib = _ctypes_extensions.load_shared_library("ggml-base", _ggml.libggml_base_path)  # own CDLL object
+        vp, cp = ctypes.c_void_p, ctypes.c_char_p
+        for fn, args, res in (("ggml_op_name", [ctypes.c_int], cp), ("ggml_op_desc", [vp], cp),
+                              ("ggml_get_name", [vp], cp), ("ggml_type_name", [ctypes.c_int], cp),
+                              ("ggml_nelements", [vp], ctypes.c_int64), ("ggml_nbytes", [vp], ctypes.c_size_t),
+                              ("ggml_backend_buffer_is_host", [vp], ctypes.c_bool),
+                              ("ggml_backend_tensor_get", [vp, vp, ctypes.c_size_t, ctypes.c_size_t], None)):
+            f = getattr(lib, fn)
+            f.argtypes, f.restype = args, res
+        self.lib = lib
+        self._op_names: dict = {}
+
+    def op_name(self, op: int) -> bytes:
+        name = self._op_names.get(op)
+        if name is None:
+            name = self._op_names[op] = self.lib.ggml_op_name(op) or b""
+        return name
+
+    def tensor(self, ptr: int) -> _GGMLTensor:
+        """The tensor at ``ptr``, after checking that our struct reads what ggml's accessors return."""
+        t = _GGMLTensor.from_address(ptr)
+        lib = self.lib
+        ok = t.name == (lib.ggml_get_name(ptr) or b"")
+        ne = [t.ne[i] for i in range(GGML_MAX_DIMS)]
+        ok = ok and all(n >= 0 for n in ne) and int(np.prod(ne)) == lib.ggml_nelements(ptr)
+        # ggml_op_name indexes a table with the op: only once the fields around it read right
+        ok = ok and 0 <= t.op < 4096
+        op = self.op_name(t.op) if ok else b""
+        ok = ok and op != b"" and (op in (b"UNARY", b"GLU") or lib.ggml_op_desc(ptr) == op)
+        if not ok:
+            raise HessianError(
+                "llama.cpp's struct ggml_tensor does not have the layout of ggml.h (ggml 0.25.3) that "
+                f"gguf_kquant reads (name {t.name!r} vs ggml_get_name {lib.ggml_get_name(ptr)!r}, ne {ne} vs "
+                f"ggml_nelements {lib.ggml_nelements(ptr)}): this llama-cpp-python version is not supported")
+        return t
+
+    def rows(self, t: _GGMLTensor) -> np.ndarray:
+        """The rows of activation tensor ``t`` (``ne[1]*ne[2]*ne[3]`` rows of ``ne[0]``) as float64."""
+        dt = _INPUT_DTYPES[self.lib.ggml_type_name(t.type)]
+        ptr = ctypes.addressof(t)
+        ne, nb = list(t.ne)[::-1], list(t.nb)[::-1]
+        nbytes = self.lib.ggml_nbytes(ptr)
+        if nb[-1] != dt.itemsize or nbytes != dt.itemsize + sum((n - 1) * s for n, s in zip(ne, nb)):
+            raise HessianError(f"activation {t.name!r}: strides {nb[::-1]} do not fit its type and shape {ne[::-1]}")
+        if not t.buffer or not t.data:
+            raise HessianError(f"activation {t.name!r} has no data")
+        if self.lib.ggml_backend_buffer_is_host(t.buffer):
+            buf = (ctypes.c_char * nbytes).from_address(t.data)
+        else:  # a GPU buffer: copy it out, as llama-imatrix does
+            buf = ctypes.create_string_buffer(nbytes)
+            self.lib.ggml_backend_tensor_get(ptr, buf, 0, nbytes)
+        x = np.ndarray(tuple(ne), dt, buffer=buf, strides=tuple(nb)).reshape(-1, ne[-1])
+        if dt.kind == "u":  # bf16: the high half of a float32
+            x = (x.astype(np.uint32) << 16).view(np.float32)
+        return x.astype(np.float64)
+
+
+def _filter_tensor_name(name: str) -> str:
+    """imatrix.cpp's filter_tensor_name: ``CUDA0#blk.0.attn_k.weight#0`` -> ``blk.0.attn_k.weight``."""
+    parts = name.split("#")
+    return parts[1] if len(parts) > 1 else name
+
+
+# ------------------------------------------------------------------------------------------------------
+# The collector (the eval callback)
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class _Group:
+    """One accumulated matrix: the weights that read the same input, H and its token count."""
+
+    weights: list
+    h: Optional[np.ndarray]
+    tokens: int = 0
+
+
+class _Collector:
+    """``cb_eval`` for llama.cpp's scheduler: asked about every graph node, it wants each ``MUL_MAT`` of a
+    weight; called again once the node is computed, it adds ``X^T X`` of the node's input.  An exception
+    cannot cross llama.cpp's C frames: it is kept in :attr:`error`, and :attr:`abort` stops the decode."""
+
+    def __init__(self, llama_cpp, ggml: _GGML, max_n_in: int):
+        self.ggml = ggml
+        self.max_n_in = max_n_in
+        self.groups: list = []
+        self.group_of: dict = {}  # weight name -> _Group
+        self.skipped: dict = {}  # weight name -> why it has no matrix
+        self.error: Optional[BaseException] = None
+        self.chunk = 0
+        self._inputs: dict = {}  # (input tensor address, data address) -> _Group, within one decode
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._eval)
+        self.abort = llama_cpp.ggml_abort_callback(lambda _data: self.error is not None)
+
+    def begin_chunk(self, i: int) -> None:
+        self.chunk = i
+        self._inputs = {}  # tensor structs and buffers are reused by the next graph
+
+    def _eval(self, ptr, ask, _user_data) -> bool:
+        if self.error is not None:
+            return False
+        try:
+            t = self.ggml.tensor(ptr)
+            return self._ask(t) if ask else self._collect(t)
+        except BaseException as exc:  # noqa: B902 - KeyboardInterrupt too: re-raised after llama_decode
+            self.error = exc
+            return False
+
+    def _weight(self, t: _GGMLTensor) -> Optional[str]:
+        """The name of the model weight ``t`` is (a leaf named ``*.weight``), else None."""
+        if self.ggml.op_name(t.op) != b"NONE":
+            return None
+        name = _filter_tensor_name(t.name.decode("utf-8", "replace"))
+        return name if name.endswith(".weight") else None
+
+    def _operands(self, t: _GGMLTensor) -> tuple:
+        if not t.src[0] or not t.src[1]:
+            return None, None, None
+        src0 = self.ggml.tensor(ctypes.addressof(t.src[0].contents))
+        src1 = self.ggml.tensor(ctypes.addressof(t.src[1].contents))
+        return self._weight(src0), src0, src1
+
+    def _ask(self, t: _GGMLTensor) -> bool:
+        op = self.ggml.op_name(t.op)
+        if op not in (b"MUL_MAT", b"MUL_MAT_ID"):
+            return False
+        w, src0, src1 = self._operands(t)
+        if w is None:
+            return False
+        why = self._unsupported(op, src0, src1)
+        if why:
+            self.skipped.setdefault(w, why)
+            return False
+        return True
+
+    def _unsupported(self, op: bytes, src0: _GGMLTensor, src1: _GGMLTensor) -> str:
+        if op == b"MUL_MAT_ID":
+            return "expert matrices (MUL_MAT_ID): each expert sees other tokens"
+        if src0.ne[2] * src0.ne[3] != 1:
+            return f"a batch of {src0.ne[2] * src0.ne[3]} matrices (3-D weight)"
+        type_name = self.ggml.lib.ggml_type_name(src1.type)
+        if type_name not in _INPUT_DTYPES:
+            return f"input of type {type_name.decode()}"
+        n = src1.ne[0]
+        if n > self.max_n_in:
+            return f"input width {n} above the limit {self.max_n_in} (H would take {8 * n * n / 2**30:.1f} GiB)"
+        return ""
+
+    def _collect(self, t: _GGMLTensor) -> bool:
+        w, _src0, src1 = self._operands(t)
+        key = (ctypes.addressof(src1), src1.data)
+        known = self.group_of.get(w)
+        group = self._inputs.get(key)
+        if group is not None:  # another weight reading this input was done in this decode
+            if known is None:
+                group.weights.append(w)
+                self.group_of[w] = group
+            elif known is not group:
+                raise HessianError(f"chunk {self.chunk}: {w} reads the input of {group.weights[0]} but read that "
+                                   f"of {known.weights[0]} in earlier chunks")
+            return True
+        x = self.ggml.rows(src1)
+        if not np.isfinite(x).all():
+            row, col = np.argwhere(~np.isfinite(x))[0]
+            raise HessianError(f"chunk {self.chunk}: the input of {w} ({src1.name.decode()}) has the non-finite "
+                               f"value {x[row, col]!r} at token {row}, column {col}")
+        if known is None:
+            known = _Group([w], np.zeros((x.shape[1], x.shape[1]), np.float64))
+            self.groups.append(known)
+            self.group_of[w] = known
+        elif known.h.shape[0] != x.shape[1]:
+            raise HessianError(f"chunk {self.chunk}: the input of {w} is {x.shape[1]} wide, was {known.h.shape[0]}")
+        known.h += x.T @ x  # numpy computes a.T @ a with one symmetric product (syrk): exactly symmetric
+        known.tokens += x.shape[0]
+        self._inputs[key] = known
+        return True
+
+
+# ------------------------------------------------------------------------------------------------------
+# collect_hessians
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class HessianSummary:
+    """What :func:`collect_hessians` wrote: ``matrices`` maps each tensor to the weights it serves."""
+
+    path: Path
+    matrices: dict = field(default_factory=dict)  # tensor name -> [weight names]
+    tokens: dict = field(default_factory=dict)  # tensor name -> token count
+    skipped: dict = field(default_factory=dict)  # weight name -> why it has no matrix
+    n_tokens: int = 0  # tokens evaluated
+    chunk_size: int = 0
+    chunk_count: int = 0
+    seconds: float = 0.0
+
+    @property
+    def weights(self) -> list:
+        return [w for ws in self.matrices.values() for w in ws]
+
+
+def _positive(value, what: str, *, optional: bool = False) -> Optional[int]:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidArgumentError(f"{what} must be a positive integer, not {value!r}")
+    return int(value)
+
+
+def _source(text_path_or_tokens) -> tuple:
+    """(text path or None, token array or None) of collect_hessians' second argument."""
+    if isinstance(text_path_or_tokens, (str, os.PathLike)):
+        return Path(os.fspath(text_path_or_tokens)), None
+    try:
+        tokens = np.asarray(text_path_or_tokens)
+    except (TypeError, ValueError):
+        tokens = np.asarray([], dtype=object)
+    if tokens.ndim != 1 or tokens.size == 0 or tokens.dtype.kind not in "iu":
+        raise InvalidArgumentError("the calibration input must be a text file's path or a non-empty 1-D "
+                                   f"sequence of token ids, not {type(text_path_or_tokens).__name__}")
+    return None, tokens.astype(np.int64)
+
+
+def _read_text(path: Path) -> bytes:
+    from ..container.reader import open_regular  # refuses FIFOs and folders without blocking
+
+    fd = open_regular(path)
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise GGUFIOError.wrap(path, exc, "cannot read the calibration text") from None
+    if len(data) >= 2**31 - 16:
+        raise HessianError(f"{path}: {len(data)} bytes of text; llama_tokenize takes less than 2 GiB")
+    return data
+
+
+def _tokenize(L, vocab, text: bytes) -> np.ndarray:
+    """llama_tokenize(text, add_special=True, parse_special=False): common_tokenize as llama-imatrix calls it."""
+    n_max = len(text) + 16
+    for _ in range(2):
+        buf = (L.llama_token * n_max)()
+        n = L.llama_tokenize(vocab, text, len(text), buf, n_max, True, False)
+        if n >= 0:
+            return np.array(buf[:n], dtype=np.int64)
+        n_max = -n  # too small: it says how many it needs
+    raise HessianError(f"llama_tokenize failed ({n})")
+
+
+@contextlib.contextmanager
+def _llama_log(L):
+    """llama.cpp's log into a list (its last lines go into error messages), the previous logger restored."""
+    lines: list = []
+
+    @L.llama_log_callback
+    def keep(_level, text, _user):
+        lines.append(text.decode("utf-8", "replace") if text else "")
+        del lines[:-50]
+
+    prev_cb, prev_data = L.llama_log_callback(), ctypes.c_void_p()
+    L.llama_log_get(ctypes.byref(prev_cb), ctypes.byref(prev_data))
+    L.llama_log_set(keep, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        L.llama_log_set(prev_cb if prev_cb else None, prev_data)
+
+
+def _tail(lines: list) -> str:
+    text = "".join(lines[-8:]).strip()
+    return f"; llama.cpp said: {text}" if text else ""
+
+
+def collect_hessians(model_path, text_path_or_tokens, out_path, *, ctx: int = 512, chunks: Optional[int] = None,
+                     threads: Optional[int] = None, overwrite: bool = False, quiet: bool = False, stream=None,
+                     max_n_in: int = DEFAULT_MAX_N_IN) -> HessianSummary:
+    """Run the GGUF model ``model_path`` over a calibration text with llama.cpp and write the input
+    covariance H of each weight matrix to ``out_path`` (see the module docstring for the file).
+
+    ``text_path_or_tokens``: a text file (tokenized with BOS; each chunk starts with BOS, as llama-imatrix
+    does) or a sequence of token ids (evaluated as given).  ``ctx``: tokens per chunk (each chunk is one
+    llama_decode with an empty KV cache); ``chunks``: at most this many (default: all whole chunks);
+    ``threads``: llama.cpp's threads (default: all cores); ``max_n_in``: widest input collected.  The output
+    is written atomically and may not be the model or the text; an existing one is replaced only with
+    ``overwrite``.  Progress goes to ``stream`` (default stderr) unless ``quiet``.
+
+    >>> s = collect_hessians("m.gguf", "wiki.txt", "m.hessian.gguf", ctx=512, chunks=100)  # doctest: +SKIP
+    >>> s.matrices["blk.0.attn_q.weight.hessian"]                                          # doctest: +SKIP
+    ['blk.0.attn_q.weight', 'blk.0.attn_v.weight', 'blk.0.attn_k.weight']
+    """
+    from ..safeio import check_outputs
+
+    t0 = time.perf_counter()
+    ctx = _positive(ctx, "ctx")
+    chunks = _positive(chunks, "chunks", optional=True)
+    threads = _positive(threads, "threads", optional=True) or os.cpu_count() or 1
+    max_n_in = _positive(max_n_in, "max_n_in")
+    text_path, given = _source(text_path_or_tokens)
+    model_path, out_path = Path(os.fspath(model_path)), Path(os.fspath(out_path))
+    check_outputs([out_path], [model_path, text_path], overwrite=overwrite, error=HessianError)
+    from ..container.reader import open_regular
+
+    os.close(open_regular(model_path))  # a missing model is a GGUFIOError naming it, not llama.cpp's log
+    text = _read_text(text_path) if text_path is not None else None
+    L = _llama_cpp()
+    progress = Progress(0, quiet=quiet, stream=stream, bar=False)
+    with _llama_log(L) as log:
+        collector, n_tokens, n_chunk = _evaluate(L, model_path, text, given, ctx, chunks, threads, max_n_in,
+                                                 progress, log)
+    summary = HessianSummary(out_path, {}, {}, dict(collector.skipped), n_tokens, ctx, n_chunk)
+    _write(out_path, collector.groups, summary, [model_path, text_path],
+           [os.fspath(text_path)] if text_path is not None else [], overwrite)
+    summary.seconds = time.perf_counter() - t0
+    for w, why in summary.skipped.items():
+        progress.say(f"skipped {w}: {why}")
+    progress.say(f"wrote {out_path}: {len(summary.matrices)} matrices for {len(summary.weights)} weights, "
+                 f"{n_tokens} tokens in {n_chunk} chunks, {summary.seconds:.2f} s")
+    return summary
+
+
+def _evaluate(L, model_path: Path, text, given, ctx, chunks, threads, max_n_in, progress, log) -> tuple:
+    """Load the model, decode the chunks with the collector installed; (collector, tokens, chunks)."""
+    L.llama_backend_init()
+    mp = L.llama_model_default_params()
+    mp.n_gpu_layers = 0
+    mp.use_extra_bufts = False  # CPU "repack" buffers crash on small quantized models on some CPUs
+    model = L.llama_model_load_from_file(os.fsencode(model_path), mp)
+    if not model:
+        raise HessianError(f"{model_path}: llama.cpp cannot load the model{_tail(log)}")
+    try:
+        vocab = L.llama_model_get_vocab(model)
+        tokens = given if text is None else _tokenize(L, vocab, text)
+        n_vocab = L.llama_vocab_n_tokens(vocab)
+        if tokens.min() < 0 or tokens.max() >= n_vocab:
+            raise InvalidArgumentError(f"token ids must lie in [0, {n_vocab}) for {model_path}; got "
+                                       f"{tokens.min()}..{tokens.max()}")
+        n_chunk = len(tokens) // ctx
+        if n_chunk == 0:
+            raise HessianError(f"{len(tokens)} tokens do not fill one chunk of {ctx} (ctx)")
+        n_chunk = min(n_chunk, chunks or n_chunk)
+        bos = L.llama_vocab_bos(vocab) if text is not None and L.llama_vocab_get_add_bos(vocab) else None
+        collector = _Collector(L, _GGML(L), max_n_in)
+        progress.total = n_chunk
+        progress.say(f"hessian: {len(tokens)} tokens, {n_chunk} chunks of {ctx}, {threads} threads")
+        cp = L.llama_context_default_params()
+        cp.n_ctx = cp.n_batch = cp.n_ubatch = ctx  # one graph per chunk
+        cp.n_seq_max = 1
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.cb_eval, cp.cb_eval_user_data = collector.callback, None
+        cp.abort_callback, cp.abort_callback_data = collector.abort, None
+        cp.no_perf = True
+        context = L.llama_init_from_model(model, cp)
+        if not context:
+            raise HessianError(f"{model_path}: llama.cpp cannot create a context of {ctx} tokens{_tail(log)}")
+        try:
+            _decode_chunks(L, context, collector, tokens, ctx, n_chunk, bos, progress, log)
+        finally:
+            L.llama_free(context)
+    finally:
+        L.llama_model_free(model)
+    if not collector.groups:
+        raise HessianError(f"{model_path}: no weight's matrix multiplication could be collected"
+                           + "".join(f"; {w}: {why}" for w, why in list(collector.skipped.items())[:5]))
+    return collector, n_chunk * ctx, n_chunk
+
+
+def _decode_chunks(L, context, collector, tokens, ctx, n_chunk, bos, progress, log) -> None:
+    batch = L.llama_batch_init(ctx, 0, 1)
+    try:
+        for i in range(n_chunk):
+            t0 = time.perf_counter()
+            chunk = tokens[i * ctx:(i + 1) * ctx].copy()
+            if bos is not None:  # llama-imatrix: "add BOS token for the first batch of each chunk"
+                chunk[0] = bos
+            for k, tok in enumerate(chunk.tolist()):
+                batch.token[k], batch.pos[k], batch.n_seq_id[k] = tok, k, 1
+                batch.seq_id[k][0] = 0
+                batch.logits[k] = 1  # every token's output, so output.weight sees them all
+            batch.n_tokens = ctx
+            L.llama_memory_clear(L.llama_get_memory(context), True)
+            collector.begin_chunk(i)
+            rc = L.llama_decode(context, batch)
+            if collector.error is not None:
+                error, collector.error = collector.error, None
+                raise error
+            if rc != 0:
+                raise HessianError(f"chunk {i}: llama_decode failed with status {rc}{_tail(log)}")
+            progress.advance(0, f"chunk {i + 1}: {ctx} tokens, {time.perf_counter() - t0:.2f} s, "
+                                f"{len(collector.groups)} matrices")
+    finally:
+        L.llama_batch_free(batch)
+
+
+def _matrix_name(group: _Group, taken: set) -> str:
+    name = group.weights[0] + TENSOR_SUFFIX
+    if len(name.encode()) >= GGML_MAX_NAME or name in taken:  # GGUF names are shorter than 64 bytes
+        name = f"hessian.{len(taken)}"
+    taken.add(name)
+    return name
+
+
+def _write(out_path: Path, groups: list, summary: HessianSummary, inputs: list, datasets: list,
+           overwrite: bool) -> None:
+    """One F32 tensor per group, each accumulator dropped once written (peak: one float32 copy)."""
+    from ..container.values import GGUFValueType as V, Value
+    from ..container.writer import GGUFWriter
+
+    taken: set = set()
+    names = [_matrix_name(g, taken) for g in groups]
+    for name, g in zip(names, groups):
+        if g.tokens > _UINT32_MAX:
+            raise HessianError(f"{name}: {g.tokens} tokens do not fit the file's UINT32 count")
+        summary.matrices[name] = list(g.weights)
+        summary.tokens[name] = g.tokens
+    weights = summary.weights
+    mapped = [n for n, g in zip(names, groups) for _ in g.weights]
+    metadata = [("general.type", Value(GENERAL_TYPE, V.STRING)),
+                (KEY_DATASETS, Value(list(datasets), V.ARRAY, V.STRING)),
+                (KEY_CHUNK_SIZE, Value(summary.chunk_size, V.UINT32)),
+                (KEY_CHUNK_COUNT, Value(summary.chunk_count, V.UINT32)),
+                (KEY_WEIGHTS, Value(weights, V.ARRAY, V.STRING)),
+                (KEY_MATRICES, Value(mapped, V.ARRAY, V.STRING)),
+                (KEY_TOKENS, Value([g.tokens for g in groups], V.ARRAY, V.UINT32))]
+
+    def producer(g: _Group):
+        def make():
+            h, g.h = g.h, None
+            return h.astype(np.float32)
+        return make
+
+    w = GGUFWriter(out_path, metadata, inputs=[p for p in inputs if p is not None], overwrite=overwrite)
+    for name, g in zip(names, groups):
+        n = g.h.shape[0]
+        w.add_tensor(name, producer(g), shape=(n, n), ggml_type="F32")
+    w.close()
+
+
+# ------------------------------------------------------------------------------------------------------
+# The loader
+# ------------------------------------------------------------------------------------------------------
+class Hessians:
+    """An open Hessian file: the weight -> matrix map is read at once, each matrix only when asked for
+    (read with ``pread``, checked: finite, symmetric, non-negative diagonal).  Close it, or use ``with``."""
+
+    def __init__(self, path: Path, f, matrix_of: dict, tokens: dict, datasets: list, chunk_size: int,
+                 chunk_count: int):
+        self.path = path
+        self._f = f
+        self._by_name = {t.name: t for t in f.tensors}
+        self.matrix_of = matrix_of  # weight name -> tensor name
+        self.tokens = tokens  # tensor name -> token count
+        self.datasets = datasets
+        self.chunk_size = chunk_size
+        self.chunk_count = chunk_count
+        self._last: Optional[tuple] = None  # (tensor name, H): attn_q/k/v ask for one matrix in a row
+
+    @property
+    def weights(self) -> list:
+        return list(self.matrix_of)
+
+    def __contains__(self, weight: str) -> bool:
+        return weight in self.matrix_of
+
+    def for_weight(self, weight: str) -> Optional[tuple]:
+        """``(H, n_tokens)`` for ``weight``: float64 ``(n_in, n_in)``, the sum over ``n_tokens`` tokens of
+        ``x x^T``; None for a weight without a matrix (experts, skipped ones: use the imatrix)."""
+        name = self.matrix_of.get(weight)
+        if name is None:
+            return None
+        if self._last is None or self._last[0] != name:
+            self._last = (name, self.matrix(name))
+        return self._last[1], self.tokens[name]
+
+    def matrix(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a checked float64 matrix."""
+        t = self._by_name[name]
+        try:
+            h = t.numpy().astype(np.float64)
+        except GGUFIOError:
+            raise
+        except GGUFError as exc:
+            raise HessianError(f"hessian {self.path}: tensor {name!r}: {exc}") from None
+        bad = ~np.isfinite(h)
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise HessianError(f"hessian {self.path}: tensor {name!r} has the non-finite value {h[i, j]!r} "
+                               f"at [{i}, {j}]")
+        scale = float(np.abs(h).max()) if h.size else 0.0
+        asym = float(np.abs(h - h.T).max()) if h.size else 0.0
+        if asym > _SYMMETRY_TOL * scale:
+            raise HessianError(f"hessian {self.path}: tensor {name!r} is not symmetric (max |H - H^T| = "
+                               f"{asym:.6g}, max |H| = {scale:.6g})")
+        self._check_diagonal(name, np.diagonal(h))
+        return h
+
+    def _check_diagonal(self, name: str, d: np.ndarray) -> None:
+        if not np.isfinite(d).all() or (d < 0).any():
+            i = int(np.argmax(~np.isfinite(d) | (d < 0)))
+            raise HessianError(f"hessian {self.path}: tensor {name!r} has the diagonal value {float(d[i])!r} at "
+                               f"[{i}, {i}]; a sum of squares is finite and not negative")
+
+    def imatrix(self):
+        """An :class:`~gguf_kquant.model.imatrix.Imatrix` of ``diag(H) / n_tokens`` per weight (``entries``:
+        name -> float32), the mean squared input llama-imatrix computes; only the diagonals are read."""
+        from .imatrix import Imatrix
+
+        entries = {}
+        diagonals: dict = {}
+        for weight, name in self.matrix_of.items():
+            if name not in diagonals:
+                t = self._by_name[name]
+                try:
+                    raw = t.raw()
+                except GGUFIOError:
+                    raise
+                except GGUFError as exc:
+                    raise HessianError(f"hessian {self.path}: tensor {name!r}: {exc}") from None
+                n = t.shape[0]
+                h = raw.view(np.dtype(np.float32).newbyteorder(t.byte_order)).reshape(n, n)
+                d = np.diagonal(h).astype(np.float64)  # touches n values of the map, not n^2
+                self._check_diagonal(name, d)
+                diagonals[name] = (d / self.tokens[name]).astype(np.float32)
+            entries[weight] = diagonals[name]
+        return Imatrix(entries, list(self.datasets), self.chunk_count, path=os.fspath(self.path))
+
+    def close(self) -> None:
+        self._last = None
+        self._f.close()
+
+    def __enter__(self) -> "Hessians":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self):
+        return f"Hessians({os.fspath(self.path)!r}, {len(self.matrix_of)} weights, {len(self.tokens)} matrices)"
+
+
+def load_hessians(path) -> Hessians:
+    """Open a Hessian file written by :func:`collect_hessians`, checking its keys and tensors.
+
+    >>> with load_hessians("m.hessian.gguf") as hs:                                    # doctest: +SKIP
+    ...     H, n = hs.for_weight("blk.3.ffn_down.weight")
+    """
+    from ..container.reader import open_gguf
+
+    p = Path(os.fspath(path))
+    try:
+        f = open_gguf(p, split=False)
+    except GGUFIOError:
+        raise
+    except GGUFError as exc:
+        raise HessianError(f"hessian {p}: {exc}") from None
+    try:
+        return Hessians(p, f, *_read_index(p, f))
+    except BaseException:
+        f.close()
+        raise
+
+
+def _typed(p: Path, md, key: str, want: str):
+    """The value of ``key``: ``want`` is "UINT32", "STRING", "ARRAY of STRING" or "ARRAY of UINT32"."""
+    if key not in md:
+        raise HessianError(f"hessian {p}: missing key {key}")
+    typed = md.typed(key)
+    got = typed.type.name + (f" of {typed.element_type.name}" if typed.element_type is not None else "")
+    if got != want:
+        raise HessianError(f"hessian {p}: key {key} must be of type {want}, not {got}")
+    return typed.value
+
+
+def _read_index(p: Path, f) -> tuple:
+    """(weight -> tensor, tensor -> tokens, datasets, chunk size, chunk count), every fact checked."""
+    md = f.metadata
+    kind = md.get("general.type")
+    if kind != GENERAL_TYPE:
+        raise HessianError(f"hessian {p}: general.type is {kind!r}, not {GENERAL_TYPE!r}")
+    weights = [str(w) for w in _typed(p, md, KEY_WEIGHTS, "ARRAY of STRING")]
+    matrices = [str(m) for m in _typed(p, md, KEY_MATRICES, "ARRAY of STRING")]
+    if len(weights) != len(matrices):
+        raise HessianError(f"hessian {p}: {KEY_WEIGHTS} has {len(weights)} names but {KEY_MATRICES} {len(matrices)}")
+    by_name = {t.name: t for t in f.tensors}
+    matrix_of: dict = {}
+    for w, m in zip(weights, matrices):
+        if w in matrix_of:
+            raise HessianError(f"hessian {p}: weight {w!r} is listed twice in {KEY_WEIGHTS}")
+        if m not in by_name:
+            raise HessianError(f"hessian {p}: the matrix {m!r} of weight {w!r} is not a tensor of the file")
+        matrix_of[w] = m
+    unused = [t.name for t in f.tensors if t.name not in set(matrices)]
+    if unused:
+        raise HessianError(f"hessian {p}: tensor {unused[0]!r} is the matrix of no weight in {KEY_MATRICES}")
+    for t in f.tensors:
+        if t.type_name != "F32" or len(t.shape) != 2 or t.shape[0] != t.shape[1] or t.shape[0] == 0:
+            raise HessianError(f"hessian {p}: tensor {t.name!r} must be a square F32 matrix, not "
+                               f"{t.type_name} of shape {list(t.shape)}")
+    tokens = _tokens(p, md, f.tensors)
+    datasets = [str(d) for d in _typed(p, md, KEY_DATASETS, "ARRAY of STRING")]
+    chunk_size = int(_typed(p, md, KEY_CHUNK_SIZE, "UINT32"))
+    chunk_count = int(_typed(p, md, KEY_CHUNK_COUNT, "UINT32"))
+    return matrix_of, tokens, datasets, chunk_size, chunk_count
+
+
+def _tokens(p: Path, md, tensors) -> dict:
+    """tensor name -> token count, from a UINT32 per tensor (file order) or one for all."""
+    if KEY_TOKENS in md and md.typed(KEY_TOKENS).type.name == "UINT32":
+        counts = [int(md[KEY_TOKENS])] * len(tensors)
+    else:
+        counts = [int(c) for c in _typed(p, md, KEY_TOKENS, "ARRAY of UINT32")]
+        if len(counts) != len(tensors):
+            raise HessianError(f"hessian {p}: {KEY_TOKENS} has {len(counts)} counts for {len(tensors)} tensors")
+    for t, c in zip(tensors, counts):
+        if c < 1:
+            raise HessianError(f"hessian {p}: tensor {t.name!r} has a token count of {c}")
+    return {t.name: c for t, c in zip(tensors, counts)}

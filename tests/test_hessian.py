@@ -1,0 +1,378 @@
+"""Full input covariances collected through llama.cpp (gguf_kquant.model.hessian) and their file format."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import sys
+
+import numpy as np
+import pytest
+
+import gguf_kquant
+from gguf_kquant.container.values import GGUFValueType as V, Value
+from gguf_kquant.errors import GGUFError, InvalidArgumentError
+from gguf_kquant.model import hessian
+from gguf_kquant.model.hessian import (HessianError, LlamaCppMissingError, collect_hessians, load_hessians)
+
+CTX = 64
+N_CHUNK = 3
+ATTN = ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    import oracle  # noqa: F401  (a missing llama-cpp-python fails here, loudly)
+    import llama_cpp
+
+    return llama_cpp
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return np.random.default_rng(7).integers(3, 1024, N_CHUNK * CTX + 10)
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory, example_model, tokens, llama):
+    out = tmp_path_factory.mktemp("hessian") / "h.gguf"
+    summary = collect_hessians(example_model, tokens, out, ctx=CTX, threads=1, quiet=True)
+    return out, summary
+
+
+def _first_attn_input(model, tokens) -> np.ndarray:
+    """rms_norm(token_embd[tokens]) * blk.0.attn_norm.weight, in float32 as ggml's CPU kernel computes it."""
+    with gguf_kquant.open(model) as f:
+        emb = f.tensors["token_embd.weight"].numpy()
+        norm = f.tensors["blk.0.attn_norm.weight"].numpy()
+        eps = np.float32(f.metadata["llama.attention.layer_norm_rms_epsilon"])
+    x = emb[np.asarray(tokens)]
+    mean = ((x.astype(np.float64) * x).sum(axis=1) / x.shape[1]).astype(np.float32)
+    scale = np.float32(1) / np.sqrt(mean + eps)
+    return x * scale[:, None] * norm
+
+
+# --- (1) an independent check of what is collected --------------------------------------------------
+def test_first_layer_attention_input_matches_numpy(collected, example_model, tokens):
+    out, summary = collected
+    x = _first_attn_input(example_model, tokens[:N_CHUNK * CTX]).astype(np.float64)
+    ref = x.T @ x
+    with load_hessians(out) as hs:
+        got, n = hs.for_weight("blk.0.attn_q.weight")
+        assert n == N_CHUNK * CTX
+        assert got.shape == (256, 256) and got.dtype == np.float64
+        np.testing.assert_allclose(got, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+        # attn_k and attn_v read the same input: one matrix in the file, shared
+        assert {hs.matrix_of[w] for w in ATTN} == {"blk.0.attn_q.weight.hessian"}
+        assert hs.matrix_of["blk.0.ffn_gate.weight"] == hs.matrix_of["blk.0.ffn_up.weight"]
+        assert hs.matrix_of["blk.0.ffn_down.weight"] != hs.matrix_of["blk.0.ffn_up.weight"]
+    assert summary.matrices["blk.0.attn_q.weight.hessian"] == ["blk.0.attn_q.weight", "blk.0.attn_v.weight",
+                                                              "blk.0.attn_k.weight"]
+    with gguf_kquant.open(out) as f:  # 4 distinct inputs per layer (attn, attn_output, ffn, ffn_down) + output
+        assert len(f.tensors) == 4 * 4 + 1
+        assert f.metadata["general.type"] == "hessian"
+
+
+def test_text_is_tokenized_with_bos_per_chunk(tmp_path, example_model, llama):
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(["the first model of the city was made at the university"] * 40))
+    out = tmp_path / "h.gguf"
+    s = collect_hessians(example_model, text, out, ctx=32, chunks=2, threads=1, quiet=True)
+    assert s.n_tokens == 64 and s.chunk_count == 2 and s.chunk_size == 32
+    ids = _llama_tokenize(llama, example_model, text.read_bytes())
+    assert len(ids) > 64 and ids[0] == 1  # BOS added by the tokenizer
+    ids = ids[:64].copy()
+    ids[32] = 1  # llama-imatrix: each chunk starts with BOS
+    x = _first_attn_input(example_model, ids).astype(np.float64)
+    with load_hessians(out) as hs:
+        got, n = hs.for_weight("blk.0.attn_k.weight")
+        assert n == 64 and hs.datasets == [str(text)] and hs.chunk_size == 32 and hs.chunk_count == 2
+    ref = x.T @ x
+    np.testing.assert_allclose(got, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+
+
+def _llama_tokenize(L, model, text: bytes) -> np.ndarray:
+    mp = L.llama_model_default_params()
+    mp.vocab_only = True
+    m = L.llama_model_load_from_file(str(model).encode(), mp)
+    try:
+        buf = (L.llama_token * (len(text) + 8))()
+        n = L.llama_tokenize(L.llama_model_get_vocab(m), text, len(text), buf, len(buf), True, False)
+        return np.array(buf[:n])
+    finally:
+        L.llama_model_free(m)
+
+
+# --- (2) properties of every matrix ---------------------------------------------------------------------
+def test_every_matrix_symmetric_psd_and_counted(collected):
+    out, summary = collected
+    assert summary.n_tokens == N_CHUNK * CTX and summary.skipped == {}
+    with load_hessians(out) as hs:
+        assert sorted(hs.weights) == sorted(summary.weights) and len(hs.weights) == 4 * 7 + 1
+        for w in hs.weights:
+            assert hs.for_weight(w)[1] == N_CHUNK * CTX  # every token of every chunk, output.weight included
+        for name in summary.matrices:
+            h = hs.matrix(name)
+            assert np.array_equal(h, h.T), name
+            if name in ("blk.0.attn_q.weight.hessian", "blk.3.ffn_down.weight.hessian"):  # both widths
+                assert _psd(h), name
+        assert hs.for_weight("token_embd.weight") is None  # GET_ROWS, not a matrix multiplication
+
+
+def _psd(h: np.ndarray) -> bool:
+    """Cholesky of ``h + 1e-7 trace/n I`` succeeds: no eigenvalue below minus that shift (F32 storage moves a
+    rank-deficient H's zero eigenvalues by ~3e-8 trace/n).  Written out with numpy element-wise ops
+    (LAPACK's threads crawl on a busy machine: eigvalsh took 5 s for 512 x 512 here)."""
+    a = h + 1e-7 * np.trace(h) / len(h) * np.eye(len(h))
+    for k in range(len(a)):
+        if not a[k, k] > 0:
+            return False
+        a[k, k] = np.sqrt(a[k, k])
+        a[k + 1:, k] /= a[k, k]
+        a[k + 1:, k + 1:] -= np.outer(a[k + 1:, k], a[k + 1:, k])
+    return True
+
+
+def test_psd_check_can_fail():
+    x = np.random.default_rng(3).standard_normal((8, 16))
+    h = x.T @ x
+    assert _psd(h)
+    h[3, 3] -= 1.0  # one negative eigenvalue (rank 8 of 16: the null space sees the change)
+    assert not _psd(h)
+
+
+def test_same_bytes_whatever_the_thread_count(example_model, tokens, tmp_path, llama):
+    for n in (1, 2):
+        collect_hessians(example_model, tokens, tmp_path / f"t{n}.gguf", ctx=CTX, chunks=1, threads=n, quiet=True)
+    assert (tmp_path / "t2.gguf").read_bytes() == (tmp_path / "t1.gguf").read_bytes()
+
+
+def test_an_error_in_the_callback_stops_the_run(tmp_path, example_model, tokens, monkeypatch, llama):
+    def fail(self, t):
+        raise KeyboardInterrupt  # what Ctrl-C raises inside the callback: it crosses llama.cpp's frames
+
+    monkeypatch.setattr(hessian._GGML, "rows", fail)
+    with pytest.raises(KeyboardInterrupt):
+        collect_hessians(example_model, tokens, tmp_path / "h.gguf", ctx=CTX, quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_struct_layout_other_than_ggml_h_is_refused(tmp_path, example_model, tokens, monkeypatch, llama):
+    class Shifted(ctypes.Structure):  # ggml_tensor without its buffer pointer: every later field moves
+        _fields_ = [f for f in hessian._GGMLTensor._fields_ if f[0] != "buffer"]
+
+    monkeypatch.setattr(hessian, "_GGMLTensor", Shifted)
+    with pytest.raises(HessianError, match="layout of ggml.h"):
+        collect_hessians(example_model, tokens, tmp_path / "h.gguf", ctx=CTX, quiet=True)
+
+
+# --- (3) the diagonal is llama-imatrix's statistic ------------------------------------------------------
+def _imatrix_like_llama(L, model, tokens, ctx, n_chunk) -> dict:
+    """llama-imatrix's collect_imatrix for dense weights: per weight, float32 acc[j] += x[j]*x[j] over rows,
+    count += rows; returns name -> acc / count.  No sharing of inputs: every weight counts on its own."""
+    ggml = hessian._GGML(L)
+    sums: dict = {}
+
+    def cb(ptr, ask, _user):
+        t = ggml.tensor(ptr)
+        if ggml.op_name(t.op) != b"MUL_MAT":
+            return False
+        src0, src1 = t.src[0].contents, t.src[1].contents
+        if ggml.op_name(src0.op) != b"NONE" or not src0.name.endswith(b".weight"):
+            return False
+        if ask:
+            return True
+        x = ggml.rows(src1).astype(np.float32)
+        acc, count = sums.get(src0.name.decode(), (np.zeros(x.shape[1], np.float32), 0))
+        for row in x:
+            acc += row * row
+        sums[src0.name.decode()] = (acc, count + x.shape[0])
+        return True
+
+    callback = L.ggml_backend_sched_eval_callback(cb)
+    mp = L.llama_model_default_params()
+    mp.use_extra_bufts = False
+    m = L.llama_model_load_from_file(str(model).encode(), mp)
+    cp = L.llama_context_default_params()
+    cp.n_ctx = cp.n_batch = cp.n_ubatch = ctx
+    cp.n_threads = cp.n_threads_batch = 1
+    cp.cb_eval = callback
+    c = L.llama_init_from_model(m, cp)
+    b = L.llama_batch_init(ctx, 0, 1)
+    try:
+        for i in range(n_chunk):
+            for k, tok in enumerate(tokens[i * ctx:(i + 1) * ctx].tolist()):
+                b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = tok, k, 1, 1
+                b.seq_id[k][0] = 0
+            b.n_tokens = ctx
+            L.llama_memory_clear(L.llama_get_memory(c), True)
+            assert L.llama_decode(c, b) == 0
+    finally:
+        L.llama_batch_free(b)
+        L.llama_free(c)
+        L.llama_model_free(m)
+    return {name: acc / np.float32(count) for name, (acc, count) in sums.items()}
+
+
+def test_diagonal_over_tokens_is_the_imatrix(collected, example_model, tokens, llama):
+    out, _ = collected
+    ref = _imatrix_like_llama(llama, example_model, tokens, CTX, N_CHUNK)
+    with load_hessians(out) as hs:
+        im = hs.imatrix()
+    assert im.path == str(out) and im.chunk_count == N_CHUNK and im.datasets == []
+    assert sorted(im.entries) == sorted(ref)
+    for name, v in ref.items():
+        assert im.entries[name].dtype == np.float32
+        np.testing.assert_allclose(im.entries[name], v, rtol=1e-5, err_msg=name)
+    # usable as an imatrix by the quantizer
+    from gguf_kquant.model.quantize import _prepare_imatrix
+
+    assert _prepare_imatrix(im, (), ()) is not None
+
+
+# --- (4) bad files and refused paths ------------------------------------------------------------------
+_GOOD_KEYS = {
+    "general.type": Value("hessian", V.STRING),
+    "hessian.datasets": Value(["t.txt"], V.ARRAY, V.STRING),
+    "hessian.chunk_size": Value(4, V.UINT32),
+    "hessian.chunk_count": Value(1, V.UINT32),
+    "hessian.weights": Value(["a.weight", "b.weight"], V.ARRAY, V.STRING),
+    "hessian.matrices": Value(["a.weight.hessian", "a.weight.hessian"], V.ARRAY, V.STRING),
+    "hessian.tokens": Value([4], V.ARRAY, V.UINT32),
+}
+
+
+def _spd(n=8):
+    x = np.random.default_rng(1).standard_normal((4, n)).astype(np.float32)
+    return x.T @ x
+
+
+def _write(path, keys=None, tensors=None, drop=()):
+    keys = {k: v for k, v in {**_GOOD_KEYS, **(keys or {})}.items() if k not in drop}
+    tensors = {"a.weight.hessian": _spd()} if tensors is None else tensors
+    gguf_kquant.write(path, keys, tensors)
+    return path
+
+
+def test_a_written_file_loads(tmp_path):
+    with load_hessians(_write(tmp_path / "ok.gguf")) as hs:
+        h, n = hs.for_weight("b.weight")
+        assert n == 4 and np.allclose(h, _spd())
+        assert hs.imatrix().entries["a.weight"].shape == (8,)
+    one_count = _write(tmp_path / "one.gguf", {"hessian.tokens": Value(4, V.UINT32)})
+    with load_hessians(one_count) as hs:
+        assert hs.for_weight("a.weight")[1] == 4
+
+
+@pytest.mark.parametrize("keys, tensors, drop, words", [
+    ({}, {"a.weight.hessian": np.zeros((4, 5), np.float32)}, (), ["a.weight.hessian", "square", "[4, 5]"]),
+    ({}, None, ("hessian.matrices",), ["missing key hessian.matrices"]),
+    ({"hessian.matrices": Value(["a.weight.hessian"], V.ARRAY, V.STRING)}, None, (), ["2 names", "1"]),
+    ({"hessian.matrices": Value(["a.weight.hessian", "c.hessian"], V.ARRAY, V.STRING)}, None, (),
+     ["'c.hessian'", "b.weight", "not a tensor"]),
+    ({}, {"a.weight.hessian": _spd(), "x.hessian": _spd()}, (), ["'x.hessian'", "no weight"]),
+    ({"general.type": Value("imatrix", V.STRING)}, None, (), ["general.type", "'imatrix'"]),
+    ({"hessian.tokens": Value([0], V.ARRAY, V.UINT32)}, None, (), ["'a.weight.hessian'", "token count of 0"]),
+    ({"hessian.tokens": Value([4, 4], V.ARRAY, V.UINT32)}, None, (), ["2 counts for 1 tensors"]),
+    ({"hessian.chunk_size": Value("4", V.STRING)}, None, (), ["hessian.chunk_size", "UINT32", "STRING"]),
+    ({}, {"a.weight.hessian": _spd().astype(np.float16)}, (), ["a.weight.hessian", "F16"]),
+])
+def test_malformed_files_are_refused_by_name(tmp_path, keys, tensors, drop, words):
+    path = _write(tmp_path / "bad.gguf", keys, tensors, drop)
+    with pytest.raises(HessianError) as e:
+        load_hessians(path)
+    for w in words + [str(path)]:
+        assert w in str(e.value)
+
+
+@pytest.mark.parametrize("poison, words", [
+    (lambda h: h.__setitem__((2, 3), np.nan), ["non-finite", "nan", "[2, 3]"]),
+    (lambda h: h.__setitem__((2, 3), h[2, 3] + 1.0), ["not symmetric"]),
+    (lambda h: h.__setitem__((5, 5), -1.0), ["diagonal", "-1.0", "[5, 5]"]),
+])
+def test_bad_values_are_refused_when_read(tmp_path, poison, words):
+    h = _spd()
+    poison(h)
+    path = _write(tmp_path / "bad.gguf", tensors={"a.weight.hessian": h})
+    with load_hessians(path) as hs:  # the header is fine: the values are checked when the matrix is read
+        with pytest.raises(HessianError) as e:
+            hs.for_weight("a.weight")
+    for w in words + [str(path), "'a.weight.hessian'"]:
+        assert w in str(e.value)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = _write(tmp_path / "t.gguf")
+    data = path.read_bytes()
+    for cut in (len(data) - 7, 100, 3):
+        path.write_bytes(data[:cut])
+        with pytest.raises(GGUFError) as e:
+            load_hessians(path)
+        assert str(path) in str(e.value)
+
+
+def test_output_may_not_be_an_input(tmp_path, example_model, tokens, llama):
+    text = tmp_path / "calib.txt"
+    text.write_text("hello world " * 100)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(example_model.read_bytes())
+    before = model.read_bytes()
+    for out, source in ((model, tokens), (text, text)):
+        with pytest.raises(HessianError, match="refusing to write over an input"):
+            collect_hessians(model, source, out, ctx=CTX, overwrite=True, quiet=True)
+    assert model.read_bytes() == before and text.read_text() == "hello world " * 100
+    taken = tmp_path / "taken.gguf"
+    taken.write_bytes(b"keep")
+    with pytest.raises(HessianError, match="overwrite"):
+        collect_hessians(model, tokens, taken, ctx=CTX, quiet=True)
+    assert taken.read_bytes() == b"keep"
+
+
+def test_bad_arguments(tmp_path, example_model, tokens, llama):
+    out = tmp_path / "h.gguf"
+    for kw in (dict(ctx=0), dict(chunks=-1), dict(threads=True), dict(max_n_in=0)):
+        with pytest.raises(InvalidArgumentError):
+            collect_hessians(example_model, tokens, out, quiet=True, **{"ctx": CTX, **kw})
+    with pytest.raises(InvalidArgumentError, match="token ids must lie in"):
+        collect_hessians(example_model, [5] * 63 + [5000], out, ctx=CTX, quiet=True)
+    with pytest.raises(HessianError, match="do not fill one chunk"):
+        collect_hessians(example_model, tokens[:CTX - 1], out, ctx=CTX, quiet=True)
+    assert not out.exists()
+
+
+def test_wide_inputs_are_skipped(tmp_path, example_model, tokens, llama):
+    s = collect_hessians(example_model, tokens, tmp_path / "h.gguf", ctx=CTX, chunks=1, max_n_in=300, quiet=True)
+    assert sorted(s.skipped) == [f"blk.{i}.ffn_down.weight" for i in range(4)]  # 512 wide, the others 256
+    assert "input width 512 above the limit 300" in s.skipped["blk.0.ffn_down.weight"]
+    with load_hessians(tmp_path / "h.gguf") as hs:
+        assert hs.for_weight("blk.0.ffn_down.weight") is None and hs.for_weight("blk.0.ffn_up.weight") is not None
+
+
+def test_missing_llama_cpp_is_a_clear_error(tmp_path, example_model, tokens, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+    with pytest.raises(LlamaCppMissingError, match="pip install llama-cpp-python"):
+        collect_hessians(example_model, tokens, tmp_path / "h.gguf", ctx=CTX, quiet=True)
+
+
+# --- (5) the command line -------------------------------------------------------------------------------
+def test_cli_round_trip(tmp_path, example_model, llama, capsys):
+    from gguf_kquant import hessian_cli
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(["hello model quantize llama weight tensor file"] * 30))
+    out = tmp_path / "h.gguf"
+    parser = argparse.ArgumentParser()
+    hessian_cli.add_arguments(parser)
+    args = parser.parse_args([str(example_model), "-f", str(text), "-o", str(out), "-c", "32", "--chunks", "2",
+                              "--threads", "1"])
+    assert hessian_cli.run(args) == 0
+    err = capsys.readouterr().err
+    assert "[   2/   2] chunk 2: 32 tokens" in err and f"wrote {out}: 17 matrices for 29 weights" in err
+    with load_hessians(out) as hs:
+        assert hs.chunk_size == 32 and hs.chunk_count == 2 and hs.for_weight("output.weight")[1] == 64
+    args = parser.parse_args([str(example_model), "-f", str(text), "-o", str(out), "-c", "32", "--chunks", "1",
+                              "--overwrite", "-q"])
+    assert hessian_cli.run(args) == 0
+    assert capsys.readouterr().err == ""
+    with load_hessians(out) as hs:
+        assert hs.chunk_count == 1
