@@ -337,6 +337,12 @@ def test_bad_arguments(tmp_path, example_model, tokens, llama):
         collect_hessians(example_model, [5] * 63 + [5000], out, ctx=CTX, quiet=True)
     with pytest.raises(HessianError, match="do not fill one chunk"):
         collect_hessians(example_model, tokens[:CTX - 1], out, ctx=CTX, quiet=True)
+    not_a_model = tmp_path / "m.gguf"
+    not_a_model.write_text("hello")
+    with pytest.raises(GGUFError, match="m.gguf"):
+        collect_hessians(not_a_model, tokens, out, ctx=CTX, quiet=True)
+    with pytest.raises(GGUFError, match="missing.txt"):
+        collect_hessians(example_model, tmp_path / "missing.txt", out, ctx=CTX, quiet=True)
     assert not out.exists()
 
 
@@ -346,6 +352,22 @@ def test_wide_inputs_are_skipped(tmp_path, example_model, tokens, llama):
     assert "input width 512 above the limit 300" in s.skipped["blk.0.ffn_down.weight"]
     with load_hessians(tmp_path / "h.gguf") as hs:
         assert hs.for_weight("blk.0.ffn_down.weight") is None and hs.for_weight("blk.0.ffn_up.weight") is not None
+
+
+def test_experts_are_skipped_and_tied_embeddings_collected(tmp_path, llama):
+    from make_example_model import build_llama_gguf
+
+    model = build_llama_gguf(tmp_path / "moe.gguf", n_layer=1, n_embd=64, n_head=2, n_head_kv=1, n_ff=64,
+                             n_vocab=512, dtype="F16", n_expert=4, n_expert_used=2, tie_embeddings=True)
+    toks = np.random.default_rng(2).integers(3, 512, 32)
+    s = collect_hessians(model, toks, tmp_path / "h.gguf", ctx=32, threads=1, quiet=True)
+    assert sorted(s.skipped) == ["blk.0.ffn_down_exps.weight", "blk.0.ffn_gate_exps.weight",
+                                 "blk.0.ffn_up_exps.weight"]
+    assert all("MUL_MAT_ID" in why for why in s.skipped.values())
+    assert sorted(s.matrices) == ["blk.0.attn_output.weight.hessian", "blk.0.attn_q.weight.hessian",
+                                  "blk.0.ffn_gate_inp.weight.hessian", "token_embd.weight.hessian"]
+    with load_hessians(tmp_path / "h.gguf") as hs:  # the output multiplies by token_embd (tied): its input
+        assert hs.for_weight("blk.0.ffn_up_exps.weight") is None and hs.for_weight("token_embd.weight")[1] == 32
 
 
 def test_missing_llama_cpp_is_a_clear_error(tmp_path, example_model, tokens, monkeypatch):

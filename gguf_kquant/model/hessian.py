@@ -338,6 +338,15 @@ def _source(text_path_or_tokens) -> tuple:
     return None, tokens.astype(np.int64)
 
 
+def _model_files(model_path: Path) -> list:
+    """The model's files (every shard of a split model): a missing or broken one is our error naming it,
+    before llama.cpp loads anything."""
+    from ..container.reader import open_gguf
+
+    with open_gguf(model_path) as f:
+        return list(f.shards)
+
+
 def _read_text(path: Path) -> bytes:
     from ..container.reader import open_regular  # refuses FIFOs and folders without blocking
 
@@ -414,10 +423,8 @@ def collect_hessians(model_path, text_path_or_tokens, out_path, *, ctx: int = 51
     max_n_in = _positive(max_n_in, "max_n_in")
     text_path, given = _source(text_path_or_tokens)
     model_path, out_path = Path(os.fspath(model_path)), Path(os.fspath(out_path))
-    check_outputs([out_path], [model_path, text_path], overwrite=overwrite, error=HessianError)
-    from ..container.reader import open_regular
-
-    os.close(open_regular(model_path))  # a missing model is a GGUFIOError naming it, not llama.cpp's log
+    inputs = _model_files(model_path) + [text_path]
+    check_outputs([out_path], inputs, overwrite=overwrite, error=HessianError)
     text = _read_text(text_path) if text_path is not None else None
     L = _llama_cpp()
     progress = Progress(0, quiet=quiet, stream=stream, bar=False)
@@ -425,7 +432,7 @@ def collect_hessians(model_path, text_path_or_tokens, out_path, *, ctx: int = 51
         collector, n_tokens, n_chunk = _evaluate(L, model_path, text, given, ctx, chunks, threads, max_n_in,
                                                  progress, log)
     summary = HessianSummary(out_path, {}, {}, dict(collector.skipped), n_tokens, ctx, n_chunk)
-    _write(out_path, collector.groups, summary, [model_path, text_path],
+    _write(out_path, collector.groups, summary, inputs,
            [os.fspath(text_path)] if text_path is not None else [], overwrite)
     summary.seconds = time.perf_counter() - t0
     for w, why in summary.skipped.items():
@@ -447,13 +454,13 @@ def _evaluate(L, model_path: Path, text, given, ctx, chunks, threads, max_n_in, 
     try:
         vocab = L.llama_model_get_vocab(model)
         tokens = given if text is None else _tokenize(L, vocab, text)
+        n_chunk = len(tokens) // ctx
+        if n_chunk == 0:
+            raise HessianError(f"{len(tokens)} token(s) do not fill one chunk of ctx={ctx} tokens")
         n_vocab = L.llama_vocab_n_tokens(vocab)
         if tokens.min() < 0 or tokens.max() >= n_vocab:
             raise InvalidArgumentError(f"token ids must lie in [0, {n_vocab}) for {model_path}; got "
                                        f"{tokens.min()}..{tokens.max()}")
-        n_chunk = len(tokens) // ctx
-        if n_chunk == 0:
-            raise HessianError(f"{len(tokens)} tokens do not fill one chunk of {ctx} (ctx)")
         n_chunk = min(n_chunk, chunks or n_chunk)
         bos = L.llama_vocab_bos(vocab) if text is not None and L.llama_vocab_get_add_bos(vocab) else None
         collector = _Collector(L, _GGML(L), max_n_in)
