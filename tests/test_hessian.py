@@ -218,12 +218,13 @@ def test_diagonal_over_tokens_is_the_imatrix(collected, example_model, tokens, l
     out, _ = collected
     ref = _imatrix_like_llama(llama, example_model, tokens, CTX, N_CHUNK)
     with load_hessians(out) as hs:
-        im = hs.imatrix()
+        im, with_output = hs.imatrix(), hs.imatrix(process_output=True)
     assert im.path == str(out) and im.chunk_count == N_CHUNK and im.datasets == []
-    assert sorted(im.entries) == sorted(ref)
+    assert sorted(im.entries) == sorted(set(ref) - {"output.weight"})  # llama-imatrix without --process-output
+    assert sorted(with_output.entries) == sorted(ref)
     for name, v in ref.items():
-        assert im.entries[name].dtype == np.float32
-        np.testing.assert_allclose(im.entries[name], v, rtol=1e-5, err_msg=name)
+        assert with_output.entries[name].dtype == np.float32
+        np.testing.assert_allclose(with_output.entries[name], v, rtol=1e-5, err_msg=name)
     # usable as an imatrix by the quantizer
     from gguf_kquant.model.quantize import _prepare_imatrix
 
@@ -236,8 +237,8 @@ _GOOD_KEYS = {
     "hessian.datasets": Value(["t.txt"], V.ARRAY, V.STRING),
     "hessian.chunk_size": Value(4, V.UINT32),
     "hessian.chunk_count": Value(1, V.UINT32),
-    "hessian.weights": Value(["a.weight", "b.weight"], V.ARRAY, V.STRING),
-    "hessian.matrices": Value(["a.weight.hessian", "a.weight.hessian"], V.ARRAY, V.STRING),
+    "hessian.weights": Value(["blk.0.a.weight", "blk.0.b.weight"], V.ARRAY, V.STRING),
+    "hessian.matrices": Value(["blk.0.a.weight.hessian", "blk.0.a.weight.hessian"], V.ARRAY, V.STRING),
     "hessian.tokens": Value([4], V.ARRAY, V.UINT32),
 }
 
@@ -249,33 +250,33 @@ def _spd(n=8):
 
 def _write(path, keys=None, tensors=None, drop=()):
     keys = {k: v for k, v in {**_GOOD_KEYS, **(keys or {})}.items() if k not in drop}
-    tensors = {"a.weight.hessian": _spd()} if tensors is None else tensors
+    tensors = {"blk.0.a.weight.hessian": _spd()} if tensors is None else tensors
     gguf_kquant.write(path, keys, tensors)
     return path
 
 
 def test_a_written_file_loads(tmp_path):
     with load_hessians(_write(tmp_path / "ok.gguf")) as hs:
-        h, n = hs.for_weight("b.weight")
+        h, n = hs.for_weight("blk.0.b.weight")
         assert n == 4 and np.allclose(h, _spd())
-        assert hs.imatrix().entries["a.weight"].shape == (8,)
+        assert hs.imatrix().entries["blk.0.a.weight"].shape == (8,)
     one_count = _write(tmp_path / "one.gguf", {"hessian.tokens": Value(4, V.UINT32)})
     with load_hessians(one_count) as hs:
-        assert hs.for_weight("a.weight")[1] == 4
+        assert hs.for_weight("blk.0.a.weight")[1] == 4
 
 
 @pytest.mark.parametrize("keys, tensors, drop, words", [
-    ({}, {"a.weight.hessian": np.zeros((4, 5), np.float32)}, (), ["a.weight.hessian", "square", "[4, 5]"]),
+    ({}, {"blk.0.a.weight.hessian": np.zeros((4, 5), np.float32)}, (), ["blk.0.a.weight.hessian", "square", "[4, 5]"]),
     ({}, None, ("hessian.matrices",), ["missing key hessian.matrices"]),
-    ({"hessian.matrices": Value(["a.weight.hessian"], V.ARRAY, V.STRING)}, None, (), ["2 names", "1"]),
-    ({"hessian.matrices": Value(["a.weight.hessian", "c.hessian"], V.ARRAY, V.STRING)}, None, (),
-     ["'c.hessian'", "b.weight", "not a tensor"]),
-    ({}, {"a.weight.hessian": _spd(), "x.hessian": _spd()}, (), ["'x.hessian'", "no weight"]),
+    ({"hessian.matrices": Value(["blk.0.a.weight.hessian"], V.ARRAY, V.STRING)}, None, (), ["2 names", "1"]),
+    ({"hessian.matrices": Value(["blk.0.a.weight.hessian", "c.hessian"], V.ARRAY, V.STRING)}, None, (),
+     ["'c.hessian'", "blk.0.b.weight", "not a tensor"]),
+    ({}, {"blk.0.a.weight.hessian": _spd(), "x.hessian": _spd()}, (), ["'x.hessian'", "no weight"]),
     ({"general.type": Value("imatrix", V.STRING)}, None, (), ["general.type", "'imatrix'"]),
-    ({"hessian.tokens": Value([0], V.ARRAY, V.UINT32)}, None, (), ["'a.weight.hessian'", "token count of 0"]),
+    ({"hessian.tokens": Value([0], V.ARRAY, V.UINT32)}, None, (), ["'blk.0.a.weight.hessian'", "token count of 0"]),
     ({"hessian.tokens": Value([4, 4], V.ARRAY, V.UINT32)}, None, (), ["2 counts for 1 tensors"]),
     ({"hessian.chunk_size": Value("4", V.STRING)}, None, (), ["hessian.chunk_size", "UINT32", "STRING"]),
-    ({}, {"a.weight.hessian": _spd().astype(np.float16)}, (), ["a.weight.hessian", "F16"]),
+    ({}, {"blk.0.a.weight.hessian": _spd().astype(np.float16)}, (), ["blk.0.a.weight.hessian", "F16"]),
 ])
 def test_malformed_files_are_refused_by_name(tmp_path, keys, tensors, drop, words):
     path = _write(tmp_path / "bad.gguf", keys, tensors, drop)
@@ -293,11 +294,11 @@ def test_malformed_files_are_refused_by_name(tmp_path, keys, tensors, drop, word
 def test_bad_values_are_refused_when_read(tmp_path, poison, words):
     h = _spd()
     poison(h)
-    path = _write(tmp_path / "bad.gguf", tensors={"a.weight.hessian": h})
+    path = _write(tmp_path / "bad.gguf", tensors={"blk.0.a.weight.hessian": h})
     with load_hessians(path) as hs:  # the header is fine: the values are checked when the matrix is read
         with pytest.raises(HessianError) as e:
-            hs.for_weight("a.weight")
-    for w in words + [str(path), "'a.weight.hessian'"]:
+            hs.for_weight("blk.0.a.weight")
+    for w in words + [str(path), "'blk.0.a.weight.hessian'"]:
         assert w in str(e.value)
 
 

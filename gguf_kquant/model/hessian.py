@@ -623,14 +623,18 @@ class Hessians:
             raise HessianError(f"hessian {self.path}: tensor {name!r} has the diagonal value {float(d[i])!r} at "
                                f"[{i}, {i}]; a sum of squares is finite and not negative")
 
-    def imatrix(self):
+    def imatrix(self, *, process_output: bool = False):
         """An :class:`~gguf_kquant.model.imatrix.Imatrix` of ``diag(H) / n_tokens`` per weight (``entries``:
-        name -> float32), the mean squared input llama-imatrix computes; only the diagonals are read."""
+        name -> float32), the mean squared input llama-imatrix computes; only the diagonals are read.  Like
+        llama-imatrix it has the ``blk.*`` weights, and ``output.weight`` with ``process_output`` (its
+        ``--process-output``); other weights (a tied ``token_embd``) are left out."""
         from .imatrix import Imatrix
 
         entries = {}
         diagonals: dict = {}
         for weight, name in self.matrix_of.items():
+            if not (weight.startswith("blk.") or (process_output and weight == "output.weight")):
+                continue
             if name not in diagonals:
                 t = self._by_name[name]
                 try:
