@@ -170,7 +170,7 @@ def test_a_struct_layout_other_than_ggml_h_is_refused(tmp_path, example_model, t
 def _imatrix_like_llama(L, model, tokens, ctx, n_chunk) -> dict:
     """llama-imatrix's collect_imatrix for dense weights: per weight, float32 acc[j] += x[j]*x[j] over rows,
     count += rows; returns name -> acc / count.  No sharing of inputs: every weight counts on its own."""
-    ggml = hessian._GGML(L)
+    ggml = hessian._GGML()
     sums: dict = {}
 
     def cb(ptr, ask, _user):

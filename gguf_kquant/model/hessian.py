@@ -116,7 +116,7 @@ _INPUT_DTYPES = {b"f32": np.dtype(np.float32), b"f16": np.dtype(np.float16), b"b
 class _GGML:
     """The few exported ggml functions the collector calls (names, sizes, backend buffers)."""
 
-    def __init__(self, llama_cpp):
+    def __init__(self):
         from llama_cpp import _ctypes_extensions, _ggml
 
         lib = _ctypes_extensions.load_shared_library("ggml-base", _ggml.libggml_base_path)  # own CDLL object
@@ -463,7 +463,7 @@ def _evaluate(L, model_path: Path, text, given, ctx, chunks, threads, max_n_in, 
                                        f"{tokens.min()}..{tokens.max()}")
         n_chunk = min(n_chunk, chunks or n_chunk)
         bos = L.llama_vocab_bos(vocab) if text is not None and L.llama_vocab_get_add_bos(vocab) else None
-        collector = _Collector(L, _GGML(L), max_n_in)
+        collector = _Collector(L, _GGML(), max_n_in)
         progress.total = n_chunk
         progress.say(f"hessian: {len(tokens)} tokens, {n_chunk} chunks of {ctx}, {threads} threads")
         cp = L.llama_context_default_params()
