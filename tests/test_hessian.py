@@ -371,6 +371,39 @@ def test_experts_are_skipped_and_tied_embeddings_collected(tmp_path, llama):
         assert hs.for_weight("blk.0.ffn_up_exps.weight") is None and hs.for_weight("token_embd.weight")[1] == 32
 
 
+@pytest.mark.parametrize("type_name", ["F32", "F16", "BF16"])
+def test_activations_are_read_by_their_strides_and_type(type_name, llama):
+    """_GGML.rows on a hand-made tensor (a host buffer over numpy memory): padded rows, 3-D, F16/BF16."""
+    from gguf_kquant.types import GGMLType
+
+    values = np.random.default_rng(5).standard_normal((2, 3, 5)).astype(np.float32)  # ne = [5, 3, 2]
+    if type_name == "BF16":
+        values = (values.view(np.uint32) & 0xFFFF0000).view(np.float32)  # exactly representable
+        stored = (values.view(np.uint32) >> 16).astype(np.uint16)
+    else:
+        stored = values.astype(np.float16 if type_name == "F16" else np.float32)
+    item = stored.dtype.itemsize
+    raw = np.zeros(2 * 3 * 8 * item + 64, np.uint8)  # ggml_backend_cpu_buffer_from_ptr wants 32-byte alignment
+    start = -raw.ctypes.data % 32
+    memory = raw[start:start + 2 * 3 * 8 * item].view(stored.dtype).reshape(2, 3, 8)  # rows padded to 8 values
+    memory[:, :, :5] = stored
+    ggml = hessian._GGML()
+    ggml.lib.ggml_backend_cpu_buffer_from_ptr.restype = ctypes.c_void_p
+    ggml.lib.ggml_backend_cpu_buffer_from_ptr.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    ggml.lib.ggml_backend_buffer_free.argtypes = [ctypes.c_void_p]
+    buffer = ggml.lib.ggml_backend_cpu_buffer_from_ptr(memory.ctypes.data, memory.nbytes)
+    try:
+        t = hessian._GGMLTensor(type=int(getattr(GGMLType, type_name)), buffer=buffer, data=memory.ctypes.data)
+        t.ne[:] = [5, 3, 2, 1]
+        t.nb[:] = [item, 8 * item, 24 * item, 48 * item]
+        got = ggml.rows(t)
+    finally:
+        ggml.lib.ggml_backend_buffer_free(buffer)
+    assert got.dtype == np.float64 and got.shape == (6, 5)
+    np.testing.assert_array_equal(got, stored.astype(np.float32).reshape(6, 5) if type_name != "BF16"
+                                  else values.reshape(6, 5))
+
+
 def test_missing_llama_cpp_is_a_clear_error(tmp_path, example_model, tokens, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
     with pytest.raises(LlamaCppMissingError, match="pip install llama-cpp-python"):
