@@ -28,17 +28,20 @@ Speed (the goal: at most 3x the default's quantize time).  Candidates are evalua
 over a block's values with the candidates in the inner loop, whose accumulators are independent, so LLVM
 vectorises it without reassociating a sum (no fastmath); the lanes are float32, multiply by a reciprocal and
 round by the magic number — they only rank, and the winner's error is recomputed exactly before it is kept.
+The exact errors re-round the same way, without a branch (a division per value cost more than the search).
 A candidate d/dmin's error for fixed levels is a quadratic form of sums already at hand.  Rows run on
-run_chunks' threads, not prange (no OpenMP threads spinning on a loaded machine).  Measured per codec on one
-SmolLM2-135M tensor (CPU time, one thread), refine time as a multiple of ggml's imatrix quantize of the same
-rows: Q4_0/Q5_0 1.65x, Q4_1/Q5_1 0.55x, Q2_K 1.2x, Q3_K 1.9x, Q4_K/Q5_K 1.2x, IQ4_NL 1.1x, IQ4_XS 1.2x
-(before these changes: 5-9x); Q6_K 1.9x (four ffn_down tensors; weighted error 0.77 of ggml's); Q8_0
-13-16x of ggml's Q8_0, which is one trivial pass (~1.5 ns a value; the refiner ~20; weighted error 0.41 of
-ggml's on the same tensors: ggml's Q8_0 ignores the imatrix).  Whole SmolLM2-135M, warm kernel cache,
-2 threads, best of 3 interleaved runs: quantize_model's wall time 2.25x the default's at Q2_K, 2.2x at Q3_K_M,
-1.8x at Q4_K_M, 2.2x at IQ4_XS (was 7-9x); with the Q6_K and Q8_0 refiners (best of 2, machine shared): 2.2x
-at Q4_K_M, but 4.0x at Q6_K and 5.7x at Q8_0, whose default is I/O-bound (0.5-0.9 s; SmolLM2's 576-wide rows
-make Q6_K mostly Q8_0 fallback).  The refiners' first compilation takes ~17 s for all of them (then cached).
+run_chunks' threads, not prange (no OpenMP threads spinning on a loaded machine).  Measured per codec on
+SmolLM2-135M tensors (CPU time, one thread), refine time as a multiple of ggml's imatrix quantize of the same
+rows: Q4_0 1.3-1.6x, Q5_0 1.4x, Q4_1/Q5_1 0.45x, Q2_K 0.9x, Q3_K 1.5x, Q4_K/Q5_K 1.15x, IQ4_NL 1.1x,
+IQ4_XS 1.2x, Q6_K 1.7x (three ffn_down tensors; weighted error 0.78 of ggml's); Q8_0 ~5.3 ns a value, 5x
+ggml's Q8_0, which is one trivial pass (the former Q8_0 search took ~16; see its section).  Whole
+SmolLM2-135M, warm kernel cache, 2 threads, quantize_model in one process, best of 3 interleaved runs on a
+shared machine (load ~5 on its 2 cores), wall time as a multiple of the default's, with the former refiners'
+in the same runs in brackets: Q8_0 2.8x (5.3x), Q6_K 2.5x (4.2x), Q5_K_M 1.5x (1.6x), Q5_K_S 1.7x (1.8x),
+Q4_K_M 2.2x (2.3x), Q3_K_M 1.7x (2.7x), Q2_K 2.1x (2.4x), IQ4_XS 1.7x (1.8x; its refiners are unchanged).
+Q8_0's default is mostly I/O (0.5 s), so there the CPU-time ratio is higher, 3.3x (6.4x).  SmolLM2's
+576-wide rows make Q6_K mostly Q8_0 fallback and Q5_K Q5_1.  The refiners' first compilation takes ~17 s for
+all of them (then cached).
 
 Quality (benchmarks/bench_quality.py, SmolLM2-135M, same imatrix, equal file sizes): mean KL divergence
 -28.5% at Q2_K, -24.0% at Q3_K_M, -25.4% at Q4_K_M, -20.3% at IQ4_XS against llama-quantize's files.
@@ -63,7 +66,6 @@ from .helpers import (
     fp32_to_fp16_bits,
     get_scale_min_k4,
     load_fp16,
-    nearest_int,
     pack_2bit_k,
     pack_q3_k,
     pack_q3_k_scales,
@@ -93,6 +95,7 @@ __all__ = ["METHODS", "quantizer", "weighted_error"]
 
 METHODS = ("llama", "optimized")
 _F32 = np.float32
+_MAGIC = _F32(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds a float32 half to even
 _ITERS = 3  # rounds of (sub-block search, d/dmin least squares); the third rarely changes anything
 
 
@@ -106,15 +109,13 @@ def _affine_sub_err(x, xo, w, n, d, dmin, sc, m, qmax, L, lo):
     """Weighted error of one sub-block at integer (sc, m), values re-rounded into L[lo:lo+n]."""
     ds = _F32(d * _F32(sc))
     dm = _F32(dmin * _F32(m))
+    inv = _F32(_F32(1.0) / ds) if ds != _F32(0.0) else _F32(0.0)  # a reciprocal, no branch: as the lanes round
     err = 0.0
     for i in range(n):
         v = x[xo + i]
-        q = 0
-        if ds != _F32(0.0):
-            t = _F32(_F32(v + dm) / ds)  # clamped first: nearest_int's magic-number trick needs |t| < 2**22
-            q = max(0, min(qmax, nearest_int(_F32(min(max(t, _F32(-1.0)), _F32(qmax + 1))))))
-        L[lo + i] = q
-        diff = np.float64(_F32(_F32(ds * _F32(q)) - dm)) - np.float64(v)
+        q = min(max(_F32(_F32(_F32(_F32(v + dm) * inv) + _MAGIC) - _MAGIC), _F32(0.0)), _F32(qmax))
+        L[lo + i] = np.int64(q)
+        diff = np.float64(_F32(_F32(ds * q) - dm)) - np.float64(v)
         err += np.float64(w[xo + i]) * diff * diff
     return err
 
@@ -291,15 +292,13 @@ def _optimize_row_q2_k(x, w, y, radius):
 @njit(cache=True, nogil=True, inline="always")
 def _sym_sub_err(x, xo, w, n, d, s, qmin, qmax, L, lo):
     ds = _F32(d * _F32(s))
+    inv = _F32(_F32(1.0) / ds) if ds != _F32(0.0) else _F32(0.0)  # a reciprocal, no branch: as the lanes round
     err = 0.0
     for i in range(n):
         v = x[xo + i]
-        q = 0
-        if ds != _F32(0.0):
-            t = _F32(v / ds)
-            q = max(qmin, min(qmax, nearest_int(_F32(min(max(t, _F32(qmin - 1)), _F32(qmax + 1))))))
-        L[lo + i] = q
-        diff = np.float64(_F32(ds * _F32(q))) - np.float64(v)
+        q = min(max(_F32(_F32(_F32(v * inv) + _MAGIC) - _MAGIC), _F32(qmin)), _F32(qmax))
+        L[lo + i] = np.int64(q)
+        diff = np.float64(_F32(ds * q)) - np.float64(v)
         err += np.float64(w[xo + i]) * diff * diff
     return err
 
@@ -484,9 +483,9 @@ def optimize_q5_k(x, w, out):
 
 # ---------------------------------------------------------------------------------------------------
 # Legacy 32-value blocks: Q4_0/Q5_0 value = d*q, q in [-8, 7] / [-16, 15] (stored +8/+16);
-# Q4_1/Q5_1 value = d*q + m, q in [0, 15] / [0, 31]; Q8_0 value = d*q, q an int8 in [-128, 127].  One fp16
+# Q4_1/Q5_1 value = d*q + m, q in [0, 15] / [0, 31] (Q8_0: see below).  One fp16
 # scale (and min) per block, so the search is over d itself: ggml's d stretched by up to +-3/4 in steps of 3/32
-# (17 stretches; both signs for Q4_0/Q5_0; Q8_0's are finer, see _Q8_0_REACH),
+# (17 stretches; both signs for Q4_0/Q5_0),
 # all in one pass; the candidate whose levels admit the least error under their own least-squares (d, m)
 # wins, and that fit, rounded to fp16, replaces ggml's if its (re-rounded) error is lower.
 # ---------------------------------------------------------------------------------------------------
@@ -497,15 +496,13 @@ _STEP = 6  # (17 per sign) on SmolLM2 tensors, mean weighted error of Q5_0 0.72 
 
 @njit(cache=True, nogil=True, inline="always")
 def _legacy_err(x, xo, w, d, m, qlo, qhi, L):
+    inv = _F32(_F32(1.0) / d) if d != _F32(0.0) else _F32(0.0)  # a reciprocal, no branch: as the lanes round
     err = 0.0
     for i in range(_QK):
         v = x[xo + i]
-        q = 0
-        if d != _F32(0.0):
-            t = _F32(_F32(v - m) / d)
-            q = max(qlo, min(qhi, nearest_int(_F32(min(max(t, _F32(qlo - 1)), _F32(qhi + 1))))))
-        L[i] = q
-        diff = np.float64(_F32(_F32(_F32(q) * d) + m)) - np.float64(v)
+        q = min(max(_F32(_F32(_F32(_F32(v - m) * inv) + _MAGIC) - _MAGIC), _F32(qlo)), _F32(qhi))
+        L[i] = np.int64(q)
+        diff = np.float64(_F32(_F32(q * d) + m)) - np.float64(v)
         err += np.float64(w[xo + i]) * diff * diff
     return err
 
@@ -545,7 +542,7 @@ def _legacy_refit(x, xo, w, L, affine, d, m):
 
 @njit(cache=True, nogil=True)
 def _optimize_row_legacy(x, w, y, nbytes, od, om, oqh, oqs, qlo, qhi, stretch):
-    """Q4_0 (om < 0, oqh < 0), Q4_1 (oqh < 0), Q5_0 (om < 0), Q5_1, Q8_0 (qhi = 127) rows, in place on y.
+    """Q4_0 (om < 0, oqh < 0), Q4_1 (oqh < 0), Q5_0 (om < 0), Q5_1 rows, in place on y.
 
     Every candidate scale ``d0 * stretch[c]`` is evaluated in the same pass over the block (the inner loop
     runs across candidates, so its accumulators are independent and vectorise without reassociation); a
@@ -635,10 +632,6 @@ def _optimize_row_legacy(x, w, y, nbytes, od, om, oqh, oqs, qlo, qhi, stretch):
         if e1 >= _legacy_err(x, xo, w, d0, m0, qlo, qhi, Lt):
             continue  # ggml's block is at least as good: keep its bytes
         store_fp16(y, yo + od, d1)
-        if qhi == 127:  # Q8_0: the levels are the int8 quants themselves
-            for i in range(_QK):
-                y[yo + oqs + i] = np.uint8(L[i] & 0xFF)
-            continue
         if affine:
             store_fp16(y, yo + om, m1)
         else:
@@ -681,15 +674,109 @@ def optimize_q5_1(x, w, out):
     run_chunks(_rows_legacy, x.shape[0], x, w, out, Q5_1_BYTES, Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS, 0, 31, _stretches(1))
 
 
-# Q8_0: one sign (its levels [-128, 127] are near symmetric), steps of 1/64 within +-8/64 of ggml's d: on
-# four SmolLM2 tensors weighted error 0.32 of ggml's (+-16/64: 0.23, +-32/64: 0.17, but the cost grows with
-# the lanes, and the default Q8_0 is one cheap pass; ggml's d alone, refitted: 0.65).
-_Q8_0_REACH = 8
+# ---------------------------------------------------------------------------------------------------
+# Q8_0 (value = d*q, q an int8 in [-128, 127]) has its own kernel: its default is one trivial pass (~1 ns a
+# value), so the refiner must be cheap.  Same idea as the legacy search with less of it: 8 stretches of
+# ggml's d from 0.92 to 1.08 side by side, the winner's least-squares d rounded to fp16 and re-rounded once,
+# kept if its exact error is below that of ggml's stored levels.  At 8 bits the error is mostly the rounding
+# of the few heavily weighted columns, a fast oscillation in d, so a coarse-to-fine search would miss it.
+# Weighted error / ggml's, mean over six SmolLM2 tensors: 0.49 (the former 17 stretches by 1/64 and a second
+# refit: 0.38, at 3x the time; ggml's d refitted alone: 0.81); over heavy-tailed random values of seven
+# tensors' shapes with their real imatrices: 0.58 (former: 0.54).  Both are given because that SmolLM2 F32
+# file was dequantized from a quantized one (~13 distinct values per 32 in its blk tensors; its token_embd is
+# exactly Q8_0), a lattice that favours scale searches.
+# ---------------------------------------------------------------------------------------------------
+_Q8_0_STRETCH = np.linspace(0.92, 1.08, 8).astype(np.float32)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _q8_0_level(v, inv):
+    return min(max(_F32(_F32(_F32(v * inv) + _MAGIC) - _MAGIC), _F32(-128.0)), _F32(127.0))
+
+
+@njit(cache=True, nogil=True)
+def _optimize_row_q8_0(x, w, y, stretch, inv, sqq, sqx, gain, Lq, dd):
+    """One Q8_0 row, in place.  Scratch: inv/sqq/sqx (2 per candidate), gain (1 per candidate), Lq/dd (32).
+
+    A pass over a block's values waits on its accumulators (stored and reloaded at every value): 4 candidates
+    cost what 8 do.  So each candidate has two lanes, values i and 16 + i side by side: 16 steps, not 32
+    (measured: 2.8 ns a value instead of 3.9).
+    """
+    nc = stretch.shape[0]
+    n2 = 2 * nc
+    for ib in range(x.shape[0] // _QK):
+        xo = ib * _QK
+        yo = ib * Q8_0_BYTES
+        d0 = load_fp16(y, yo + Q8_0_D)
+        if d0 == _F32(0.0) or not np.isfinite(d0):
+            continue  # an all-zero block is exact already
+        for c in range(nc):
+            t = _F32(_F32(1.0) / _F32(d0 * stretch[c]))
+            inv[c] = t
+            inv[c + nc] = t
+        for c in range(n2):
+            sqq[c] = _F32(0.0)
+            sqx[c] = _F32(0.0)
+        for i in range(_QK // 2):
+            va = x[xo + i]
+            vb = x[xo + _QK // 2 + i]
+            wa = w[xo + i]
+            wb = w[xo + _QK // 2 + i]
+            xa = _F32(wa * va)
+            xb = _F32(wb * vb)
+            for c in range(n2):  # a select between two broadcasts, not a gather: it vectorises
+                hi = c >= nc
+                q = _q8_0_level(vb if hi else va, inv[c])
+                sqq[c] += _F32(_F32((wb if hi else wa) * q) * q)
+                sqx[c] += _F32((xb if hi else xa) * q)
+        for c in range(nc):  # the error at the levels' best d is sum(w x^2) - sqx^2/sqq: no branch, it vectorises
+            qq = np.float64(sqq[c]) + np.float64(sqq[c + nc])
+            qx = np.float64(sqx[c]) + np.float64(sqx[c + nc])
+            gain[c] = qx * qx / max(qq, 1e-300)
+        c = np.argmax(gain)
+        qq = np.float64(sqq[c]) + np.float64(sqq[c + nc])
+        nd = (np.float64(sqx[c]) + np.float64(sqx[c + nc])) / qq if qq > 0.0 else 0.0
+        if not (np.isfinite(nd) and abs(nd) < 65000.0):
+            continue
+        d1 = _to_fp16(_F32(nd))
+        if d1 == _F32(0.0):
+            continue
+        inv1 = _F32(_F32(1.0) / d1)
+        for i in range(_QK):  # per value: our weighted squared error at d1 minus that of ggml's stored block
+            v = np.float64(x[xo + i])
+            q = _q8_0_level(x[xo + i], inv1)
+            Lq[i] = q
+            a = np.float64(_F32(d0 * _F32(np.int8(y[yo + Q8_0_QS + i])))) - v
+            b = np.float64(_F32(d1 * q)) - v
+            dd[i] = np.float64(w[xo + i]) * (b * b - a * a)
+        s0 = s1 = s2 = s3 = 0.0  # four partial sums: short dependency chains
+        for i in range(0, _QK, 4):
+            s0 += dd[i]
+            s1 += dd[i + 1]
+            s2 += dd[i + 2]
+            s3 += dd[i + 3]
+        if not (s0 + s1) + (s2 + s3) < 0.0:
+            continue  # ggml's block is at least as good: keep its bytes
+        store_fp16(y, yo + Q8_0_D, d1)
+        for i in range(_QK):
+            y[yo + Q8_0_QS + i] = np.uint8(np.int64(Lq[i]) & 0xFF)  # int8_t store
+
+
+@njit(cache=True, nogil=True)
+def _rows_q8_0(x, w, out, stretch, r0, r1):
+    nc = stretch.shape[0]
+    inv = np.empty(2 * nc, np.float32)  # scratch once per range, not per row
+    sqq = np.empty(2 * nc, np.float32)
+    sqx = np.empty(2 * nc, np.float32)
+    gain = np.empty(nc, np.float64)
+    Lq = np.empty(_QK, np.float32)
+    dd = np.empty(_QK, np.float64)
+    for r in range(r0, r1):
+        _optimize_row_q8_0(x[r], w, out[r], stretch, inv, sqq, sqx, gain, Lq, dd)
 
 
 def optimize_q8_0(x, w, out):
-    run_chunks(_rows_legacy, x.shape[0], x, w, out, Q8_0_BYTES, Q8_0_D, -1, -1, Q8_0_QS, -128, 127,
-               _stretches(1, _Q8_0_REACH, 1))
+    run_chunks(_rows_q8_0, x.shape[0], x, w, out, _Q8_0_STRETCH)
 
 
 # ---------------------------------------------------------------------------------------------------
