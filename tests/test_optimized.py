@@ -55,6 +55,18 @@ def test_types_without_refiner_are_ggml_bytes():
     np.testing.assert_array_equal(quantize_optimized(x, "IQ3_S", w), gguf_kquant.quantize(x, "IQ3_S", w))
 
 
+def test_q8_0_keeps_the_blocks_it_cannot_improve():
+    """Rows that are Q8_0 values already (an F32 file dequantized from Q8_0, as SmolLM2's token_embd is): ggml's
+    blocks are exact there, a tie keeps ggml's bytes; the other rows still improve."""
+    x, w = _realish(np.random.default_rng(5), 16, 512)
+    exact = gguf_kquant.dequantize(gguf_kquant.quantize(x[:8], "Q8_0"), "Q8_0", (8, 512))
+    x2 = np.concatenate([exact, x[8:]])
+    ours, default = quantize_optimized(x2, "Q8_0", w), gguf_kquant.quantize(x2, "Q8_0", w)
+    assert weighted_error(x2[:8], default[:8], "Q8_0", w) == 0.0
+    np.testing.assert_array_equal(ours[:8], default[:8])
+    assert weighted_error(x2[8:], ours[8:], "Q8_0", w) < 0.9 * weighted_error(x2[8:], default[8:], "Q8_0", w)
+
+
 def _imatrix(src: Path) -> dict:
     rng = np.random.default_rng(7)
     with gguf_kquant.open(src) as f:
