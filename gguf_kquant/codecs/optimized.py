@@ -46,9 +46,10 @@ all of them (then cached).
 Quality (benchmarks/bench_quality.py, SmolLM2-135M, same imatrix, equal file sizes): mean KL divergence
 -28.5% at Q2_K, -24.0% at Q3_K_M, -25.4% at Q4_K_M, -20.3% at IQ4_XS against llama-quantize's files.
 
-Error feedback (GPTQ) is not used: with the imatrix as the Hessian proxy the Hessian is diagonal, and then
-GPTQ's update of the not-yet-quantized columns is zero — pushing a column's rounding error onto others can
-only raise this objective (each column's error is weighted on its own).
+Error feedback (GPTQ, :mod:`.gptq`) needs more than an imatrix: with only the diagonal of the Hessian, the
+update of the not-yet-quantized columns is zero.  When the imatrix file also holds each weight's full input
+covariance (``gguf-kquant hessian``), :func:`quantizer` returns the error-feedback quantizer, which calls
+:func:`quantize_optimized` block column by block column.
 """
 from __future__ import annotations
 
@@ -1057,8 +1058,10 @@ def quantize_optimized(x, qtype, imatrix=None, *, threads: Optional[int] = None)
     return out
 
 
-def quantizer(method: str, has_imatrix: bool):
-    """The per-tensor quantize function for ``method`` (``"llama"``: ggml's own; ``"optimized"``: above).
+def quantizer(method: str, has_imatrix: bool, hessians=None):
+    """The per-tensor quantize function for ``method`` (``"llama"``: ggml's own; ``"optimized"``: above, with
+    error feedback (:mod:`.gptq`) where ``hessians`` — the imatrix file's full input covariances — has a
+    weight's; pass it through :func:`.gptq.for_tensor` with the tensor's name).
 
     Checked before any work: an unknown method is an InvalidArgumentError, and ``"optimized"`` (whose
     objective is the importance-weighted error) refuses to run without an imatrix.
@@ -1071,6 +1074,10 @@ def quantizer(method: str, has_imatrix: bool):
         if not has_imatrix:
             raise ImatrixError("method 'optimized' minimises the imatrix-weighted error and needs an imatrix; "
                                "pass --imatrix (or use method 'llama')")
+        if hessians is not None:
+            from .gptq import ErrorFeedback
+
+            return ErrorFeedback(hessians)
         return quantize_optimized
     raise InvalidArgumentError(f"unknown quantization method {method!r}; expected one of {', '.join(METHODS)}")
 

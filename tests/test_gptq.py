@@ -1,0 +1,264 @@
+"""Error-feedback rounding (gguf_kquant.codecs.gptq): lower output error, ordinary ggml blocks, row slabs."""
+import numpy as np
+import pytest
+from hypothesis import example, given, settings, strategies as st
+
+from gguf_kquant.codecs import dequantize, quantize
+from gguf_kquant.codecs.gptq import (
+    ErrorFeedback, FeedbackPlan, _inv_upper, _upper_cholesky, for_tensor, output_error, quantize_feedback)
+from gguf_kquant.codecs.optimized import REFINERS, quantize_optimized, quantizer
+from gguf_kquant.errors import GGUFError, ImatrixError
+from gguf_kquant.types import type_info
+
+N_TOKENS = 1500
+
+
+def correlated_hessian(n: int, seed: int = 0) -> np.ndarray:
+    """X^T X of activations with shared low-rank structure and a few outlier channels, as real layers have."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((N_TOKENS, 24)) @ rng.standard_normal((24, n)) + 0.3 * rng.standard_normal((N_TOKENS, n))
+    a[:, :6] *= 5
+    return a.T @ a
+
+
+def rows(n_rows: int, n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n_rows, n)).astype(np.float32)
+
+
+FEEDBACK_TYPES = sorted({t.name for t in REFINERS} | {"IQ2_XS", "IQ3_S"})
+
+
+@pytest.mark.parametrize("qtype", FEEDBACK_TYPES)
+def test_feedback_lowers_the_output_error(qtype):
+    """On correlated activations the output error is far below the refiner's alone (which does not see them)
+    and below ggml's: the error of each step is compensated by the columns after it."""
+    n = 512
+    h = correlated_hessian(n)
+    x = rows(32, n)
+    imatrix = (np.diagonal(h) / N_TOKENS).astype(np.float32)
+    fed = quantize_feedback(x, qtype, FeedbackPlan(h, qtype, n_tokens=N_TOKENS))
+    alone = quantize_optimized(x, qtype, imatrix)
+    ggml = quantize(x, qtype, imatrix)
+    e_fed, e_alone, e_ggml = (output_error(x, r, qtype, h) for r in (fed, alone, ggml))
+    assert e_fed < 0.5 * e_alone, (e_fed, e_alone)
+    assert e_fed < 0.5 * e_ggml, (e_fed, e_ggml)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q2_K", "Q4_K", "Q6_K", "IQ4_XS"])
+def test_a_diagonal_hessian_is_the_refiner_alone(qtype):
+    """Without correlations nothing is fed forward: the bytes are the refiner's with the plan's weights."""
+    n = 512
+    h = np.diag(np.random.default_rng(2).random(n) * 10 + 0.1)
+    x = rows(8, n)
+    plan = FeedbackPlan(h, qtype)
+    assert not plan.feeds
+    np.testing.assert_array_equal(quantize_feedback(x, qtype, plan), quantize_optimized(x, qtype, plan.weights))
+
+
+def test_plan_weights_are_the_imatrix_for_a_diagonal_hessian():
+    d = np.random.default_rng(3).random(64) * 4 + 1
+    plan = FeedbackPlan(np.diag(d * N_TOKENS), "Q4_0", damp=0.0, n_tokens=N_TOKENS)
+    np.testing.assert_allclose(plan.weights, d, rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n_rows=st.integers(1, 9), split=st.integers(1, 8),
+       qtype=st.sampled_from(["Q4_0", "Q5_1", "Q3_K", "Q4_K", "IQ4_XS", "Q8_0"]))
+@example(seed=0, n_rows=1, split=1, qtype="Q3_K")
+def test_rows_are_independent(seed, n_rows, split, qtype):
+    """A slab of rows gives the bytes those rows get with the others (quantize_model streams slabs)."""
+    n = 256
+    plan = FeedbackPlan(correlated_hessian(n, seed % 7), qtype, n_tokens=N_TOKENS)
+    x = rows(n_rows, n, seed)
+    whole = quantize_feedback(x, qtype, plan)
+    k = min(split, n_rows)
+    parts = np.concatenate([quantize_feedback(x[:k], qtype, plan), quantize_feedback(x[k:], qtype, plan)])
+    np.testing.assert_array_equal(whole, parts)
+    y = dequantize(whole, qtype, x.shape)
+    assert np.isfinite(y).all()
+
+
+def test_blocks_decode_in_llama_cpp(oracle):
+    """The blocks are ordinary ggml blocks: llama.cpp's to_float reads the values we measured."""
+    n = 512
+    h = correlated_hessian(n)
+    x = rows(16, n)
+    for qtype in ("Q4_K", "Q2_K", "Q5_0", "IQ4_XS"):
+        raw = quantize_feedback(x, qtype, FeedbackPlan(h, qtype, n_tokens=N_TOKENS))
+        ours = dequantize(raw, qtype, x.shape)
+        theirs = oracle.to_float(type_info(qtype).id, raw, n)
+        np.testing.assert_array_equal(ours, theirs)
+
+
+class _Hessians:
+    def __init__(self, table):
+        self.table = table
+
+    def for_weight(self, name):
+        return self.table.get(name)
+
+
+def test_the_method_uses_a_tensors_hessian_and_falls_back_without_one():
+    n = 256
+    h = correlated_hessian(n)
+    q = quantizer("optimized", True, _Hessians({"blk.0.attn_q.weight": (h, N_TOKENS)}))
+    assert isinstance(q, ErrorFeedback)
+    x = rows(4, n)
+    w = (np.diagonal(h) / N_TOKENS).astype(np.float32)
+    plan = FeedbackPlan(h, "Q4_K", n_tokens=N_TOKENS)
+    np.testing.assert_array_equal(for_tensor(q, "blk.0.attn_q.weight")(x, "Q4_K", w),
+                                  quantize_feedback(x, "Q4_K", plan))
+    # feedback applies where the imatrix does: no imatrix entry, no feedback
+    np.testing.assert_array_equal(for_tensor(q, "blk.0.attn_q.weight")(x, "Q4_K", None),
+                                  quantize_optimized(x, "Q4_K", None))
+    np.testing.assert_array_equal(for_tensor(q, "token_embd.weight")(x, "Q4_K", w), quantize_optimized(x, "Q4_K", w))
+    assert for_tensor(quantize, "blk.0.attn_q.weight") is quantize
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda n: -np.eye(n), "not positive definite"),
+    (lambda n: np.full((n, n), np.nan), "non-finite"),
+    (lambda n: np.eye(n + 1), "rows of 256 values"),
+])
+def test_bad_hessians_are_refused_naming_the_tensor(bad, match):
+    q = quantizer("optimized", True, _Hessians({"w": (bad(256), 10)}))
+    with pytest.raises(ImatrixError, match=match) as e:
+        for_tensor(q, "w")(rows(2, 256), "Q4_K", np.ones(256, np.float32))
+    assert "tensor w" in str(e.value)
+    assert isinstance(e.value, GGUFError)
+
+
+def test_a_plan_refuses_rows_it_was_not_built_for():
+    plan = FeedbackPlan(np.eye(256), "Q4_0")
+    with pytest.raises(ImatrixError):
+        quantize_feedback(rows(2, 512), "Q4_K", plan)
+    with pytest.raises(ImatrixError):
+        quantize_feedback(rows(2, 256), "Q2_K", plan)  # blocks of 256, not 32
+
+
+def test_the_factors_are_those_of_the_inverse():
+    """U = inv(V) with H = V V^T (V upper) is the upper Cholesky factor of inv(H): inv(H) = U^T U."""
+    h = correlated_hessian(300, 4)
+    v = _upper_cholesky(h)
+    assert np.allclose(np.triu(v), v) and np.allclose(v @ v.T, h, rtol=1e-9, atol=1e-6 * np.abs(h).max())
+    u = _inv_upper(v)
+    assert np.allclose(np.triu(u), u)
+    np.testing.assert_allclose(u.T @ u, np.linalg.inv(h), rtol=1e-6, atol=1e-9 * np.abs(np.linalg.inv(h)).max())
+
+
+def test_row_bytes_match_the_type():
+    x = rows(3, 256)
+    for qtype in ("Q4_K", "Q8_0"):
+        raw = quantize_feedback(x, qtype, FeedbackPlan(np.eye(256), qtype))
+        assert raw.shape == (3, type_info(qtype).row_bytes(256))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole models: quantize_model(..., imatrix=<file with Hessians>, method="optimized")
+# ---------------------------------------------------------------------------------------------------
+
+
+def _tensors(path):
+    from gguf_kquant.container.reader import open_gguf
+
+    with open_gguf(path) as f:
+        return {t.name: (t.type_name, bytes(t.raw())) for t in f.tensors}
+
+
+def _model_output_error(src, dst, hessians) -> tuple:
+    """Summed over the weights with a Hessian: sum_rows (x - deq) H (x - deq)^T, and how many differ."""
+    from gguf_kquant.container.reader import open_gguf
+    from gguf_kquant.model.hessian import load_hessians
+
+    total, n = 0.0, 0
+    with open_gguf(src) as fs, open_gguf(dst) as fd, load_hessians(hessians) as hs:
+        out = {t.name: t for t in fd.tensors}
+        for t in fs.tensors:
+            entry = hs.for_weight(t.name)
+            if entry is None or not t.name.startswith("blk."):
+                continue
+            q = out[t.name]
+            x = np.asarray(t.numpy(), np.float32).reshape(-1, t.shape[-1])
+            total += output_error(x, np.asarray(q.raw()).reshape(x.shape[0], -1), q.type_name, entry[0])
+            n += 1
+    return total, n
+
+
+# The example model's rows are 256 wide: a k-quant row is one block, so only ffn_down (512) has columns to
+# feed; with Q4_0's blocks of 32 every weight has.
+@pytest.mark.parametrize("mix, bound", [("Q4_K_M", 0.995), ("Q2_K", 0.995), ("Q4_0", 0.9)])
+def test_a_model_with_hessians_has_lower_output_error(example_model, example_hessians, tmp_path, mix, bound):
+    import copy
+
+    import gguf_kquant
+    from gguf_kquant.model.imatrix import load_imatrix
+
+    im = load_imatrix(example_hessians)
+    assert im.hessians is not None and "blk.0.attn_q.weight" in im.entries
+    plain = copy.copy(im)
+    plain.hessians = None
+    fed = gguf_kquant.quantize_model(example_model, tmp_path / "fed.gguf", mix, imatrix=example_hessians,
+                                     method="optimized")
+    alone = gguf_kquant.quantize_model(example_model, tmp_path / "alone.gguf", mix, imatrix=plain,
+                                       method="optimized")
+    a, b = _tensors(fed.paths[0]), _tensors(alone.paths[0])
+    assert {k: v[0] for k, v in a.items()} == {k: v[0] for k, v in b.items()}  # the same types
+    assert fed.paths[0].stat().st_size <= alone.paths[0].stat().st_size + 64  # only the imatrix file name differs
+    e_fed, n = _model_output_error(example_model, fed.paths[0], example_hessians)
+    e_alone, _ = _model_output_error(example_model, alone.paths[0], example_hessians)
+    assert n >= 7 and e_fed < bound * e_alone, (e_fed, e_alone)
+    assert a["token_embd.weight"] == b["token_embd.weight"]  # no imatrix entry: no feedback
+
+
+def test_method_llama_with_a_hessian_file_uses_its_diagonal(example_model, example_hessians, tmp_path):
+    """The file is an imatrix too: method "llama" (llama-quantize's bytes) with its diagonal / tokens."""
+    import gguf_kquant
+    from gguf_kquant.model.hessian import load_hessians
+
+    with load_hessians(example_hessians) as hs:
+        entries = dict(hs.imatrix().entries)
+    ours = gguf_kquant.quantize_model(example_model, tmp_path / "a.gguf", "IQ3_XXS", imatrix=example_hessians)
+    ref = gguf_kquant.quantize_model(example_model, tmp_path / "b.gguf", "IQ3_XXS", imatrix=entries)
+    assert _tensors(ours.paths[0]) == _tensors(ref.paths[0])
+
+
+def test_several_outputs_and_the_cli_give_the_same_files(example_model, example_hessians, tmp_path):
+    import gguf_kquant
+    from gguf_kquant.cli import main
+
+    single = {mix: gguf_kquant.quantize_model(example_model, tmp_path / f"{mix}.gguf", mix,
+                                              imatrix=example_hessians, method="optimized").paths[0]
+              for mix in ("Q4_K_M", "Q3_K_S")}
+    multi = gguf_kquant.quantize_model(example_model, {tmp_path / f"m-{m}.gguf": m for m in single},
+                                       imatrix=example_hessians, method="optimized")
+    assert len(multi) == 2
+    for mix, path in single.items():
+        assert (tmp_path / f"m-{mix}.gguf").read_bytes() == path.read_bytes()
+    assert main(["quantize", str(example_model), str(tmp_path / "cli.gguf"), "Q4_K_M", "--imatrix",
+                 str(example_hessians), "--method", "optimized", "--quiet"]) == 0
+    assert (tmp_path / "cli.gguf").read_bytes() == single["Q4_K_M"].read_bytes()
+
+
+def test_llama_cpp_runs_the_file(example_model, example_hessians, tmp_path, oracle):
+    import llama_cpp as L
+
+    import gguf_kquant
+
+    dst = gguf_kquant.quantize_model(example_model, tmp_path / "fed.gguf", "Q4_K_M", imatrix=example_hessians,
+                                     method="optimized").paths[0]
+    L.llama_backend_init()
+    mp = L.llama_model_default_params()
+    m = L.llama_model_load_from_file(str(dst).encode(), mp)
+    assert m
+    try:
+        cp = L.llama_context_default_params()
+        cp.n_ctx = cp.n_batch = 16
+        ctx = L.llama_init_from_model(m, cp)
+        toks = (L.llama_token * 8)(*range(5, 13))
+        assert L.llama_decode(ctx, L.llama_batch_get_one(toks, 8)) == 0
+        n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(m))
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+        assert np.isfinite(logits).all() and logits.std() > 0
+        L.llama_free(ctx)
+    finally:
+        L.llama_model_free(m)
