@@ -25,6 +25,8 @@ COMMANDS = {
     "merge": ("gguf_kquant.tools.cmd_merge", "merge a split GGUF model like llama-gguf-split --merge"),
     "diff": ("gguf_kquant.tools.cmd_diff", "compare two GGUF files: metadata, tensors and their errors"),
     "imatrix": ("gguf_kquant.imatrix_cli", "convert importance matrices between legacy .dat and GGUF"),
+    "hessian": ("gguf_kquant.hessian_cli", "collect each weight's full input covariance (an imatrix for error "
+                "feedback) by running the model in llama.cpp"),
     "precompile": ("gguf_kquant.precompile", "compile the codec kernels of some types (or --all) into Numba's cache"),
 }
 

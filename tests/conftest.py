@@ -94,3 +94,16 @@ def oracle():
 @pytest.fixture(scope="session")
 def example_model() -> Path:
     return REPO / "fixtures" / "tiny-llama-f16.gguf"
+
+
+@pytest.fixture(scope="session")
+def example_hessians(example_model, tmp_path_factory, oracle) -> Path:
+    """The example model's full input covariances (gguf-kquant hessian) over 3 chunks of 64 random tokens."""
+    import numpy as np
+
+    from gguf_kquant.model.hessian import collect_hessians
+
+    out = tmp_path_factory.mktemp("hessians") / "tiny.hessian.gguf"
+    tokens = np.random.default_rng(11).integers(3, 1024, 3 * 64)
+    collect_hessians(example_model, tokens, out, ctx=64, threads=1, quiet=True)
+    return out

@@ -118,6 +118,17 @@ def test_method_optimized_on_the_cluster(client, models, imatrices, tmp_path, sm
     assert any(t.work.rows is not None and t.work.rows[0] > 0 for t in small_tasks)  # some tensors were split
 
 
+def test_error_feedback_on_the_cluster(client, example_model, example_hessians, tmp_path, small_tasks):
+    """An imatrix file with Hessians travels to the workers (by path): row ranges give the local run's bytes."""
+    local = gguf_kquant.quantize_model(example_model, tmp_path / "local.gguf", "Q4_K_M", imatrix=example_hessians,
+                                       method="optimized")
+    res = gguf_kquant.quantize_model(example_model, tmp_path / "dask.gguf", "Q4_K_M", imatrix=example_hessians,
+                                     method="optimized", client=client)
+    _check_same(res.paths[0], local.paths[0])
+    assert any(t.work.rows is not None and t.work.rows[0] > 0 and t.work.hessians is not None
+               for t in small_tasks)  # some tensors were split, with their Hessians
+
+
 def test_worker_killed_mid_task_is_retried(client, models, tmp_path, small_tasks):
     """The first task to write kills its worker process after scribbling over its range (a marker file makes
     it happen once); Dask reruns it and the file is still the local run's."""

@@ -175,7 +175,7 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
         raise ConversionError(f"method {method!r} applies to the quantization mixes, not {ftype_name}")
     from ..codecs.optimized import quantizer
 
-    quantize_tensor = quantizer(method, im is not None)
+    quantize_tensor = quantizer(method, im is not None, getattr(im, "hessians", None))
     if quant_plan is not None:
         from ..errors import ImatrixError
 
@@ -312,8 +312,9 @@ def _producer(p: PlannedTensor, im, progress, quantize_tensor=None):  # issue 13
                 out = np.ascontiguousarray(slab)
             else:
                 from .. import quantize
+                from ..codecs.gptq import for_tensor
 
-                out = (quantize_tensor or quantize)(slab, p.qtype.name, imatrix=weights)
+                out = for_tensor(quantize_tensor or quantize, p.name)(slab, p.qtype.name, imatrix=weights)
             n_out += out.nbytes
             yield out
         del y, rows

@@ -226,6 +226,7 @@ class _QuantizeRows:
     has_imatrix: bool  # the job has one (method "optimized" refuses to run without)
     threads: int
     stats: bool
+    hessians: object = None  # the imatrix file's full covariances (pickled as its path): error feedback
 
     def chunks(self, stats: list):
         from ..codecs.optimized import quantizer
@@ -235,7 +236,8 @@ class _QuantizeRows:
 
         im = None if self.imatrix is None else Imatrix({self.row.name: self.imatrix})
         conv = _Converter({self.row.name: self.source}, im, self.threads, Progress(1, quiet=True),
-                          stats if self.stats else None, quantizer(self.method, self.has_imatrix))
+                          stats if self.stats else None,
+                          quantizer(self.method, self.has_imatrix, self.hessians))
         return conv.stream(self.row, self.rows)
 
 
@@ -386,7 +388,8 @@ def _tasks(plan, shards, temps, by_name, im, *, method: str, threads: int, stats
         dst_row = TYPES[row.dst_type].row_bytes(row.shape[-1]) if row.shape[-1] else 0
         for rows in ([None] if stats else _split(row, task_bytes)):
             begin, end = rows or (0, row.n_elements // row.shape[-1] if row.shape[-1] else 0)
-            work = _QuantizeRows(row, source, rows, w, method, im is not None, threads, stats)
+            work = _QuantizeRows(row, source, rows, w, method, im is not None, threads, stats,
+                                 getattr(im, "hessians", None))
             tasks.append(_Task(row.name, out, offset + begin * dst_row, (end - begin) * dst_row, work))
     return tasks
 

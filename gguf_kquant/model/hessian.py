@@ -655,6 +655,9 @@ class Hessians:
         self._last = None
         self._f.close()
 
+    def __reduce__(self):  # pickled (to Dask workers) as its path: the worker opens the file itself
+        return load_hessians, (self.path,)
+
     def __enter__(self) -> "Hessians":
         return self
 

@@ -42,6 +42,8 @@ class Imatrix:
     chunk_count: int = 0
     path: str = ""  # the path as the user gave it (recorded in quantize.imatrix.file)
     is_legacy: bool = False
+    # the full input covariances, when the file holds them (gguf_kquant.model.hessian): error feedback
+    hessians: object = None
 
     def filtered(self, include=(), exclude=()) -> "Imatrix":
         """--include-weights / --exclude-weights: keep / drop entries whose name contains one of the strings."""
@@ -52,7 +54,7 @@ class Imatrix:
             entries = {k: v for k, v in entries.items() if s not in k}
         if include:
             entries = {k: v for k, v in entries.items() if any(s in k for s in include)}
-        return Imatrix(entries, list(self.datasets), self.chunk_count, self.path, self.is_legacy)
+        return Imatrix(entries, list(self.datasets), self.chunk_count, self.path, self.is_legacy, self.hessians)
 
     def check_finite(self) -> None:
         """llama-quantize refuses any non-finite value, used or not."""
@@ -114,6 +116,8 @@ def _open_gguf_imatrix(p: Path):
 def _load_gguf(p: Path) -> Imatrix:
     with _open_gguf_imatrix(p) as f:
         md = f.metadata
+        if md.get("general.type") == "hessian":  # gguf-kquant hessian's file: the imatrix is its diagonals
+            return _load_hessians(p)
         missing = [k for k in ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size") if k not in md]
         if missing:
             raise ImatrixError(f"imatrix {p}: missing imatrix metadata {', '.join(missing)}")
@@ -153,6 +157,17 @@ def _load_gguf(p: Path) -> Imatrix:
             vals[pos] = per[pos] / c[pos, None]
             entries[name] = vals.reshape(-1)
         return Imatrix(entries, datasets, int(md["imatrix.chunk_count"]), is_legacy=False)
+
+
+def _load_hessians(p: Path) -> Imatrix:
+    """An imatrix file that holds each weight's full input covariance (gguf_kquant.model.hessian): the
+    imatrix is ``diag(H) / n_tokens``, and ``hessians`` carries the matrices for error feedback."""
+    from .hessian import load_hessians
+
+    hessians = load_hessians(p)
+    im = hessians.imatrix()
+    im.hessians = hessians
+    return im
 
 
 def _load_legacy(p: Path, data: bytes) -> Imatrix:

@@ -38,6 +38,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from ..codecs.gptq import for_tensor
 from ..codecs.optimized import quantizer
 from ..errors import BadTensorDataError, QuantizeError, WriteError
 from ..safeio import AtomicFiles, check_outputs
@@ -79,7 +80,8 @@ def quantize_outputs(src, outputs: Mapping, *, imatrix=None, include_weights=(),
     reports = _report_paths(report, outputs)
     max_bytes = _split_limits(keep_split, split_max_size, split_max_tensors)
     im = _prepare_imatrix(imatrix, tuple(include_weights or ()), tuple(exclude_weights or ()))
-    quantize_tensor = quantizer(method, im is not None)  # an unknown method, or optimized without imatrix
+    # an unknown method, or optimized without imatrix, refused here
+    quantize_tensor = quantizer(method, im is not None, getattr(im, "hessians", None))
     overrides = _overrides(override_kv, im)
     rules = dict(pure=pure, leave_output_tensor=leave_output_tensor, output_tensor_type=output_tensor_type,
                  token_embedding_type=token_embedding_type, tensor_types=tensor_types, keep_order=keep_split)
@@ -241,6 +243,7 @@ def _slabs(t, rows: list, im: Optional[Imatrix], threads, stats_of: dict, q):
     """Per slab of source rows of tensor ``t``: a list, parallel to ``rows`` (one PlanRow per output), of
     that output's bytes — the raw slab for a copy, else the slab quantized by ``q`` (the method's quantize
     function) once per distinct type."""
+    q = for_tensor(q, t.name)  # error feedback: this tensor's Hessian
     src_type = rows[0].src_type
     ne = rows[0].shape[::-1]
     n_per_row = ne[0]

@@ -33,6 +33,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..codecs.gptq import for_tensor
 from ..codecs.optimized import quantizer
 from ..errors import BadTensorDataError, ImatrixError, QuantizeError
 from ..safeio import check_outputs
@@ -191,7 +192,7 @@ def quantize_model(src, dst, ftype=None, *, imatrix=None, include_weights: Seque
     mix, file_type, _default = parse_mix(ftype)
     max_bytes = _split_limits(keep_split, split_max_size, split_max_tensors)
     im = _prepare_imatrix(imatrix, tuple(include_weights or ()), tuple(exclude_weights or ()))
-    quantize_tensor = quantizer(method, im is not None)
+    quantize_tensor = quantizer(method, im is not None, getattr(im, "hessians", None))
     overrides = _overrides(override_kv, im)
 
     rules = dict(pure=pure, leave_output_tensor=leave_output_tensor, output_tensor_type=output_tensor_type,
@@ -475,7 +476,7 @@ class _Converter:
     def _convert(self, fd, t, row, rows=None):
         from ..codecs import quantize
 
-        q = self.quantize_tensor or quantize
+        q = for_tensor(self.quantize_tensor or quantize, row.name)
         src = TYPES[row.src_type]
         ne = row.shape[::-1]
         n_per_row = ne[0]
