@@ -52,6 +52,7 @@ from .chunks import run_chunks
 __all__ = ["DEFAULT_DAMP", "ErrorFeedback", "FeedbackPlan", "for_tensor", "output_error", "quantize_feedback"]
 
 DEFAULT_DAMP = 0.01  # GPTQ's percdamp: 1% of the mean diagonal
+_PLANS_KEPT = 4  # a layer's inputs: attention, its output, the feed-forward, its down projection
 GROUP = 128  # columns per lazy-batch group (GPTQ's block size); a 256-value block is its own group
 
 
@@ -88,7 +89,7 @@ class FeedbackPlan:
                 self.local.append((v_bb @ u[b0:b1, b1:g1]).astype(np.float32))
             self.beyond.append(u[g0:g1, g1:].astype(np.float32))
         # nothing is fed forward when U has no off-diagonal terms (a diagonal H)
-        self.feeds = bool(np.any(u[np.triu_indices(n, 1)]))
+        self.feeds = bool(np.any(np.triu(u, 1)))
 
 
 def _upper_cholesky(h: np.ndarray) -> np.ndarray:
@@ -200,7 +201,7 @@ class ErrorFeedback:
     def __init__(self, hessians, damp: float = DEFAULT_DAMP):
         self.hessians = hessians
         self.damp = damp
-        self._plan = (None, None)  # (key, FeedbackPlan): attn_q/k/v (ffn_gate/up) share one input in a row
+        self._plans = {}  # (matrix, block) -> FeedbackPlan, the last few: attn_q/k/v (ffn_gate/up) share one
 
     def __call__(self, x, qtype, imatrix=None, *, threads: Optional[int] = None):
         from .optimized import quantize_optimized
@@ -222,17 +223,20 @@ class ErrorFeedback:
                 raise ImatrixError(f"tensor {name}: rows of {n} values, but its Hessian is "
                                    f"{hessian.shape[0]} x {hessian.shape[1]}")
             key = (matrix, type_info(qtype).block_size)
-            if self._plan[0] != key:
+            if key not in self._plans:
                 try:
-                    self._plan = (key, FeedbackPlan(hessian, qtype, damp=self.damp, n_tokens=n_tokens))
+                    plan = FeedbackPlan(hessian, qtype, damp=self.damp, n_tokens=n_tokens)
                 except ImatrixError as exc:
                     raise ImatrixError(f"tensor {name}: {exc}") from None
-            return quantize_feedback(x, qtype, self._plan[1], threads=threads)
+                while len(self._plans) >= _PLANS_KEPT:
+                    del self._plans[next(iter(self._plans))]  # the oldest
+                self._plans[key] = plan
+            return quantize_feedback(x, qtype, self._plans[key], threads=threads)
 
         return quantize_tensor
 
     def __getstate__(self):  # pickled to Dask workers: the Hessians (by path), not a plan
-        return {"hessians": self.hessians, "damp": self.damp, "_plan": (None, None)}
+        return {"hessians": self.hessians, "damp": self.damp, "_plans": {}}
 
 
 def for_tensor(quantize_fn, name: str):

@@ -540,6 +540,17 @@ def open_regular(path) -> int:
     return fd
 
 
+def read_regular(path, what: str) -> bytes:
+    """The whole content of the regular file ``path`` (:func:`open_regular`'s refusals); an ``OSError`` while
+    reading is a :class:`~gguf_kquant.errors.GGUFIOError` saying it could not read ``what``."""
+    fd = open_regular(path)
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise GGUFIOError.wrap(path, exc, f"cannot read {what}") from None
+
+
 class _Parser:
     """Reads one file's header.  Field readers check bounds first, so no struct.error escapes."""
 

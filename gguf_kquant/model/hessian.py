@@ -348,14 +348,9 @@ def _model_files(model_path: Path) -> list:
 
 
 def _read_text(path: Path) -> bytes:
-    from ..container.reader import open_regular  # refuses FIFOs and folders without blocking
+    from ..container.reader import read_regular  # refuses FIFOs and folders without blocking
 
-    fd = open_regular(path)
-    try:
-        with os.fdopen(fd, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise GGUFIOError.wrap(path, exc, "cannot read the calibration text") from None
+    data = read_regular(path, "the calibration text")
     if len(data) >= 2**31 - 16:
         raise HessianError(f"{path}: {len(data)} bytes of text; llama_tokenize takes less than 2 GiB")
     return data

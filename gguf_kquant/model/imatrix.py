@@ -276,14 +276,9 @@ def read_imatrix_stats(path, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Imatrix
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ImatrixError(f"chunk size must be a positive integer, not {chunk_size!r}")
     p = Path(path)
-    from ..container.reader import open_regular
+    from ..container.reader import read_regular
 
-    fd = open_regular(p)
-    try:
-        with os.fdopen(fd, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise GGUFIOError.wrap(p, exc, "cannot read imatrix") from None
+    data = read_regular(p, "imatrix")
     zero = np.float32(0)
     entries: dict = {}
     if data[:4] != b"GGUF":
