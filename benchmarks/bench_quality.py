@@ -87,9 +87,8 @@ whole matrices: GPTQ-style error feedback, gguf_kquant/codecs/gptq.py).  Paired 
     gemma3   IQ4_XS  0.0940 ± 0.0071     0.0907 ± 0.0078     0.0495 ± 0.0063     -3.5% ± 3.0%     -47.4% ± 2.2%
 
 Quantize time with feedback: 6-10x the default's on these models (SmolLM2 Q4_K_M 12.5 s against 1.4 s, best of
-2): every weight needs a factorisation of its n x n covariance and rows * n^2 multiply-adds.  SmolLM2's rows
-come from the same computation run as a script before this option existed (identical inputs: its vocab adds no
-BOS, so the chunks are the same tokens); Gemma's from ``--model gemma3 --feedback --no-budget``.
+2, machine otherwise idle; 30-70x while two other jobs shared the 2 cores): every weight needs a factorisation
+of its n x n covariance and rows * n^2 multiply-adds.  Rows from ``--model smollm2|gemma3 --feedback --no-budget``.
 """
 from __future__ import annotations
 

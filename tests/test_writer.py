@@ -667,8 +667,15 @@ def test_no_handlers_from_another_thread(tmp_path):
 def test_sigint_in_library_use_raises_keyboard_interrupt(tmp_path):
     target = tmp_path / "m.gguf"
     target.write_bytes(b"old")
-    with pytest.raises(KeyboardInterrupt):
-        gguf_kquant.write(target, {}, [("t", (32,), "F32", _probe([], lambda: os.kill(os.getpid(), signal.SIGINT)))])
+    # Python's own SIGINT handling, as in an interactive program: a shell starts background jobs with SIGINT
+    # ignored, and the library rightly leaves an ignored signal alone (the CI run was one such job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            gguf_kquant.write(target, {}, [("t", (32,), "F32",
+                                             _probe([], lambda: os.kill(os.getpid(), signal.SIGINT)))])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert target.read_bytes() == b"old" and leftovers(tmp_path) == []
 
 
