@@ -91,7 +91,7 @@ sdist): on SmolLM2's Q4_K_M llama-quantize file, 12 x 128 tokens, ``llama-perple
 Mean KLD 0.035303 ± 0.001727 and ours on the same tokens and positions (the second half of each chunk) is
 0.035207 ± 0.001652; on Q2_K 0.295481 vs 0.295734 (llama-perplexity keeps the reference log-probs in 16 bits).
 
-Quantize time with feedback: 6-10x the default's on these models (SmolLM2 Q4_K_M 12.5 s against 1.4 s, best of
+Quantize time with feedback: 6-11x the default's on these models (SmolLM2 Q4_K_M 13.2 s against 1.3 s, best of
 2, machine otherwise idle; 30-70x while two other jobs shared the 2 cores): every weight needs a factorisation
 of its n x n covariance and rows * n^2 multiply-adds.  Rows from ``--model smollm2|gemma3 --feedback --no-budget``.
 """
