@@ -91,8 +91,11 @@ def test_blocks_decode_in_llama_cpp(oracle):
 
 
 class _Hessians:
+    """Hessians' interface over a dict name -> (H, n_tokens), each weight its own matrix."""
+
     def __init__(self, table):
         self.table = table
+        self.matrix_of = {name: name for name in table}
 
     def for_weight(self, name):
         return self.table.get(name)

@@ -192,10 +192,12 @@ def output_error(x, raw, qtype, hessian) -> float:
 class ErrorFeedback:
     """``method="optimized"`` with Hessians: the quantize function of each tensor (:func:`for_tensor`).
 
-    ``hessians`` has ``for_weight(name) -> (H, n_tokens) | None`` (:class:`gguf_kquant.model.hessian.Hessians`).
-    Feedback applies where the imatrix applies: a tensor without a Hessian, or without an imatrix entry (MoE
-    experts, a tied ``token_embd``, ...), gets the refiner alone, as without Hessians.  Called directly (no
-    tensor known), it is :func:`~gguf_kquant.codecs.optimized.quantize_optimized`.
+    ``hessians`` is a :class:`gguf_kquant.model.hessian.Hessians`: ``matrix_of`` (weight -> its matrix's name,
+    weights sharing an input share one) and ``for_weight(name) -> (H, n_tokens) | None``.  A matrix is read and
+    factorised only when a plan for it is not kept already.  Feedback applies where the imatrix applies: a tensor
+    without a Hessian, or without an imatrix entry (MoE experts, a tied ``token_embd``, ...), gets the refiner
+    alone, as without Hessians.  Called directly (no tensor known), it is
+    :func:`~gguf_kquant.codecs.optimized.quantize_optimized`.
     """
 
     def __init__(self, hessians, damp: float = DEFAULT_DAMP):
@@ -209,31 +211,33 @@ class ErrorFeedback:
         return quantize_optimized(x, qtype, imatrix, threads=threads)
 
     def for_tensor(self, name: str):
-        entry = self.hessians.for_weight(name)
-        if entry is None:
+        matrix = self.hessians.matrix_of.get(name)
+        if matrix is None:
             return self
-        hessian, n_tokens = entry
-        matrix = getattr(self.hessians, "matrix_of", {}).get(name, name)
 
         def quantize_tensor(x, qtype, imatrix=None, *, threads: Optional[int] = None):
             if imatrix is None:
                 return self(x, qtype, None, threads=threads)
-            n = x.shape[-1]
-            if n != hessian.shape[0]:
-                raise ImatrixError(f"tensor {name}: rows of {n} values, but its Hessian is "
-                                   f"{hessian.shape[0]} x {hessian.shape[1]}")
-            key = (matrix, type_info(qtype).block_size)
-            if key not in self._plans:
-                try:
-                    plan = FeedbackPlan(hessian, qtype, damp=self.damp, n_tokens=n_tokens)
-                except ImatrixError as exc:
-                    raise ImatrixError(f"tensor {name}: {exc}") from None
-                while len(self._plans) >= _PLANS_KEPT:
-                    del self._plans[next(iter(self._plans))]  # the oldest
-                self._plans[key] = plan
-            return quantize_feedback(x, qtype, self._plans[key], threads=threads)
+            return quantize_feedback(x, qtype, self._plan(name, matrix, qtype, x.shape[-1]), threads=threads)
 
         return quantize_tensor
+
+    def _plan(self, name: str, matrix: str, qtype, n: int) -> FeedbackPlan:
+        """The plan of ``matrix`` for ``qtype``'s blocks; the tensor ``name``'s rows are ``n`` values."""
+        key = (matrix, type_info(qtype).block_size)
+        if key not in self._plans:
+            hessian, n_tokens = self.hessians.for_weight(name)
+            if hessian.shape[0] != n:
+                raise ImatrixError(f"tensor {name}: rows of {n} values, but its Hessian is "
+                                   f"{hessian.shape[0]} x {hessian.shape[1]}")
+            try:
+                plan = FeedbackPlan(hessian, qtype, damp=self.damp, n_tokens=n_tokens)
+            except ImatrixError as exc:
+                raise ImatrixError(f"tensor {name}: {exc}") from None
+            while len(self._plans) >= _PLANS_KEPT:
+                del self._plans[next(iter(self._plans))]  # the oldest
+            self._plans[key] = plan
+        return self._plans[key]
 
     def __getstate__(self):  # pickled to Dask workers: the Hessians (by path), not a plan
         return {"hessians": self.hessians, "damp": self.damp, "_plans": {}}
