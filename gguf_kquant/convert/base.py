@@ -199,6 +199,10 @@ class Converter:
                 raise ConversionError(f"{self.dir / 'config.json'}: key {key!r} is missing (needed for "
                                       f"{hparams.get('architectures', ['this architecture'])[0]})")
         self.block_count = self.find(["num_hidden_layers", "n_layers", "n_layer", "num_layers"])
+        n_tensors = len(getattr(checkpoint, "tensors", ()))
+        if n_tensors and self.block_count > n_tensors:  # gguf-py's name map holds every block: memory follows it
+            raise ConversionError(f"{self.dir / 'config.json'}: {self.block_count} layers, but the checkpoint holds "
+                                  f"{n_tensors} tensors")
         self.tensor_map = gguf.get_tensor_name_map(self.arch, self.block_count)
         rp = self.hparams.get("rope_parameters", self.hparams.get("rope_scaling")) or {}
         self.rope_parameters = dict(rp)
