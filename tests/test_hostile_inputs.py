@@ -211,6 +211,9 @@ CONFIG_CASES = [
     ("num_attention_heads", 0, "key 'num_attention_heads' must be an integer in 1.."),
     ("num_attention_heads", [4], "key 'num_attention_heads'"),
     ("num_hidden_layers", None, "none of ['num_hidden_layers'"),
+    # CI's seed at 5a3ca5d drew a layer count this large: gguf-py's name map then filled 24 GB
+    ("num_hidden_layers", 2**24 - 1, "layers, but the checkpoint holds"),
+    ("num_hidden_layers", 10**6, "layers, but the checkpoint holds"),
     ("vocab_size", 10**12, "key 'vocab_size' must be an integer in 1..4194304"),
     ("intermediate_size", 2**70, "key 'intermediate_size'"),
     ("rms_norm_eps", "1e-5", "key 'rms_norm_eps' must be a finite number"),
@@ -233,7 +236,7 @@ def test_hostile_config_json(tiny_llama, tmp_path, key, value, frag):
     d = _copy(tiny_llama, tmp_path / "m")
     if key == "deep":
         (d / "config.json").write_text("[" * 100_000 + "]" * 100_000)
-    elif key == "num_hidden_layers":
+    elif key == "num_hidden_layers" and value is None:
         _edit(d / "config.json", lambda doc: doc.pop("num_hidden_layers"))
     else:
         _edit(d / "config.json", _set(key, value))
