@@ -5,7 +5,7 @@ from hypothesis import example, given, settings, strategies as st
 
 from gguf_kquant.codecs import dequantize, quantize
 from gguf_kquant.codecs.gptq import (
-    ErrorFeedback, FeedbackPlan, _inv_upper, _upper_cholesky, for_tensor, output_error, quantize_feedback)
+    ErrorFeedback, FeedbackPlan, _upper_factors, for_tensor, output_error, quantize_feedback)
 from gguf_kquant.codecs.optimized import REFINERS, quantize_optimized, quantizer
 from gguf_kquant.errors import GGUFError, ImatrixError
 from gguf_kquant.types import type_info
@@ -139,14 +139,36 @@ def test_a_plan_refuses_rows_it_was_not_built_for():
         quantize_feedback(rows(2, 256), "Q2_K", plan)  # blocks of 256, not 32
 
 
-def test_the_factors_are_those_of_the_inverse():
-    """U = inv(V) with H = V V^T (V upper) is the upper Cholesky factor of inv(H): inv(H) = U^T U."""
-    h = correlated_hessian(300, 4)
-    v = _upper_cholesky(h)
-    assert np.allclose(np.triu(v), v) and np.allclose(v @ v.T, h, rtol=1e-9, atol=1e-6 * np.abs(h).max())
-    u = _inv_upper(v)
-    assert np.allclose(np.triu(u), u)
-    np.testing.assert_allclose(u.T @ u, np.linalg.inv(h), rtol=1e-6, atol=1e-9 * np.abs(np.linalg.inv(h)).max())
+@pytest.mark.parametrize("n", [100, 300, 576])  # one leaf; halves; halves of halves
+def test_the_factors_are_those_of_the_inverse(n):
+    """U = inv(V) with H = V V^T (V upper) is the upper Cholesky factor of inv(H): inv(H) = U^T U (float32)."""
+    h = correlated_hessian(n, 4)
+    h[np.diag_indices(n)] += 0.01 * np.diagonal(h).mean()  # the plan's dampening: float32 then suffices
+    v, u = _upper_factors(h)
+    assert v.dtype == u.dtype == np.float32
+    assert not np.tril(v, -1).any() and not np.tril(u, -1).any()
+    np.testing.assert_allclose(v.astype(np.float64) @ v.T, h, rtol=0, atol=1e-5 * np.abs(h).max())
+    np.testing.assert_allclose(u.astype(np.float64) @ v, np.eye(n), rtol=0, atol=1e-4)
+    inv = np.linalg.inv(h)
+    np.testing.assert_allclose(u.T.astype(np.float64) @ u, inv, rtol=0, atol=1e-3 * np.abs(inv).max())
+
+
+def test_a_plan_does_not_depend_on_the_blas_thread_count():
+    from threadpoolctl import threadpool_limits
+
+    plans = []
+    for threads in (1, 2):
+        with threadpool_limits(threads, "blas"):
+            plans.append(FeedbackPlan(correlated_hessian(576, 2), "Q4_0", n_tokens=N_TOKENS))
+    one, two = plans
+    assert np.array_equal(one.weights, two.weights)
+    for name in ("v_bb", "local", "beyond"):
+        assert all(np.array_equal(a, b) for a, b in zip(getattr(one, name), getattr(two, name)))
+
+
+def test_a_singular_hessian_is_refused():
+    with pytest.raises(ImatrixError, match="positive definite"):
+        _upper_factors(-np.eye(200))
 
 
 def test_row_bytes_match_the_type():

@@ -60,7 +60,7 @@ def test_first_layer_attention_input_matches_numpy(collected, example_model, tok
     with load_hessians(out) as hs:
         got, n = hs.for_weight("blk.0.attn_q.weight")
         assert n == N_CHUNK * CTX
-        assert got.shape == (256, 256) and got.dtype == np.float64
+        assert got.shape == (256, 256) and got.dtype == np.float32
         np.testing.assert_allclose(got, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
         # attn_k and attn_v read the same input: one matrix in the file, shared
         assert {hs.matrix_of[w] for w in ATTN} == {"blk.0.attn_q.weight.hessian"}
@@ -289,10 +289,12 @@ def test_malformed_files_are_refused_by_name(tmp_path, keys, tensors, drop, word
 @pytest.mark.parametrize("poison, words", [
     (lambda h: h.__setitem__((2, 3), np.nan), ["non-finite", "nan", "[2, 3]"]),
     (lambda h: h.__setitem__((2, 3), h[2, 3] + 1.0), ["not symmetric"]),
+    (lambda h: h.__setitem__((-1, -3), h[-1, -3] + 1.0), ["not symmetric"]),  # the last slab of rows
+    (lambda h: h.__setitem__((1, -1), h[1, -1] + 1.0), ["not symmetric"]),  # above the diagonal
     (lambda h: h.__setitem__((5, 5), -1.0), ["diagonal", "-1.0", "[5, 5]"]),
 ])
 def test_bad_values_are_refused_when_read(tmp_path, poison, words):
-    h = _spd()
+    h = _spd(300)  # wider than the symmetry check's slabs of 128 rows
     poison(h)
     path = _write(tmp_path / "bad.gguf", tensors={"blk.0.a.weight.hessian": h})
     with load_hessians(path) as hs:  # the header is fine: the values are checked when the matrix is read

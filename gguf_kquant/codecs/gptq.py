@@ -31,9 +31,11 @@ weights) was measured and dropped: on synthetic low-rank activations it halved t
 SmolLM2's real ffn_down Hessians it made Q4_K/Q5_K/IQ4_XS 2-5x *worse* than no feedback (the super-block's
 shared scales move the pinned columns), and whole blocks won for every type but Q3_K (0.26 vs 0.22).
 Rows are independent (H is shared by all rows of a weight), so a slab of rows gives the bytes of those rows
-quantized with the rest.  Cost per weight: one Cholesky factorisation and one triangular inverse of n x n
-(n = the input width; once per input, as attn_q/k/v share theirs), ``rows * n^2`` multiply-adds for the
-updates (BLAS, one thread per row range), and one quantization per block column.
+quantized with the rest.  Cost per weight: V and U together by halves in float32 matrix products
+(:func:`_cholesky_and_inverse`, about n^3 multiply-adds; n = the input width; once per input, as attn_q/k/v
+share theirs), ``rows * n^2`` multiply-adds for the updates (BLAS, one thread per row range), and one
+quantization per block column.  Float32 is GPTQ's precision too: the dampening bounds H's condition number, and
+the output errors below are those of float64 factors to three digits.
 
 Measured, output error against ggml's blocks with the same imatrix (refiner alone -> with feedback):
 SmolLM2-135M's ffn_down, six layers, Hessians from 4096 tokens: Q2_K 0.78 -> 0.37, Q3_K 0.82 -> 0.26,
@@ -64,16 +66,15 @@ class FeedbackPlan:
         info = type_info(qtype)
         self.block = block = info.block_size
         self.group = group = max(GROUP, block)
-        h = np.array(hessian, dtype=np.float64)  # a copy: the dampening must not touch the caller's matrix
+        h = np.asarray(hessian)
         n = h.shape[0]
         if h.ndim != 2 or h.shape != (n, n) or n % block:
             raise ImatrixError(f"Hessian of shape {h.shape} does not fit rows of {info.name} blocks")
         if not np.isfinite(h).all():
             raise ImatrixError("Hessian has non-finite values")
-        mean = float(np.diagonal(h).mean()) if n else 0.0
-        h[np.diag_indices(n)] += damp * mean if mean > 0 else 1.0
-        v = _upper_cholesky(h)
-        u = _inv_upper(v)
+        mean = float(np.diagonal(h).astype(np.float64).mean()) if n else 0.0
+        with _one_blas_thread():  # the same factors, to the bit, whatever the machine's thread count
+            v, u = _upper_factors(h, damp * mean if mean > 0 else 1.0)
         self.n = n
         self.weights = np.empty(n, np.float32)  # w, in imatrix units (per token)
         self.v_bb = []  # per block: V_bb, float32
@@ -84,36 +85,52 @@ class FeedbackPlan:
             for b0 in range(g0, g1, block):
                 b1 = b0 + block
                 v_bb = v[b0:b1, b0:b1]
-                self.weights[b0:b1] = (v_bb * v_bb).sum(axis=1) / max(int(n_tokens), 1)
-                self.v_bb.append(v_bb.astype(np.float32))
-                self.local.append((v_bb @ u[b0:b1, b1:g1]).astype(np.float32))
-            self.beyond.append(u[g0:g1, g1:].astype(np.float32))
-        # nothing is fed forward when U has no off-diagonal terms (a diagonal H)
-        self.feeds = bool(np.any(np.triu(u, 1)))
+                self.weights[b0:b1] = (v_bb.astype(np.float64) ** 2).sum(axis=1) / max(int(n_tokens), 1)
+                self.v_bb.append(np.ascontiguousarray(v_bb))
+                self.local.append(v_bb @ u[b0:b1, b1:g1])
+            self.beyond.append(np.ascontiguousarray(u[g0:g1, g1:]))
+        # nothing is fed forward when H, and so U, has no off-diagonal terms
+        self.feeds = np.count_nonzero(h) > np.count_nonzero(np.diagonal(h))
 
 
-def _upper_cholesky(h: np.ndarray) -> np.ndarray:
-    """V upper triangular with h = V V^T (the Cholesky factor of h with its index order reversed);
-    a matrix that is not positive definite is an ImatrixError."""
+def _upper_factors(h: np.ndarray, dampening: float = 0.0) -> tuple:
+    """``(V, U)``: V upper triangular with h + dampening * I = V V^T (the Cholesky factor with the index order
+    reversed) and U = inv(V), in float32; a matrix that is not positive definite is an ImatrixError."""
+    r = np.array(h[::-1, ::-1], np.float32)  # a copy: the caller's matrix is not dampened
+    r[np.diag_indices(r.shape[0])] += np.float32(dampening)
     try:
-        return np.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]
+        lower, inverse = _cholesky_and_inverse(r)
     except np.linalg.LinAlgError:
         raise ImatrixError("Hessian is not positive definite (even after dampening)") from None
+    if not (np.isfinite(lower).all() and np.isfinite(inverse).all()):
+        raise ImatrixError("Hessian is too ill-conditioned to factorise in float32 (even after dampening)")
+    return lower[::-1, ::-1], inverse[::-1, ::-1]
 
 
-def _inv_upper(v: np.ndarray) -> np.ndarray:
-    """The inverse of an upper triangular matrix, by halves: [[A, B], [0, D]]^-1 = [[A^-1, -A^-1 B D^-1],
-    [0, D^-1]] (numpy has no triangular inverse; this is n^3/3 multiply-adds in matrix products)."""
-    n = v.shape[0]
-    if n <= 64:
-        return np.linalg.inv(v)
+_LEAF = 128  # below this width LAPACK's own factorisation; above it the halves' matrix products pay
+
+
+def _cholesky_and_inverse(h: np.ndarray) -> tuple:
+    """``(L, inv(L))`` with h = L L^T, L lower triangular, by halves (numpy has no triangular inverse, and its
+    Cholesky runs at a fraction of matrix-product speed)::
+
+        h = [[A, B^T], [B, C]]:   L = [[L11, 0], [L21, L22]],   inv(L) = [[I11, 0], [-I22 L21 I11, I22]]
+        L11 L11^T = A,  L21 = B I11^T,  L22 L22^T = C - L21 L21^T      (I = inv(L) of each half)
+    """
+    n = h.shape[0]
+    if n <= _LEAF:
+        lower = np.linalg.cholesky(h)
+        return lower, np.tril(np.linalg.inv(lower))  # inv works by LU: rounding noise above the diagonal
     k = n // 2
-    a_inv, d_inv = _inv_upper(v[:k, :k]), _inv_upper(v[k:, k:])
-    out = np.zeros_like(v)
-    out[:k, :k] = a_inv
-    out[k:, k:] = d_inv
-    out[:k, k:] = -(a_inv @ v[:k, k:]) @ d_inv
-    return out
+    l11, i11 = _cholesky_and_inverse(h[:k, :k])
+    l21 = h[k:, :k] @ i11.T
+    l22, i22 = _cholesky_and_inverse(h[k:, k:] - l21 @ l21.T)
+    lower = np.zeros_like(h)
+    inverse = np.zeros_like(h)
+    lower[:k, :k], lower[k:, :k], lower[k:, k:] = l11, l21, l22
+    inverse[:k, :k], inverse[k:, k:] = i11, i22
+    inverse[k:, :k] = -(i22 @ l21) @ i11
+    return lower, inverse
 
 
 def quantize_feedback(x, qtype, plan: FeedbackPlan, *, threads: Optional[int] = None) -> np.ndarray:

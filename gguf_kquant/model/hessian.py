@@ -26,7 +26,7 @@ The file is a GGUF (``general.type = "hessian"``):
 
 >>> collect_hessians("model-f16.gguf", "calibration.txt", "model.hessian.gguf", ctx=512)  # doctest: +SKIP
 >>> with load_hessians("model.hessian.gguf") as hs:                                     # doctest: +SKIP
-...     H, n = hs.for_weight("blk.0.attn_q.weight")        # float64 (n_in, n_in), tokens
+...     H, n = hs.for_weight("blk.0.attn_q.weight")        # float32 (n_in, n_in), tokens
 ...     im = hs.imatrix()                                  # diag(H)/n: what llama-imatrix would compute
 """
 
@@ -557,6 +557,15 @@ def _write(out_path: Path, groups: list, summary: HessianSummary, inputs: list, 
 # ------------------------------------------------------------------------------------------------------
 # The loader
 # ------------------------------------------------------------------------------------------------------
+def _asymmetry(h: np.ndarray, tile: int = 128) -> float:
+    """max |H - H^T|, a slab of rows against the matching slab of columns at a time (the whole transpose at
+    once strides through memory: 5x slower at n = 1536)."""
+    worst = 0.0
+    for i in range(0, h.shape[0], tile):
+        worst = max(worst, float(np.abs(h[i:i + tile, i:] - h[i:, i:i + tile].T).max()))
+    return worst
+
+
 class Hessians:
     """An open Hessian file: the weight -> matrix map is read at once, each matrix only when asked for
     (read with ``pread``, checked: finite, symmetric, non-negative diagonal).  Close it, or use ``with``."""
@@ -581,7 +590,7 @@ class Hessians:
         return weight in self.matrix_of
 
     def for_weight(self, weight: str) -> Optional[tuple]:
-        """``(H, n_tokens)`` for ``weight``: float64 ``(n_in, n_in)``, the sum over ``n_tokens`` tokens of
+        """``(H, n_tokens)`` for ``weight``: float32 ``(n_in, n_in)`` as stored, the sum over ``n_tokens`` tokens of
         ``x x^T``; None for a weight without a matrix (experts, skipped ones: use the imatrix)."""
         name = self.matrix_of.get(weight)
         if name is None:
@@ -591,21 +600,20 @@ class Hessians:
         return self._last[1], self.tokens[name]
 
     def matrix(self, name: str) -> np.ndarray:
-        """Tensor ``name`` as a checked float64 matrix."""
+        """Tensor ``name`` as a checked float32 matrix (the file's values)."""
         t = self._by_name[name]
         try:
-            h = t.numpy().astype(np.float64)
+            h = np.asarray(t.numpy(), np.float32)
         except GGUFIOError:
             raise
         except GGUFError as exc:
             raise HessianError(f"hessian {self.path}: tensor {name!r}: {exc}") from None
-        bad = ~np.isfinite(h)
-        if bad.any():
-            i, j = np.argwhere(bad)[0]
+        if not np.isfinite(h).all():
+            i, j = np.argwhere(~np.isfinite(h))[0]
             raise HessianError(f"hessian {self.path}: tensor {name!r} has the non-finite value {h[i, j]!r} "
                                f"at [{i}, {j}]")
         scale = float(np.abs(h).max()) if h.size else 0.0
-        asym = float(np.abs(h - h.T).max()) if h.size else 0.0
+        asym = _asymmetry(h)
         if asym > _SYMMETRY_TOL * scale:
             raise HessianError(f"hessian {self.path}: tensor {name!r} is not symmetric (max |H - H^T| = "
                                f"{asym:.6g}, max |H| = {scale:.6g})")
