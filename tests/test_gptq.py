@@ -171,6 +171,13 @@ def test_a_singular_hessian_is_refused():
         _upper_factors(-np.eye(200))
 
 
+def test_a_non_finite_weight_is_refused_naming_its_place():
+    x = rows(6, 256)
+    x[4, 200] = np.inf
+    with pytest.raises(GGUFError, match=r"row 4, column 200"):
+        quantize_feedback(x, "Q4_K", FeedbackPlan(correlated_hessian(256), "Q4_K", n_tokens=N_TOKENS))
+
+
 def test_row_bytes_match_the_type():
     x = rows(3, 256)
     for qtype in ("Q4_K", "Q8_0"):

@@ -141,12 +141,12 @@ def quantize_feedback(x, qtype, plan: FeedbackPlan, *, threads: Optional[int] = 
     >>> quantize_feedback(x, "Q4_0", FeedbackPlan(np.eye(64), "Q4_0")).shape
     (4, 36)
     """
-    from . import _threads, to_float32
+    from . import _check_fp16_scales, _check_input, _threads, to_float32
     from .optimized import quantize_optimized
 
     info = type_info(qtype)
     x = to_float32(x)
-    x = x.reshape(-1, x.shape[-1])
+    x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
     n_rows, n = x.shape
     if n != plan.n or plan.block != info.block_size:
         raise ImatrixError(f"rows of {n} values in {info.name} do not fit a Hessian plan of {plan.n} columns "
@@ -155,33 +155,64 @@ def quantize_feedback(x, qtype, plan: FeedbackPlan, *, threads: Optional[int] = 
         return quantize_optimized(x, qtype, plan.weights, threads=threads)
     out = np.empty((n_rows, info.row_bytes(n)), np.uint8)
     with _one_blas_thread(), _threads(threads):  # rows are split over our threads; BLAS's own would fight them
-        run_chunks(_feedback_rows, n_rows, x, out, qtype, plan)
+        _check_input(x, info)
+        run_chunks(_feedback_rows, n_rows, x, out, _BlockCodec(info), plan)
+        _check_fp16_scales(out, info)  # the fed-forward values are new: a scale may overflow where x's did not
     return out
 
 
-def _feedback_rows(x, out, qtype, plan: FeedbackPlan, r0: int, r1: int) -> None:
-    """Rows [r0, r1) of x into out, on this thread (the quantizers run single-threaded here)."""
-    from . import dequantize
-    from .optimized import quantize_optimized
+class _BlockCodec:
+    """One column of blocks, quantized (ggml's imatrix quantizer, then the refiner) and decoded by the type's
+    kernels directly: :func:`quantize`'s checks of its input run once per tensor, not once per block."""
 
-    nbytes = type_info(qtype).type_size
+    def __init__(self, info):
+        from .optimized import REFINERS
+        from ..types import Imatrix
+
+        self.type_size = info.type_size
+        uses_weights = info.imatrix is not Imatrix.IGNORED  # Q8_0's ggml quantizer has no imatrix form
+        self._quantize = info.kernel("quantize_imatrix" if uses_weights else "quantize")
+        self._uses_weights = uses_weights
+        self._refine = REFINERS.get(info.ggml_type)
+        self._decode = info.kernel("dequantize")
+
+    def __call__(self, xb: np.ndarray, weights: np.ndarray) -> tuple:
+        """``(blocks, decoded)`` of the contiguous rows ``xb`` (one block each)."""
+        qb = np.empty((xb.shape[0], self.type_size), np.uint8)
+        if self._uses_weights:
+            self._quantize(xb, weights, qb)
+        else:
+            self._quantize(xb, qb)
+        if self._refine is not None:
+            self._refine(xb, weights, qb)
+        decoded = np.empty_like(xb)
+        self._decode(qb, decoded)
+        return qb, decoded
+
+
+def _feedback_rows(x, out, codec: _BlockCodec, plan: FeedbackPlan, r0: int, r1: int) -> None:
+    """Rows [r0, r1) of x into out, on this thread (the kernels run single-threaded here)."""
+    from . import _threads
+
+    nbytes = codec.type_size
     w = x[r0:r1].copy()  # updated in place as the error is fed forward
     k = 0  # block index
-    for g, g0 in enumerate(range(0, plan.n, plan.group)):
-        g1 = min(g0 + plan.group, plan.n)
-        f = np.empty((r1 - r0, g1 - g0), np.float32)  # the group's errors times V_bb, for the columns past it
-        for b0 in range(g0, g1, plan.block):
-            b1 = b0 + plan.block
-            xb = np.ascontiguousarray(w[:, b0:b1])
-            qb = quantize_optimized(xb, qtype, plan.weights[b0:b1], threads=1)
-            out[r0:r1, k * nbytes:(k + 1) * nbytes] = qb
-            err = xb - dequantize(qb, qtype, xb.shape, threads=1)
-            f[:, b0 - g0:b1 - g0] = err @ plan.v_bb[k]
-            if b1 < g1:
-                w[:, b1:g1] -= err @ plan.local[k]
-            k += 1
-        if g1 < plan.n:
-            w[:, g1:] -= f @ plan.beyond[g]
+    with _threads(1):
+        for g, g0 in enumerate(range(0, plan.n, plan.group)):
+            g1 = min(g0 + plan.group, plan.n)
+            f = np.empty((r1 - r0, g1 - g0), np.float32)  # the group's errors times V_bb, for the columns past it
+            for b0 in range(g0, g1, plan.block):
+                b1 = b0 + plan.block
+                xb = np.ascontiguousarray(w[:, b0:b1])
+                qb, decoded = codec(xb, plan.weights[b0:b1])
+                out[r0:r1, k * nbytes:(k + 1) * nbytes] = qb
+                err = xb - decoded
+                f[:, b0 - g0:b1 - g0] = err @ plan.v_bb[k]
+                if b1 < g1:
+                    w[:, b1:g1] -= err @ plan.local[k]
+                k += 1
+            if g1 < plan.n:
+                w[:, g1:] -= f @ plan.beyond[g]
 
 
 _blas = None
