@@ -242,6 +242,27 @@ def test_a_model_with_hessians_has_lower_output_error(example_model, example_hes
     assert a["token_embd.weight"] == b["token_embd.weight"]  # no imatrix entry: no feedback
 
 
+def test_the_size_budget_writes_its_allocation_with_feedback(example_model, example_hessians, tmp_path):
+    """target_bpw with a Hessian file: the allocation is measured as without the matrices (the diagonal is the
+    imatrix), and the blocks it chose are written with error feedback."""
+    import copy
+
+    import gguf_kquant
+    from gguf_kquant.model.imatrix import load_imatrix
+
+    plain = copy.copy(load_imatrix(example_hessians))
+    plain.hessians = None
+    kw = dict(target_bpw=4.5, method="optimized")
+    fed = gguf_kquant.quantize_model(example_model, tmp_path / "fed.gguf", imatrix=example_hessians, **kw)
+    alone = gguf_kquant.quantize_model(example_model, tmp_path / "alone.gguf", imatrix=plain, **kw)
+    assert fed.allocation.tensor_types() == alone.allocation.tensor_types()
+    a, b = _tensors(fed.paths[0]), _tensors(alone.paths[0])
+    assert {k: v[0] for k, v in a.items()} == {k: v[0] for k, v in b.items()}
+    e_fed, n = _model_output_error(example_model, fed.paths[0], example_hessians)
+    e_alone, _ = _model_output_error(example_model, alone.paths[0], example_hessians)
+    assert n >= 7 and e_fed < 0.995 * e_alone, (e_fed, e_alone)
+
+
 def test_method_llama_with_a_hessian_file_uses_its_diagonal(example_model, example_hessians, tmp_path):
     """The file is an imatrix too: method "llama" (llama-quantize's bytes) with its diagonal / tokens."""
     import gguf_kquant
