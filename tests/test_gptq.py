@@ -263,6 +263,14 @@ def test_the_size_budget_writes_its_allocation_with_feedback(example_model, exam
     assert n >= 7 and e_fed < 0.995 * e_alone, (e_fed, e_alone)
 
 
+def test_the_file_does_not_depend_on_the_thread_count(example_model, example_hessians, tmp_path):
+    import gguf_kquant
+
+    files = [gguf_kquant.quantize_model(example_model, tmp_path / f"t{t}.gguf", "Q4_0", imatrix=example_hessians,
+                                        method="optimized", threads=t).paths[0] for t in (1, 2)]
+    assert files[0].read_bytes() == files[1].read_bytes()
+
+
 def test_method_llama_with_a_hessian_file_uses_its_diagonal(example_model, example_hessians, tmp_path):
     """The file is an imatrix too: method "llama" (llama-quantize's bytes) with its diagonal / tokens."""
     import gguf_kquant
