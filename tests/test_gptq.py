@@ -5,7 +5,7 @@ from hypothesis import example, given, settings, strategies as st
 
 from gguf_kquant.codecs import dequantize, quantize
 from gguf_kquant.codecs.gptq import (
-    ErrorFeedback, FeedbackPlan, _upper_factors, for_tensor, output_error, quantize_feedback)
+    ErrorFeedback, FeedbackPlan, _inverse_upper_factor, for_tensor, output_error, quantize_feedback)
 from gguf_kquant.codecs.optimized import REFINERS, quantize_optimized, quantizer
 from gguf_kquant.errors import GGUFError, ImatrixError
 from gguf_kquant.types import type_info
@@ -140,15 +140,15 @@ def test_a_plan_refuses_rows_it_was_not_built_for():
 
 
 @pytest.mark.parametrize("n", [100, 300, 576])  # one leaf; halves; halves of halves
-def test_the_factors_are_those_of_the_inverse(n):
+def test_the_factor_is_that_of_the_inverse(n):
     """U = inv(V) with H = V V^T (V upper) is the upper Cholesky factor of inv(H): inv(H) = U^T U (float32)."""
     h = correlated_hessian(n, 4)
-    h[np.diag_indices(n)] += 0.01 * np.diagonal(h).mean()  # the plan's dampening: float32 then suffices
-    v, u = _upper_factors(h)
-    assert v.dtype == u.dtype == np.float32
-    assert not np.tril(v, -1).any() and not np.tril(u, -1).any()
-    np.testing.assert_allclose(v.astype(np.float64) @ v.T, h, rtol=0, atol=1e-5 * np.abs(h).max())
-    np.testing.assert_allclose(u.astype(np.float64) @ v, np.eye(n), rtol=0, atol=1e-4)
+    damp = 0.01 * np.diagonal(h).mean()  # the plan's dampening: float32 then suffices
+    u = _inverse_upper_factor(h, damp)
+    h = h + damp * np.eye(n)
+    assert u.dtype == np.float32 and not np.tril(u, -1).any()
+    v = np.linalg.inv(u.astype(np.float64))
+    np.testing.assert_allclose(v @ v.T, h, rtol=0, atol=1e-4 * np.abs(h).max())
     inv = np.linalg.inv(h)
     np.testing.assert_allclose(u.T.astype(np.float64) @ u, inv, rtol=0, atol=1e-3 * np.abs(inv).max())
 
@@ -166,9 +166,28 @@ def test_a_plan_does_not_depend_on_the_blas_thread_count():
         assert all(np.array_equal(a, b) for a, b in zip(getattr(one, name), getattr(two, name)))
 
 
+def test_a_plan_holds_one_matrix_and_builds_it_in_three():
+    """Memory follows the Hessian: U is the one n x n matrix kept (the groups' updates are views of it; V's
+    diagonal blocks add block/n of it), and building it needs the dampened copy and the products' halves besides
+    (it was 4.75 n^2 floats)."""
+    import tracemalloc
+
+    n = 1024
+    h = correlated_hessian(n, 5).astype(np.float32)
+    tracemalloc.start()
+    try:
+        plan = FeedbackPlan(h, "Q4_K", n_tokens=N_TOKENS)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    square = n * n * 4
+    assert kept < 1.4 * square and peak < 3 * square, (kept / square, peak / square)
+    assert plan.beyond[0].base is not None  # a view
+
+
 def test_a_singular_hessian_is_refused():
     with pytest.raises(ImatrixError, match="positive definite"):
-        _upper_factors(-np.eye(200))
+        _inverse_upper_factor(-np.eye(200))
 
 
 def test_a_non_finite_weight_is_refused_naming_its_place():

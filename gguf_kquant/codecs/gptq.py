@@ -31,8 +31,8 @@ weights) was measured and dropped: on synthetic low-rank activations it halved t
 SmolLM2's real ffn_down Hessians it made Q4_K/Q5_K/IQ4_XS 2-5x *worse* than no feedback (the super-block's
 shared scales move the pinned columns), and whole blocks won for every type but Q3_K (0.26 vs 0.22).
 Rows are independent (H is shared by all rows of a weight), so a slab of rows gives the bytes of those rows
-quantized with the rest.  Cost per weight: V and U together by halves in float32 matrix products
-(:func:`_cholesky_and_inverse`, about n^3 multiply-adds; n = the input width; once per input, as attn_q/k/v
+quantized with the rest.  Cost per weight: U by halves in float32 matrix products
+(:func:`_inverse_upper_into`, about n^3 multiply-adds, n^2 floats kept; n = the input width; once per input, as attn_q/k/v
 share theirs), ``rows * n^2`` multiply-adds for the updates (BLAS, one thread per row range), and one
 quantization per block column.  Float32 is GPTQ's precision too: the dampening bounds H's condition number, and
 the output errors below are those of float64 factors to three digits.
@@ -65,7 +65,7 @@ class FeedbackPlan:
     def __init__(self, hessian: np.ndarray, qtype, *, damp: float = DEFAULT_DAMP, n_tokens: int = 1):
         info = type_info(qtype)
         self.block = block = info.block_size
-        self.group = group = max(GROUP, block)
+        self.group = max(GROUP, block)
         h = np.asarray(hessian)
         n = h.shape[0]
         if h.ndim != 2 or h.shape != (n, n) or n % block:
@@ -76,63 +76,80 @@ class FeedbackPlan:
         # one BLAS thread: the same factors to the bit on any machine, and faster overall (with two, the whole
         # SmolLM2 took 16% longer: OpenBLAS's idle threads spin and slow the row workers that follow)
         with _one_blas_thread():
-            v, u = _upper_factors(h, damp * mean if mean > 0 else 1.0)
-        self.n = n
+            u = _inverse_upper_factor(h, damp * mean if mean > 0 else 1.0)
+            self._blocks(u, n_tokens)
+        # nothing is fed forward when H, and so U, has no off-diagonal terms
+        self.feeds = np.count_nonzero(h) > np.count_nonzero(np.diagonal(h))
+
+    def _blocks(self, u: np.ndarray, n_tokens: int) -> None:
+        self.n = n = u.shape[0]
+        block, group = self.block, self.group
         self.weights = np.empty(n, np.float32)  # w, in imatrix units (per token)
         self.v_bb = []  # per block: V_bb, float32
         self.local = []  # per block: V_bb @ U_b,(b1..group end), float32
-        self.beyond = []  # per group: U_g,(group end..n), float32
+        self.beyond = []  # per group: U_g,(group end..n), float32 views of U (its rows are contiguous)
         for g0 in range(0, n, group):
             g1 = min(g0 + group, n)
             for b0 in range(g0, g1, block):
                 b1 = b0 + block
-                v_bb = v[b0:b1, b0:b1]
-                self.weights[b0:b1] = (v_bb.astype(np.float64) ** 2).sum(axis=1) / max(int(n_tokens), 1)
-                self.v_bb.append(np.ascontiguousarray(v_bb))
-                self.local.append(v_bb @ u[b0:b1, b1:g1])
-            self.beyond.append(np.ascontiguousarray(u[g0:g1, g1:]))
-        # nothing is fed forward when H, and so U, has no off-diagonal terms
-        self.feeds = np.count_nonzero(h) > np.count_nonzero(np.diagonal(h))
+                v_bb = _upper_inverse(u[b0:b1, b0:b1].astype(np.float64))  # V's diagonal block is U_bb's inverse
+                self.weights[b0:b1] = (v_bb ** 2).sum(axis=1) / max(int(n_tokens), 1)
+                self.v_bb.append(v_bb.astype(np.float32))
+                self.local.append(self.v_bb[-1] @ u[b0:b1, b1:g1])
+            self.beyond.append(u[g0:g1, g1:])
 
 
-def _upper_factors(h: np.ndarray, dampening: float = 0.0) -> tuple:
-    """``(V, U)``: V upper triangular with h + dampening * I = V V^T (the Cholesky factor with the index order
-    reversed) and U = inv(V), in float32; a matrix that is not positive definite is an ImatrixError."""
-    r = np.array(h[::-1, ::-1], np.float32)  # a copy: the caller's matrix is not dampened
-    r[np.diag_indices(r.shape[0])] += np.float32(dampening)
+def _inverse_upper_factor(h: np.ndarray, dampening: float = 0.0) -> np.ndarray:
+    """U = inv(V), float32, where h + dampening * I = V V^T with V upper triangular (the Cholesky factor with
+    the index order reversed); U^T U is then the inverse of the dampened h.  A matrix that is not positive
+    definite is an ImatrixError."""
+    a = np.array(h, np.float32)  # a copy: the caller's matrix is not dampened
+    a[np.diag_indices(a.shape[0])] += np.float32(dampening)
+    u = np.zeros_like(a)
     try:
-        lower, inverse = _cholesky_and_inverse(r)
+        _inverse_upper_into(a, u)
     except np.linalg.LinAlgError:
         raise ImatrixError("Hessian is not positive definite (even after dampening)") from None
-    if not (np.isfinite(lower).all() and np.isfinite(inverse).all()):
+    if not np.isfinite(u).all():
         raise ImatrixError("Hessian is too ill-conditioned to factorise in float32 (even after dampening)")
-    return lower[::-1, ::-1], inverse[::-1, ::-1]
+    return u
 
 
 _LEAF = 128  # below this width LAPACK's own factorisation; above it the halves' matrix products pay
 
 
-def _cholesky_and_inverse(h: np.ndarray) -> tuple:
-    """``(L, inv(L))`` with h = L L^T, L lower triangular, by halves (numpy has no triangular inverse, and its
-    Cholesky runs at a fraction of matrix-product speed)::
+def _upper_inverse(t: np.ndarray) -> np.ndarray:
+    """The inverse of a small upper triangular matrix, by halves ([[A, B], [0, D]]^-1 = [[A^-1, -A^-1 B D^-1],
+    [0, D^-1]]): LAPACK's general inverse of a 256 x 256 block costs more than the products."""
+    n = t.shape[0]
+    if n <= 32:
+        return np.triu(np.linalg.inv(t))  # inv works by LU: noise below the diagonal
+    k = n // 2
+    out = np.zeros_like(t)
+    out[:k, :k] = a_inv = _upper_inverse(t[:k, :k])
+    out[k:, k:] = d_inv = _upper_inverse(t[k:, k:])
+    out[:k, k:] = -(a_inv @ t[:k, k:]) @ d_inv
+    return out
 
-        h = [[A, B^T], [B, C]]:   L = [[L11, 0], [L21, L22]],   inv(L) = [[I11, 0], [-I22 L21 I11, I22]]
-        L11 L11^T = A,  L21 = B I11^T,  L22 L22^T = C - L21 L21^T      (I = inv(L) of each half)
+
+def _inverse_upper_into(h: np.ndarray, u: np.ndarray) -> None:
+    """``u[:] = inv(V)`` (``u`` zero below its diagonal on entry) for h = V V^T, V upper triangular, by halves:
+    numpy has no triangular inverse, and its Cholesky runs at a fraction of matrix-product speed.  Only U is
+    built (the plan needs V's diagonal blocks alone, inverses of U's)::
+
+        h = [[A, B], [B^T, C]]:   V = [[V11, V12], [0, V22]],   U = [[U11, -U11 V12 U22], [0, U22]]
+        V22 V22^T = C,  V12 = B U22^T,  V11 V11^T = A - V12 V12^T        (U = inv(V) of each half)
     """
     n = h.shape[0]
-    if n <= _LEAF:
-        lower = np.linalg.cholesky(h)
-        return lower, np.tril(np.linalg.inv(lower))  # inv works by LU: rounding noise above the diagonal
+    if n <= _LEAF:  # V = P L P with L LAPACK's lower factor of the reversed matrix (P reverses the order)
+        lower = np.linalg.cholesky(h[::-1, ::-1])
+        u[...] = np.tril(np.linalg.inv(lower))[::-1, ::-1]  # inv works by LU: noise off the triangle
+        return
     k = n // 2
-    l11, i11 = _cholesky_and_inverse(h[:k, :k])
-    l21 = h[k:, :k] @ i11.T
-    l22, i22 = _cholesky_and_inverse(h[k:, k:] - l21 @ l21.T)
-    lower = np.zeros_like(h)
-    inverse = np.zeros_like(h)
-    lower[:k, :k], lower[k:, :k], lower[k:, k:] = l11, l21, l22
-    inverse[:k, :k], inverse[k:, k:] = i11, i22
-    inverse[k:, :k] = -(i22 @ l21) @ i11
-    return lower, inverse
+    _inverse_upper_into(h[k:, k:], u[k:, k:])
+    v12 = h[:k, k:] @ u[k:, k:].T
+    _inverse_upper_into(h[:k, :k] - v12 @ v12.T, u[:k, :k])
+    u[:k, k:] = -(u[:k, :k] @ v12) @ u[k:, k:]
 
 
 def quantize_feedback(x, qtype, plan: FeedbackPlan, *, threads: Optional[int] = None) -> np.ndarray:
