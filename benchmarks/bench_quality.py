@@ -418,8 +418,9 @@ def main() -> int:
             suffix = "" if method == "optimized" else "_" + method
             row["kld_change" + suffix] = float(diff.mean() / kls["llama"].mean())
             row["time_ratio" + suffix] = row[method]["seconds"] / row["llama"]["seconds"]
-            print(f"{mix:7s} {method} - llama: KLD {mean_se(diff)} per chunk ({100 * diff.mean() / kls['llama'].mean():+.1f}%"
-                  f" ± {100 * diff.std(ddof=1) / np.sqrt(len(diff)) / kls['llama'].mean():.1f}%), "
+            scale = 100 / kls["llama"].mean()
+            print(f"{mix:7s} {method} - llama: KLD {mean_se(diff)} per chunk ({scale * diff.mean():+.1f}%"
+                  f" ± {scale * diff.std(ddof=1) / np.sqrt(len(diff)):.1f}%), "
                   f"wall time x{row['time_ratio' + suffix]:.2f}", flush=True)
         results.append(row)
         if mix == "Q4_K_M" and not args.no_budget:

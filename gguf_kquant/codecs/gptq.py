@@ -31,11 +31,11 @@ weights) was measured and dropped: on synthetic low-rank activations it halved t
 SmolLM2's real ffn_down Hessians it made Q4_K/Q5_K/IQ4_XS 2-5x *worse* than no feedback (the super-block's
 shared scales move the pinned columns), and whole blocks won for every type but Q3_K (0.26 vs 0.22).
 Rows are independent (H is shared by all rows of a weight), so a slab of rows gives the bytes of those rows
-quantized with the rest.  Cost per weight: U by halves in float32 matrix products
-(:func:`_inverse_upper_into`, about n^3 multiply-adds, n^2 floats kept; n = the input width; once per input, as attn_q/k/v
-share theirs), ``rows * n^2`` multiply-adds for the updates (BLAS, one thread per row range), and one
-quantization per block column.  Float32 is GPTQ's precision too: the dampening bounds H's condition number, and
-the output errors below are those of float64 factors to three digits.
+quantized with the rest.  Cost per weight: U by halves in float32 matrix products (:func:`_inverse_upper_into`,
+about n^3 multiply-adds, n^2 floats kept; n = the input width; once per input, as attn_q/k/v share theirs),
+``rows * n^2`` multiply-adds for the updates (BLAS, one thread per row range), and one quantization per block
+column.  Float32 is GPTQ's precision too: the dampening bounds H's condition number, and the output errors
+below are those of float64 factors to three digits.
 
 Measured, output error against ggml's blocks with the same imatrix (refiner alone -> with feedback):
 SmolLM2-135M's ffn_down, six layers, Hessians from 4096 tokens: Q2_K 0.78 -> 0.37, Q3_K 0.82 -> 0.26,

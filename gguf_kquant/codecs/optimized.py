@@ -48,8 +48,8 @@ Quality (benchmarks/bench_quality.py, SmolLM2-135M, same imatrix, equal file siz
 
 Error feedback (GPTQ, :mod:`.gptq`) needs more than an imatrix: with only the diagonal of the Hessian, the
 update of the not-yet-quantized columns is zero.  When the imatrix file also holds each weight's full input
-covariance (``gguf-kquant hessian``), :func:`quantizer` returns the error-feedback quantizer, which calls
-:func:`quantize_optimized` block column by block column.
+covariance (``gguf-kquant hessian``), :func:`quantizer` returns the error-feedback quantizer, which runs ggml's
+quantizer and this module's refiner block column by block column.
 """
 from __future__ import annotations
 
