@@ -115,6 +115,15 @@ def test_candidates_limit_the_types(example_model):
     assert a.file_bytes <= a.target_bytes
 
 
+def test_allocation_does_not_depend_on_the_thread_count(example_model):
+    """The candidates are measured side by side on a thread pool: every error, so every pick, is the same."""
+    im = _imatrix(example_model)
+    one, two = (plan_budget(example_model, target_bpw=5.0, imatrix=im, method="optimized", threads=n)
+                for n in (1, 2))
+    assert [c.options for c in one.choices] == [c.options for c in two.choices]
+    assert one.types == two.types
+
+
 def test_allocation_follows_the_imatrix(example_model):
     """Activations 1000x larger in one layer make its errors count more: it gets more bytes, the other less."""
     def layer_bytes(alloc, layer):

@@ -36,6 +36,7 @@ import math
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -52,8 +53,12 @@ CANDIDATES = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.IQ4_XS, GGMLType.Q4_0, GGML
               GGMLType.Q4_K, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0,
               GGMLType.F16)
 _FLOATS = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
-SAMPLE_ROWS = 256  # rows measured per matrix (at least; 1/8 of the rows of larger ones)
-_SAMPLE_FRACTION = 8
+# rows measured per matrix: at least SAMPLE_ROWS, 1/_SAMPLE_FRACTION of a larger one's.  On SmolLM2 at 5.56,
+# 6.27 and 7.02 bpw (Q4_1/Q5_1 left out: its weights lie on Q4_1's grid), the error of the allocation, measured
+# on every row, was within 0.2% of the all-rows allocation's with 64 rows or 256, and 0.4% worse with 32;
+# 64 rows measure 3x faster than 256.
+SAMPLE_ROWS = 64
+_SAMPLE_FRACTION = 64
 # the mix whose name labels the file (general.file_type) when most weights get this type
 _MIX_OF = {GGMLType.Q2_K: "Q2_K", GGMLType.Q3_K: "Q3_K_M", GGMLType.Q4_K: "Q4_K_M", GGMLType.Q5_K: "Q5_K_M",
            GGMLType.Q6_K: "Q6_K", GGMLType.Q4_0: "Q4_0", GGMLType.Q4_1: "Q4_1", GGMLType.Q5_0: "Q5_0",
@@ -179,13 +184,15 @@ def _pad(n: int, alignment: int) -> int:
 
 
 def _sample(n_rows: int) -> np.ndarray:
-    """Evenly spaced row indices: all rows of a small matrix, else max(SAMPLE_ROWS, rows/8)."""
+    """Evenly spaced row indices: all rows of a small matrix, else max(SAMPLE_ROWS, rows/_SAMPLE_FRACTION)."""
     k = min(n_rows, max(SAMPLE_ROWS, n_rows // _SAMPLE_FRACTION))
     return (np.arange(k, dtype=np.int64) * n_rows) // k
 
 
-def _measure(t, row, im, quantize_tensor, types, mean_w: float, threads) -> list:
-    """Predicted imatrix-weighted squared error of tensor ``t`` as each of ``types``, from a row sample."""
+def _measure(t, row, im, quantize_tensor, types, mean_w: float, pool) -> list:
+    """Predicted imatrix-weighted squared error of tensor ``t`` as each of ``types``, from a row sample.  The
+    types are measured side by side on ``pool``'s threads, each quantizing on its own thread: a sample is a few
+    dozen rows, too few to split."""
     from ..codecs import dequantize
     from .quantize import _imatrix_for, _to_f32
 
@@ -196,20 +203,25 @@ def _measure(t, row, im, quantize_tensor, types, mean_w: float, threads) -> list
     weights = _imatrix_for(row, im)
     src_row = TYPES[row.src_type].row_bytes(n_per_row)
     raw = t.raw().reshape(-1, src_row)
-    errors = np.zeros(len(types))
+    samples = []  # per matrix: (rows, imatrix, error weights, rows per sampled row)
     for m in range(n_mat):
         idx = m * rows_per_mat + _sample(rows_per_mat)
         x = _to_f32(np.ascontiguousarray(raw[idx]), row.src_type, len(idx), n_per_row)
         qw = None if weights is None else weights[m * n_per_row:(m + 1) * n_per_row]
         # no imatrix entry (a tied embedding, an excluded tensor): the model's mean activation as weight
         ew = np.full(n_per_row, mean_w) if qw is None else qw.astype(np.float64)
-        scale = rows_per_mat / len(idx)
-        for k, qt in enumerate(types):
-            if qt == row.src_type:
-                continue  # kept as it is: no error
-            y = dequantize(quantize_tensor(x, qt, imatrix=qw, threads=threads), qt, x.shape)
-            errors[k] += scale * float(((x.astype(np.float64) - y) ** 2 @ ew).sum())
-    return list(errors)
+        samples.append((x, qw, ew, rows_per_mat / len(idx)))
+
+    def error(qt) -> float:
+        if qt == row.src_type:
+            return 0.0  # kept as it is
+        total = 0.0
+        for x, qw, ew, scale in samples:
+            y = dequantize(quantize_tensor(x, qt, imatrix=qw, threads=1), qt, x.shape)
+            total += scale * float(((x.astype(np.float64) - y) ** 2 @ ew).sum())
+        return total
+
+    return list(pool.map(error, types))
 
 
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(attn_v|ffn_up|ffn_gate)\.weight$")
@@ -313,6 +325,26 @@ def _check_options(options: dict) -> None:
                                 f"tensor's type and size one file")
 
 
+def _measure_all(free, by_name, im, model, quantize_tensor, cand, size, threads, say) -> list:
+    """A :class:`_Choice` per free tensor: its candidates' sizes and measured errors (times the residual gain),
+    reduced to their lower convex hull."""
+    from ..codecs import _threads
+
+    mean_w = float(np.mean([v.mean() for v in im.entries.values()]))
+    choices = []
+    with ThreadPoolExecutor(_threads(threads).wanted, thread_name_prefix="gguf-kquant-budget") as pool:
+        for i, r in enumerate(free, 1):
+            t0 = time.perf_counter()
+            gain = _residual_gain(r, by_name, im, model)
+            errs = [gain * e for e in _measure(by_name[r.name], r, im, quantize_tensor, cand[r.name], mean_w,
+                                               pool)]
+            choices.append(_Choice(r.name, r.shape, r.n_elements, _hull(list(zip(size[r.name], errs, cand[r.name])))))
+            if say is not None:
+                say(f"[{i:4d}/{len(free):4d}] measured {r.name:<36s} as {len(errs)} types, "
+                    f"{time.perf_counter() - t0:6.2f} s")
+    return choices
+
+
 def plan_budget(src, *, target_bpw=None, target_size=None, imatrix=None, method: str = "llama",
                 include_weights=(), exclude_weights=(), override_kv=(), leave_output_tensor: bool = False,
                 allow_requantize: bool = False, threads: Optional[int] = None, candidates=None,
@@ -358,18 +390,7 @@ def plan_budget(src, *, target_bpw=None, target_size=None, imatrix=None, method:
             raise QuantizeError(f"size budget {target} bytes ({target * 8.0 / ne:.4f} bpw) is outside what this "
                                 f"model can be: {lo} .. {hi} bytes ({lo * 8.0 / ne:.4f} .. {hi * 8.0 / ne:.4f} "
                                 f"bpw, header included)")
-        mean_w = float(np.mean([v.mean() for v in im.entries.values()]))
-        choices = []
-        for i, r in enumerate(free, 1):
-            t0 = time.perf_counter()
-            gain = _residual_gain(r, by_name, im, model)
-            errs = [gain * e for e in _measure(by_name[r.name], r, im, quantize_tensor, cand[r.name], mean_w,
-                                               threads)]
-            opts = _hull(list(zip(size[r.name], errs, cand[r.name])))
-            choices.append(_Choice(r.name, r.shape, r.n_elements, opts))
-            if say is not None:
-                say(f"[{i:4d}/{len(free):4d}] measured {r.name:<36s} as {len(errs)} types, "
-                    f"{time.perf_counter() - t0:6.2f} s")
+        choices = _measure_all(free, by_name, im, model, quantize_tensor, cand, size, threads, say)
     alloc = Allocation(target, lo, hi, fixed, plan.n_elements, choices)
     _allocate(choices, target - lo)
     alloc.mix = _label_mix(choices)
