@@ -139,7 +139,7 @@ def test_a_plan_refuses_rows_it_was_not_built_for():
         quantize_feedback(rows(2, 256), "Q2_K", plan)  # blocks of 256, not 32
 
 
-@pytest.mark.parametrize("n", [100, 300, 576])  # one leaf; halves; halves of halves
+@pytest.mark.parametrize("n", [100, 300, 576, 1024])  # one leaf; halves; halves of halves; split products
 def test_the_factor_is_that_of_the_inverse(n):
     """U = inv(V) with H = V V^T (V upper) is the upper Cholesky factor of inv(H): inv(H) = U^T U (float32)."""
     h = correlated_hessian(n, 4)
@@ -153,13 +153,15 @@ def test_the_factor_is_that_of_the_inverse(n):
     np.testing.assert_allclose(u.T.astype(np.float64) @ u, inv, rtol=0, atol=1e-3 * np.abs(inv).max())
 
 
-def test_a_plan_does_not_depend_on_the_blas_thread_count():
+@pytest.mark.parametrize("n", [576, 1024])  # the top products split in two; the next level's too
+def test_a_plan_does_not_depend_on_the_thread_count(n):
+    """Neither BLAS's threads nor ours (the large products of the factorisation are split over them)."""
     from threadpoolctl import threadpool_limits
 
     plans = []
     for threads in (1, 2):
         with threadpool_limits(threads, "blas"):
-            plans.append(FeedbackPlan(correlated_hessian(576, 2), "Q4_0", n_tokens=N_TOKENS))
+            plans.append(FeedbackPlan(correlated_hessian(n, 2), "Q4_0", n_tokens=N_TOKENS, threads=threads))
     one, two = plans
     assert np.array_equal(one.weights, two.weights)
     for name in ("v_bb", "local", "beyond"):
