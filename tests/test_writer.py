@@ -409,6 +409,37 @@ def test_streaming_peak_memory(tmp_path):
         assert [int(raw[i * mb + 7]) for i in (0, 1, 250, 251, 255)] == [0, 1, 250, 0, 4]
 
 
+def test_a_tensor_made_by_a_producer_is_released_before_the_next_is_made(tmp_path):
+    """Whole-model writes hold one tensor at a time: the writer drops its last view of a tensor's data before
+    calling the next producer (the peak was two tensors when it kept it)."""
+    mb, n = 1 << 20, 8
+    made = []
+
+    def producer(i):
+        def make():
+            made.append(tracemalloc.get_traced_memory()[0])  # what is still held when the next is made
+            return np.full(8 * mb // 4, i, np.float32)  # 8 MiB
+        return make
+
+    tracemalloc.start()
+    try:
+        gguf_kquant.write(tmp_path / "t.gguf", {"k": 1},
+                          [(f"t{i}", (8 * mb // 4,), "F32", producer(i)) for i in range(n)], fsync=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert max(made) < 4 * mb and peak < 12 * mb, (made, peak)
+
+
+def test_parse_size_names_the_argument():
+    from gguf_kquant.errors import QuantizeError
+
+    with pytest.raises(WriteError, match="split_max_size 'big'"):
+        parse_size("big")
+    with pytest.raises(QuantizeError, match="target_size '0'"):
+        parse_size("0", "target_size", QuantizeError)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Split output in gguf-split's format
 # ------------------------------------------------------------------------------------------------------

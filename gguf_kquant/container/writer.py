@@ -531,8 +531,9 @@ def _alignment_of(pairs, alignment: Optional[int]) -> tuple:
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([MG]?)\s*$", re.IGNORECASE)
 
 
-def parse_size(size) -> int:
-    """Bytes of a ``split_max_size``: an int, or a string with gguf-split's decimal units.
+def parse_size(size, what: str = "split_max_size", error=WriteError) -> int:
+    """Bytes of a size such as ``split_max_size``: an int, or a string with gguf-split's decimal units.
+    ``what`` names the argument in the ``error`` raised for anything else.
 
     >>> parse_size("500M"), parse_size("2G"), parse_size(1024)
     (500000000, 2000000000, 1024)
@@ -542,10 +543,10 @@ def parse_size(size) -> int:
     else:
         m = _SIZE_RE.match(str(size))
         if not m:
-            raise WriteError(f"split_max_size {size!r}: expected bytes or a number with M or G (e.g. '500M', '2G')")
+            raise error(f"{what} {size!r}: expected bytes or a number with M or G (e.g. '500M', '2G')")
         n = int(m.group(1)) * {"": 1, "M": 1000**2, "G": 1000**3}[m.group(2).upper()]
     if n <= 0:
-        raise WriteError(f"split_max_size {size!r}: size must be a positive value")
+        raise error(f"{what} {size!r}: size must be a positive value")
     return n
 
 
@@ -588,6 +589,7 @@ def _write_one(fh, plan: ShardPlan, byte_order: str) -> None:
                                  f"{t.ggml_type.name} tensor of shape {t.shape}")
             fh.write(chunk)
             written += n
+        chunk = None  # a view of the tensor's data: released before the next producer makes its own
         if written != t.nbytes:
             raise WriteError(f"{what}: the producer yielded {written} bytes; a {t.ggml_type.name} tensor of "
                              f"shape {t.shape} takes {t.nbytes}")

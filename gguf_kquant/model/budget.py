@@ -139,7 +139,7 @@ def _target_bytes(target_bpw, target_size, n_elements: int) -> int:
     if target_size is not None:
         from ..container.writer import parse_size
 
-        return parse_size(target_size)
+        return parse_size(target_size, "target_size", QuantizeError)
     bpw = float(target_bpw)
     if not math.isfinite(bpw) or bpw <= 0:
         raise QuantizeError(f"target_bpw must be a positive number of bits per weight, got {target_bpw!r}")
