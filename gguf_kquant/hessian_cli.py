@@ -3,6 +3,7 @@ quantization, collected by running the model with llama.cpp (needs ``pip install
 
     gguf-kquant hessian model-f16.gguf -f calibration.txt -o model.hessian.gguf
     gguf-kquant hessian model-f16.gguf -f wiki.txt -o h.gguf -c 512 --chunks 100 --threads 8
+    gguf-kquant hessian model-f16.gguf -f wiki.txt -o h.gguf --max-memory 8G   # passes over the text
 
 The text is cut into chunks of ``-c`` tokens as llama-imatrix does (each starts with BOS); the file holds
 one matrix ``sum x x^T`` per distinct weight input (see :mod:`gguf_kquant.model.hessian`).
@@ -26,11 +27,15 @@ def add_arguments(parser) -> None:
                         help="llama.cpp threads (default: all cores)")
     parser.add_argument("--max-n-in", type=int, default=DEFAULT_MAX_N_IN, metavar="N",
                         help=f"skip weights whose input is wider (H is N^2 doubles; default {DEFAULT_MAX_N_IN})")
+    parser.add_argument("--max-memory", default=None, metavar="SIZE",
+                        help="memory the matrices may take, e.g. 8G or 500M (default: half the available memory); "
+                             "when they do not fit, the text is evaluated again for the rest (same file)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
 
 def run(args) -> int:
     collect_hessians(args.model, args.file, args.output, ctx=args.ctx, chunks=args.chunks, threads=args.threads,
-                     overwrite=args.overwrite, quiet=args.quiet, stream=sys.stderr, max_n_in=args.max_n_in)
+                     overwrite=args.overwrite, quiet=args.quiet, stream=sys.stderr, max_n_in=args.max_n_in,
+                     max_memory=args.max_memory)
     return 0

@@ -147,6 +147,45 @@ def test_same_bytes_whatever_the_thread_count(example_model, tokens, tmp_path, l
     assert (tmp_path / "t2.gguf").read_bytes() == (tmp_path / "t1.gguf").read_bytes()
 
 
+@pytest.mark.parametrize("room", [1, 2, 5])  # widest matrices a pass may hold: 9, 4 and 2 passes
+def test_passes_bound_the_memory_and_give_the_same_file(collected, example_model, tokens, tmp_path, room, llama):
+    """Below what the matrices take, the text is evaluated again for the rest: the allocations stay under
+    max_memory (the float32 copy written included) plus 1 MiB (the output file's buffers, 4 x 256 KiB), and
+    the file is byte for byte the one-pass file."""
+    import io
+    import re
+    import tracemalloc
+
+    out, summary = collected
+    limit = hessian._collect_bytes([512] * room, CTX)  # 512: the example model's widest input (ffn_down)
+    assert limit < hessian._collect_bytes([256] * 13 + [512] * 4, CTX)  # what one pass would take
+    stream = io.StringIO()
+    tracemalloc.start()
+    try:
+        s = collect_hessians(example_model, tokens, tmp_path / "p.gguf", ctx=CTX, threads=1, stream=stream,
+                             max_memory=limit)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= limit + 2**20
+    assert (tmp_path / "p.gguf").read_bytes() == out.read_bytes()
+    assert s.matrices == summary.matrices and s.tokens == summary.tokens
+    passes = int(re.search(r"(\d+) passes", stream.getvalue()).group(1))
+    assert passes == {1: 9, 2: 4, 5: 2}[room]
+    assert f"pass {passes}/{passes}, chunk {N_CHUNK}:" in stream.getvalue()
+
+
+def test_a_matrix_above_max_memory_is_refused_by_name(example_model, tokens, tmp_path, llama):
+    out = tmp_path / "h.gguf"
+    with pytest.raises(HessianError, match=r"blk\.0\.ffn_down\.weight is 512 wide.*above max_memory.*max_n_in"):
+        collect_hessians(example_model, tokens, out, ctx=CTX, quiet=True,
+                         max_memory=hessian._collect_bytes([512], CTX) - 1)
+    assert list(tmp_path.iterdir()) == []
+    for bad in (0, -5, "lots", "1.5G", True):
+        with pytest.raises(InvalidArgumentError, match="max_memory"):
+            collect_hessians(example_model, tokens, out, ctx=CTX, quiet=True, max_memory=bad)
+
+
 def test_an_error_in_the_callback_stops_the_run(tmp_path, example_model, tokens, monkeypatch, llama):
     def fail(self, t):
         raise KeyboardInterrupt  # what Ctrl-C raises inside the callback: it crosses llama.cpp's frames
@@ -434,3 +473,8 @@ def test_cli_round_trip(tmp_path, example_model, llama, capsys):
     assert capsys.readouterr().err == ""
     with load_hessians(out) as hs:
         assert hs.chunk_count == 1
+    one_pass = out.read_bytes()
+    args = parser.parse_args([str(example_model), "-f", str(text), "-o", str(out), "-c", "32", "--chunks", "1",
+                              "--overwrite", "--max-memory", "5M"])
+    assert hessian_cli.run(args) == 0
+    assert "MiB, above max_memory (4.8 MiB): 8 passes" in capsys.readouterr().err and out.read_bytes() == one_pass

@@ -12,8 +12,11 @@ Not collected (the quantizer falls back to the imatrix for them; :attr:`HessianS
 expert matrices (``MUL_MAT_ID``: each expert sees its own tokens), 3-D weights, inputs of types other than
 F32/F16/BF16, and inputs wider than ``max_n_in`` (default 16384: an ``n_in``-wide matrix is ``8 n_in^2``
 bytes while collecting).  Weights that read one input tensor (``attn_q/k/v``, ``ffn_gate/up``) share one
-matrix.  Memory: the accumulators and one chunk's input (``ctx x n_in``); ``n_in^2 x 8`` bytes per distinct
-input, e.g. ~1.4 GB per layer of a 7B Llama (three 4096-wide inputs and one 11008-wide).
+matrix.  Memory: the accumulators (``n_in^2 x 8`` bytes per distinct input, e.g. ~1.4 GB per layer of a 7B
+Llama: three 4096-wide inputs and one 11008-wide) and one chunk's input.  They are held within ``max_memory``
+(default: half the memory available) by passes: the first pass over the text takes the matrices that fit, in
+graph order, and each further pass the next ones; each pass's matrices are written before the next starts, and
+the file does not depend on how many passes there were.
 
 The file is a GGUF (``general.type = "hessian"``):
 
@@ -42,6 +45,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..container.writer import parse_size
 from ..errors import GGUFError, GGUFIOError, InvalidArgumentError
 from .progress import Progress
 
@@ -187,26 +191,47 @@ def _filter_tensor_name(name: str) -> str:
 # ------------------------------------------------------------------------------------------------------
 @dataclass
 class _Group:
-    """One accumulated matrix: the weights that read the same input, H and its token count."""
+    """One matrix: the weights that read the same input, its width, token count and pass; ``h`` is its
+    accumulator while its pass runs (None before, and once written)."""
 
     weights: list
-    h: Optional[np.ndarray]
-    tokens: int = 0
+    n: int
+    tokens: int = 0  # counted in the first pass, for every matrix
+    pass_no: int = -1  # the pass that accumulates it (-1: not planned yet)
+    h: Optional[np.ndarray] = None
+    rows: int = 0  # rows added in its pass: must come to ``tokens``
+
+
+def _collect_bytes(widths, rows: int) -> int:
+    """Memory the matrices of one pass take while collected: 8 n^2 bytes each (float64), plus, for the
+    widest, the product ``X^T X`` before it is added and X itself (``rows`` tokens, read and converted)."""
+    widths = list(widths)
+    widest = max(widths, default=0)
+    return 8 * (sum(n * n for n in widths) + widest * widest + 2 * rows * widest)
 
 
 class _Collector:
     """``cb_eval`` for llama.cpp's scheduler: asked about every graph node, it wants each ``MUL_MAT`` of a
     weight; called again once the node is computed, it adds ``X^T X`` of the node's input.  An exception
-    cannot cross llama.cpp's C frames: it is kept in :attr:`error`, and :attr:`abort` stops the decode."""
+    cannot cross llama.cpp's C frames: it is kept in :attr:`error`, and :attr:`abort` stops the decode.
 
-    def __init__(self, llama_cpp, ggml: _GGML, max_n_in: int):
+    Memory is bounded by passes over the text: the first finds every matrix and accumulates those that fit
+    ``max_memory`` in graph order; each later pass (:meth:`start_pass`) accumulates the next ones that fit.
+    A matrix's sums are the same whichever pass computes them: the file does not depend on ``max_memory``."""
+
+    def __init__(self, llama_cpp, ggml: _GGML, max_n_in: int, max_memory: int, rows: int):
         self.ggml = ggml
+        self.rows = rows  # tokens per decode: the rows of an input
         self.max_n_in = max_n_in
+        self.max_memory = max_memory
         self.groups: list = []
         self.group_of: dict = {}  # weight name -> _Group
         self.skipped: dict = {}  # weight name -> why it has no matrix
         self.error: Optional[BaseException] = None
         self.chunk = 0
+        self.pass_no = 0
+        self.n_passes = 1
+        self._first_pass_open = True  # the first pass still takes the matrices it meets
         self._inputs: dict = {}  # (input tensor address, data address) -> _Group, within one decode
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._eval)
         self.abort = llama_cpp.ggml_abort_callback(lambda _data: self.error is not None)
@@ -246,6 +271,9 @@ class _Collector:
         w, src0, src1 = self._operands(t)
         if w is None:
             return False
+        if self.pass_no > 0:  # a later pass: only its own matrices
+            group = self.group_of.get(w)
+            return group is not None and group.pass_no == self.pass_no
         why = self._unsupported(op, src0, src1)
         if why:
             self.skipped.setdefault(w, why)
@@ -278,21 +306,72 @@ class _Collector:
                 raise HessianError(f"chunk {self.chunk}: {w} reads the input of {group.weights[0]} but read that "
                                    f"of {known.weights[0]} in earlier chunks")
             return True
+        n, rows = src1.ne[0], src1.ne[1] * src1.ne[2] * src1.ne[3]
+        if known is None:
+            known = self._new_group(w, n)
+        elif known.n != n:
+            raise HessianError(f"chunk {self.chunk}: the input of {w} is {n} wide, was {known.n}")
+        self._inputs[key] = known
+        if self.pass_no == 0:
+            known.tokens += rows
+        if known.pass_no != self.pass_no:
+            return True  # a later pass accumulates it
         x = self.ggml.rows(src1)
         if not np.isfinite(x).all():
             row, col = np.argwhere(~np.isfinite(x))[0]
             raise HessianError(f"chunk {self.chunk}: the input of {w} ({src1.name.decode()}) has the non-finite "
                                f"value {x[row, col]!r} at token {row}, column {col}")
-        if known is None:
-            known = _Group([w], np.zeros((x.shape[1], x.shape[1]), np.float64))
-            self.groups.append(known)
-            self.group_of[w] = known
-        elif known.h.shape[0] != x.shape[1]:
-            raise HessianError(f"chunk {self.chunk}: the input of {w} is {x.shape[1]} wide, was {known.h.shape[0]}")
         known.h += x.T @ x  # numpy computes a.T @ a with one symmetric product (syrk): exactly symmetric
-        known.tokens += x.shape[0]
-        self._inputs[key] = known
+        known.rows += x.shape[0]
         return True
+
+    def _new_group(self, w: str, n: int) -> _Group:
+        """The matrix of weight ``w``'s input, met for the first time (in the first pass)."""
+        if self.pass_no > 0:
+            raise HessianError(f"chunk {self.chunk}: pass {self.pass_no + 1} meets {w}, which the first pass "
+                               f"did not: llama.cpp's graph changed between passes")
+        if self._bytes([n]) > self.max_memory:
+            raise HessianError(f"chunk {self.chunk}: the input of {w} is {n} wide; collecting its matrix takes "
+                               f"{_size(self._bytes([n]))}, above max_memory ({_size(self.max_memory)}): raise "
+                               f"max_memory, or lower max_n_in below {n} to skip it")
+        group = _Group([w], n)
+        fits = self._bytes([g.n for g in self.groups if g.pass_no == 0] + [n]) <= self.max_memory
+        self._first_pass_open = self._first_pass_open and fits
+        if self._first_pass_open:  # later matrices wait for a later pass, in graph order
+            group.pass_no, group.h = 0, np.zeros((n, n), np.float64)
+        self.groups.append(group)
+        self.group_of[w] = group
+        return group
+
+    def _bytes(self, widths) -> int:
+        return _collect_bytes(widths, self.rows)
+
+    def plan_passes(self) -> int:
+        """After the first pass: the pass of every matrix it could not take (in graph order, as many per pass
+        as fit max_memory); the number of passes."""
+        widths, pass_no = [], 0
+        for g in self.groups:
+            if g.pass_no == 0:
+                continue
+            if pass_no == 0 or self._bytes(widths + [g.n]) > self.max_memory:
+                pass_no, widths = pass_no + 1, []
+            g.pass_no = pass_no
+            widths.append(g.n)
+        self.n_passes = pass_no + 1
+        return self.n_passes
+
+    def start_pass(self, pass_no: int) -> None:
+        """Pass ``pass_no`` (1, 2, ...): its matrices' accumulators; the earlier passes' are written."""
+        self.pass_no = pass_no
+        for g in self.groups:
+            if g.pass_no == pass_no:
+                g.h = np.zeros((g.n, g.n), np.float64)
+
+    def end_pass(self) -> None:
+        for g in self.groups:
+            if g.pass_no == self.pass_no and g.rows != g.tokens:
+                raise HessianError(f"{g.weights[0]}: pass {self.pass_no + 1} saw {g.rows} tokens, the first "
+                                   f"{g.tokens}: llama.cpp's graph changed between passes")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -394,16 +473,19 @@ def _tail(lines: list) -> str:
 
 def collect_hessians(model_path, text_path_or_tokens, out_path, *, ctx: int = 512, chunks: Optional[int] = None,
                      threads: Optional[int] = None, overwrite: bool = False, quiet: bool = False, stream=None,
-                     max_n_in: int = DEFAULT_MAX_N_IN) -> HessianSummary:
+                     max_n_in: int = DEFAULT_MAX_N_IN, max_memory=None) -> HessianSummary:
     """Run the GGUF model ``model_path`` over a calibration text with llama.cpp and write the input
     covariance H of each weight matrix to ``out_path`` (see the module docstring for the file).
 
     ``text_path_or_tokens``: a text file (tokenized with BOS; each chunk starts with BOS, as llama-imatrix
     does) or a sequence of token ids (evaluated as given).  ``ctx``: tokens per chunk (each chunk is one
     llama_decode with an empty KV cache); ``chunks``: at most this many (default: all whole chunks);
-    ``threads``: llama.cpp's threads (default: all cores); ``max_n_in``: widest input collected.  The output
-    is written atomically and may not be the model or the text; an existing one is replaced only with
-    ``overwrite``.  Progress goes to ``stream`` (default stderr) unless ``quiet``.
+    ``threads``: llama.cpp's threads (default: all cores); ``max_n_in``: widest input collected.
+    ``max_memory``: bytes (or "500M", "8G") the matrices may take while collected (default: half the memory
+    available); when they do not all fit, the text is evaluated again for the rest, as many passes as
+    needed — the file is the same.  llama.cpp's own model and buffers come on top.  The output is written
+    atomically and may not be the model or the text; an existing one is replaced only with ``overwrite``.
+    Progress goes to ``stream`` (default stderr) unless ``quiet``.
 
     >>> s = collect_hessians("m.gguf", "wiki.txt", "m.hessian.gguf", ctx=512, chunks=100)  # doctest: +SKIP
     >>> s.matrices["blk.0.attn_q.weight.hessian"]                                          # doctest: +SKIP
@@ -416,6 +498,7 @@ def collect_hessians(model_path, text_path_or_tokens, out_path, *, ctx: int = 51
     chunks = _positive(chunks, "chunks", optional=True)
     threads = _positive(threads, "threads", optional=True) or os.cpu_count() or 1
     max_n_in = _positive(max_n_in, "max_n_in")
+    max_memory = _memory_limit(max_memory)
     text_path, given = _source(text_path_or_tokens)
     model_path, out_path = Path(os.fspath(model_path)), Path(os.fspath(out_path))
     inputs = _model_files(model_path) + [text_path]
@@ -423,31 +506,90 @@ def collect_hessians(model_path, text_path_or_tokens, out_path, *, ctx: int = 51
     text = _read_text(text_path) if text_path is not None else None
     L = _llama_cpp()
     progress = Progress(0, quiet=quiet, stream=stream, bar=False)
-    with _llama_log(L) as log:
-        collector, n_tokens, n_chunk = _evaluate(L, model_path, text, given, ctx, chunks, threads, max_n_in,
-                                                 progress, log)
-    summary = HessianSummary(out_path, {}, {}, dict(collector.skipped), n_tokens, ctx, n_chunk)
-    _write(out_path, collector.groups, summary, inputs,
-           [os.fspath(text_path)] if text_path is not None else [], overwrite)
+    with _llama_log(L) as log, _Session(L, model_path, log) as run:
+        collector = _Collector(L, _GGML(), max_n_in, max_memory, ctx)
+        run.start(text, given, ctx, chunks, threads, collector, progress)
+        run.decode()
+        if not collector.groups:
+            raise HessianError(f"{model_path}: no weight's matrix multiplication could be collected"
+                               + "".join(f"; {w}: {why}" for w, why in list(collector.skipped.items())[:5]))
+        if collector.plan_passes() > 1:
+            progress.total = run.n_chunk * collector.n_passes
+            need = _collect_bytes([g.n for g in collector.groups], ctx)
+            progress.say(f"the matrices take {_size(need)}, above max_memory ({_size(max_memory)}): "
+                         f"{collector.n_passes} passes")
+
+        def accumulated(group: _Group) -> None:  # the writer asks for the matrices in order, so by pass
+            while group.h is None:
+                collector.start_pass(collector.pass_no + 1)
+                run.decode()
+
+        summary = HessianSummary(out_path, {}, {}, dict(collector.skipped), run.n_chunk * ctx, ctx, run.n_chunk)
+        _write(out_path, collector.groups, summary, inputs,
+               [os.fspath(text_path)] if text_path is not None else [], overwrite, accumulated)
     summary.seconds = time.perf_counter() - t0
     for w, why in summary.skipped.items():
         progress.say(f"skipped {w}: {why}")
     progress.say(f"wrote {out_path}: {len(summary.matrices)} matrices for {len(summary.weights)} weights, "
-                 f"{n_tokens} tokens in {n_chunk} chunks, {summary.seconds:.2f} s")
+                 f"{summary.n_tokens} tokens in {run.n_chunk} chunks, {collector.n_passes} pass"
+                 f"{'es' if collector.n_passes > 1 else ''}, "
+                 f"{summary.seconds:.2f} s")
     return summary
 
 
-def _evaluate(L, model_path: Path, text, given, ctx, chunks, threads, max_n_in, progress, log) -> tuple:
-    """Load the model, decode the chunks with the collector installed; (collector, tokens, chunks)."""
-    L.llama_backend_init()
-    mp = L.llama_model_default_params()
-    mp.n_gpu_layers = 0
-    mp.use_extra_bufts = False  # CPU "repack" buffers crash on small quantized models on some CPUs
-    model = L.llama_model_load_from_file(os.fsencode(model_path), mp)
-    if not model:
-        raise HessianError(f"{model_path}: llama.cpp cannot load the model{_tail(log)}")
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _memory_limit(max_memory) -> int:
+    """``max_memory`` in bytes; None: half the memory available now (Linux's MemAvailable, else the free
+    physical pages)."""
+    if max_memory is not None:
+        return parse_size(max_memory, "max_memory", InvalidArgumentError)
     try:
-        vocab = L.llama_model_get_vocab(model)
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (AttributeError, ValueError, OSError):
+        return 4 << 30
+
+
+class _Session:
+    """The model loaded in llama.cpp and one context of ``ctx`` tokens: :meth:`decode` evaluates every chunk
+    once (one pass of the collector).  Kept open while the file is written: later passes run from there."""
+
+    def __init__(self, L, model_path: Path, log):
+        self.L, self.model_path, self.log = L, model_path, log
+        self.model = self.context = self.batch = None
+
+    def __enter__(self) -> "_Session":
+        L = self.L
+        L.llama_backend_init()
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        mp.use_extra_bufts = False  # CPU "repack" buffers crash on small quantized models on some CPUs
+        self.model = L.llama_model_load_from_file(os.fsencode(self.model_path), mp)
+        if not self.model:
+            raise HessianError(f"{self.model_path}: llama.cpp cannot load the model{_tail(self.log)}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        L = self.L
+        if self.batch is not None:
+            L.llama_batch_free(self.batch)
+        if self.context:
+            L.llama_free(self.context)
+        L.llama_model_free(self.model)
+
+    def start(self, text, given, ctx, chunks, threads, collector, progress) -> None:
+        """Tokenize, check the tokens and create the context with ``collector``'s callbacks."""
+        L, model_path = self.L, self.model_path
+        vocab = L.llama_model_get_vocab(self.model)
         tokens = given if text is None else _tokenize(L, vocab, text)
         n_chunk = len(tokens) // ctx
         if n_chunk == 0:
@@ -456,11 +598,11 @@ def _evaluate(L, model_path: Path, text, given, ctx, chunks, threads, max_n_in, 
         if tokens.min() < 0 or tokens.max() >= n_vocab:
             raise InvalidArgumentError(f"token ids must lie in [0, {n_vocab}) for {model_path}; got "
                                        f"{tokens.min()}..{tokens.max()}")
-        n_chunk = min(n_chunk, chunks or n_chunk)
-        bos = L.llama_vocab_bos(vocab) if text is not None and L.llama_vocab_get_add_bos(vocab) else None
-        collector = _Collector(L, _GGML(), max_n_in)
-        progress.total = n_chunk
-        progress.say(f"hessian: {len(tokens)} tokens, {n_chunk} chunks of {ctx}, {threads} threads")
+        self.n_chunk = min(n_chunk, chunks or n_chunk)
+        self.tokens, self.ctx, self.collector, self.progress = tokens, ctx, collector, progress
+        self.bos = L.llama_vocab_bos(vocab) if text is not None and L.llama_vocab_get_add_bos(vocab) else None
+        progress.total = self.n_chunk
+        progress.say(f"hessian: {len(tokens)} tokens, {self.n_chunk} chunks of {ctx}, {threads} threads")
         cp = L.llama_context_default_params()
         cp.n_ctx = cp.n_batch = cp.n_ubatch = ctx  # one graph per chunk
         cp.n_seq_max = 1
@@ -468,46 +610,36 @@ def _evaluate(L, model_path: Path, text, given, ctx, chunks, threads, max_n_in, 
         cp.cb_eval, cp.cb_eval_user_data = collector.callback, None
         cp.abort_callback, cp.abort_callback_data = collector.abort, None
         cp.no_perf = True
-        context = L.llama_init_from_model(model, cp)
-        if not context:
-            raise HessianError(f"{model_path}: llama.cpp cannot create a context of {ctx} tokens{_tail(log)}")
-        try:
-            _decode_chunks(L, context, collector, tokens, ctx, n_chunk, bos, progress, log)
-        finally:
-            L.llama_free(context)
-    finally:
-        L.llama_model_free(model)
-    if not collector.groups:
-        raise HessianError(f"{model_path}: no weight's matrix multiplication could be collected"
-                           + "".join(f"; {w}: {why}" for w, why in list(collector.skipped.items())[:5]))
-    return collector, n_chunk * ctx, n_chunk
+        self.context = L.llama_init_from_model(self.model, cp)
+        if not self.context:
+            raise HessianError(f"{model_path}: llama.cpp cannot create a context of {ctx} tokens{_tail(self.log)}")
+        self.batch = L.llama_batch_init(ctx, 0, 1)
 
-
-def _decode_chunks(L, context, collector, tokens, ctx, n_chunk, bos, progress, log) -> None:
-    batch = L.llama_batch_init(ctx, 0, 1)
-    try:
-        for i in range(n_chunk):
+    def decode(self) -> None:
+        """One pass: every chunk decoded with an empty KV cache, the collector called on its nodes."""
+        L, ctx, batch, collector = self.L, self.ctx, self.batch, self.collector
+        passes = f"pass {collector.pass_no + 1}/{collector.n_passes}, " if collector.n_passes > 1 else ""
+        for i in range(self.n_chunk):
             t0 = time.perf_counter()
-            chunk = tokens[i * ctx:(i + 1) * ctx].copy()
-            if bos is not None:  # llama-imatrix: "add BOS token for the first batch of each chunk"
-                chunk[0] = bos
+            chunk = self.tokens[i * ctx:(i + 1) * ctx].copy()
+            if self.bos is not None:  # llama-imatrix: "add BOS token for the first batch of each chunk"
+                chunk[0] = self.bos
             for k, tok in enumerate(chunk.tolist()):
                 batch.token[k], batch.pos[k], batch.n_seq_id[k] = tok, k, 1
                 batch.seq_id[k][0] = 0
                 batch.logits[k] = 1  # every token's output, so output.weight sees them all
             batch.n_tokens = ctx
-            L.llama_memory_clear(L.llama_get_memory(context), True)
+            L.llama_memory_clear(L.llama_get_memory(self.context), True)
             collector.begin_chunk(i)
-            rc = L.llama_decode(context, batch)
+            rc = L.llama_decode(self.context, batch)
             if collector.error is not None:
                 error, collector.error = collector.error, None
                 raise error
             if rc != 0:
-                raise HessianError(f"chunk {i}: llama_decode failed with status {rc}{_tail(log)}")
-            progress.advance(0, f"chunk {i + 1}: {ctx} tokens, {time.perf_counter() - t0:.2f} s, "
-                                f"{len(collector.groups)} matrices")
-    finally:
-        L.llama_batch_free(batch)
+                raise HessianError(f"chunk {i}: llama_decode failed with status {rc}{_tail(self.log)}")
+            self.progress.advance(0, f"{passes}chunk {i + 1}: {ctx} tokens, {time.perf_counter() - t0:.2f} s, "
+                                     f"{len(collector.groups)} matrices")
+        collector.end_pass()
 
 
 def _matrix_name(group: _Group, taken: set) -> str:
@@ -519,8 +651,9 @@ def _matrix_name(group: _Group, taken: set) -> str:
 
 
 def _write(out_path: Path, groups: list, summary: HessianSummary, inputs: list, datasets: list,
-           overwrite: bool) -> None:
-    """One F32 tensor per group, each accumulator dropped once written (peak: one float32 copy)."""
+           overwrite: bool, accumulated) -> None:
+    """One F32 tensor per group, each accumulator dropped once written (peak: one float32 copy);
+    ``accumulated(group)`` runs the passes its matrix waits for."""
     from ..container.values import GGUFValueType as V, Value
     from ..container.writer import GGUFWriter
 
@@ -543,14 +676,14 @@ def _write(out_path: Path, groups: list, summary: HessianSummary, inputs: list, 
 
     def producer(g: _Group):
         def make():
+            accumulated(g)
             h, g.h = g.h, None
             return h.astype(np.float32)
         return make
 
     w = GGUFWriter(out_path, metadata, inputs=[p for p in inputs if p is not None], overwrite=overwrite)
     for name, g in zip(names, groups):
-        n = g.h.shape[0]
-        w.add_tensor(name, producer(g), shape=(n, n), ggml_type="F32")
+        w.add_tensor(name, producer(g), shape=(g.n, g.n), ggml_type="F32")
     w.close()
 
 
