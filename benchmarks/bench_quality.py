@@ -263,21 +263,25 @@ def mean_se(a: np.ndarray) -> str:
     return f"{a.mean():.5f} ± {a.std(ddof=1) / np.sqrt(len(a)):.5f}"
 
 
-def budget_rows(name: str, f32: Path, imat: Path, work: Path, ref, evals, kl_llama, size: int,
+def budget_rows(name: str, f32: Path, imatrices: dict, work: Path, ref, evals, kl_llama, size: int,
                 n_elements: int) -> list:
     """The size-budget mode (``target_bpw``, method optimized) at llama-quantize's Q4_K_M file size: with every
-    candidate type, and without Q4_1/Q5_1 (which can reproduce SmolLM2's Q4_1 grid exactly)."""
+    candidate type, and without Q4_1/Q5_1 (which can reproduce SmolLM2's Q4_1 grid exactly); with --feedback
+    also the latter written with error feedback (the allocation is measured without it)."""
     from gguf_kquant.model.budget import CANDIDATES, quantize_to_budget
     from gguf_kquant.model.quantize import quantize_model
 
     bpw = size * 8.0 / n_elements  # the file (header included) per weight: floor(bpw * n / 8) <= size
+    runs = [("budget", (), imatrices["optimized"]), ("budget-noQ4_1/Q5_1", ("Q4_1", "Q5_1"), imatrices["optimized"])]
+    if "feedback" in imatrices:
+        runs.append(("budget-noQ4_1/Q5_1+feedback", ("Q4_1", "Q5_1"), imatrices["feedback"]))
     rows = []
-    for label, excluded in (("budget", ()), ("budget-noQ4_1/Q5_1", ("Q4_1", "Q5_1"))):
-        dst = work / f"{name}-{label.replace('/', '-')}.gguf"
+    for label, excluded, imat in runs:
+        dst = work / f"{name}-{label.replace('/', '-').replace('+', '-')}.gguf"
         t0 = time.perf_counter()
         kw = {"candidates": [t for t in CANDIDATES if t.name not in excluded]} if excluded else {}
         (quantize_to_budget if excluded else quantize_model)(
-            f32, dst, target_bpw=bpw, imatrix=str(imat), method="optimized", overwrite=True, threads=2, **kw)
+            f32, dst, target_bpw=bpw, imatrix=imat, method="optimized", overwrite=True, threads=2, **kw)
         secs = time.perf_counter() - t0
         kl, nll = evaluate(ref, dst, evals, work)
         diff = kl - kl_llama
@@ -424,7 +428,7 @@ def main() -> int:
                   f"wall time x{row['time_ratio' + suffix]:.2f}", flush=True)
         results.append(row)
         if mix == "Q4_K_M" and not args.no_budget:
-            results += budget_rows(name, f32, imat, work, ref, evals, kls["llama"], row["llama"]["bytes"],
+            results += budget_rows(name, f32, imatrices, work, ref, evals, kls["llama"], row["llama"]["bytes"],
                                    res.n_elements)
     if args.llama_perplexity:
         check_llama_perplexity(args.llama_perplexity, f32, work / f"{name}-{args.mixes[0]}-llama.gguf", work,
