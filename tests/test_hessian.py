@@ -117,6 +117,10 @@ def test_every_matrix_symmetric_psd_and_counted(collected):
             if name in ("blk.0.attn_q.weight.hessian", "blk.3.ffn_down.weight.hessian"):  # both widths
                 assert _psd(h), name
         assert hs.for_weight("token_embd.weight") is None  # GET_ROWS, not a matrix multiplication
+    with gguf_kquant.open(out) as f:  # upper triangles: half the size of the squares
+        assert f.metadata["hessian.layout"] == "packed_upper"
+        assert {t.name: t.shape for t in f.tensors} == {
+            name: ((512 * 513 // 2,) if "ffn_down" in name else (256 * 257 // 2,)) for name in summary.matrices}
 
 
 def _psd(h: np.ndarray) -> bool:
@@ -287,6 +291,13 @@ def _spd(n=8):
     return x.T @ x
 
 
+def _packed(h):
+    return np.concatenate([h[i, i:] for i in range(len(h))])
+
+
+PACKED = {"hessian.layout": Value("packed_upper", V.STRING)}
+
+
 def _write(path, keys=None, tensors=None, drop=()):
     keys = {k: v for k, v in {**_GOOD_KEYS, **(keys or {})}.items() if k not in drop}
     tensors = {"blk.0.a.weight.hessian": _spd()} if tensors is None else tensors
@@ -302,6 +313,13 @@ def test_a_written_file_loads(tmp_path):
     one_count = _write(tmp_path / "one.gguf", {"hessian.tokens": Value(4, V.UINT32)})
     with load_hessians(one_count) as hs:
         assert hs.for_weight("blk.0.a.weight")[1] == 4
+    h = _spd(300)  # more than one slab of the unpacking
+    full = _write(tmp_path / "full.gguf", tensors={"blk.0.a.weight.hessian": h})
+    packed = _write(tmp_path / "packed.gguf", PACKED, tensors={"blk.0.a.weight.hessian": _packed(h)})
+    with load_hessians(full) as a, load_hessians(packed) as b:
+        assert np.array_equal(a.for_weight("blk.0.a.weight")[0], b.for_weight("blk.0.a.weight")[0])
+        assert np.array_equal(a.imatrix().entries["blk.0.b.weight"], b.imatrix().entries["blk.0.b.weight"])
+        assert np.array_equal(b.for_weight("blk.0.a.weight")[0], h)
 
 
 @pytest.mark.parametrize("keys, tensors, drop, words", [
@@ -316,6 +334,11 @@ def test_a_written_file_loads(tmp_path):
     ({"hessian.tokens": Value([4, 4], V.ARRAY, V.UINT32)}, None, (), ["2 counts for 1 tensors"]),
     ({"hessian.chunk_size": Value("4", V.STRING)}, None, (), ["hessian.chunk_size", "UINT32", "STRING"]),
     ({}, {"blk.0.a.weight.hessian": _spd().astype(np.float16)}, (), ["blk.0.a.weight.hessian", "F16"]),
+    (PACKED, {"blk.0.a.weight.hessian": np.ones(35, np.float32)}, (), ["'blk.0.a.weight.hessian'", "n (n + 1) / 2",
+                                                                       "[35]"]),
+    (PACKED, None, (), ["'blk.0.a.weight.hessian'", "upper triangle", "[8, 8]"]),  # a square under the key
+    ({"hessian.layout": Value("lower", V.STRING)}, None, (), ["hessian.layout", "'lower'", "packed_upper"]),
+    ({"hessian.layout": Value(1, V.UINT32)}, None, (), ["hessian.layout", "STRING", "UINT32"]),
 ])
 def test_malformed_files_are_refused_by_name(tmp_path, keys, tensors, drop, words):
     path = _write(tmp_path / "bad.gguf", keys, tensors, drop)
@@ -336,6 +359,22 @@ def test_bad_values_are_refused_when_read(tmp_path, poison, words):
     h = _spd(300)  # wider than the symmetry check's slabs of 128 rows
     poison(h)
     path = _write(tmp_path / "bad.gguf", tensors={"blk.0.a.weight.hessian": h})
+    _check_refused(path, words)
+
+
+@pytest.mark.parametrize("place", [(2, 3), (0, 0), (299, 299), (150, 200)])
+def test_bad_values_of_a_packed_file_are_refused_by_place(tmp_path, place):
+    h = _spd(300)
+    h[place] = h[place[::-1]] = np.nan
+    path = _write(tmp_path / "bad.gguf", PACKED, tensors={"blk.0.a.weight.hessian": _packed(h)})
+    _check_refused(path, ["non-finite", "nan", f"[{place[0]}, {place[1]}]"])
+    h = _spd(300)
+    h[place[0], place[0]] = -1.0
+    path = _write(tmp_path / "neg.gguf", PACKED, tensors={"blk.0.a.weight.hessian": _packed(h)})
+    _check_refused(path, ["diagonal", "-1.0", f"[{place[0]}, {place[0]}]"])
+
+
+def _check_refused(path, words):
     with load_hessians(path) as hs:  # the header is fine: the values are checked when the matrix is read
         with pytest.raises(HessianError) as e:
             hs.for_weight("blk.0.a.weight")

@@ -20,8 +20,10 @@ the file does not depend on how many passes there were.
 
 The file is a GGUF (``general.type = "hessian"``):
 
-* one F32 tensor ``<first weight>.hessian`` of shape ``(n_in, n_in)`` per distinct input: the SUM of
-  ``x x^T`` over its tokens (not the mean);
+* one F32 tensor ``<first weight>.hessian`` per distinct input: the SUM of ``x x^T`` over its tokens (not the
+  mean), as its upper triangle packed by rows (``hessian.layout = "packed_upper"``: a 1-D tensor of
+  ``n_in (n_in + 1) / 2`` values, row i from its diagonal on; half the size of the square) or, in files without
+  that key, the whole ``(n_in, n_in)`` matrix;
 * ``hessian.weights`` / ``hessian.matrices``: string arrays of one length, weight name -> tensor holding its H;
 * ``hessian.tokens``: UINT32 array, the token count of each tensor in file order (a single UINT32 is read as
   the count of every tensor);
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -61,6 +64,8 @@ KEY_TOKENS = "hessian.tokens"
 KEY_CHUNK_SIZE = "hessian.chunk_size"
 KEY_CHUNK_COUNT = "hessian.chunk_count"
 KEY_DATASETS = "hessian.datasets"
+KEY_LAYOUT = "hessian.layout"
+LAYOUT_FULL, LAYOUT_PACKED = "full", "packed_upper"  # the square matrix; its upper triangle by rows
 _UINT32_MAX = 2**32 - 1
 _SYMMETRY_TOL = 1e-5  # relative to the largest |H_ij|: files are written exactly symmetric
 
@@ -672,24 +677,57 @@ def _write(out_path: Path, groups: list, summary: HessianSummary, inputs: list, 
                 (KEY_CHUNK_COUNT, Value(summary.chunk_count, V.UINT32)),
                 (KEY_WEIGHTS, Value(weights, V.ARRAY, V.STRING)),
                 (KEY_MATRICES, Value(mapped, V.ARRAY, V.STRING)),
-                (KEY_TOKENS, Value([g.tokens for g in groups], V.ARRAY, V.UINT32))]
+                (KEY_TOKENS, Value([g.tokens for g in groups], V.ARRAY, V.UINT32)),
+                (KEY_LAYOUT, Value(LAYOUT_PACKED, V.STRING))]
 
     def producer(g: _Group):
-        def make():
+        def make():  # the packed rows in float32 pieces of ~4 MiB; the accumulator is dropped at the end
             accumulated(g)
             h, g.h = g.h, None
-            return h.astype(np.float32)
+            step = max(1, (1 << 20) // g.n)
+            for i0 in range(0, g.n, step):
+                yield np.concatenate([h[i, i:] for i in range(i0, min(i0 + step, g.n))]).astype(np.float32)
         return make
 
     w = GGUFWriter(out_path, metadata, inputs=[p for p in inputs if p is not None], overwrite=overwrite)
     for name, g in zip(names, groups):
-        w.add_tensor(name, producer(g), shape=(g.n, g.n), ggml_type="F32")
+        w.add_tensor(name, producer(g), shape=(_packed_size(g.n),), ggml_type="F32")
     w.close()
+
+
+def _packed_size(n: int) -> int:
+    return n * (n + 1) // 2
+
+
+def _row_offsets(n: int) -> np.ndarray:
+    """Where each row of the packed upper triangle starts (its diagonal value): row i holds columns i..n-1."""
+    i = np.arange(n, dtype=np.int64)
+    return i * n - i * (i - 1) // 2
 
 
 # ------------------------------------------------------------------------------------------------------
 # The loader
 # ------------------------------------------------------------------------------------------------------
+def _unpack_upper(packed: np.ndarray, n: int, tile: int = 128) -> np.ndarray:
+    """The symmetric n x n float32 matrix of its packed upper triangle: a slab of rows, then its transpose
+    into the matching columns."""
+    h = np.empty((n, n), np.float32)
+    starts = _row_offsets(n)
+    for i0 in range(0, n, tile):
+        i1 = min(i0 + tile, n)
+        for i in range(i0, i1):
+            h[i, i:] = packed[starts[i]:starts[i] + n - i]
+        h[i1:, i0:i1] = h[i0:i1, i1:].T
+        h[i0:i1, i0:i1] = np.triu(h[i0:i1, i0:i1]) + np.triu(h[i0:i1, i0:i1], 1).T
+    return h
+
+
+def _packed_place(n: int, k: int) -> tuple:
+    """(row, column) of value k of a packed upper triangle."""
+    i = int(np.searchsorted(_row_offsets(n), k, side="right")) - 1
+    return i, i + int(k - _row_offsets(n)[i])
+
+
 def _asymmetry(h: np.ndarray, tile: int = 128) -> float:
     """max |H - H^T|, a slab of rows against the matching slab of columns at a time (the whole transpose at
     once strides through memory: 5x slower at n = 1536)."""
@@ -704,8 +742,10 @@ class Hessians:
     (read with ``pread``, checked: finite, symmetric, non-negative diagonal).  Close it, or use ``with``."""
 
     def __init__(self, path: Path, f, matrix_of: dict, tokens: dict, datasets: list, chunk_size: int,
-                 chunk_count: int):
+                 chunk_count: int, widths: dict, packed: bool):
         self.path = path
+        self.widths = widths  # tensor name -> n
+        self.packed = packed  # upper triangles (LAYOUT_PACKED), else square matrices
         self._f = f
         self._by_name = {t.name: t for t in f.tensors}
         self.matrix_of = matrix_of  # weight name -> tensor name
@@ -736,20 +776,26 @@ class Hessians:
         """Tensor ``name`` as a checked float32 matrix (the file's values)."""
         t = self._by_name[name]
         try:
-            h = np.asarray(t.numpy(), np.float32)
+            stored = np.asarray(t.numpy(), np.float32)
         except GGUFIOError:
             raise
         except GGUFError as exc:
             raise HessianError(f"hessian {self.path}: tensor {name!r}: {exc}") from None
-        if not np.isfinite(h).all():
-            i, j = np.argwhere(~np.isfinite(h))[0]
-            raise HessianError(f"hessian {self.path}: tensor {name!r} has the non-finite value {h[i, j]!r} "
-                               f"at [{i}, {j}]")
-        scale = float(np.abs(h).max()) if h.size else 0.0
-        asym = _asymmetry(h)
-        if asym > _SYMMETRY_TOL * scale:
-            raise HessianError(f"hessian {self.path}: tensor {name!r} is not symmetric (max |H - H^T| = "
-                               f"{asym:.6g}, max |H| = {scale:.6g})")
+        n = self.widths[name]
+        if not np.isfinite(stored).all():
+            k = np.argwhere(~np.isfinite(stored.reshape(-1)))[0][0]
+            i, j = _packed_place(n, k) if self.packed else divmod(int(k), n)
+            raise HessianError(f"hessian {self.path}: tensor {name!r} has the non-finite value "
+                               f"{stored.reshape(-1)[k]!r} at [{i}, {j}]")
+        if self.packed:
+            h = _unpack_upper(stored, n)  # symmetric by construction
+        else:
+            h = stored
+            scale = float(np.abs(h).max()) if h.size else 0.0
+            asym = _asymmetry(h)
+            if asym > _SYMMETRY_TOL * scale:
+                raise HessianError(f"hessian {self.path}: tensor {name!r} is not symmetric (max |H - H^T| = "
+                                   f"{asym:.6g}, max |H| = {scale:.6g})")
         self._check_diagonal(name, np.diagonal(h))
         return h
 
@@ -779,9 +825,10 @@ class Hessians:
                     raise
                 except GGUFError as exc:
                     raise HessianError(f"hessian {self.path}: tensor {name!r}: {exc}") from None
-                n = t.shape[0]
-                h = raw.view(np.dtype(np.float32).newbyteorder(t.byte_order)).reshape(n, n)
-                d = np.diagonal(h).astype(np.float64)  # touches n values of the map, not n^2
+                n = self.widths[name]
+                values = raw.view(np.dtype(np.float32).newbyteorder(t.byte_order)).reshape(-1)
+                # touches n values of the map, not n^2
+                d = (values[_row_offsets(n)] if self.packed else np.diagonal(values.reshape(n, n))).astype(np.float64)
                 self._check_diagonal(name, d)
                 diagonals[name] = (d / self.tokens[name]).astype(np.float32)
             entries[weight] = diagonals[name]
@@ -858,15 +905,35 @@ def _read_index(p: Path, f) -> tuple:
     unused = [t.name for t in f.tensors if t.name not in set(matrices)]
     if unused:
         raise HessianError(f"hessian {p}: tensor {unused[0]!r} is the matrix of no weight in {KEY_MATRICES}")
-    for t in f.tensors:
-        if t.type_name != "F32" or len(t.shape) != 2 or t.shape[0] != t.shape[1] or t.shape[0] == 0:
-            raise HessianError(f"hessian {p}: tensor {t.name!r} must be a square F32 matrix, not "
-                               f"{t.type_name} of shape {list(t.shape)}")
+    packed = _layout(p, md) == LAYOUT_PACKED
+    widths = {t.name: _width(p, t, packed) for t in f.tensors}
     tokens = _tokens(p, md, f.tensors)
     datasets = [str(d) for d in _typed(p, md, KEY_DATASETS, "ARRAY of STRING")]
     chunk_size = int(_typed(p, md, KEY_CHUNK_SIZE, "UINT32"))
     chunk_count = int(_typed(p, md, KEY_CHUNK_COUNT, "UINT32"))
-    return matrix_of, tokens, datasets, chunk_size, chunk_count
+    return matrix_of, tokens, datasets, chunk_size, chunk_count, widths, packed
+
+
+def _layout(p: Path, md) -> str:
+    if KEY_LAYOUT not in md:
+        return LAYOUT_FULL  # files written before the key
+    layout = str(_typed(p, md, KEY_LAYOUT, "STRING"))
+    if layout not in (LAYOUT_FULL, LAYOUT_PACKED):
+        raise HessianError(f"hessian {p}: {KEY_LAYOUT} is {layout!r}, not {LAYOUT_FULL!r} or {LAYOUT_PACKED!r}")
+    return layout
+
+
+def _width(p: Path, t, packed: bool) -> int:
+    """n of tensor ``t``'s n x n matrix: a square F32 tensor, or a 1-D one of n (n + 1) / 2 values (packed)."""
+    shape = list(t.shape)
+    if packed and t.type_name == "F32" and len(shape) == 1 and shape[0] > 0:
+        n = (math.isqrt(8 * shape[0] + 1) - 1) // 2
+        if _packed_size(n) == shape[0]:
+            return n
+    elif not packed and t.type_name == "F32" and len(shape) == 2 and shape[0] == shape[1] and shape[0] > 0:
+        return shape[0]
+    want = "an F32 upper triangle of n (n + 1) / 2 values" if packed else "a square F32 matrix"
+    raise HessianError(f"hessian {p}: tensor {t.name!r} must be {want}, not {t.type_name} of shape {shape}")
 
 
 def _tokens(p: Path, md, tensors) -> dict:
