@@ -200,6 +200,31 @@ def test_an_error_in_the_callback_stops_the_run(tmp_path, example_model, tokens,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_error_in_a_later_pass_leaves_no_file(tmp_path, example_model, tokens, monkeypatch, llama):
+    """Later passes run while the file is being written: Ctrl-C there removes the partial file too."""
+    real = hessian._GGML.rows
+
+    def fail_in_pass_2(self, t):
+        if collectors[-1].pass_no == 2:
+            raise KeyboardInterrupt
+        return real(self, t)
+
+    collectors = []
+    init = hessian._Collector.__init__
+
+    def keep(self, *args):
+        init(self, *args)
+        collectors.append(self)
+
+    monkeypatch.setattr(hessian._Collector, "__init__", keep)
+    monkeypatch.setattr(hessian._GGML, "rows", fail_in_pass_2)
+    out = tmp_path / "h.gguf"
+    with pytest.raises(KeyboardInterrupt):
+        collect_hessians(example_model, tokens, out, ctx=CTX, quiet=True,
+                         max_memory=hessian._collect_bytes([512] * 2, CTX))
+    assert collectors[-1].pass_no == 2 and list(tmp_path.iterdir()) == []
+
+
 def test_a_struct_layout_other_than_ggml_h_is_refused(tmp_path, example_model, tokens, monkeypatch, llama):
     class Shifted(ctypes.Structure):  # ggml_tensor without its buffer pointer: every later field moves
         _fields_ = [f for f in hessian._GGMLTensor._fields_ if f[0] != "buffer"]
