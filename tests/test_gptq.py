@@ -118,6 +118,33 @@ def test_the_method_uses_a_tensors_hessian_and_falls_back_without_one():
     assert for_tensor(quantize, "blk.0.attn_q.weight") is quantize
 
 
+def test_tensors_sharing_an_input_share_its_factor_whatever_their_block_size(monkeypatch):
+    """U does not depend on the block size: attn_q in Q4_K and attn_v in Q8_0 (a size budget can mix them)
+    factorise their shared H once, and write the bytes of plans built on their own; files order a layer's
+    tensors by name, so a factor outlives the next matrix's (attn_k, attn_output, attn_q, attn_v)."""
+    import gguf_kquant.codecs.gptq as gptq
+
+    n = 512
+    h, h_out = correlated_hessian(n, 3), correlated_hessian(n, 4)
+    hs = _Hessians({"blk.0.attn_k.weight": (h, N_TOKENS), "blk.0.attn_output.weight": (h_out, N_TOKENS)})
+    hs.matrix_of.update({"blk.0.attn_q.weight": "blk.0.attn_k.weight", "blk.0.attn_v.weight": "blk.0.attn_k.weight"})
+    hs.table.update({"blk.0.attn_q.weight": (h, N_TOKENS), "blk.0.attn_v.weight": (h, N_TOKENS)})
+    calls = []
+    real = gptq._inverse_upper_factor
+    monkeypatch.setattr(gptq, "_inverse_upper_factor", lambda *a: calls.append(1) or real(*a))
+    q = quantizer("optimized", True, hs)
+    w = np.ones(n, np.float32)
+    got = {name: for_tensor(q, name)(rows(8, n, seed=i), qtype, w) for i, (name, qtype) in enumerate([
+        ("blk.0.attn_k.weight", "Q4_K"), ("blk.0.attn_output.weight", "Q4_K"), ("blk.0.attn_q.weight", "Q5_0"),
+        ("blk.0.attn_v.weight", "Q8_0")])}
+    assert len(calls) == 2  # one per distinct input
+    monkeypatch.setattr(gptq, "_inverse_upper_factor", real)
+    for i, (name, qtype, hh) in enumerate([("blk.0.attn_k.weight", "Q4_K", h), ("blk.0.attn_q.weight", "Q5_0", h),
+                                          ("blk.0.attn_v.weight", "Q8_0", h)]):
+        want = quantize_feedback(rows(8, n, seed=[0, 2, 3][i]), qtype, FeedbackPlan(hh, qtype, n_tokens=N_TOKENS))
+        np.testing.assert_array_equal(got[name], want, err_msg=name)
+
+
 @pytest.mark.parametrize("bad, match", [
     (lambda n: -np.eye(n), "not positive definite"),
     (lambda n: np.full((n, n), np.nan), "non-finite"),

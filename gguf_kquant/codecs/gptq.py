@@ -51,26 +51,23 @@ from ..errors import ImatrixError
 from ..types import type_info
 from .chunks import run_chunks
 
-__all__ = ["DEFAULT_DAMP", "ErrorFeedback", "FeedbackPlan", "for_tensor", "output_error", "quantize_feedback"]
+__all__ = ["DEFAULT_DAMP", "ErrorFeedback", "Factor", "FeedbackPlan", "for_tensor", "output_error", "quantize_feedback"]
 
 DEFAULT_DAMP = 0.01  # GPTQ's percdamp: 1% of the mean diagonal
 _PLANS_KEPT = 4  # a layer's inputs: attention, its output, the feed-forward, its down projection
 GROUP = 128  # columns per lazy-batch group (GPTQ's block size); a 256-value block is its own group
 
 
-class FeedbackPlan:
-    """The per-weight constants of the update for one block size: the column weights w, and per block b
-    ``V_bb`` plus ``V_bb @ U_b,(b..group end)`` (the update inside its group); per group ``U_g,after``."""
+class Factor:
+    """U = inv(V) for H' = V V^T (module docstring), which does not depend on the block size: tensors that share
+    an input but not a block size (a size budget's attn_q in Q4_K, attn_v in Q8_0) share it; ``feeds``: H has
+    off-diagonal terms, so something is fed forward."""
 
-    def __init__(self, hessian: np.ndarray, qtype, *, damp: float = DEFAULT_DAMP, n_tokens: int = 1,
-                 threads: Optional[int] = None):
-        info = type_info(qtype)
-        self.block = block = info.block_size
-        self.group = max(GROUP, block)
+    def __init__(self, hessian: np.ndarray, *, damp: float = DEFAULT_DAMP, threads: Optional[int] = None):
         h = np.asarray(hessian)
-        n = h.shape[0]
-        if h.ndim != 2 or h.shape != (n, n) or n % block:
-            raise ImatrixError(f"Hessian of shape {h.shape} does not fit rows of {info.name} blocks")
+        n = h.shape[0] if h.ndim else 0
+        if h.ndim != 2 or h.shape != (n, n):
+            raise ImatrixError(f"Hessian of shape {h.shape} is not a square matrix")
         if not np.isfinite(h).all():
             raise ImatrixError("Hessian has non-finite values")
         mean = float(np.diagonal(h).astype(np.float64).mean()) if n else 0.0
@@ -78,10 +75,29 @@ class FeedbackPlan:
         # SmolLM2 took 16% longer: OpenBLAS's idle threads spin and slow the row workers that follow); the large
         # products are split over our own threads instead (_Products)
         with _one_blas_thread():
-            u = _inverse_upper_factor(h, damp * mean if mean > 0 else 1.0, threads)
-            self._blocks(u, n_tokens)
-        # nothing is fed forward when H, and so U, has no off-diagonal terms
+            self.u = _inverse_upper_factor(h, damp * mean if mean > 0 else 1.0, threads)
+        self.n = n
         self.feeds = np.count_nonzero(h) > np.count_nonzero(np.diagonal(h))
+
+
+class FeedbackPlan:
+    """The per-weight constants of the update for one block size: the column weights w, and per block b
+    ``V_bb`` plus ``V_bb @ U_b,(b..group end)`` (the update inside its group); per group ``U_g,after``.
+    ``factor``: the :class:`Factor` of ``hessian`` when it is made already (``hessian`` is then not read)."""
+
+    def __init__(self, hessian: np.ndarray, qtype, *, damp: float = DEFAULT_DAMP, n_tokens: int = 1,
+                 threads: Optional[int] = None, factor: Optional["Factor"] = None):
+        info = type_info(qtype)
+        self.block = block = info.block_size
+        self.group = max(GROUP, block)
+        if factor is None:
+            factor = Factor(hessian, damp=damp, threads=threads)
+        if factor.n % block:
+            raise ImatrixError(f"Hessian of {factor.n} columns does not fit rows of {info.name} blocks")
+        self.factor = factor
+        self.feeds = factor.feeds
+        with _one_blas_thread():
+            self._blocks(factor.u, n_tokens)
 
     def _blocks(self, u: np.ndarray, n_tokens: int) -> None:
         self.n = n = u.shape[0]
@@ -301,6 +317,11 @@ class ErrorFeedback:
         self.hessians = hessians
         self.damp = damp
         self._plans = {}  # (matrix, block) -> FeedbackPlan, the last few: attn_q/k/v (ffn_gate/up) share one
+        # matrix -> Factor, the last few (files often order a layer's tensors by name: attn_k, attn_output,
+        # attn_q, ...); shared by its plans of any block size.  At most _PLANS_KEPT U's are alive: a factor is
+        # dropped once _PLANS_KEPT others were used after its last use, each making a plan, so by then its own
+        # plans are dropped too.
+        self._factors = {}
 
     def __call__(self, x, qtype, imatrix=None, *, threads: Optional[int] = None):
         from .optimized import quantize_optimized
@@ -324,21 +345,34 @@ class ErrorFeedback:
         """The plan of ``matrix`` for ``qtype``'s blocks; the tensor ``name``'s rows are ``n`` values."""
         key = (matrix, type_info(qtype).block_size)
         if key not in self._plans:
-            hessian, n_tokens = self.hessians.for_weight(name)
-            if hessian.shape[0] != n:
-                raise ImatrixError(f"tensor {name}: rows of {n} values, but its Hessian is "
-                                   f"{hessian.shape[0]} x {hessian.shape[1]}")
+            factor, n_tokens = self._factors.pop(matrix, None) or self._factorise(name, threads)
+            _keep(self._factors, matrix, (factor, n_tokens))  # the last used last
+            if factor.n != n:
+                raise ImatrixError(f"tensor {name}: rows of {n} values, but its Hessian is {factor.n} x {factor.n}")
             try:
-                plan = FeedbackPlan(hessian, qtype, damp=self.damp, n_tokens=n_tokens, threads=threads)
+                plan = FeedbackPlan(None, qtype, n_tokens=n_tokens, factor=factor)
             except ImatrixError as exc:
                 raise ImatrixError(f"tensor {name}: {exc}") from None
-            while len(self._plans) >= _PLANS_KEPT:
-                del self._plans[next(iter(self._plans))]  # the oldest
-            self._plans[key] = plan
+            _keep(self._plans, key, plan)
         return self._plans[key]
 
+    def _factorise(self, name: str, threads: Optional[int]) -> tuple:
+        """(Factor, token count) of the Hessian of tensor ``name``, read from the file."""
+        hessian, n_tokens = self.hessians.for_weight(name)
+        try:
+            return Factor(hessian, damp=self.damp, threads=threads), n_tokens
+        except ImatrixError as exc:
+            raise ImatrixError(f"tensor {name}: {exc}") from None
+
     def __getstate__(self):  # pickled to Dask workers: the Hessians (by path), not a plan
-        return {"hessians": self.hessians, "damp": self.damp, "_plans": {}}
+        return {"hessians": self.hessians, "damp": self.damp, "_plans": {}, "_factors": {}}
+
+
+def _keep(cache: dict, key, value) -> None:
+    """``cache[key] = value``, the oldest entries dropped to keep the last :data:`_PLANS_KEPT`."""
+    while len(cache) >= _PLANS_KEPT:
+        del cache[next(iter(cache))]
+    cache[key] = value
 
 
 def for_tensor(quantize_fn, name: str):
