@@ -10,6 +10,7 @@ import errno
 import importlib
 import io
 import os
+import re
 import sys
 
 from .errors import GGUFError
@@ -80,9 +81,24 @@ def _sane_std_streams() -> None:
                 pass
 
 
+# the library's argument names that its errors mention, as this command line spells them: a name, or names
+# joined by "/", standing alone (not inside a path)
+_NAMES = (r"(?:include_weights|exclude_weights|keep_split|split_max_size|split_max_tensors|allow_requantize|"
+          r"target_bpw|target_size|max_memory|max_n_in)")
+_FLAGS = re.compile(rf"(?<![\w/.\\-]){_NAMES}(?:/{_NAMES})*(?![\w/.\\-])")
+_GIVE_IMATRIX = re.compile(r"\bgive an imatrix\b|\bneeds? an imatrix\b")
+
+
+def _in_flags(message: str) -> str:
+    """A library error in command-line words: ``allow_requantize`` -> ``--allow-requantize``, and "needs an
+    imatrix" says which option gives one."""
+    message = _FLAGS.sub(lambda m: "/".join("--" + n.replace("_", "-") for n in m.group(0).split("/")), message)
+    return _GIVE_IMATRIX.sub(lambda m: m.group(0) + " (--imatrix)", message)
+
+
 def _report(command: str, exc: BaseException) -> None:
     try:
-        print(f"gguf-kquant {command}: error: {exc}", file=sys.stderr)
+        print(f"gguf-kquant {command}: error: {_in_flags(str(exc))}", file=sys.stderr)
     except (OSError, ValueError):  # stderr is closed too: the exit status says it
         pass
 

@@ -324,10 +324,25 @@ def test_tensor_type_overrides_and_kv_overrides(models, tmp_path):
     _check_same(tmp_path / "ours.gguf", theirs)
 
 
-def test_requantize_needs_flag_and_matches(models, tmp_path):
+def test_the_cli_says_the_librarys_argument_names_as_flags_but_not_inside_paths():
+    from gguf_kquant.cli import _in_flags
+
+    assert _in_flags("keep_split cannot be combined with split_max_size/split_max_tensors") == \
+        "--keep-split cannot be combined with --split-max-size/--split-max-tensors"
+    paths = "/data/keep_split/m.gguf: truncated; keep_split.gguf"
+    assert _in_flags(paths) == paths
+    assert _in_flags("tensor blk.0.attn_q.weight is to become IQ2_XS; give an imatrix") == \
+        "tensor blk.0.attn_q.weight is to become IQ2_XS; give an imatrix (--imatrix)"
+
+
+def test_requantize_needs_flag_and_matches(models, tmp_path, capsys):
+    from gguf_kquant.cli import main
+
     q8 = oracle_quantize(models["gqa"], tmp_path / "q8.gguf", "Q8_0")
-    with pytest.raises(QuantizeError, match="allow-requantize"):
+    with pytest.raises(QuantizeError, match="without allow_requantize$"):  # the library's own words
         gguf_kquant.quantize_model(q8, tmp_path / "ours.gguf", "Q4_0")
+    assert main(["quantize", str(q8), str(tmp_path / "ours.gguf"), "Q4_0"]) == 1
+    assert capsys.readouterr().err.endswith("requantizing is disabled without --allow-requantize\n")  # the CLI's
     assert not (tmp_path / "ours.gguf").exists()
     theirs = oracle_quantize(q8, tmp_path / "theirs.gguf", "Q4_0", allow_requantize=True)
     gguf_kquant.quantize_model(q8, tmp_path / "ours.gguf", "Q4_0", allow_requantize=True)

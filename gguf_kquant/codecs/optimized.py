@@ -1072,8 +1072,8 @@ def quantizer(method: str, has_imatrix: bool, hessians=None):
         return quantize
     if method == "optimized":
         if not has_imatrix:
-            raise ImatrixError("method 'optimized' minimises the imatrix-weighted error and needs an imatrix; "
-                               "pass --imatrix (or use method 'llama')")
+            raise ImatrixError("method 'optimized' minimises the imatrix-weighted error and needs an imatrix "
+                               "(or use method 'llama')")
         if hessians is not None:
             from .gptq import ErrorFeedback
 

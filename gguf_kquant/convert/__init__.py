@@ -165,7 +165,7 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
     im = None
     if imatrix is not None:
         if quant_plan is None:
-            raise ConversionError("--imatrix only applies to the quantization mixes (Q4_K_M, ...), not "
+            raise ConversionError("an imatrix only applies to the quantization mixes (Q4_K_M, ...), not "
                                   f"{ftype_name}")
         from ..model.quantize import _prepare_imatrix
 

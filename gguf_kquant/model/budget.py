@@ -364,7 +364,7 @@ def plan_budget(src, *, target_bpw=None, target_size=None, imatrix=None, method:
 
     if imatrix is None or imatrix is False:  # the measure is imatrix-weighted: refuse before any work
         raise ImatrixError("target_bpw/target_size measure each tensor's imatrix-weighted error and need an "
-                           "imatrix; pass --imatrix")
+                           "imatrix")
     quantize_tensor = quantizer(method, True)
     types = _candidate_types(candidates)
     im = _prepare_imatrix(imatrix, tuple(include_weights or ()), tuple(exclude_weights or ()))

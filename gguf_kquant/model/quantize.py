@@ -100,7 +100,7 @@ def parse_kv_override(spec):
 def _prepare_imatrix(imatrix, include, exclude) -> Optional[Imatrix]:
     if imatrix is None or imatrix is False:
         if include or exclude:
-            raise ImatrixError("--include-weights/--exclude-weights need --imatrix")
+            raise ImatrixError("include_weights/exclude_weights need an imatrix")
         return None
     if isinstance(imatrix, Imatrix):
         im = imatrix.filtered(include, exclude)
@@ -246,9 +246,9 @@ def _split_limits(keep_split: bool, split_max_size, split_max_tensors):
                                           or isinstance(split_max_tensors, bool) or split_max_tensors < 1):
         raise QuantizeError(f"split_max_tensors must be a positive integer, got {split_max_tensors!r}")
     if keep_split and (max_bytes or split_max_tensors):
-        raise QuantizeError("--keep-split cannot be combined with --split-max-size/--split-max-tensors")
+        raise QuantizeError("keep_split cannot be combined with split_max_size/split_max_tensors")
     if max_bytes and split_max_tensors:
-        raise QuantizeError("give either --split-max-size or --split-max-tensors, not both")
+        raise QuantizeError("give either split_max_size or split_max_tensors, not both")
     return max_bytes
 
 
@@ -380,7 +380,7 @@ def _check_plan(plan: Plan, im: Optional[Imatrix], by_name, allow_requantize: bo
     for r in plan.rows:
         if r.allows_quantization and r.requires_imatrix and im is None and not dry_run:
             raise ImatrixError(f"this quantization ({plan.mix}) requires an importance matrix: tensor {r.name} "
-                               f"is to become {r.dst_type.name}; pass --imatrix")
+                               f"is to become {r.dst_type.name}; give an imatrix")
     if dry_run:
         return
     for r in plan.rows:
@@ -389,7 +389,7 @@ def _check_plan(plan: Plan, im: Optional[Imatrix], by_name, allow_requantize: bo
         src_info = TYPES[r.src_type]
         if src_info.is_quantized and not allow_requantize:
             raise QuantizeError(f"tensor {r.name} is already quantized ({r.src_type.name}); requantizing is "
-                                f"disabled without --allow-requantize")
+                                f"disabled without allow_requantize")
         if not src_info.has_kernel("dequantize"):
             raise QuantizeError(f"cannot dequantize/convert tensor {r.name} of type {r.src_type.name}")
         w = _imatrix_for(r, im)
