@@ -724,8 +724,9 @@ def _unpack_upper(packed: np.ndarray, n: int, tile: int = 128) -> np.ndarray:
 
 def _packed_place(n: int, k: int) -> tuple:
     """(row, column) of value k of a packed upper triangle."""
-    i = int(np.searchsorted(_row_offsets(n), k, side="right")) - 1
-    return i, i + int(k - _row_offsets(n)[i])
+    starts = _row_offsets(n)
+    i = int(np.searchsorted(starts, k, side="right")) - 1
+    return i, i + int(k - starts[i])
 
 
 def _asymmetry(h: np.ndarray, tile: int = 128) -> float:
