@@ -9,20 +9,25 @@ Objective: the error of the layer's output over the calibration tokens, ``sum_ro
 
 Algorithm: GPTQ (Frantar et al. 2022) with the type's block as the step, so that every block is written by
 the type's own quantizer with ggml's scales and levels (any ggml type with an imatrix quantizer works, and
-llama.cpp decodes the result as usual)::
+llama.cpp decodes the result as usual), in its nearest-plane form (Chen et al. 2025, "GPTQ as Babai's
+nearest plane algorithm"), which needs H's factor but not its inverse's::
 
     H' = H + damp * mean(diag H) * I                 (dampening, as GPTQ: H of few tokens is near-singular)
-    H' = V V^T, V upper triangular;  U = inv(V)      so inv(H') = U^T U, and inv(U_bb) = V_bb
+    H' = V V^T, V upper triangular;  U_bb = inv(V_bb) for V's diagonal blocks only
     for each block b of B columns, left to right     (B: 32, or 256 for the k-quants and IQ4_XS)
         w_b  = diag(V_bb V_bb^T)                     each column's importance once the later columns may move
-        Q_b  = quantize(W_b, type, imatrix=w_b)      ggml's blocks refined by codecs.optimized
-        E_b  = W_b - dequantize(Q_b)
-        W_r -= E_b @ V_bb @ U_br                     r: the columns after b
+        T_b  = W_b + (sum_{c<b} G_c V_cb) U_bb       the target: W_b moved to absorb the earlier errors
+        Q_b  = quantize(T_b, type, imatrix=w_b)      ggml's blocks refined by codecs.optimized
+        G_b  = W_b - dequantize(Q_b)                 (W's own values, not the target's)
 
-Why the update: with the columns F = b + r still free, inv(H'_F) = U_F^T U_F, and fixing W_b at Q_b moves the
-quadratic's minimum over W_r by ``-E_b inv(inv(H'_F)_bb) inv(H'_F)_br = -E_b inv(U_bb) U_br``.  With a
-diagonal H, U_br = 0: no feedback, and w_b is the imatrix (plus the dampening) — the method without Hessians.
-As GPTQ's "lazy batch", the update past a group of :data:`GROUP` columns is one matrix product per group.
+Why: the objective is ``|(W - Q) V|^2``, and column block b of (W - Q) V is ``sum_{c<=b} G_c V_cb``: it does
+not depend on the blocks after b.  Taking the blocks in order, Q_b makes its column block's error small given
+the earlier ones: ``(T_b - Q_b) V_bb`` with T_b above, whose diagonal weights are w_b.  This is GPTQ's update
+``W_r -= E_b V_bb U_br`` (U = inv(V), E_b the error against the moved W_b) summed over the earlier blocks, in
+exact arithmetic; computed this way the factorisation costs n^3 / 4 multiply-adds instead of 2 n^3 / 3 for
+V and U.  With a diagonal H, V_cb = 0: no feedback, and w_b is the imatrix (plus the dampening) — the method
+without Hessians.  As GPTQ's "lazy batch", the sums past a group of :data:`GROUP` columns are added with one
+matrix product per group.
 
 The columns inside one block get no feedback from each other: the block's quantizer chooses them jointly,
 weighted by w_b, which already discounts what the later blocks can compensate.  Stepping through the
@@ -31,9 +36,9 @@ weights) was measured and dropped: on synthetic low-rank activations it halved t
 SmolLM2's real ffn_down Hessians it made Q4_K/Q5_K/IQ4_XS 2-5x *worse* than no feedback (the super-block's
 shared scales move the pinned columns), and whole blocks won for every type but Q3_K (0.26 vs 0.22).
 Rows are independent (H is shared by all rows of a weight), so a slab of rows gives the bytes of those rows
-quantized with the rest.  Cost per weight: U by halves in float32 matrix products (:func:`_inverse_upper_into`,
-about n^3 multiply-adds, n^2 floats kept; n = the input width; once per input, as attn_q/k/v share theirs),
-``rows * n^2`` multiply-adds for the updates (BLAS, one thread per row range), and one quantization per block
+quantized with the rest.  Cost per weight: V by halves in float32 matrix products (:func:`_upper_factor_into`,
+about n^3 / 4 multiply-adds, n^2 floats kept; n = the input width; once per input, as attn_q/k/v share theirs),
+``rows * n^2 / 2`` multiply-adds for the sums (BLAS, one thread per row range), and one quantization per block
 column.  Float32 is GPTQ's precision too: the dampening bounds H's condition number, and the output errors
 below are those of float64 factors to three digits.
 
@@ -59,9 +64,9 @@ GROUP = 128  # columns per lazy-batch group (GPTQ's block size); a 256-value blo
 
 
 class Factor:
-    """U = inv(V) for H' = V V^T (module docstring), which does not depend on the block size: tensors that share
-    an input but not a block size (a size budget's attn_q in Q4_K, attn_v in Q8_0) share it; ``feeds``: H has
-    off-diagonal terms, so something is fed forward."""
+    """V, the upper triangular factor of H' = V V^T (module docstring), which does not depend on the block
+    size: tensors that share an input but not a block size (a size budget's attn_q in Q4_K, attn_v in Q8_0)
+    share it; ``feeds``: H has off-diagonal terms, so something is fed forward."""
 
     def __init__(self, hessian: np.ndarray, *, damp: float = DEFAULT_DAMP, threads: Optional[int] = None):
         h = np.asarray(hessian)
@@ -75,15 +80,15 @@ class Factor:
         # SmolLM2 took 16% longer: OpenBLAS's idle threads spin and slow the row workers that follow); the large
         # products are split over our own threads instead (_Products)
         with _one_blas_thread():
-            self.u = _inverse_upper_factor(h, damp * mean if mean > 0 else 1.0, threads)
+            self.v = _upper_factor(h, damp * mean if mean > 0 else 1.0, threads)
         self.n = n
         self.feeds = np.count_nonzero(h) > np.count_nonzero(np.diagonal(h))
 
 
 class FeedbackPlan:
     """The per-weight constants of the update for one block size: the column weights w, and per block b
-    ``V_bb`` plus ``V_bb @ U_b,(b..group end)`` (the update inside its group); per group ``U_g,after``.
-    ``factor``: the :class:`Factor` of ``hessian`` when it is made already (``hessian`` is then not read)."""
+    ``U_bb = inv(V_bb)``; V's other blocks are used as views of the :class:`Factor`.
+    ``factor``: the Factor of ``hessian`` when it is made already (``hessian`` is then not read)."""
 
     def __init__(self, hessian: np.ndarray, qtype, *, damp: float = DEFAULT_DAMP, n_tokens: int = 1,
                  threads: Optional[int] = None, factor: Optional["Factor"] = None):
@@ -96,84 +101,89 @@ class FeedbackPlan:
             raise ImatrixError(f"Hessian of {factor.n} columns does not fit rows of {info.name} blocks")
         self.factor = factor
         self.feeds = factor.feeds
+        self.v = factor.v
+        self.n = n = factor.n
+        v_bb = np.stack([self.v[b0:b0 + block, b0:b0 + block] for b0 in range(0, n, block)]).astype(np.float64)
+        self.weights = ((v_bb ** 2).sum(axis=2) / max(int(n_tokens), 1)).reshape(n).astype(np.float32)  # w, per token
         with _one_blas_thread():
-            self._blocks(factor.u, n_tokens)
-
-    def _blocks(self, u: np.ndarray, n_tokens: int) -> None:
-        self.n = n = u.shape[0]
-        block, group = self.block, self.group
-        self.weights = np.empty(n, np.float32)  # w, in imatrix units (per token)
-        self.v_bb = []  # per block: V_bb, float32
-        self.local = []  # per block: V_bb @ U_b,(b1..group end), float32
-        self.beyond = []  # per group: U_g,(group end..n), float32 views of U (its rows are contiguous)
-        for g0 in range(0, n, group):
-            g1 = min(g0 + group, n)
-            for b0 in range(g0, g1, block):
-                b1 = b0 + block
-                v_bb = _upper_inverse(u[b0:b1, b0:b1].astype(np.float64))  # V's diagonal block is U_bb's inverse
-                self.weights[b0:b1] = (v_bb ** 2).sum(axis=1) / max(int(n_tokens), 1)
-                self.v_bb.append(v_bb.astype(np.float32))
-                self.local.append(self.v_bb[-1] @ u[b0:b1, b1:g1])
-            self.beyond.append(u[g0:g1, g1:])
+            self.u_bb = _upper_inverse(v_bb).astype(np.float32)  # per block: inv(V_bb)
 
 
-def _inverse_upper_factor(h: np.ndarray, dampening: float = 0.0, threads: Optional[int] = None) -> np.ndarray:
-    """U = inv(V), float32, where h + dampening * I = V V^T with V upper triangular (the Cholesky factor with
-    the index order reversed); U^T U is then the inverse of the dampened h.  A matrix that is not positive
-    definite is an ImatrixError."""
+def _upper_factor(h: np.ndarray, dampening: float = 0.0, threads: Optional[int] = None) -> np.ndarray:
+    """V, float32 upper triangular, with h + dampening * I = V V^T (the Cholesky factor with the index order
+    reversed).  A matrix that is not positive definite is an ImatrixError."""
     a = np.array(h, np.float32)  # a copy: the caller's matrix is not dampened
     a[np.diag_indices(a.shape[0])] += np.float32(dampening)
-    u = np.zeros_like(a)
+    v = np.zeros_like(a)
     try:
-        _inverse_upper_into(a, u, _Products(threads))
+        _upper_factor_into(a, v, _Products(threads), {})
     except np.linalg.LinAlgError:
         raise ImatrixError("Hessian is not positive definite (even after dampening)") from None
-    if not np.isfinite(u).all():
+    if not np.isfinite(v).all():
         raise ImatrixError("Hessian is too ill-conditioned to factorise in float32 (even after dampening)")
-    return u
+    return v
 
 
 _LEAF = 128  # below this width LAPACK's own factorisation; above it the halves' matrix products pay
 
 
 def _upper_inverse(t: np.ndarray) -> np.ndarray:
-    """The inverse of a small upper triangular matrix, by halves ([[A, B], [0, D]]^-1 = [[A^-1, -A^-1 B D^-1],
-    [0, D^-1]]): LAPACK's general inverse of a 256 x 256 block costs more than the products."""
-    n = t.shape[0]
+    """The inverses of small upper triangular matrices (the last two axes), by halves ([[A, B], [0, D]]^-1 =
+    [[A^-1, -A^-1 B D^-1], [0, D^-1]]): LAPACK's general inverse of a 256 x 256 block costs more than the
+    products."""
+    n = t.shape[-1]
     if n <= 32:
         return np.triu(np.linalg.inv(t))  # inv works by LU: noise below the diagonal
     k = n // 2
     out = np.zeros_like(t)
-    out[:k, :k] = a_inv = _upper_inverse(t[:k, :k])
-    out[k:, k:] = d_inv = _upper_inverse(t[k:, k:])
-    out[:k, k:] = -(a_inv @ t[:k, k:]) @ d_inv
+    out[..., :k, :k] = a_inv = _upper_inverse(t[..., :k, :k])
+    out[..., k:, k:] = d_inv = _upper_inverse(t[..., k:, k:])
+    out[..., :k, k:] = -(a_inv @ t[..., :k, k:]) @ d_inv
     return out
 
 
-def _inverse_upper_into(h: np.ndarray, u: np.ndarray, mul) -> None:
-    """``u[:] = inv(V)`` (``u`` zero below its diagonal on entry) for h = V V^T, V upper triangular, by halves:
-    numpy has no triangular inverse, and its Cholesky runs at a fraction of matrix-product speed.  Only U is
-    built (the plan needs V's diagonal blocks alone, inverses of U's); ``mul`` does the matrix products::
+def _upper_factor_into(h: np.ndarray, v: np.ndarray, mul, leaves: dict, at: int = 0) -> None:
+    """``v[:] = V`` (``v`` zero below its diagonal on entry) for h = V V^T, V upper triangular, by halves in
+    matrix products (numpy's Cholesky runs at a fraction of their speed; about n^3 / 4 multiply-adds).  ``mul``
+    does the products; ``leaves`` keeps the transposed inverse of each diagonal leaf of V, by its first index
+    ``at``, for the triangular solves above it::
 
-        h = [[A, B], [B^T, C]]:   V = [[V11, V12], [0, V22]],   U = [[U11, -U11 V12 U22], [0, U22]]
-        V22 V22^T = C,  V12 = B U22^T,  V11 V11^T = A - V12 V12^T        (U = inv(V) of each half)
+        h = [[A, B], [B^T, C]]:   V = [[V11, V12], [0, V22]]
+        V22 V22^T = C,   V12 V22^T = B,   V11 V11^T = A - V12 V12^T
     """
     n = h.shape[0]
     if n <= _LEAF:  # V = P L P with L LAPACK's lower factor of the reversed matrix (P reverses the order)
-        lower = np.linalg.cholesky(h[::-1, ::-1])
-        u[...] = np.tril(np.linalg.inv(lower))[::-1, ::-1]  # inv works by LU: noise off the triangle
+        v[...] = np.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]
+        leaves[at] = _upper_inverse(v.astype(np.float64)).astype(np.float32).T
         return
     k = n // 2
-    _inverse_upper_into(h[k:, k:], u[k:, k:], mul)
-    v12 = mul(h[:k, k:], u[k:, k:].T)
-    _inverse_upper_into(h[:k, :k] - mul(v12, v12.T), u[:k, :k], mul)
-    u[:k, k:] = -mul(mul(u[:k, :k], v12), u[k:, k:])
+    _upper_factor_into(h[k:, k:], v[k:, k:], mul, leaves, at + k)
+    v12 = v[:k, k:]
+    v12[...] = _solve_transposed(h[:k, k:], v[k:, k:], mul, leaves, at + k)
+    _upper_factor_into(h[:k, :k] - mul(v12, v12.T), v[:k, :k], mul, leaves, at)
+
+
+def _solve_transposed(b: np.ndarray, t: np.ndarray, mul, leaves: dict, at: int) -> np.ndarray:
+    """X with X T^T = B, T = V[at:, at:] upper triangular, by the halves of :func:`_upper_factor_into`, which
+    end in its leaves (numpy has no triangular solve)::
+
+        T = [[P, Q], [0, R]]:   X = [X1, X2],   X2 R^T = B2,   X1 P^T = B1 - X2 Q^T
+    """
+    k = t.shape[0]
+    if k <= _LEAF:
+        return mul(b, leaves[at])
+    h = k // 2
+    x = np.empty_like(b)
+    x[:, h:] = _solve_transposed(b[:, h:], t[h:, h:], mul, leaves, at + h)
+    x[:, :h] = _solve_transposed(b[:, :h] - mul(x[:, h:], t[:h, h:].T), t[:h, :h], mul, leaves, at)
+    return x
 
 
 class _Products:
     """``a @ b`` with the rows of a large product in two fixed halves, the second on a pool thread when
     ``threads`` allows: the floats do not depend on the thread count, and each BLAS call stays on one thread
-    (see Factor).  n = 1536 factorises in 35 ms on two threads instead of 60, n = 2048 in 83 instead of 137."""
+    (see Factor).  n = 1536 factorises in 25 ms on two threads instead of 30, n = 2048 in 53 instead of 71 (the
+    former V-and-U factorisation took 35 and 83)."""
 
     SPLIT = 256  # rows below which one call is faster than two
 
@@ -256,28 +266,36 @@ class _BlockCodec:
 
 
 def _feedback_rows(x, out, codec: _BlockCodec, plan: FeedbackPlan, r0: int, r1: int) -> None:
-    """Rows [r0, r1) of x into out, on this thread (the kernels run single-threaded here)."""
+    """Rows [r0, r1) of x into out, on this thread (the kernels run single-threaded here).  Block b's target is
+    ``x_b + (sum over earlier blocks c of G_c V_cb) U_bb`` with G_c = x_c - decoded_c (module docstring);
+    ``acc`` holds those sums, added a group at a time past the current group."""
     from . import _threads
 
+    if r1 - r0 == 1:  # OpenBLAS computes a one-row product as a vector product, whose floats differ: two rows
+        pair, pair_out = np.repeat(x[r0:r1], 2, axis=0), np.empty((2, out.shape[1]), np.uint8)
+        _feedback_rows(pair, pair_out, codec, plan, 0, 2)
+        out[r0] = pair_out[0]
+        return
     nbytes = codec.type_size
-    w = x[r0:r1].copy()  # updated in place as the error is fed forward
+    v = plan.v
+    acc = np.zeros((r1 - r0, plan.n), np.float32)
     k = 0  # block index
     with _threads(1):
-        for g, g0 in enumerate(range(0, plan.n, plan.group)):
+        for g0 in range(0, plan.n, plan.group):
             g1 = min(g0 + plan.group, plan.n)
-            f = np.empty((r1 - r0, g1 - g0), np.float32)  # the group's errors times V_bb, for the columns past it
+            err = np.empty((r1 - r0, g1 - g0), np.float32)  # the group's G, for the columns past it
             for b0 in range(g0, g1, plan.block):
                 b1 = b0 + plan.block
-                xb = np.ascontiguousarray(w[:, b0:b1])
-                qb, decoded = codec(xb, plan.weights[b0:b1])
+                target = x[r0:r1, b0:b1] + acc[:, b0:b1] @ plan.u_bb[k]
+                qb, decoded = codec(target, plan.weights[b0:b1])
                 out[r0:r1, k * nbytes:(k + 1) * nbytes] = qb
-                err = xb - decoded
-                f[:, b0 - g0:b1 - g0] = err @ plan.v_bb[k]
+                e = err[:, b0 - g0:b1 - g0]
+                np.subtract(x[r0:r1, b0:b1], decoded, out=e)
                 if b1 < g1:
-                    w[:, b1:g1] -= err @ plan.local[k]
+                    acc[:, b1:g1] += e @ v[b0:b1, b1:g1]
                 k += 1
             if g1 < plan.n:
-                w[:, g1:] -= f @ plan.beyond[g]
+                acc[:, g1:] += err @ v[g0:g1, g1:]
 
 
 _blas = None
@@ -318,7 +336,7 @@ class ErrorFeedback:
         self.damp = damp
         self._plans = {}  # (matrix, block) -> FeedbackPlan, the last few: attn_q/k/v (ffn_gate/up) share one
         # matrix -> Factor, the last few (files often order a layer's tensors by name: attn_k, attn_output,
-        # attn_q, ...); shared by its plans of any block size.  At most _PLANS_KEPT U's are alive: a factor is
+        # attn_q, ...); shared by its plans of any block size.  At most _PLANS_KEPT V's are alive: a factor is
         # dropped once _PLANS_KEPT others were used after its last use, each making a plan, so by then its own
         # plans are dropped too.
         self._factors = {}
