@@ -227,6 +227,25 @@ def test_imatrix_mix_equals_convert_then_quantize_model(tmp_path, llama256):
     assert diff_gguf(ours, plain) != []  # the imatrix changed something
 
 
+@pytest.mark.parametrize("method", ["llama", "optimized"])
+def test_moe_imatrix_mix_equals_convert_then_quantize_model(tmp_path, method):
+    """Expert tensors have one imatrix per expert (n_expert x n values): each expert's rows get theirs, as
+    quantize_model gives them (convert_hf refused such an imatrix as the wrong size)."""
+    d = tmp_path / "qwen2moe"
+    make_model("qwen2moe", d, hidden_size=256)  # 4 experts, rows of 256: the k-quants apply
+    f16 = tmp_path / "f16.gguf"
+    gguf_kquant.convert_hf(d, f16, "F16")
+    rng = np.random.default_rng(1)
+    with gguf_kquant.open(f16) as f:
+        entries = {t.name: rng.uniform(0.1, 2.0, t.shape[-1] * (t.shape[0] if len(t.shape) == 3 else 1))
+                   .astype(np.float32) for t in f.tensors if t.name.startswith("blk.") and len(t.shape) >= 2}
+        assert sum(len(t.shape) == 3 for t in f.tensors if t.name in entries) >= 6  # 3 expert tensors a layer
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    gguf_kquant.quantize_model(f16, ref, "Q4_K_M", imatrix=entries, method=method, quiet=True)
+    gguf_kquant.convert_hf(d, ours, "Q4_K_M", imatrix=entries, method=method)
+    assert diff_gguf(ours, ref) == []
+
+
 @pytest.mark.parametrize("ftype", ["F16", "Q4_K_M"])
 def test_nonfinite_or_fp16_overflowing_weights_are_refused(tmp_path, tiny, ftype):
     """NaN/Inf in the checkpoint, or F32 values beyond fp16's range in an F16 output: a clear error naming the

@@ -116,52 +116,86 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
         raise ConversionError(f"{model_dir}: not a directory")
     if split_max_size is None:  # fail fast; the shard names of a split output are known after planning
         check_outputs([dst], overwrite=overwrite, error=ConversionError)
+    conv, ckpt = _open_converter(model_dir, pre_tokenizer, vocab_only)
+    ftype_name = str(ftype).upper()
+    file_type, planned, quant_plan = _plan_output(conv, ftype_name, options, imatrix=imatrix,
+                                                  split_max_size=split_max_size)
+    im, quantize_tensor = _quantizer(ftype_name, quant_plan, imatrix, method)
+    metadata = _file_metadata(conv, planned, file_type, model_name, quant_plan, im)
+    if progress is None:
+        progress = _default_progress(planned, quiet)
+    inputs = _inputs(model_dir, ckpt, imatrix)
+    if client is not None and planned:  # dask (issue 12): each tensor made and written by a cluster's worker
+        from ..model.distributed import convert_on_cluster
 
+        producer = functools.partial(_producer, quantize_tensor=quantize_tensor)  # method= on the workers too
+        return convert_on_cluster(client, dst, metadata, planned, im, producer, checkpoint_files=ckpt.files,
+                                  inputs=inputs, split_max_size=split_max_size, overwrite=overwrite,
+                                  progress=progress)
+    from ..container.writer import GGUFWriter
+
+    w = GGUFWriter(dst, metadata, split_max_size=split_max_size, inputs=inputs, overwrite=overwrite)
+    for p in planned:
+        w.add_tensor(p.name, _producer(p, im, progress, quantize_tensor), shape=p.shape, ggml_type=p.qtype.name)
+    check_outputs(w.output_paths(), inputs, overwrite=overwrite, error=ConversionError)  # before any tensor
+    paths = w.close()
+    if progress is not None and hasattr(progress, "say"):
+        progress.say(f"converted {len(planned)} tensors to {', '.join(map(str, paths))} "
+                     f"in {time.perf_counter() - t0:.1f} s")
+    return paths
+
+
+def _open_converter(model_dir: Path, pre_tokenizer, vocab_only: bool) -> tuple:
+    """(the architecture's Converter, the checkpoint) of ``model_dir``; an unknown architecture is refused."""
     cfg = load_config(model_dir)
     archs = cfg.get("architectures") or []
     hf_arch = archs[0] if archs else None
     if hf_arch not in REGISTRY:
         raise ConversionError(f"{model_dir / 'config.json'}: unsupported architecture {hf_arch!r}; supported: "
                               f"{', '.join(supported_architectures())}")
-    hparams = _hparams_defaults(hf_arch, cfg)
     ckpt = open_checkpoint(model_dir)
-    conv: Converter = REGISTRY[hf_arch](model_dir, hparams, ckpt)
+    conv: Converter = REGISTRY[hf_arch](model_dir, _hparams_defaults(hf_arch, cfg), ckpt)
     conv.options = {"pre_tokenizer": pre_tokenizer}
     conv.pre_tokenizer = None
     conv.vocab_only = vocab_only
+    return conv, ckpt
 
-    ftype_name = str(ftype).upper()
-    quant_plan = None
+
+def _plan_output(conv: Converter, ftype_name: str, options: dict, *, imatrix, split_max_size) -> tuple:
+    """(file type, the tensors to write in their order, the quantization plan or None) for ``ftype_name``: a
+    float type (convert_hf_to_gguf.py's) or a mix planned from the F16 conversion, as llama-quantize would."""
     if ftype_name in FLOAT_FTYPES and (given := [k for k, v in options.items() if v not in (None, False, ())]):
         raise ConversionError(f"{', '.join(given)}: quantization options; {ftype_name} is not a quantization mix")
-    if vocab_only:  # convert_hf_to_gguf.py's write_vocab: header and metadata, no tensors
+    if conv.vocab_only:  # convert_hf_to_gguf.py's write_vocab: header and metadata, no tensors
         if ftype_name not in FLOAT_FTYPES or imatrix is not None or split_max_size is not None:
             raise ConversionError(f"a vocabulary-only file has no tensors: type {ftype_name} (use F32, F16, BF16 "
                                   f"or Q8_0), an imatrix or a split size do not apply")
-        file_type, planned = FLOAT_FTYPES[ftype_name][0], []
-    elif ftype_name in FLOAT_FTYPES:
+        return FLOAT_FTYPES[ftype_name][0], [], None
+    if ftype_name in FLOAT_FTYPES:
         file_type, out_type = FLOAT_FTYPES[ftype_name]
-        planned = _plan(conv, out_type)
-    else:
-        from ..model.planner import ModelInfo, plan_tensors
+        return file_type, _plan(conv, out_type), None
+    from ..model.planner import ModelInfo, plan_tensors
 
-        planned = _plan(conv, GGMLType.F16)  # the F16 conversion llama-quantize would start from
-        h = hparams
-        info = ModelInfo(arch=conv.arch_name, n_layer=conv.block_count, n_head=h.get("num_attention_heads", 0),
-                         n_head_kv=h.get("num_key_value_heads", h.get("num_attention_heads", 0)),
-                         n_expert=conv.n_expert())
-        quant_plan = plan_tensors([(p.name, p.shape, p.qtype) for p in planned], info, ftype_name,
-                                  imatrix=imatrix is not None, **options)
-        file_type = quant_plan.file_type
-        by_name = {r.name: r for r in quant_plan.rows}
-        for p in planned:
-            p.src_type = p.qtype
-            p.qtype = by_name[p.name].dst_type
-            p.shape = by_name[p.name].shape  # as llama-quantize records it: (1, n) becomes (n,)
-        # llama-quantize writes in its own order
-        order = {r.name: i for i, r in enumerate(quant_plan.rows)}
-        planned.sort(key=lambda p: order[p.name])
+    planned = _plan(conv, GGMLType.F16)  # the F16 conversion llama-quantize would start from
+    h = conv.hparams
+    info = ModelInfo(arch=conv.arch_name, n_layer=conv.block_count, n_head=h.get("num_attention_heads", 0),
+                     n_head_kv=h.get("num_key_value_heads", h.get("num_attention_heads", 0)),
+                     n_expert=conv.n_expert())
+    quant_plan = plan_tensors([(p.name, p.shape, p.qtype) for p in planned], info, ftype_name,
+                              imatrix=imatrix is not None, **options)
+    by_name = {r.name: r for r in quant_plan.rows}
+    for p in planned:
+        p.src_type = p.qtype
+        p.qtype = by_name[p.name].dst_type
+        p.shape = by_name[p.name].shape  # as llama-quantize records it: (1, n) becomes (n,)
+    order = {r.name: i for i, r in enumerate(quant_plan.rows)}  # llama-quantize writes in its own order
+    planned.sort(key=lambda p: order[p.name])
+    return quant_plan.file_type, planned, quant_plan
 
+
+def _quantizer(ftype_name: str, quant_plan, imatrix, method: str) -> tuple:
+    """(the prepared imatrix or None, the quantize function of ``method``), checked before any work: an imatrix
+    and a method other than llama apply to the mixes only, and a type that needs an imatrix gets one."""
     im = None
     if imatrix is not None:
         if quant_plan is None:
@@ -170,8 +204,7 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
         from ..model.quantize import _prepare_imatrix
 
         im = _prepare_imatrix(imatrix, (), ())
-    # issue 13 (optimized): method= as quantize_model's (checked before any work; a mix only)
-    if method != "llama" and quant_plan is None:
+    if method != "llama" and quant_plan is None:  # issue 13 (optimized): method= as quantize_model's
         raise ConversionError(f"method {method!r} applies to the quantization mixes, not {ftype_name}")
     from ..codecs.optimized import quantizer
 
@@ -183,7 +216,12 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
             if r.allows_quantization and r.requires_imatrix and im is None:
                 raise ImatrixError(f"tensor {r.name} is to become {r.dst_type.name}, which needs an importance "
                                    f"matrix; pass imatrix=")
+    return im, quantize_tensor
 
+
+def _file_metadata(conv: Converter, planned: list, file_type, model_name, quant_plan, im) -> list:
+    """The output's key/values: the converter's, in the order llama-quantize leaves them for a mix, then the
+    imatrix's."""
     metadata = _metadata(conv, planned, file_type, model_name)
     if quant_plan is not None:  # llama-quantize sets these two again, which moves them to the end
         moved = ("general.quantization_version", "general.file_type")
@@ -191,33 +229,16 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
                     + sorted((kv for kv in metadata if kv[0] in moved), key=lambda kv: moved.index(kv[0])))
     if im is not None:
         metadata += im.kv()
+    return metadata
 
-    from ..container.writer import GGUFWriter
 
-    if progress is None:
-        try:
-            from ..model.progress import Progress
-        except ImportError:  # pragma: no cover
-            Progress = None
-        total_bytes = sum(p.source.nbytes for p in planned if p.source is not None)
-        progress = Progress(len(planned), quiet=quiet, total_bytes=total_bytes) if Progress else None
-    inputs = _inputs(model_dir, ckpt, imatrix)
-    if client is not None and planned:  # dask (issue 12): each tensor made and written by a cluster's worker
-        from ..model.distributed import convert_on_cluster
-
-        producer = functools.partial(_producer, quantize_tensor=quantize_tensor)  # method= on the workers too
-        return convert_on_cluster(client, dst, metadata, planned, im, producer, checkpoint_files=ckpt.files,
-                                  inputs=inputs, split_max_size=split_max_size, overwrite=overwrite,
-                                  progress=progress)
-    w = GGUFWriter(dst, metadata, split_max_size=split_max_size, inputs=inputs, overwrite=overwrite)
-    for p in planned:
-        w.add_tensor(p.name, _producer(p, im, progress, quantize_tensor), shape=p.shape, ggml_type=p.qtype.name)
-    check_outputs(w.output_paths(), inputs, overwrite=overwrite, error=ConversionError)  # before any tensor
-    paths = w.close()
-    if progress is not None and hasattr(progress, "say"):
-        progress.say(f"converted {len(planned)} tensors to {', '.join(map(str, paths))} "
-                     f"in {time.perf_counter() - t0:.1f} s")
-    return paths
+def _default_progress(planned: list, quiet: bool):
+    try:
+        from ..model.progress import Progress
+    except ImportError:  # pragma: no cover
+        return None
+    return Progress(len(planned), quiet=quiet, total_bytes=sum(p.source.nbytes for p in planned
+                                                               if p.source is not None))
 
 
 def _check_options(options: dict) -> None:
@@ -294,18 +315,17 @@ def _producer(p: PlannedTensor, im, progress, quantize_tensor=None):  # issue 13
 
             weights = _imatrix_for(_Row(p), im)
         step = max(1, SLAB_BYTES // max(4 * rows.shape[1], 1))
+        # expert tensors hold one matrix per expert, each with its own imatrix: a slab stays inside one
+        rows_per_mat = y.shape[-2] if y.ndim > 2 else max(rows.shape[0], 1)
         n_out = 0
-        for r0 in range(0, rows.shape[0], step):
-            slab = widen_bf16(rows[r0:r0 + step]) if widen else rows[r0:r0 + step]
+        r0 = 0
+        while r0 < rows.shape[0]:
+            mat = r0 // rows_per_mat
+            k = min(step, (mat + 1) * rows_per_mat - r0)
+            slab = widen_bf16(rows[r0:r0 + k]) if widen else rows[r0:r0 + k]
             _check_finite(p.name, slab, r0)  # NaN/Inf weights: refuse, naming tensor, row and column
             if src_type == GGMLType.F16 or p.qtype == GGMLType.F16:
-                with np.errstate(over="ignore"):  # overflow is reported below, with its position
-                    half = slab.astype(np.float16)
-                if not np.isfinite(half).all():  # finite, but beyond fp16's range: would be stored as inf
-                    r, c = np.argwhere(~np.isfinite(half))[0]
-                    raise BadTensorDataError(f"tensor {p.name}: value {float(slab[r, c])!r} at row {r0 + r}, "
-                                             f"column {c} overflows F16")
-                slab = half
+                slab = _to_f16(p.name, slab, r0)
             if p.qtype == GGMLType.F32:
                 out = np.ascontiguousarray(slab, dtype=np.float32)
             elif p.qtype == GGMLType.F16:
@@ -314,8 +334,10 @@ def _producer(p: PlannedTensor, im, progress, quantize_tensor=None):  # issue 13
                 from .. import quantize
                 from ..codecs.gptq import for_tensor
 
-                out = for_tensor(quantize_tensor or quantize, p.name)(slab, p.qtype.name, imatrix=weights)
+                w = None if weights is None else weights[mat * rows.shape[1]:(mat + 1) * rows.shape[1]]
+                out = for_tensor(quantize_tensor or quantize, p.name)(slab, p.qtype.name, imatrix=w)
             n_out += out.nbytes
+            r0 += k
             yield out
         del y, rows
         if p.source is not None:
@@ -326,6 +348,18 @@ def _producer(p: PlannedTensor, im, progress, quantize_tensor=None):  # issue 13
                             n_out, time.perf_counter() - t0)
 
     return make
+
+
+def _to_f16(name: str, slab: np.ndarray, r0: int) -> np.ndarray:
+    """``slab`` (rows from ``r0`` of tensor ``name``) in F16; a finite value beyond F16's range is refused, where
+    it is, rather than stored as inf."""
+    with np.errstate(over="ignore"):
+        half = slab.astype(np.float16)
+    if not np.isfinite(half).all():
+        r, c = np.argwhere(~np.isfinite(half))[0]
+        raise BadTensorDataError(f"tensor {name}: value {float(slab[r, c])!r} at row {r0 + r}, column {c} "
+                                 f"overflows F16")
+    return half
 
 
 class _Row:  # what _imatrix_for needs of a plan row
