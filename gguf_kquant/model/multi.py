@@ -92,17 +92,8 @@ def quantize_outputs(src, outputs: Mapping, *, imatrix=None, include_weights=(),
         plans = {dst: _plan(f, model, mix, im, **rules) for dst, (mix, _ft, _d) in mixes.items()}
         first = next(iter(plans.values()))
         progress = Progress(len(first.rows), quiet=quiet, stream=stream, total_bytes=first.src_nbytes)
-        results = {}
-        for dst, plan in plans.items():
-            for w in plan.warnings:
-                progress.say(f"{dst}: {w}")
-            _check_plan(plan, im, by_name, allow_requantize, dry_run)
-            results[dst] = QuantizeResult(plan=plan, paths=[], src_nbytes=plan.src_nbytes,
-                                          dst_nbytes=plan.dst_nbytes, n_elements=plan.n_elements)
+        results = _checked_results(plans, im, by_name, allow_requantize, dry_run, progress)
         order = [r.name for r in first.rows]
-        for dst, plan in plans.items():
-            if [r.name for r in plan.rows] != order:  # the planner orders by name whatever the mix
-                raise QuantizeError(f"{dst}: its mix orders the tensors differently; quantize it on its own")
         if dry_run:
             for dst, plan in plans.items():
                 progress.say(f"== {dst} ({plan.mix})")
@@ -128,17 +119,38 @@ def quantize_outputs(src, outputs: Mapping, *, imatrix=None, include_weights=(),
                                       quantize_tensor)
         else:
             _stream_all(f, by_name, order, outs, targets, im, threads, progress, quantize_tensor)
-        seconds = time.perf_counter() - t0
-        for o in outs:
-            res = results[o.dst]
-            res.paths, res.seconds = [sp.path for sp in o.shards], seconds
-            if o.stats is not None:
-                res.report = o.stats
-            progress.say(f"{o.dst}: {o.plan.mix}, {res.dst_nbytes / 2**20:8.2f} MiB ({res.bits_per_weight:.2f} BPW)"
-                         + (f", {o.plan.n_fallback} fallback tensor(s)" if o.plan.n_fallback else ""))
-        rate = first.src_nbytes / 2**20 / seconds if seconds > 0 else float("inf")
-        progress.say(f"time        = {seconds:8.2f} s for {len(outs)} outputs ({rate:.1f} MiB/s of input)")
+        _summarise(outs, results, first.src_nbytes, time.perf_counter() - t0, progress)
     return results
+
+
+def _checked_results(plans: dict, im, by_name, allow_requantize: bool, dry_run: bool, progress) -> dict:
+    """{dst: QuantizeResult} of the plans, each checked as quantize_model checks its plan (warnings said), and
+    all in the same tensor order (one pass reads each tensor once for every output)."""
+    results = {}
+    for dst, plan in plans.items():
+        for w in plan.warnings:
+            progress.say(f"{dst}: {w}")
+        _check_plan(plan, im, by_name, allow_requantize, dry_run)
+        results[dst] = QuantizeResult(plan=plan, paths=[], src_nbytes=plan.src_nbytes,
+                                      dst_nbytes=plan.dst_nbytes, n_elements=plan.n_elements)
+    order = [r.name for r in next(iter(plans.values())).rows]
+    for dst, plan in plans.items():
+        if [r.name for r in plan.rows] != order:  # the planner orders by name whatever the mix
+            raise QuantizeError(f"{dst}: its mix orders the tensors differently; quantize it on its own")
+    return results
+
+
+def _summarise(outs: list, results: dict, src_nbytes: int, seconds: float, progress) -> None:
+    """Fill each output's result (paths, time, report) and say a line per output and the total time."""
+    for o in outs:
+        res = results[o.dst]
+        res.paths, res.seconds = [sp.path for sp in o.shards], seconds
+        if o.stats is not None:
+            res.report = o.stats
+        progress.say(f"{o.dst}: {o.plan.mix}, {res.dst_nbytes / 2**20:8.2f} MiB ({res.bits_per_weight:.2f} BPW)"
+                     + (f", {o.plan.n_fallback} fallback tensor(s)" if o.plan.n_fallback else ""))
+    rate = src_nbytes / 2**20 / seconds if seconds > 0 else float("inf")
+    progress.say(f"time        = {seconds:8.2f} s for {len(outs)} outputs ({rate:.1f} MiB/s of input)")
 
 
 def _report_paths(report, outputs: Mapping) -> dict:

@@ -238,17 +238,37 @@ def _special_value(f, name: str, token) -> Value:
 def _plan(f, sets, delete, rename, chat_template, special_tokens, retype) -> tuple:
     """(new [(key, Value)] in gguf-new-metadata's order, {key: Value} changed in place, [changed keys])."""
     old = dict(typed_items(f.metadata))
-    named: dict = {}
+    names = _Names()
+    new_values = _new_values(f, old, sets, special_tokens, retype, names)
+    deleted = _deleted(old, delete, names)
+    renamed = _renamed(old, rename, names)
+    if chat_template is not None:
+        if not isinstance(chat_template, str):
+            raise InvalidArgumentError(f"the chat template must be a str, not {type(chat_template).__name__}")
+        names.claim(KEY_CHAT_TEMPLATE, "chat template")
+    pairs, in_place, changed = _assemble(old, new_values, deleted, renamed, chat_template)
+    only_values = not deleted and not renamed and chat_template is None and all(k in old for k in new_values)
+    return pairs, (in_place if only_values else None), list(dict.fromkeys(changed))
 
-    def claim(key: str, doing: str) -> None:
-        if key in named:
-            raise InvalidArgumentError(f"{key}: named twice ({named[key]} and {doing})")
-        named[key] = doing
 
+class _Names:
+    """The keys an edit names: naming one twice (set and delete, rename and special token, ...) is refused."""
+
+    def __init__(self):
+        self.doing: dict = {}
+
+    def claim(self, key: str, doing: str) -> None:
+        if key in self.doing:
+            raise InvalidArgumentError(f"{key}: named twice ({self.doing[key]} and {doing})")
+        self.doing[key] = doing
+
+
+def _new_values(f, old: dict, sets, special_tokens, retype: bool, names: _Names) -> dict:
+    """{key: Value} of the keys set (``KEY=TYPE:VALUE``) and of the special tokens given by name."""
     new_values: dict = {}
     for spec in sets:
         key, typed = parse_set(spec)
-        claim(key, "set")
+        names.claim(key, "set")
         _refuse_split_key(key, "cannot set")
         _check_value(key, typed)
         if key in old and not retype and (old[key].type, old[key].element_type) != (typed.type, typed.element_type):
@@ -258,22 +278,31 @@ def _plan(f, sets, delete, rename, chat_template, special_tokens, retype) -> tup
         new_values[key] = typed
     for name, token in special_tokens:
         key = special_token_key(name)
-        claim(key, f"special token {name}")
+        names.claim(key, f"special token {name}")
         new_values[key] = _special_value(f, name, token)
+    return new_values
+
+
+def _deleted(old: dict, delete, names: _Names) -> set:
     deleted = set()
     for key in delete:
-        claim(key, "delete")
+        names.claim(key, "delete")
         _refuse_split_key(key, "cannot delete")
         if key not in old:
             raise InvalidArgumentError(f"cannot delete {key}: the file has no such key")
         if key == KEY_ARCHITECTURE:
             raise InvalidArgumentError(f"cannot delete {key}: llama.cpp needs it to load the model")
         deleted.add(key)
+    return deleted
+
+
+def _renamed(old: dict, rename, names: _Names) -> dict:
+    """{old name: new name} of the ``OLD=NEW`` renames."""
     renamed = {}
     for spec in rename:
         a, b = _pair(spec, "rename")
-        claim(a, "rename")
-        claim(b, "rename")
+        names.claim(a, "rename")
+        names.claim(b, "rename")
         for k in (a, b):
             _refuse_split_key(k, "cannot rename")
         if a not in old:
@@ -283,22 +312,17 @@ def _plan(f, sets, delete, rename, chat_template, special_tokens, retype) -> tup
         if a in (KEY_ARCHITECTURE, KEY_ALIGNMENT):
             raise InvalidArgumentError(f"cannot rename {a}: llama.cpp reads it by this name")
         renamed[a] = b
-    if chat_template is not None:
-        if not isinstance(chat_template, str):
-            raise InvalidArgumentError(f"the chat template must be a str, not {type(chat_template).__name__}")
-        if KEY_CHAT_TEMPLATE in named:
-            raise InvalidArgumentError(f"{KEY_CHAT_TEMPLATE}: named twice ({named[KEY_CHAT_TEMPLATE]} and "
-                                       f"chat template)")
+    return renamed
 
+
+def _assemble(old: dict, new_values: dict, deleted: set, renamed: dict, chat_template) -> tuple:
+    """The new key/values in gguf-new-metadata's order (kept keys in place, then the chat template, then new
+    keys; general.architecture first), the values changed in place, and the changed keys."""
     pairs, in_place, changed = [], {}, []
     for key, typed in old.items():
-        if key in deleted:
+        if key in deleted or (chat_template is not None and key.startswith(KEY_CHAT_TEMPLATE)):
             changed.append(key)
-            continue
-        if chat_template is not None and key.startswith(KEY_CHAT_TEMPLATE):
-            changed.append(key)
-            continue
-        if key in renamed:
+        elif key in renamed:
             pairs.append((renamed[key], typed))
             changed.append(key)
         elif key in new_values:
@@ -314,10 +338,8 @@ def _plan(f, sets, delete, rename, chat_template, special_tokens, retype) -> tup
         if key not in old:
             pairs.append((key, typed))
             changed.append(key)
-    # gguf-py's GGUFWriter(arch=...) writes general.architecture first
-    pairs.sort(key=lambda kv: kv[0] != KEY_ARCHITECTURE)
-    only_values = not deleted and not renamed and chat_template is None and all(k in old for k in new_values)
-    return pairs, (in_place if only_values else None), list(dict.fromkeys(changed))
+    pairs.sort(key=lambda kv: kv[0] != KEY_ARCHITECTURE)  # gguf-py's GGUFWriter(arch=...) writes it first
+    return pairs, in_place, changed
 
 
 # ------------------------------------------------------------------------------------------------------
