@@ -77,24 +77,26 @@ calibration chunks; every row then uses its diagonal as the imatrix, and "feedba
 whole matrices: GPTQ-style error feedback, gguf_kquant/codecs/gptq.py).  Paired change vs llama-quantize:
 
     model    mix     KLD llama           KLD optimized       KLD feedback        optimized        feedback
-    smollm2  Q2_K    0.3562 ± 0.0145     0.2555 ± 0.0103     0.1419 ± 0.0051     -28.3% ± 1.8%    -60.2% ± 3.1%
-    smollm2  Q3_K_M  0.0869 ± 0.0028     0.0656 ± 0.0029     0.0432 ± 0.0022     -24.5% ± 3.5%    -50.3% ± 2.2%
-    smollm2  Q4_K_M  0.0365 ± 0.0018     0.0261 ± 0.0012     0.0211 ± 0.0012     -28.6% ± 2.8%    -42.4% ± 3.6%
-    smollm2  IQ4_XS  0.0974 ± 0.0053     0.0781 ± 0.0055     0.0664 ± 0.0038     -19.8% ± 3.9%    -31.8% ± 4.0%
-    gemma3   Q2_K    0.3073 ± 0.0111     0.2234 ± 0.0090     0.1243 ± 0.0204     -27.3% ± 3.8%    -59.5% ± 4.3%
-    gemma3   Q3_K_M  0.1139 ± 0.0068     0.0947 ± 0.0055     0.0512 ± 0.0082     -16.8% ± 4.6%    -55.1% ± 5.0%
+    smollm2  Q2_K    0.3562 ± 0.0145     0.2555 ± 0.0103     0.1423 ± 0.0047     -28.3% ± 1.8%    -60.0% ± 3.1%
+    smollm2  Q3_K_M  0.0869 ± 0.0028     0.0656 ± 0.0029     0.0437 ± 0.0021     -24.5% ± 3.5%    -49.8% ± 2.3%
+    smollm2  Q4_K_M  0.0365 ± 0.0018     0.0261 ± 0.0012     0.0208 ± 0.0012     -28.6% ± 2.8%    -43.0% ± 4.0%
+    smollm2  IQ4_XS  0.0974 ± 0.0053     0.0781 ± 0.0055     0.0660 ± 0.0040     -19.8% ± 3.9%    -32.2% ± 4.2%
+    gemma3   Q2_K    0.3073 ± 0.0111     0.2234 ± 0.0090     0.1253 ± 0.0208     -27.3% ± 3.8%    -59.2% ± 4.3%
+    gemma3   Q3_K_M  0.1139 ± 0.0068     0.0947 ± 0.0055     0.0586 ± 0.0155     -16.8% ± 4.6%    -48.5% ± 10.3%
     gemma3   Q4_K_M  0.00653 ± 0.00025   0.00632 ± 0.00027   0.00635 ± 0.00027   -3.1% ± 3.0%     -2.7% ± 1.7%
-    gemma3   IQ4_XS  0.0940 ± 0.0071     0.0907 ± 0.0078     0.0494 ± 0.0065     -3.5% ± 3.0%     -47.4% ± 2.1%
+    gemma3   IQ4_XS  0.0940 ± 0.0071     0.0907 ± 0.0078     0.0474 ± 0.0050     -3.5% ± 3.0%     -49.6% ± 2.8%
 
 The number against llama.cpp's own tool (``--llama-perplexity EXE``, llama-perplexity built from the oracle's
 sdist): on SmolLM2's Q4_K_M llama-quantize file, 12 x 128 tokens, ``llama-perplexity --kl-divergence`` says
 Mean KLD 0.035303 ± 0.001727 and ours on the same tokens and positions (the second half of each chunk) is
 0.035207 ± 0.001652; on Q2_K 0.295481 vs 0.295734 (llama-perplexity keeps the reference log-probs in 16 bits).
 
-Quantize time with feedback, idle machine, best of 3 interleaved quantize_model runs (as ``--repeats 3`` times
-them): 3.8-5.4x the default's on SmolLM2 (Q4_K_M 6.75 s against 1.25 s), 3.2-5.3x on Gemma 3 270M: every
-distinct input needs a factorisation of its n x n covariance (about n^3 multiply-adds) and every weight
-rows * n^2 for the updates.  Rows from ``--model smollm2|gemma3 --feedback --no-budget``.
+Quantize time with feedback, best of 3 interleaved quantize_model runs (``--repeats 3``): 3.4-5.0x the
+default's on SmolLM2 (Q4_K_M 7.65 s against 1.65 s), 3.1-4.1x on Gemma 3 270M (whose default took 2.6-4.4 s
+that day, 1.7-3.4 s the time before): every distinct input needs the factor of its n x n covariance (about
+n^3 / 4 multiply-adds) and every weight rows * n^2 / 2 for the feedback.  Rows from ``--model smollm2|gemma3
+--feedback --repeats 3``; the Gemma Q3_K_M feedback row's ± comes from one chunk (-55.1% ± 5.0% the time
+before, with factors that differed in their last float32 digits).
 """
 from __future__ import annotations
 
