@@ -182,8 +182,8 @@ def _solve_transposed(b: np.ndarray, t: np.ndarray, mul, leaves: dict, at: int) 
 class _Products:
     """``a @ b`` with the rows of a large product in two fixed halves, the second on a pool thread when
     ``threads`` allows: the floats do not depend on the thread count, and each BLAS call stays on one thread
-    (see Factor).  n = 1536 factorises in 25 ms on two threads instead of 30, n = 2048 in 53 instead of 71 (the
-    former V-and-U factorisation took 35 and 83)."""
+    (see Factor).  n = 1536 factorises in 25 ms on two threads (30 on one), n = 2048 in 53 (71 on one); the
+    former V-and-U factorisation took 35 and 83 on two."""
 
     SPLIT = 256  # rows below which one call is faster than two
 
