@@ -227,6 +227,19 @@ def test_imatrix_mix_equals_convert_then_quantize_model(tmp_path, llama256):
     assert diff_gguf(ours, plain) != []  # the imatrix changed something
 
 
+def test_a_type_that_needs_an_imatrix_is_refused_before_any_work(tmp_path, llama256, capsys):
+    """In the library's words (give an imatrix); the command line names its option."""
+    from gguf_kquant.cli import main
+    from gguf_kquant.errors import ImatrixError
+
+    dst = tmp_path / "o.gguf"
+    with pytest.raises(ImatrixError, match="needs an importance matrix; give an imatrix$"):
+        gguf_kquant.convert_hf(llama256, dst, "IQ2_XXS")
+    assert main(["convert", str(llama256), str(dst), "--type", "IQ2_XXS", "-q"]) == 1
+    assert "give an imatrix (--imatrix)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("method", ["llama", "optimized"])
 def test_moe_imatrix_mix_equals_convert_then_quantize_model(tmp_path, method):
     """Expert tensors have one imatrix per expert (n_expert x n values): each expert's rows get theirs, as

@@ -120,7 +120,7 @@ def convert_hf(model_dir, dst, ftype: str = "F16", *, imatrix=None, split_max_si
     ftype_name = str(ftype).upper()
     file_type, planned, quant_plan = _plan_output(conv, ftype_name, options, imatrix=imatrix,
                                                   split_max_size=split_max_size)
-    im, quantize_tensor = _quantizer(ftype_name, quant_plan, imatrix, method)
+    im, quantize_tensor = _quantize_function(ftype_name, quant_plan, imatrix, method)
     metadata = _file_metadata(conv, planned, file_type, model_name, quant_plan, im)
     if progress is None:
         progress = _default_progress(planned, quiet)
@@ -193,7 +193,7 @@ def _plan_output(conv: Converter, ftype_name: str, options: dict, *, imatrix, sp
     return quant_plan.file_type, planned, quant_plan
 
 
-def _quantizer(ftype_name: str, quant_plan, imatrix, method: str) -> tuple:
+def _quantize_function(ftype_name: str, quant_plan, imatrix, method: str) -> tuple:
     """(the prepared imatrix or None, the quantize function of ``method``), checked before any work: an imatrix
     and a method other than llama apply to the mixes only, and a type that needs an imatrix gets one."""
     im = None
@@ -215,7 +215,7 @@ def _quantizer(ftype_name: str, quant_plan, imatrix, method: str) -> tuple:
         for r in quant_plan.rows:
             if r.allows_quantization and r.requires_imatrix and im is None:
                 raise ImatrixError(f"tensor {r.name} is to become {r.dst_type.name}, which needs an importance "
-                                   f"matrix; pass imatrix=")
+                                   f"matrix; give an imatrix")
     return im, quantize_tensor
 
 
