@@ -16,7 +16,7 @@ import pytest
 
 import gguf_kquant
 from gguf_kquant.codecs.optimized import weighted_error
-from gguf_kquant.errors import ImatrixError, QuantizeError
+from gguf_kquant.errors import BadTensorDataError, ImatrixError, QuantizeError
 from gguf_kquant.ftypes import LlamaFileType
 from gguf_kquant.model.imatrix import write_legacy_imatrix
 from gguf_kquant.model.budget import CANDIDATES, plan_budget
@@ -87,6 +87,27 @@ def test_refused_without_imatrix_before_any_work(tmp_path):
         with pytest.raises(ImatrixError, match="need an imatrix"):
             gguf_kquant.quantize_model(tmp_path / "missing.gguf", tmp_path / "o.gguf", **kw)
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_a_non_finite_weight_in_a_measured_row_is_named_by_its_row_in_the_tensor(tmp_path):
+    import gguf
+
+    src = tmp_path / "nan.gguf"
+    w = gguf.GGUFWriter(str(src), "llama")
+    w.add_block_count(1)
+    x = np.ones((300, 256), np.float32)
+    x[135, 17] = np.inf  # row 135 is the 30th of the 64 measured rows (i * 300 // 64)
+    w.add_tensor("blk.0.attn_q.weight", x)
+    w.add_tensor("blk.0.attn_k.weight", np.ones((300, 256), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    im = tmp_path / "nan.imatrix"
+    write_legacy_imatrix(im, {n: np.ones(256, np.float32) for n in ("blk.0.attn_q.weight", "blk.0.attn_k.weight")})
+    with pytest.raises(BadTensorDataError, match=r"tensor blk\.0\.attn_q\.weight .*inf at row 135, column 17"):
+        gguf_kquant.quantize_model(src, tmp_path / "o.gguf", target_bpw=6.0, imatrix=im)
+    assert not list(tmp_path.glob("o.gguf*"))
 
 
 def test_contradicting_options_refused(example_model, tmp_path):

@@ -36,6 +36,7 @@ import math
 import os
 import re
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
@@ -59,6 +60,7 @@ _FLOATS = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 # 64 rows measure 3x faster than 256.
 SAMPLE_ROWS = 64
 _SAMPLE_FRACTION = 64
+_TENSORS_AHEAD = 2  # tensors whose samples are queued while the oldest one's jobs finish
 # the mix whose name labels the file (general.file_type) when most weights get this type
 _MIX_OF = {GGMLType.Q2_K: "Q2_K", GGMLType.Q3_K: "Q3_K_M", GGMLType.Q4_K: "Q4_K_M", GGMLType.Q5_K: "Q5_K_M",
            GGMLType.Q6_K: "Q6_K", GGMLType.Q4_0: "Q4_0", GGMLType.Q4_1: "Q4_1", GGMLType.Q5_0: "Q5_0",
@@ -189,12 +191,9 @@ def _sample(n_rows: int) -> np.ndarray:
     return (np.arange(k, dtype=np.int64) * n_rows) // k
 
 
-def _measure(t, row, im, quantize_tensor, types, mean_w: float, pool) -> list:
-    """Predicted imatrix-weighted squared error of tensor ``t`` as each of ``types``, from a row sample.  The
-    types are measured side by side on ``pool``'s threads, each quantizing on its own thread: a sample is a few
-    dozen rows, too few to split."""
-    from ..codecs import dequantize
-    from .quantize import _imatrix_for, _to_f32
+def _samples(t, row, im, mean_w: float) -> list:
+    """Tensor ``t``'s measured rows, per matrix: (rows as float32, imatrix, error weights, rows per sampled row)."""
+    from .quantize import _check_finite, _imatrix_for, _to_f32
 
     ne = row.shape[::-1]
     n_per_row = ne[0]
@@ -203,25 +202,29 @@ def _measure(t, row, im, quantize_tensor, types, mean_w: float, pool) -> list:
     weights = _imatrix_for(row, im)
     src_row = TYPES[row.src_type].row_bytes(n_per_row)
     raw = t.raw().reshape(-1, src_row)
-    samples = []  # per matrix: (rows, imatrix, error weights, rows per sampled row)
+    samples = []
     for m in range(n_mat):
         idx = m * rows_per_mat + _sample(rows_per_mat)
         x = _to_f32(np.ascontiguousarray(raw[idx]), row.src_type, len(idx), n_per_row)
+        _check_finite(row.name, x, row_numbers=idx)
         qw = None if weights is None else weights[m * n_per_row:(m + 1) * n_per_row]
         # no imatrix entry (a tied embedding, an excluded tensor): the model's mean activation as weight
         ew = np.full(n_per_row, mean_w) if qw is None else qw.astype(np.float64)
         samples.append((x, qw, ew, rows_per_mat / len(idx)))
+    return samples
 
-    def error(qt) -> float:
-        if qt == row.src_type:
-            return 0.0  # kept as it is
-        total = 0.0
-        for x, qw, ew, scale in samples:
-            y = dequantize(quantize_tensor(x, qt, imatrix=qw, threads=1), qt, x.shape)
-            total += scale * float(((x.astype(np.float64) - y) ** 2 @ ew).sum())
-        return total
 
-    return list(pool.map(error, types))
+def _error(samples: list, qt, src_type, quantize_tensor) -> float:
+    """Predicted imatrix-weighted squared error of the sampled tensor as type ``qt``, on this thread."""
+    from ..codecs import dequantize
+
+    if qt == src_type:
+        return 0.0  # kept as it is
+    total = 0.0
+    for x, qw, ew, scale in samples:
+        y = dequantize(quantize_tensor(x, qt, imatrix=qw, threads=1), qt, x.shape)
+        total += scale * float(((x.astype(np.float64) - y) ** 2 @ ew).sum())
+    return total
 
 
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(attn_v|ffn_up|ffn_gate)\.weight$")
@@ -327,21 +330,36 @@ def _check_options(options: dict) -> None:
 
 def _measure_all(free, by_name, im, model, quantize_tensor, cand, size, threads, say) -> list:
     """A :class:`_Choice` per free tensor: its candidates' sizes and measured errors (times the residual gain),
-    reduced to their lower convex hull."""
+    reduced to their lower convex hull.  Every (tensor, type) is a job on the pool, each quantizing on its own
+    thread (a sample is a few dozen rows, too few to split); the next tensors' jobs are queued while a tensor's
+    last ones run, so no thread waits for the slowest type of each tensor."""
     from ..codecs import _threads
 
     mean_w = float(np.mean([v.mean() for v in im.entries.values()]))
     choices = []
-    with ThreadPoolExecutor(_threads(threads).wanted, thread_name_prefix="gguf-kquant-budget") as pool:
-        for i, r in enumerate(free, 1):
+    pending = deque()  # (row, gain, futures, start) of the tensors in flight, oldest first
+
+    def finish() -> None:
+        r, gain, futures, t0 = pending.popleft()
+        errs = [gain * f.result() for f in futures]
+        choices.append(_Choice(r.name, r.shape, r.n_elements, _hull(list(zip(size[r.name], errs, cand[r.name])))))
+        if say is not None:
+            say(f"[{len(choices):4d}/{len(free):4d}] measured {r.name:<36s} as {len(errs)} types, "
+                f"{time.perf_counter() - t0:6.2f} s")
+
+    pool = ThreadPoolExecutor(_threads(threads).wanted, thread_name_prefix="gguf-kquant-budget")
+    try:
+        for r in free:
             t0 = time.perf_counter()
-            gain = _residual_gain(r, by_name, im, model)
-            errs = [gain * e for e in _measure(by_name[r.name], r, im, quantize_tensor, cand[r.name], mean_w,
-                                               pool)]
-            choices.append(_Choice(r.name, r.shape, r.n_elements, _hull(list(zip(size[r.name], errs, cand[r.name])))))
-            if say is not None:
-                say(f"[{i:4d}/{len(free):4d}] measured {r.name:<36s} as {len(errs)} types, "
-                    f"{time.perf_counter() - t0:6.2f} s")
+            samples = _samples(by_name[r.name], r, im, mean_w)
+            futures = [pool.submit(_error, samples, qt, r.src_type, quantize_tensor) for qt in cand[r.name]]
+            pending.append((r, _residual_gain(r, by_name, im, model), futures, t0))
+            if len(pending) > _TENSORS_AHEAD:
+                finish()
+        while pending:
+            finish()
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error: the queued jobs are not run
     return choices
 
 

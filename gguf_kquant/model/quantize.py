@@ -519,12 +519,15 @@ def _to_f32(raw: np.ndarray, ggml_type, n_rows: int, n_per_row: int) -> np.ndarr
     return dequantize(raw, ggml_type, (n_rows, n_per_row))
 
 
-def _check_finite(name: str, x: np.ndarray, row0: int) -> None:
+def _check_finite(name: str, x: np.ndarray, row0: int = 0, row_numbers: Optional[np.ndarray] = None) -> None:
+    """Refuse non-finite values, naming the tensor, row and column; x's rows are rows ``row0`` on of the tensor,
+    or the rows ``row_numbers`` (a sample)."""
     bad = ~np.isfinite(x)
     if bad.any():
         r = int(np.argmax(bad.any(axis=1)))
         c = int(np.argmax(bad[r]))
-        raise BadTensorDataError(f"tensor {name} has invalid data: {float(x[r, c])!r} at row {row0 + r}, column {c}")
+        row = int(row_numbers[r]) if row_numbers is not None else row0 + r
+        raise BadTensorDataError(f"tensor {name} has invalid data: {float(x[r, c])!r} at row {row}, column {c}")
 
 
 class _Stats:
