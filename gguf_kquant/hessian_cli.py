@@ -6,7 +6,8 @@ quantization, collected by running the model with llama.cpp (needs ``pip install
     gguf-kquant hessian model-f16.gguf -f wiki.txt -o h.gguf --max-memory 8G   # passes over the text
 
 The text is cut into chunks of ``-c`` tokens as llama-imatrix does (each starts with BOS); the file holds
-one matrix ``sum x x^T`` per distinct weight input (see :mod:`gguf_kquant.model.hessian`).
+one matrix ``H = sum x x^T`` per distinct weight input, as the factor error feedback works with and H's
+diagonal (``--no-factor``: H itself; see :mod:`gguf_kquant.model.hessian`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-memory", default=None, metavar="SIZE",
                         help="memory the matrices may take, e.g. 8G or 500M (default: half the available memory); "
                              "when they do not fit, the text is evaluated again for the rest (same file)")
+    parser.add_argument("--no-factor", dest="factor", action="store_false",
+                        help="store each H itself, not its factor for error feedback (quantizing then factorises "
+                             "every matrix again)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
@@ -37,5 +41,5 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     collect_hessians(args.model, args.file, args.output, ctx=args.ctx, chunks=args.chunks, threads=args.threads,
                      overwrite=args.overwrite, quiet=args.quiet, stream=sys.stderr, max_n_in=args.max_n_in,
-                     max_memory=args.max_memory)
+                     max_memory=args.max_memory, factor=args.factor)
     return 0

@@ -106,4 +106,12 @@ def example_hessians(example_model, tmp_path_factory, oracle) -> Path:
     out = tmp_path_factory.mktemp("hessians") / "tiny.hessian.gguf"
     tokens = np.random.default_rng(11).integers(3, 1024, 3 * 64)
     collect_hessians(example_model, tokens, out, ctx=64, threads=1, quiet=True)
+    collect_hessians(example_model, tokens, out.with_suffix(".matrices.gguf"), ctx=64, threads=1, quiet=True,
+                     factor=False)  # the same, holding H itself: example_hessian_matrices
     return out
+
+
+@pytest.fixture(scope="session")
+def example_hessian_matrices(example_hessians) -> Path:
+    """example_hessians' collection stored as the matrices H themselves (``factor=False``)."""
+    return example_hessians.with_suffix(".matrices.gguf")

@@ -101,6 +101,9 @@ class _Hessians:
     def for_weight(self, name):
         return self.table.get(name)
 
+    def factor_for(self, name):  # H itself, as a packed_upper file holds
+        return None
+
 
 def test_the_method_uses_a_tensors_hessian_and_falls_back_without_one():
     n = 256
@@ -283,6 +286,29 @@ def _model_output_error(src, dst, hessians) -> tuple:
             total += output_error(x, np.asarray(q.raw()).reshape(x.shape[0], -1), q.type_name, entry[0])
             n += 1
     return total, n
+
+
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q4_0"])
+def test_a_factor_file_quantizes_as_the_matrices_it_came_from(example_model, example_hessians,
+                                                              example_hessian_matrices, tmp_path, monkeypatch, mix):
+    """The file's stored factors are used as they are (nothing is factorised), and the bytes are those of the
+    same collection stored as H, which is factorised while quantizing."""
+    import gguf_kquant
+    from gguf_kquant.codecs import gptq
+
+    from_h = gguf_kquant.quantize_model(example_model, tmp_path / "h.gguf", mix, imatrix=example_hessian_matrices,
+                                        method="optimized", quiet=True)
+
+    def no_factorisation(*_a, **_k):
+        raise AssertionError("a stored factor was computed again")
+
+    monkeypatch.setattr(gptq, "_upper_factor", no_factorisation)
+    from_v = gguf_kquant.quantize_model(example_model, tmp_path / "v.gguf", mix, imatrix=example_hessians,
+                                        method="optimized", quiet=True)
+    assert _tensors(from_v.paths[0]) == _tensors(from_h.paths[0])
+    with pytest.raises(AssertionError, match="computed again"):  # the monkeypatch bites where H is stored
+        gguf_kquant.quantize_model(example_model, tmp_path / "h2.gguf", mix, imatrix=example_hessian_matrices,
+                                   method="optimized", quiet=True)
 
 
 # The example model's rows are 256 wide: a k-quant row is one block, so only ffn_down (512) has columns to

@@ -40,6 +40,14 @@ def collected(tmp_path_factory, example_model, tokens, llama):
     return out, summary
 
 
+@pytest.fixture(scope="module")
+def collected_h(tmp_path_factory, example_model, tokens, llama):
+    """The same collection storing H itself (``factor=False``)."""
+    out = tmp_path_factory.mktemp("hessian") / "h-packed.gguf"
+    collect_hessians(example_model, tokens, out, ctx=CTX, threads=1, quiet=True, factor=False)
+    return out
+
+
 def _first_attn_input(model, tokens) -> np.ndarray:
     """rms_norm(token_embd[tokens]) * blk.0.attn_norm.weight, in float32 as ggml's CPU kernel computes it."""
     with gguf_kquant.open(model) as f:
@@ -69,7 +77,7 @@ def test_first_layer_attention_input_matches_numpy(collected, example_model, tok
     assert summary.matrices["blk.0.attn_q.weight.hessian"] == ["blk.0.attn_q.weight", "blk.0.attn_v.weight",
                                                               "blk.0.attn_k.weight"]
     with gguf_kquant.open(out) as f:  # 4 distinct inputs per layer (attn, attn_output, ffn, ffn_down) + output
-        assert len(f.tensors) == 4 * 4 + 1
+        assert len(f.tensors) == 2 * (4 * 4 + 1)  # each a factor and H's diagonal
         assert f.metadata["general.type"] == "hessian"
 
 
@@ -104,10 +112,10 @@ def _llama_tokenize(L, model, text: bytes) -> np.ndarray:
 
 
 # --- (2) properties of every matrix ---------------------------------------------------------------------
-def test_every_matrix_symmetric_psd_and_counted(collected):
+def test_every_matrix_symmetric_psd_and_counted(collected, collected_h):
     out, summary = collected
     assert summary.n_tokens == N_CHUNK * CTX and summary.skipped == {}
-    with load_hessians(out) as hs:
+    with load_hessians(collected_h) as hs:  # H as summed (the factor file's V V^T is H to float32 rounding)
         assert sorted(hs.weights) == sorted(summary.weights) and len(hs.weights) == 4 * 7 + 1
         for w in hs.weights:
             assert hs.for_weight(w)[1] == N_CHUNK * CTX  # every token of every chunk, output.weight included
@@ -117,10 +125,16 @@ def test_every_matrix_symmetric_psd_and_counted(collected):
             if name in ("blk.0.attn_q.weight.hessian", "blk.3.ffn_down.weight.hessian"):  # both widths
                 assert _psd(h), name
         assert hs.for_weight("token_embd.weight") is None  # GET_ROWS, not a matrix multiplication
-    with gguf_kquant.open(out) as f:  # upper triangles: half the size of the squares
+    with gguf_kquant.open(collected_h) as f:
         assert f.metadata["hessian.layout"] == "packed_upper"
         assert {t.name: t.shape for t in f.tensors} == {
             name: ((512 * 513 // 2,) if "ffn_down" in name else (256 * 257 // 2,)) for name in summary.matrices}
+    with gguf_kquant.open(out) as f:  # upper triangles: half the size of the squares; then the diagonals
+        assert f.metadata["hessian.layout"] == "factor_upper"
+        assert f.metadata["hessian.diagonals"] == [name + ".diagonal" for name in summary.matrices]
+        assert {t.name: t.shape for t in f.tensors} == {
+            **{name: ((512 * 513 // 2,) if "ffn_down" in name else (256 * 257 // 2,)) for name in summary.matrices},
+            **{name + ".diagonal": ((512,) if "ffn_down" in name else (256,)) for name in summary.matrices}}
 
 
 def _psd(h: np.ndarray) -> bool:
@@ -135,6 +149,31 @@ def _psd(h: np.ndarray) -> bool:
         a[k + 1:, k] /= a[k, k]
         a[k + 1:, k + 1:] -= np.outer(a[k + 1:, k], a[k + 1:, k])
     return True
+
+
+def test_the_stored_factor_is_the_one_error_feedback_computes_from_h(collected, collected_h):
+    """A factor_upper file holds, per matrix, the V that gptq.Factor computes from the packed_upper file's H,
+    bit for bit; H's diagonal exactly (the imatrix is the same); H's other values to float32 rounding."""
+    from gguf_kquant.codecs.gptq import DEFAULT_DAMP, Factor
+
+    out, summary = collected
+    with load_hessians(out) as hs, load_hessians(collected_h) as hh:
+        assert hs.layout == "factor_upper" and hh.factor_for("blk.0.attn_q.weight") is None
+        assert hs.damp == pytest.approx(DEFAULT_DAMP, rel=1e-7)
+        for name, weights in summary.matrices.items():
+            v, n_tokens, damp = hs.factor_for(weights[0])
+            h, n_h = hh.for_weight(weights[0])
+            assert n_tokens == n_h == N_CHUNK * CTX and damp == hs.damp
+            np.testing.assert_array_equal(v, Factor(h, damp=DEFAULT_DAMP).v, err_msg=name)
+            assert np.array_equal(np.triu(v), v) and (np.diagonal(v) > 0).all()
+            got = hs.matrix(name)
+            np.testing.assert_array_equal(np.diagonal(got), np.diagonal(h))
+            np.testing.assert_allclose(got, h, rtol=0, atol=1e-5 * np.abs(h).max(), err_msg=name)
+        for process_output in (False, True):
+            a, b = hs.imatrix(process_output=process_output), hh.imatrix(process_output=process_output)
+            assert a.entries.keys() == b.entries.keys()
+            for k in a.entries:
+                np.testing.assert_array_equal(a.entries[k], b.entries[k])
 
 
 def test_psd_check_can_fail():
@@ -399,6 +438,73 @@ def test_bad_values_of_a_packed_file_are_refused_by_place(tmp_path, place):
     _check_refused(path, ["diagonal", "-1.0", f"[{place[0]}, {place[0]}]"])
 
 
+def _factor_file(path, n=8, keys=None, tensors=None, drop=()):
+    """A factor_upper file of one matrix: V of the dampened _spd(n), H's diagonal as its own tensor."""
+    from gguf_kquant.codecs.gptq import DEFAULT_DAMP, Factor
+
+    h = _spd(n)
+    base = {"hessian.layout": Value("factor_upper", V.STRING), "hessian.damp": Value(DEFAULT_DAMP, V.FLOAT32),
+            "hessian.diagonals": Value(["d"], V.ARRAY, V.STRING)}
+    stored = {"blk.0.a.weight.hessian": _packed(Factor(h, damp=DEFAULT_DAMP).v), "d": np.diagonal(h).copy()}
+    return _write(path, {**base, **(keys or {})}, {**stored, **(tensors or {})} if tensors is not False else None,
+                  drop)
+
+
+def test_a_factor_file_loads(tmp_path):
+    with load_hessians(_factor_file(tmp_path / "f.gguf", 300)) as hs:
+        v, n, damp = hs.factor_for("blk.0.b.weight")
+        assert n == 4 and v.shape == (300, 300) and damp == np.float32(0.01)
+        h, _ = hs.for_weight("blk.0.a.weight")
+        np.testing.assert_array_equal(np.diagonal(h), np.diagonal(_spd(300)))
+        np.testing.assert_allclose(h, _spd(300), rtol=0, atol=1e-5 * np.abs(_spd(300)).max())
+        np.testing.assert_array_equal(hs.imatrix().entries["blk.0.b.weight"], np.diagonal(_spd(300)) / 4)
+
+
+@pytest.mark.parametrize("keys, tensors, drop, words", [
+    ({}, None, ("hessian.damp",), ["missing key hessian.damp"]),
+    ({"hessian.damp": Value(0.0, V.FLOAT32)}, None, (), ["hessian.damp", "0.0", "positive"]),
+    ({"hessian.damp": Value(float("nan"), V.FLOAT32)}, None, (), ["hessian.damp", "nan"]),
+    ({"hessian.damp": Value(1, V.UINT32)}, None, (), ["hessian.damp", "FLOAT32", "UINT32"]),
+    ({}, None, ("hessian.diagonals",), ["missing key hessian.diagonals"]),
+    ({"hessian.diagonals": Value(["d", "d"], V.ARRAY, V.STRING)}, None, (), ["2 names for 1 matrices"]),
+    ({"hessian.diagonals": Value(["e"], V.ARRAY, V.STRING)}, None, (), ["'e'", "'blk.0.a.weight.hessian'",
+                                                                        "not a tensor of its own"]),
+    ({"hessian.diagonals": Value(["blk.0.a.weight.hessian"], V.ARRAY, V.STRING)}, None, (),
+     ["not a tensor of its own"]),
+    ({}, {"d": np.ones(7, np.float32)}, (), ["'d'", "diagonal of 'blk.0.a.weight.hessian'", "8 F32", "[7]"]),
+    ({}, {"d": np.ones(8, np.float16)}, (), ["'d'", "F16"]),
+    ({}, {"x": np.ones(8, np.float32)}, (), ["'x'", "no weight"]),
+])
+def test_malformed_factor_files_are_refused_by_name(tmp_path, keys, tensors, drop, words):
+    path = _factor_file(tmp_path / "bad.gguf", keys=keys, tensors=tensors, drop=drop)
+    with pytest.raises(HessianError) as e:
+        load_hessians(path)
+    for w in words + [str(path)]:
+        assert w in str(e.value)
+
+
+@pytest.mark.parametrize("value, words", [(0.0, ["diagonal value 0.0", "[5, 5]", "positive"]),
+                                          (-2.0, ["diagonal value -2.0", "[5, 5]", "positive"]),
+                                          (np.inf, ["non-finite", "inf", "[5, 5]"])])
+def test_bad_values_of_a_factor_are_refused_by_place(tmp_path, value, words):
+    from gguf_kquant.codecs.gptq import DEFAULT_DAMP, Factor
+
+    v = Factor(_spd(), damp=DEFAULT_DAMP).v
+    v[5, 5] = value
+    path = _factor_file(tmp_path / "bad.gguf", tensors={"blk.0.a.weight.hessian": _packed(v)})
+    with load_hessians(path) as hs:  # the header is fine: the values are checked when the factor is read
+        for read in (hs.factor_for, hs.for_weight):
+            with pytest.raises(HessianError) as e:
+                read("blk.0.a.weight")
+            for w in words + [str(path), "'blk.0.a.weight.hessian'"]:
+                assert w in str(e.value)
+    d = np.diagonal(_spd()).copy()
+    d[3] = -1.0
+    path = _factor_file(tmp_path / "neg.gguf", tensors={"d": d})
+    with load_hessians(path) as hs, pytest.raises(HessianError, match=r"'d' has the diagonal value -1\.0 at \[3, 3\]"):
+        hs.imatrix()
+
+
 def _check_refused(path, words):
     with load_hessians(path) as hs:  # the header is fine: the values are checked when the matrix is read
         with pytest.raises(HessianError) as e:
@@ -542,3 +648,8 @@ def test_cli_round_trip(tmp_path, example_model, llama, capsys):
                               "--overwrite", "--max-memory", "5M"])
     assert hessian_cli.run(args) == 0
     assert "MiB, above max_memory (4.8 MiB): 8 passes" in capsys.readouterr().err and out.read_bytes() == one_pass
+    args = parser.parse_args([str(example_model), "-f", str(text), "-o", str(out), "-c", "32", "--chunks", "1",
+                              "--overwrite", "-q", "--no-factor"])
+    assert hessian_cli.run(args) == 0
+    with load_hessians(out) as hs:
+        assert hs.layout == "packed_upper" and hs.factor_for("output.weight") is None

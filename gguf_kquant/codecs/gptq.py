@@ -37,7 +37,8 @@ SmolLM2's real ffn_down Hessians it made Q4_K/Q5_K/IQ4_XS 2-5x *worse* than no f
 shared scales move the pinned columns), and whole blocks won for every type but Q3_K (0.26 vs 0.22).
 Rows are independent (H is shared by all rows of a weight), so a slab of rows gives the bytes of those rows
 quantized with the rest.  Cost per weight: V by halves in float32 matrix products (:func:`_upper_factor_into`,
-about n^3 / 4 multiply-adds, n^2 floats kept; n = the input width; once per input, as attn_q/k/v share theirs),
+about n^3 / 4 multiply-adds, n^2 floats kept; n = the input width; once per input, as attn_q/k/v share theirs;
+none when the Hessian file stores V, as ``gguf-kquant hessian`` writes it by default: :meth:`Factor.stored`),
 ``rows * n^2 / 2`` multiply-adds for the sums (BLAS, one thread per row range), and one quantization per block
 column.  Float32 is GPTQ's precision too: the dampening bounds H's condition number, and the output errors
 below are those of float64 factors to three digits.
@@ -83,6 +84,16 @@ class Factor:
             self.v = _upper_factor(h, damp * mean if mean > 0 else 1.0, threads)
         self.n = n
         self.feeds = np.count_nonzero(h) > np.count_nonzero(np.diagonal(h))
+
+    @classmethod
+    def stored(cls, v: np.ndarray) -> "Factor":
+        """The Factor whose V is ``v`` (float32, upper triangular, positive diagonal: a Hessian file's).  V is
+        diagonal exactly when H is: nothing is fed forward then."""
+        factor = cls.__new__(cls)
+        factor.v = v
+        factor.n = v.shape[0]
+        factor.feeds = np.count_nonzero(v) > np.count_nonzero(np.diagonal(v))
+        return factor
 
 
 class FeedbackPlan:
@@ -324,8 +335,9 @@ class ErrorFeedback:
     """``method="optimized"`` with Hessians: the quantize function of each tensor (:func:`for_tensor`).
 
     ``hessians`` is a :class:`gguf_kquant.model.hessian.Hessians`: ``matrix_of`` (weight -> its matrix's name,
-    weights sharing an input share one) and ``for_weight(name) -> (H, n_tokens) | None``.  A matrix is read and
-    factorised only when a plan for it is not kept already.  Feedback applies where the imatrix applies: a tensor
+    weights sharing an input share one), ``for_weight(name) -> (H, n_tokens) | None`` and
+    ``factor_for(name) -> (V, n_tokens, damp) | None`` (files that store V).  A matrix is read (and factorised
+    unless the file holds V for this ``damp``) only when a plan for it is not kept already.  Feedback applies where the imatrix applies: a tensor
     without a Hessian, or without an imatrix entry (MoE experts, a tied ``token_embd``, ...), gets the refiner
     alone, as without Hessians.  Called directly (no tensor known), it is
     :func:`~gguf_kquant.codecs.optimized.quantize_optimized`.
@@ -375,7 +387,11 @@ class ErrorFeedback:
         return self._plans[key]
 
     def _factorise(self, name: str, threads: Optional[int]) -> tuple:
-        """(Factor, token count) of the Hessian of tensor ``name``, read from the file."""
+        """(Factor, token count) of the Hessian of tensor ``name``: the file's own factor when it holds one for
+        this dampening, else H read from the file and factorised."""
+        stored = self.hessians.factor_for(name)
+        if stored is not None and np.float32(stored[2]) == np.float32(self.damp):
+            return Factor.stored(stored[0]), stored[1]
         hessian, n_tokens = self.hessians.for_weight(name)
         try:
             return Factor(hessian, damp=self.damp, threads=threads), n_tokens

@@ -20,18 +20,27 @@ the file does not depend on how many passes there were.
 
 The file is a GGUF (``general.type = "hessian"``):
 
-* one F32 tensor ``<first weight>.hessian`` per distinct input: the SUM of ``x x^T`` over its tokens (not the
-  mean), as its upper triangle packed by rows (``hessian.layout = "packed_upper"``: a 1-D tensor of
-  ``n_in (n_in + 1) / 2`` values, row i from its diagonal on; half the size of the square) or, in files without
-  that key, the whole ``(n_in, n_in)`` matrix;
+* one F32 tensor ``<first weight>.hessian`` per distinct input, for H = the SUM of ``x x^T`` over its tokens
+  (not the mean).  By ``hessian.layout``:
+
+  - ``"factor_upper"`` (written by default): V, the upper triangular factor of the dampened matrix,
+    ``H + damp * mean(diag H) * I = V V^T`` with ``damp`` = ``hessian.damp`` (FLOAT32), as an upper triangle
+    packed by rows (a 1-D tensor of ``n_in (n_in + 1) / 2`` values, row i from its diagonal on).  V is what
+    error feedback works with (:mod:`gguf_kquant.codecs.gptq`): factorised once here, not at every
+    quantization (on SmolLM2-135M a fifth of a quantization's time).  H's own diagonal, exact, is the 1-D F32
+    tensor named in ``hessian.diagonals`` (one name per matrix tensor, in their order); H's other values are
+    V V^T's (:meth:`Hessians.matrix`, to float32 rounding);
+  - ``"packed_upper"`` (``factor=False``): H's upper triangle packed by rows, half the size of the square;
+  - no key (files of earlier versions): the whole ``(n_in, n_in)`` H;
 * ``hessian.weights`` / ``hessian.matrices``: string arrays of one length, weight name -> tensor holding its H;
-* ``hessian.tokens``: UINT32 array, the token count of each tensor in file order (a single UINT32 is read as
-  the count of every tensor);
+* ``hessian.tokens``: UINT32 array, the token count of each matrix tensor in file order (a single UINT32 is read
+  as the count of every one);
 * ``hessian.chunk_size``, ``hessian.chunk_count`` (UINT32), ``hessian.datasets`` (string array: the text).
 
 >>> collect_hessians("model-f16.gguf", "calibration.txt", "model.hessian.gguf", ctx=512)  # doctest: +SKIP
 >>> with load_hessians("model.hessian.gguf") as hs:                                     # doctest: +SKIP
 ...     H, n = hs.for_weight("blk.0.attn_q.weight")        # float32 (n_in, n_in), tokens
+...     V, n, damp = hs.factor_for("blk.0.attn_q.weight")  # H + damp * mean(diag H) * I = V V^T
 ...     im = hs.imatrix()                                  # diag(H)/n: what llama-imatrix would compute
 """
 
@@ -65,7 +74,11 @@ KEY_CHUNK_SIZE = "hessian.chunk_size"
 KEY_CHUNK_COUNT = "hessian.chunk_count"
 KEY_DATASETS = "hessian.datasets"
 KEY_LAYOUT = "hessian.layout"
-LAYOUT_FULL, LAYOUT_PACKED = "full", "packed_upper"  # the square matrix; its upper triangle by rows
+KEY_DAMP = "hessian.damp"
+KEY_DIAGONALS = "hessian.diagonals"
+# the square matrix H; its upper triangle by rows; the upper triangle of its factor V (H + damp I = V V^T)
+LAYOUT_FULL, LAYOUT_PACKED, LAYOUT_FACTOR = "full", "packed_upper", "factor_upper"
+_LAYOUTS = (LAYOUT_FULL, LAYOUT_PACKED, LAYOUT_FACTOR)
 _UINT32_MAX = 2**32 - 1
 _SYMMETRY_TOL = 1e-5  # relative to the largest |H_ij|: files are written exactly symmetric
 
@@ -205,6 +218,7 @@ class _Group:
     pass_no: int = -1  # the pass that accumulates it (-1: not planned yet)
     h: Optional[np.ndarray] = None
     rows: int = 0  # rows added in its pass: must come to ``tokens``
+    diagonal: Optional[np.ndarray] = None  # H's float32 diagonal, kept from its matrix to its own tensor
 
 
 def _collect_bytes(widths, rows: int) -> int:
@@ -478,7 +492,7 @@ def _tail(lines: list) -> str:
 
 def collect_hessians(model_path, text_path_or_tokens, out_path, *, ctx: int = 512, chunks: Optional[int] = None,
                      threads: Optional[int] = None, overwrite: bool = False, quiet: bool = False, stream=None,
-                     max_n_in: int = DEFAULT_MAX_N_IN, max_memory=None) -> HessianSummary:
+                     max_n_in: int = DEFAULT_MAX_N_IN, max_memory=None, factor: bool = True) -> HessianSummary:
     """Run the GGUF model ``model_path`` over a calibration text with llama.cpp and write the input
     covariance H of each weight matrix to ``out_path`` (see the module docstring for the file).
 
@@ -488,7 +502,9 @@ def collect_hessians(model_path, text_path_or_tokens, out_path, *, ctx: int = 51
     ``threads``: llama.cpp's threads (default: all cores); ``max_n_in``: widest input collected.
     ``max_memory``: bytes (or "500M", "8G") the matrices may take while collected (default: half the memory
     available); when they do not all fit, the text is evaluated again for the rest, as many passes as
-    needed — the file is the same.  llama.cpp's own model and buffers come on top.  The output is written
+    needed — the file is the same.  llama.cpp's own model and buffers come on top, and while a matrix is
+    written, its float32 copy and factor (``12 n_in^2`` bytes).  ``factor``: store each matrix's factor for
+    error feedback (layout ``factor_upper``), else H itself (``packed_upper``).  The output is written
     atomically and may not be the model or the text; an existing one is replaced only with ``overwrite``.
     Progress goes to ``stream`` (default stderr) unless ``quiet``.
 
@@ -531,7 +547,7 @@ def collect_hessians(model_path, text_path_or_tokens, out_path, *, ctx: int = 51
 
         summary = HessianSummary(out_path, {}, {}, dict(collector.skipped), run.n_chunk * ctx, ctx, run.n_chunk)
         _write(out_path, collector.groups, summary, inputs,
-               [os.fspath(text_path)] if text_path is not None else [], overwrite, accumulated)
+               [os.fspath(text_path)] if text_path is not None else [], overwrite, accumulated, factor)
     summary.seconds = time.perf_counter() - t0
     for w, why in summary.skipped.items():
         progress.say(f"skipped {w}: {why}")
@@ -656,9 +672,10 @@ def _matrix_name(group: _Group, taken: set) -> str:
 
 
 def _write(out_path: Path, groups: list, summary: HessianSummary, inputs: list, datasets: list,
-           overwrite: bool, accumulated) -> None:
-    """One F32 tensor per group, each accumulator dropped once written (peak: one float32 copy);
-    ``accumulated(group)`` runs the passes its matrix waits for."""
+           overwrite: bool, accumulated, factor: bool) -> None:
+    """One F32 tensor per group (``factor``: V, then H's diagonals at the end), each accumulator dropped once
+    written; ``accumulated(group)`` runs the passes its matrix waits for."""
+    from ..codecs.gptq import DEFAULT_DAMP
     from ..container.values import GGUFValueType as V, Value
     from ..container.writer import GGUFWriter
 
@@ -678,12 +695,19 @@ def _write(out_path: Path, groups: list, summary: HessianSummary, inputs: list, 
                 (KEY_WEIGHTS, Value(weights, V.ARRAY, V.STRING)),
                 (KEY_MATRICES, Value(mapped, V.ARRAY, V.STRING)),
                 (KEY_TOKENS, Value([g.tokens for g in groups], V.ARRAY, V.UINT32)),
-                (KEY_LAYOUT, Value(LAYOUT_PACKED, V.STRING))]
+                (KEY_LAYOUT, Value(LAYOUT_FACTOR if factor else LAYOUT_PACKED, V.STRING))]
+    diagonals = [_diagonal_name(name, i, taken) for i, name in enumerate(names)] if factor else []
+    if factor:
+        metadata += [(KEY_DAMP, Value(DEFAULT_DAMP, V.FLOAT32)), (KEY_DIAGONALS, Value(diagonals, V.ARRAY, V.STRING))]
 
-    def producer(g: _Group):
+    def producer(name: str, g: _Group):
         def make():  # the packed rows in float32 pieces of ~4 MiB; the accumulator is dropped at the end
             accumulated(g)
             h, g.h = g.h, None
+            if factor:  # of the float32 H a packed_upper file holds: the factor error feedback would compute
+                h = h.astype(np.float32)
+                g.diagonal = np.diagonal(h).copy()
+                h = _factor_of(name, h)
             step = max(1, (1 << 20) // g.n)
             for i0 in range(0, g.n, step):
                 yield np.concatenate([h[i, i:] for i in range(i0, min(i0 + step, g.n))]).astype(np.float32)
@@ -691,8 +715,29 @@ def _write(out_path: Path, groups: list, summary: HessianSummary, inputs: list, 
 
     w = GGUFWriter(out_path, metadata, inputs=[p for p in inputs if p is not None], overwrite=overwrite)
     for name, g in zip(names, groups):
-        w.add_tensor(name, producer(g), shape=(_packed_size(g.n),), ggml_type="F32")
+        w.add_tensor(name, producer(name, g), shape=(_packed_size(g.n),), ggml_type="F32")
+    for name, g in zip(diagonals, groups):  # written after every matrix: each diagonal is kept from its matrix
+        w.add_tensor(name, (lambda g=g: iter([g.diagonal])), shape=(g.n,), ggml_type="F32")
     w.close()
+
+
+def _diagonal_name(matrix: str, i: int, taken: set) -> str:
+    name = matrix + ".diagonal"
+    if len(name.encode()) >= GGML_MAX_NAME or name in taken:
+        name = f"hessian.diagonal.{i}"
+    taken.add(name)
+    return name
+
+
+def _factor_of(name: str, h: np.ndarray) -> np.ndarray:
+    """V of H + damp * mean(diag H) * I = V V^T, as error feedback computes it from a packed_upper file."""
+    from ..codecs.gptq import DEFAULT_DAMP, Factor
+    from ..errors import ImatrixError
+
+    try:
+        return Factor(h, damp=DEFAULT_DAMP).v
+    except ImatrixError as exc:
+        raise HessianError(f"{name}: {exc}") from None
 
 
 def _packed_size(n: int) -> int:
@@ -708,6 +753,15 @@ def _row_offsets(n: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------
 # The loader
 # ------------------------------------------------------------------------------------------------------
+def _upper_of(packed: np.ndarray, n: int) -> np.ndarray:
+    """The n x n upper triangular float32 matrix of its packed upper triangle (zeros below the diagonal)."""
+    v = np.zeros((n, n), np.float32)
+    starts = _row_offsets(n)
+    for i in range(n):
+        v[i, i:] = packed[starts[i]:starts[i] + n - i]
+    return v
+
+
 def _unpack_upper(packed: np.ndarray, n: int, tile: int = 128) -> np.ndarray:
     """The symmetric n x n float32 matrix of its packed upper triangle: a slab of rows, then its transpose
     into the matching columns."""
@@ -740,13 +794,17 @@ def _asymmetry(h: np.ndarray, tile: int = 128) -> float:
 
 class Hessians:
     """An open Hessian file: the weight -> matrix map is read at once, each matrix only when asked for
-    (read with ``pread``, checked: finite, symmetric, non-negative diagonal).  Close it, or use ``with``."""
+    (read with ``pread``, checked: finite, symmetric, non-negative diagonal; a factor's diagonal positive).
+    Close it, or use ``with``."""
 
     def __init__(self, path: Path, f, matrix_of: dict, tokens: dict, datasets: list, chunk_size: int,
-                 chunk_count: int, widths: dict, packed: bool):
+                 chunk_count: int, widths: dict, layout: str, damp: Optional[float], diagonal_of: dict):
         self.path = path
         self.widths = widths  # tensor name -> n
-        self.packed = packed  # upper triangles (LAYOUT_PACKED), else square matrices
+        self.layout = layout
+        self.packed = layout != LAYOUT_FULL  # upper triangles, else square matrices
+        self.damp = damp  # LAYOUT_FACTOR: the dampening of the stored factors
+        self._diagonal_of = diagonal_of  # LAYOUT_FACTOR: matrix tensor -> the tensor of H's diagonal
         self._f = f
         self._by_name = {t.name: t for t in f.tensors}
         self.matrix_of = matrix_of  # weight name -> tensor name
@@ -764,8 +822,9 @@ class Hessians:
         return weight in self.matrix_of
 
     def for_weight(self, weight: str) -> Optional[tuple]:
-        """``(H, n_tokens)`` for ``weight``: float32 ``(n_in, n_in)`` as stored, the sum over ``n_tokens`` tokens of
-        ``x x^T``; None for a weight without a matrix (experts, skipped ones: use the imatrix)."""
+        """``(H, n_tokens)`` for ``weight``: float32 ``(n_in, n_in)`` as stored (:meth:`matrix`), the sum over
+        ``n_tokens`` tokens of ``x x^T``; None for a weight without a matrix (experts, skipped ones: use the
+        imatrix)."""
         name = self.matrix_of.get(weight)
         if name is None:
             return None
@@ -773,8 +832,70 @@ class Hessians:
             self._last = (name, self.matrix(name))
         return self._last[1], self.tokens[name]
 
+    def factor_for(self, weight: str) -> Optional[tuple]:
+        """``(V, n_tokens, damp)`` for ``weight`` in a ``factor_upper`` file: float32 upper triangular
+        ``(n_in, n_in)`` with ``H + damp * mean(diag H) * I = V V^T``; None for a weight without a matrix, or
+        a file that holds H itself."""
+        name = self.matrix_of.get(weight)
+        if name is None or self.layout != LAYOUT_FACTOR:
+            return None
+        return self._factor(name), self.tokens[name], self.damp
+
     def matrix(self, name: str) -> np.ndarray:
-        """Tensor ``name`` as a checked float32 matrix (the file's values)."""
+        """Tensor ``name``'s H as a checked float32 matrix: the file's values, or, from a factor, V V^T with H's
+        stored diagonal (the dampening is on the diagonal only)."""
+        n = self.widths[name]
+        if self.layout == LAYOUT_FACTOR:
+            v = self._factor(name).astype(np.float64)
+            h = v @ v.T
+            h[np.diag_indices(n)] = self._diagonal(name)
+            return h.astype(np.float32)
+        stored = self._stored(name)
+        if self.packed:
+            h = _unpack_upper(stored, n)  # symmetric by construction
+        else:
+            h = stored
+            scale = float(np.abs(h).max()) if h.size else 0.0
+            asym = _asymmetry(h)
+            if asym > _SYMMETRY_TOL * scale:
+                raise HessianError(f"hessian {self.path}: tensor {name!r} is not symmetric (max |H - H^T| = "
+                                   f"{asym:.6g}, max |H| = {scale:.6g})")
+        self._check_diagonal(name, np.diagonal(h))
+        return h
+
+    def _factor(self, name: str) -> np.ndarray:
+        v = _upper_of(self._stored(name), self.widths[name])
+        d = np.diagonal(v)
+        if not (d > 0).all():
+            i = int(np.argmax(~(d > 0)))
+            raise HessianError(f"hessian {self.path}: tensor {name!r} has the diagonal value {float(d[i])!r} at "
+                               f"[{i}, {i}]; a factor's diagonal is positive")
+        return v
+
+    def _diagonal(self, name: str) -> np.ndarray:
+        """H's diagonal, float64: stored on its own in a factor_upper file, else read from the matrix."""
+        diagonal = self._diagonal_of.get(name)
+        t = self._by_name[diagonal or name]
+        values = self._values(t)
+        if diagonal is None:  # touches n values of the map, not n^2
+            n = self.widths[name]
+            values = values[_row_offsets(n)] if self.packed else np.diagonal(values.reshape(n, n))
+        d = values.astype(np.float64)
+        self._check_diagonal(t.name, d)
+        return d
+
+    def _values(self, t) -> np.ndarray:
+        """Tensor ``t``'s float32 values as mapped (not copied, not checked)."""
+        try:
+            raw = t.raw()
+        except GGUFIOError:
+            raise
+        except GGUFError as exc:
+            raise HessianError(f"hessian {self.path}: tensor {t.name!r}: {exc}") from None
+        return raw.view(np.dtype(np.float32).newbyteorder(t.byte_order)).reshape(-1)
+
+    def _stored(self, name: str) -> np.ndarray:
+        """Matrix tensor ``name``'s values as float32, refused with the [row, column] of a non-finite one."""
         t = self._by_name[name]
         try:
             stored = np.asarray(t.numpy(), np.float32)
@@ -788,17 +909,7 @@ class Hessians:
             i, j = _packed_place(n, k) if self.packed else divmod(int(k), n)
             raise HessianError(f"hessian {self.path}: tensor {name!r} has the non-finite value "
                                f"{stored.reshape(-1)[k]!r} at [{i}, {j}]")
-        if self.packed:
-            h = _unpack_upper(stored, n)  # symmetric by construction
-        else:
-            h = stored
-            scale = float(np.abs(h).max()) if h.size else 0.0
-            asym = _asymmetry(h)
-            if asym > _SYMMETRY_TOL * scale:
-                raise HessianError(f"hessian {self.path}: tensor {name!r} is not symmetric (max |H - H^T| = "
-                                   f"{asym:.6g}, max |H| = {scale:.6g})")
-        self._check_diagonal(name, np.diagonal(h))
-        return h
+        return stored
 
     def _check_diagonal(self, name: str, d: np.ndarray) -> None:
         if not np.isfinite(d).all() or (d < 0).any():
@@ -819,19 +930,7 @@ class Hessians:
             if not (weight.startswith("blk.") or (process_output and weight == "output.weight")):
                 continue
             if name not in diagonals:
-                t = self._by_name[name]
-                try:
-                    raw = t.raw()
-                except GGUFIOError:
-                    raise
-                except GGUFError as exc:
-                    raise HessianError(f"hessian {self.path}: tensor {name!r}: {exc}") from None
-                n = self.widths[name]
-                values = raw.view(np.dtype(np.float32).newbyteorder(t.byte_order)).reshape(-1)
-                # touches n values of the map, not n^2
-                d = (values[_row_offsets(n)] if self.packed else np.diagonal(values.reshape(n, n))).astype(np.float64)
-                self._check_diagonal(name, d)
-                diagonals[name] = (d / self.tokens[name]).astype(np.float32)
+                diagonals[name] = (self._diagonal(name) / self.tokens[name]).astype(np.float32)
             entries[weight] = diagonals[name]
         return Imatrix(entries, list(self.datasets), self.chunk_count, path=os.fspath(self.path))
 
@@ -875,7 +974,7 @@ def load_hessians(path) -> Hessians:
 
 
 def _typed(p: Path, md, key: str, want: str):
-    """The value of ``key``: ``want`` is "UINT32", "STRING", "ARRAY of STRING" or "ARRAY of UINT32"."""
+    """The value of ``key``: ``want`` is "UINT32", "FLOAT32", "STRING", "ARRAY of STRING" or "ARRAY of UINT32"."""
     if key not in md:
         raise HessianError(f"hessian {p}: missing key {key}")
     typed = md.typed(key)
@@ -903,24 +1002,50 @@ def _read_index(p: Path, f) -> tuple:
         if m not in by_name:
             raise HessianError(f"hessian {p}: the matrix {m!r} of weight {w!r} is not a tensor of the file")
         matrix_of[w] = m
-    unused = [t.name for t in f.tensors if t.name not in set(matrices)]
+    layout = _layout(p, md)
+    matrix_tensors = [t for t in f.tensors if t.name in set(matrices)]
+    damp, diagonal_of = _factor_keys(p, md, layout, matrix_tensors, by_name)
+    unused = [t.name for t in f.tensors if t.name not in set(matrices) | set(diagonal_of.values())]
     if unused:
         raise HessianError(f"hessian {p}: tensor {unused[0]!r} is the matrix of no weight in {KEY_MATRICES}")
-    packed = _layout(p, md) == LAYOUT_PACKED
-    widths = {t.name: _width(p, t, packed) for t in f.tensors}
-    tokens = _tokens(p, md, f.tensors)
+    widths = {t.name: _width(p, t, layout != LAYOUT_FULL) for t in matrix_tensors}
+    for m, d in diagonal_of.items():
+        t = by_name[d]
+        if t.type_name != "F32" or list(t.shape) != [widths[m]]:
+            raise HessianError(f"hessian {p}: tensor {d!r}, the diagonal of {m!r}, must be {widths[m]} F32 values, "
+                               f"not {t.type_name} of shape {list(t.shape)}")
+    tokens = _tokens(p, md, matrix_tensors)
     datasets = [str(d) for d in _typed(p, md, KEY_DATASETS, "ARRAY of STRING")]
     chunk_size = int(_typed(p, md, KEY_CHUNK_SIZE, "UINT32"))
     chunk_count = int(_typed(p, md, KEY_CHUNK_COUNT, "UINT32"))
-    return matrix_of, tokens, datasets, chunk_size, chunk_count, widths, packed
+    return matrix_of, tokens, datasets, chunk_size, chunk_count, widths, layout, damp, diagonal_of
+
+
+def _factor_keys(p: Path, md, layout: str, matrix_tensors: list, by_name: dict) -> tuple:
+    """(damp, matrix tensor -> its diagonal's tensor) of a factor_upper file; (None, {}) otherwise."""
+    if layout != LAYOUT_FACTOR:
+        return None, {}
+    damp = float(_typed(p, md, KEY_DAMP, "FLOAT32"))
+    if not (math.isfinite(damp) and damp > 0):
+        raise HessianError(f"hessian {p}: {KEY_DAMP} is {damp!r}; a dampening is positive")
+    diagonals = [str(d) for d in _typed(p, md, KEY_DIAGONALS, "ARRAY of STRING")]
+    if len(diagonals) != len(matrix_tensors):
+        raise HessianError(f"hessian {p}: {KEY_DIAGONALS} has {len(diagonals)} names for {len(matrix_tensors)} "
+                           f"matrices")
+    for t, d in zip(matrix_tensors, diagonals):
+        if d not in by_name or d == t.name or d in {m.name for m in matrix_tensors}:
+            raise HessianError(f"hessian {p}: the diagonal {d!r} of matrix {t.name!r} is not a tensor of its own")
+    if len(set(diagonals)) != len(diagonals):
+        raise HessianError(f"hessian {p}: {KEY_DIAGONALS} names a tensor twice")
+    return damp, {t.name: d for t, d in zip(matrix_tensors, diagonals)}
 
 
 def _layout(p: Path, md) -> str:
     if KEY_LAYOUT not in md:
         return LAYOUT_FULL  # files written before the key
     layout = str(_typed(p, md, KEY_LAYOUT, "STRING"))
-    if layout not in (LAYOUT_FULL, LAYOUT_PACKED):
-        raise HessianError(f"hessian {p}: {KEY_LAYOUT} is {layout!r}, not {LAYOUT_FULL!r} or {LAYOUT_PACKED!r}")
+    if layout not in _LAYOUTS:
+        raise HessianError(f"hessian {p}: {KEY_LAYOUT} is {layout!r}, not one of {', '.join(map(repr, _LAYOUTS))}")
     return layout
 
 
