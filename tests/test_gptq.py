@@ -63,12 +63,12 @@ def test_plan_weights_are_the_imatrix_for_a_diagonal_hessian():
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n_rows=st.integers(1, 9), split=st.integers(1, 8),
-       qtype=st.sampled_from(["Q4_0", "Q5_1", "Q3_K", "Q4_K", "IQ4_XS", "Q8_0"]))
-@example(seed=0, n_rows=1, split=1, qtype="Q3_K")
-@example(seed=1958705, n_rows=4, split=1, qtype="Q5_1")  # a one-row slab: BLAS's vector product rounds otherwise
-def test_rows_are_independent(seed, n_rows, split, qtype):
-    """A slab of rows gives the bytes those rows get with the others (quantize_model streams slabs)."""
-    n = 256
+       qtype=st.sampled_from(["Q4_0", "Q5_1", "Q3_K", "Q4_K", "IQ4_XS", "Q8_0"]), n=st.sampled_from([256, 768]))
+@example(seed=0, n_rows=1, split=1, qtype="Q3_K", n=256)
+@example(seed=1958705, n_rows=4, split=1, qtype="Q5_1", n=256)  # a one-row slab: BLAS's vector product rounds otherwise
+def test_rows_are_independent(seed, n_rows, split, qtype, n):
+    """A slab of rows gives the bytes those rows get with the others (quantize_model streams slabs); 768
+    columns: several groups of every block size, each starting with the product of the earlier ones."""
     plan = FeedbackPlan(correlated_hessian(n, seed % 7), qtype, n_tokens=N_TOKENS)
     x = rows(n_rows, n, seed)
     whole = quantize_feedback(x, qtype, plan)
