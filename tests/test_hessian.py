@@ -176,6 +176,41 @@ def test_the_stored_factor_is_the_one_error_feedback_computes_from_h(collected, 
                 np.testing.assert_array_equal(a.entries[k], b.entries[k])
 
 
+def test_a_file_of_matrices_factorises_into_the_file_a_collection_writes(collected, collected_h, tmp_path):
+    from gguf_kquant.model.hessian import factorise_hessians
+
+    out, summary = collected
+    s = factorise_hessians(collected_h, tmp_path / "f.gguf")
+    assert (tmp_path / "f.gguf").read_bytes() == out.read_bytes()
+    assert s.matrices == summary.matrices and s.tokens == summary.tokens
+    # files of the square matrices (before packed_upper) too
+    with load_hessians(collected_h) as hs:
+        names = list(hs.widths)
+        squares = {name: hs.matrix(name) for name in names}
+        keys = {k: hs._f.metadata.typed(k) for k in hs._f.metadata if k != "hessian.layout"}
+    gguf_kquant.write(tmp_path / "full.gguf", keys, squares)
+    factorise_hessians(tmp_path / "full.gguf", tmp_path / "f2.gguf")
+    assert (tmp_path / "f2.gguf").read_bytes() == out.read_bytes()
+    with pytest.raises(HessianError, match="holds factors already"):
+        factorise_hessians(out, tmp_path / "f3.gguf")
+    with pytest.raises(HessianError, match="input"):
+        factorise_hessians(collected_h, collected_h, overwrite=True)
+    with pytest.raises(HessianError, match="exists"):
+        factorise_hessians(collected_h, tmp_path / "f.gguf")
+    assert not (tmp_path / "f3.gguf").exists()
+
+
+def test_a_bad_matrix_leaves_no_factorised_file(tmp_path):
+    from gguf_kquant.model.hessian import factorise_hessians
+
+    h = _spd(300)
+    h[7, 9] = h[9, 7] = np.nan
+    path = _write(tmp_path / "bad.gguf", PACKED, tensors={"blk.0.a.weight.hessian": _packed(h)})
+    with pytest.raises(HessianError, match=r"non-finite value nan at \[7, 9\]"):
+        factorise_hessians(path, tmp_path / "f.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
+
+
 def test_psd_check_can_fail():
     x = np.random.default_rng(3).standard_normal((8, 16))
     h = x.T @ x
@@ -653,3 +688,12 @@ def test_cli_round_trip(tmp_path, example_model, llama, capsys):
     assert hessian_cli.run(args) == 0
     with load_hessians(out) as hs:
         assert hs.layout == "packed_upper" and hs.factor_for("output.weight") is None
+    args = parser.parse_args(["--factorise", str(out), "-o", str(tmp_path / "f.gguf")])
+    assert hessian_cli.run(args) == 0
+    assert f"wrote {tmp_path / 'f.gguf'}: 17 matrices factorised in" in capsys.readouterr().err
+    with load_hessians(tmp_path / "f.gguf") as hs:
+        assert hs.layout == "factor_upper" and hs.factor_for("output.weight") is not None
+    for bad in (["--factorise", str(out), str(example_model), "-o", str(tmp_path / "g.gguf")],
+                [str(example_model), "-o", str(tmp_path / "g.gguf")]):
+        with pytest.raises(InvalidArgumentError, match="-f TEXT"):
+            hessian_cli.run(parser.parse_args(bad))

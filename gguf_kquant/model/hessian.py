@@ -62,7 +62,7 @@ from ..errors import GGUFError, GGUFIOError, InvalidArgumentError
 from .progress import Progress
 
 __all__ = ["HessianError", "LlamaCppMissingError", "HessianSummary", "Hessians", "collect_hessians",
-           "load_hessians", "DEFAULT_MAX_N_IN"]
+           "factorise_hessians", "load_hessians", "DEFAULT_MAX_N_IN"]
 
 DEFAULT_MAX_N_IN = 16384
 GENERAL_TYPE = "hessian"
@@ -558,6 +558,41 @@ def collect_hessians(model_path, text_path_or_tokens, out_path, *, ctx: int = 51
     return summary
 
 
+def factorise_hessians(src, out_path, *, overwrite: bool = False, quiet: bool = True,
+                       stream=None) -> HessianSummary:
+    """Write, from a Hessian file that holds the matrices H (``packed_upper``, or the squares of earlier
+    versions), the file :func:`collect_hessians` writes today from the same collection (``factor_upper``): each
+    H factorised once, so that quantizing does not.  One matrix is read at a time.
+
+    >>> factorise_hessians("model.hessian-old.gguf", "model.hessian.gguf")                 # doctest: +SKIP
+    """
+    from ..safeio import check_outputs
+
+    t0 = time.perf_counter()
+    src, out_path = Path(os.fspath(src)), Path(os.fspath(out_path))
+    check_outputs([out_path], [src], overwrite=overwrite, error=HessianError)
+    progress = Progress(0, quiet=quiet, stream=stream, bar=False)
+    with load_hessians(src) as hs:
+        if hs.layout == LAYOUT_FACTOR:
+            raise HessianError(f"hessian {src}: holds factors already")
+        weights_of: dict = {}
+        for weight, name in hs.matrix_of.items():  # in the file's order: each matrix's weights as collected
+            weights_of.setdefault(name, []).append(weight)
+        names = list(hs.widths)  # the matrix tensors in file order
+        groups = [_Group(weights_of[name], hs.widths[name], hs.tokens[name]) for name in names]
+        name_of = {id(g): name for g, name in zip(groups, names)}
+
+        def read(group: _Group) -> None:
+            group.h = hs.matrix(name_of[id(group)])
+
+        summary = HessianSummary(out_path, {}, {}, {}, hs.chunk_size * hs.chunk_count, hs.chunk_size,
+                                 hs.chunk_count)
+        _write(out_path, groups, summary, [src], hs.datasets, overwrite, read, factor=True)
+    summary.seconds = time.perf_counter() - t0
+    progress.say(f"wrote {out_path}: {len(names)} matrices factorised in {summary.seconds:.2f} s")
+    return summary
+
+
 def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
@@ -908,7 +943,7 @@ class Hessians:
             k = np.argwhere(~np.isfinite(stored.reshape(-1)))[0][0]
             i, j = _packed_place(n, k) if self.packed else divmod(int(k), n)
             raise HessianError(f"hessian {self.path}: tensor {name!r} has the non-finite value "
-                               f"{stored.reshape(-1)[k]!r} at [{i}, {j}]")
+                               f"{float(stored.reshape(-1)[k])!r} at [{i}, {j}]")
         return stored
 
     def _check_diagonal(self, name: str, d: np.ndarray) -> None:
