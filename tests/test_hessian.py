@@ -518,6 +518,20 @@ def test_malformed_factor_files_are_refused_by_name(tmp_path, keys, tensors, dro
         assert w in str(e.value)
 
 
+def test_one_diagonal_for_two_matrices_is_refused(tmp_path):
+    from gguf_kquant.codecs.gptq import Factor
+
+    v = _packed(Factor(_spd()).v)
+    keys = {"hessian.layout": Value("factor_upper", V.STRING), "hessian.damp": Value(0.01, V.FLOAT32),
+            "hessian.diagonals": Value(["d", "d"], V.ARRAY, V.STRING),
+            "hessian.matrices": Value(["blk.0.a.weight.hessian", "blk.0.b.weight.hessian"], V.ARRAY, V.STRING),
+            "hessian.tokens": Value([4, 4], V.ARRAY, V.UINT32)}
+    path = _write(tmp_path / "bad.gguf", keys, {"blk.0.a.weight.hessian": v, "blk.0.b.weight.hessian": v,
+                                                "d": np.diagonal(_spd()).copy()})
+    with pytest.raises(HessianError, match="hessian.diagonals names a tensor twice"):
+        load_hessians(path)
+
+
 @pytest.mark.parametrize("value, words", [(0.0, ["diagonal value 0.0", "[5, 5]", "positive"]),
                                           (-2.0, ["diagonal value -2.0", "[5, 5]", "positive"]),
                                           (np.inf, ["non-finite", "inf", "[5, 5]"])])

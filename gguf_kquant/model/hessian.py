@@ -1038,9 +1038,11 @@ def _read_index(p: Path, f) -> tuple:
             raise HessianError(f"hessian {p}: the matrix {m!r} of weight {w!r} is not a tensor of the file")
         matrix_of[w] = m
     layout = _layout(p, md)
-    matrix_tensors = [t for t in f.tensors if t.name in set(matrices)]
+    matrix_names = set(matrices)
+    matrix_tensors = [t for t in f.tensors if t.name in matrix_names]
     damp, diagonal_of = _factor_keys(p, md, layout, matrix_tensors, by_name)
-    unused = [t.name for t in f.tensors if t.name not in set(matrices) | set(diagonal_of.values())]
+    known = matrix_names | set(diagonal_of.values())
+    unused = [t.name for t in f.tensors if t.name not in known]
     if unused:
         raise HessianError(f"hessian {p}: tensor {unused[0]!r} is the matrix of no weight in {KEY_MATRICES}")
     widths = {t.name: _width(p, t, layout != LAYOUT_FULL) for t in matrix_tensors}
@@ -1067,8 +1069,9 @@ def _factor_keys(p: Path, md, layout: str, matrix_tensors: list, by_name: dict) 
     if len(diagonals) != len(matrix_tensors):
         raise HessianError(f"hessian {p}: {KEY_DIAGONALS} has {len(diagonals)} names for {len(matrix_tensors)} "
                            f"matrices")
+    matrix_names = {t.name for t in matrix_tensors}
     for t, d in zip(matrix_tensors, diagonals):
-        if d not in by_name or d == t.name or d in {m.name for m in matrix_tensors}:
+        if d not in by_name or d in matrix_names:
             raise HessianError(f"hessian {p}: the diagonal {d!r} of matrix {t.name!r} is not a tensor of its own")
     if len(set(diagonals)) != len(diagonals):
         raise HessianError(f"hessian {p}: {KEY_DIAGONALS} names a tensor twice")
