@@ -86,7 +86,7 @@ class Factor:
         with _one_blas_thread():
             self.v = _upper_factor(h, damp * mean if mean > 0 else 1.0, threads)
         self.n = n
-        self.feeds = np.count_nonzero(h) > np.count_nonzero(np.diagonal(h))
+        self.feeds = _off_diagonal(h)
 
     @classmethod
     def stored(cls, v: np.ndarray) -> "Factor":
@@ -95,8 +95,13 @@ class Factor:
         factor = cls.__new__(cls)
         factor.v = v
         factor.n = v.shape[0]
-        factor.feeds = np.count_nonzero(v) > np.count_nonzero(np.diagonal(v))
+        factor.feeds = _off_diagonal(v)
         return factor
+
+
+def _off_diagonal(m: np.ndarray) -> bool:
+    """Whether square ``m`` has a non-zero value off its diagonal."""
+    return np.count_nonzero(m) > np.count_nonzero(np.diagonal(m))
 
 
 class FeedbackPlan:
@@ -340,9 +345,9 @@ class ErrorFeedback:
     ``hessians`` is a :class:`gguf_kquant.model.hessian.Hessians`: ``matrix_of`` (weight -> its matrix's name,
     weights sharing an input share one), ``for_weight(name) -> (H, n_tokens) | None`` and
     ``factor_for(name) -> (V, n_tokens, damp) | None`` (files that store V).  A matrix is read (and factorised
-    unless the file holds V for this ``damp``) only when a plan for it is not kept already.  Feedback applies where the imatrix applies: a tensor
-    without a Hessian, or without an imatrix entry (MoE experts, a tied ``token_embd``, ...), gets the refiner
-    alone, as without Hessians.  Called directly (no tensor known), it is
+    unless the file holds V for this ``damp``) only when a plan for it is not kept already.  Feedback applies
+    where the imatrix applies: a tensor without a Hessian, or without an imatrix entry (MoE experts, a tied
+    ``token_embd``, ...), gets the refiner alone, as without Hessians.  Called directly (no tensor known), it is
     :func:`~gguf_kquant.codecs.optimized.quantize_optimized`.
     """
 

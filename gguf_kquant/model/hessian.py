@@ -698,10 +698,9 @@ class _Session:
         collector.end_pass()
 
 
-def _matrix_name(group: _Group, taken: set) -> str:
-    name = group.weights[0] + TENSOR_SUFFIX
-    if len(name.encode()) >= GGML_MAX_NAME or name in taken:  # GGUF names are shorter than 64 bytes
-        name = f"hessian.{len(taken)}"
+def _tensor_name(wanted: str, fallback: str, taken: set) -> str:
+    """``wanted``, or ``fallback`` if it is taken or too long (GGUF names are shorter than 64 bytes)."""
+    name = fallback if len(wanted.encode()) >= GGML_MAX_NAME or wanted in taken else wanted
     taken.add(name)
     return name
 
@@ -715,7 +714,7 @@ def _write(out_path: Path, groups: list, summary: HessianSummary, inputs: list, 
     from ..container.writer import GGUFWriter
 
     taken: set = set()
-    names = [_matrix_name(g, taken) for g in groups]
+    names = [_tensor_name(g.weights[0] + TENSOR_SUFFIX, f"hessian.{i}", taken) for i, g in enumerate(groups)]
     for name, g in zip(names, groups):
         if g.tokens > _UINT32_MAX:
             raise HessianError(f"{name}: {g.tokens} tokens do not fit the file's UINT32 count")
@@ -731,8 +730,9 @@ def _write(out_path: Path, groups: list, summary: HessianSummary, inputs: list, 
                 (KEY_MATRICES, Value(mapped, V.ARRAY, V.STRING)),
                 (KEY_TOKENS, Value([g.tokens for g in groups], V.ARRAY, V.UINT32)),
                 (KEY_LAYOUT, Value(LAYOUT_FACTOR if factor else LAYOUT_PACKED, V.STRING))]
-    diagonals = [_diagonal_name(name, i, taken) for i, name in enumerate(names)] if factor else []
+    diagonals = []
     if factor:
+        diagonals = [_tensor_name(name + ".diagonal", f"hessian.diagonal.{i}", taken) for i, name in enumerate(names)]
         metadata += [(KEY_DAMP, Value(DEFAULT_DAMP, V.FLOAT32)), (KEY_DIAGONALS, Value(diagonals, V.ARRAY, V.STRING))]
 
     def producer(name: str, g: _Group):
@@ -740,7 +740,7 @@ def _write(out_path: Path, groups: list, summary: HessianSummary, inputs: list, 
             accumulated(g)
             h, g.h = g.h, None
             if factor:  # of the float32 H a packed_upper file holds: the factor error feedback would compute
-                h = h.astype(np.float32)
+                h = np.asarray(h, np.float32)  # a float32 H (factorise_hessians) is not copied
                 g.diagonal = np.diagonal(h).copy()
                 h = _factor_of(name, h)
             step = max(1, (1 << 20) // g.n)
@@ -754,14 +754,6 @@ def _write(out_path: Path, groups: list, summary: HessianSummary, inputs: list, 
     for name, g in zip(diagonals, groups):  # written after every matrix: each diagonal is kept from its matrix
         w.add_tensor(name, (lambda g=g: iter([g.diagonal])), shape=(g.n,), ggml_type="F32")
     w.close()
-
-
-def _diagonal_name(matrix: str, i: int, taken: set) -> str:
-    name = matrix + ".diagonal"
-    if len(name.encode()) >= GGML_MAX_NAME or name in taken:
-        name = f"hessian.diagonal.{i}"
-    taken.add(name)
-    return name
 
 
 def _factor_of(name: str, h: np.ndarray) -> np.ndarray:
