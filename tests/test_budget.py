@@ -92,11 +92,15 @@ def test_refused_without_imatrix_before_any_work(tmp_path):
 def test_a_non_finite_weight_in_a_measured_row_is_named_by_its_row_in_the_tensor(tmp_path):
     import gguf
 
+    from gguf_kquant.model.budget import _sample
+
     src = tmp_path / "nan.gguf"
     w = gguf.GGUFWriter(str(src), "llama")
     w.add_block_count(1)
+    row = int(_sample(300)[15])  # a measured row (140 of 300 with 32 rows), not the 16th row of the tensor
+    assert row > 15
     x = np.ones((300, 256), np.float32)
-    x[135, 17] = np.inf  # row 135 is the 30th of the 64 measured rows (i * 300 // 64)
+    x[row, 17] = np.inf
     w.add_tensor("blk.0.attn_q.weight", x)
     w.add_tensor("blk.0.attn_k.weight", np.ones((300, 256), np.float32))
     w.write_header_to_file()
@@ -105,7 +109,7 @@ def test_a_non_finite_weight_in_a_measured_row_is_named_by_its_row_in_the_tensor
     w.close()
     im = tmp_path / "nan.imatrix"
     write_legacy_imatrix(im, {n: np.ones(256, np.float32) for n in ("blk.0.attn_q.weight", "blk.0.attn_k.weight")})
-    with pytest.raises(BadTensorDataError, match=r"tensor blk\.0\.attn_q\.weight .*inf at row 135, column 17"):
+    with pytest.raises(BadTensorDataError, match=rf"tensor blk\.0\.attn_q\.weight .*inf at row {row}, column 17"):
         gguf_kquant.quantize_model(src, tmp_path / "o.gguf", target_bpw=6.0, imatrix=im)
     assert not list(tmp_path.glob("o.gguf*"))
 
@@ -143,6 +147,28 @@ def test_allocation_does_not_depend_on_the_thread_count(example_model):
                 for n in (1, 2))
     assert [c.options for c in one.choices] == [c.options for c in two.choices]
     assert one.types == two.types
+
+
+def test_the_measurement_keeps_blas_on_its_threads(example_model, monkeypatch):
+    """Each (tensor, type) is measured on a thread of its own; BLAS threads would spin beside them (on two
+    cores they doubled the CPU time of a SmolLM2 plan), so BLAS runs one thread there, and gets its own back."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import gguf_kquant.model.budget as budget
+
+    seen = []
+    measure = budget._error
+
+    def recording(*args):
+        seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return measure(*args)
+
+    monkeypatch.setattr(budget, "_error", recording)
+    with threadpool_limits(2, "blas"):
+        plan_budget(example_model, target_bpw=5.0, imatrix=_imatrix(example_model), threads=2)
+        after = {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    assert seen and all(s == {1} for s in seen)
+    assert after == {2}
 
 
 def test_allocation_follows_the_imatrix(example_model):

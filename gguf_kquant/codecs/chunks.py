@@ -18,11 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numba
 
-__all__ = ["run_chunks"]
+__all__ = ["one_blas_thread", "run_chunks"]
 
 _pool = None
 _pool_pid = None
 _lock = threading.Lock()
+_blas = None
 
 
 def _get_pool() -> ThreadPoolExecutor:
@@ -50,3 +51,15 @@ def run_chunks(kernel, n_items: int, *args) -> None:
     finally:
         for f in futures:
             f.result()
+
+
+def one_blas_thread():
+    """A context that keeps BLAS (numpy's matrix products) on the calling thread, for work already split over
+    our threads: OpenBLAS's own threads spin after each product and take the cores from ours (a size budget's
+    measurement on SmolLM2 used 6.2 s of CPU for 3.5 s on two cores with them, 3.4 s for 2.2 without)."""
+    global _blas
+    from threadpoolctl import ThreadpoolController
+
+    if _blas is None:
+        _blas = ThreadpoolController()
+    return _blas.limit(limits=1, user_api="blas")

@@ -55,7 +55,7 @@ import numpy as np
 
 from ..errors import ImatrixError
 from ..types import type_info
-from .chunks import run_chunks
+from .chunks import one_blas_thread, run_chunks
 
 __all__ = ["DEFAULT_DAMP", "ErrorFeedback", "Factor", "FeedbackPlan", "for_tensor", "output_error", "quantize_feedback"]
 
@@ -83,7 +83,7 @@ class Factor:
         # one BLAS thread: the same factors to the bit on any machine, and faster overall (with two, the whole
         # SmolLM2 took 16% longer: OpenBLAS's idle threads spin and slow the row workers that follow); the large
         # products are split over our own threads instead (_Products)
-        with _one_blas_thread():
+        with one_blas_thread():
             self.v = _upper_factor(h, damp * mean if mean > 0 else 1.0, threads)
         self.n = n
         self.feeds = _off_diagonal(h)
@@ -124,7 +124,7 @@ class FeedbackPlan:
         self.n = n = factor.n
         v_bb = np.stack([self.v[b0:b0 + block, b0:b0 + block] for b0 in range(0, n, block)]).astype(np.float64)
         self.weights = ((v_bb ** 2).sum(axis=2) / max(int(n_tokens), 1)).reshape(n).astype(np.float32)  # w, per token
-        with _one_blas_thread():
+        with one_blas_thread():
             self.u_bb = _upper_inverse(v_bb).astype(np.float32)  # per block: inv(V_bb)
 
 
@@ -248,7 +248,7 @@ def quantize_feedback(x, qtype, plan: FeedbackPlan, *, threads: Optional[int] = 
     if not plan.feeds:  # a diagonal H: the refiner alone (some quantizers look at the whole row)
         return quantize_optimized(x, qtype, plan.weights, threads=threads)
     out = np.empty((n_rows, info.row_bytes(n)), np.uint8)
-    with _one_blas_thread(), _threads(threads):  # rows are split over our threads; BLAS's own would fight them
+    with one_blas_thread(), _threads(threads):  # rows are split over our threads; BLAS's own would fight them
         _check_input(x, info)
         run_chunks(_feedback_rows, n_rows, x, out, _BlockCodec(info), plan)
         _check_fp16_scales(out, info)  # the fed-forward values are new: a scale may overflow where x's did not
@@ -315,19 +315,6 @@ def _feedback_rows(x, out, codec: _BlockCodec, plan: FeedbackPlan, r0: int, r1: 
                 k += 1
             if g1 < plan.n:
                 acc[:, g1:] += err @ v[g0:g1, g1:]
-
-
-_blas = None
-
-
-def _one_blas_thread():
-    """A context that keeps BLAS (numpy's matrix products) on the calling thread."""
-    global _blas
-    from threadpoolctl import ThreadpoolController
-
-    if _blas is None:
-        _blas = ThreadpoolController()
-    return _blas.limit(limits=1, user_api="blas")
 
 
 def output_error(x, raw, qtype, hessian) -> float:
