@@ -259,6 +259,35 @@ def test_moe_imatrix_mix_equals_convert_then_quantize_model(tmp_path, method):
     assert diff_gguf(ours, ref) == []
 
 
+def test_moe_error_feedback_equals_convert_then_quantize_model(tmp_path, oracle):
+    """With a Hessian file, each expert's rows are fed forward through that expert's matrix in convert_hf as in
+    quantize_model (Q4_0: rows of 256 are 8 blocks, so every expert has columns to feed)."""
+    import copy
+
+    from gguf_kquant.model.hessian import collect_hessians, load_hessians
+    from gguf_kquant.model.imatrix import load_imatrix
+
+    d = tmp_path / "qwen2moe"
+    make_model("qwen2moe", d, hidden_size=256)
+    f16 = tmp_path / "f16.gguf"
+    gguf_kquant.convert_hf(d, f16, "F16")
+    hessians = tmp_path / "h.gguf"
+    tokens = np.random.default_rng(4).integers(3, 200, 128)
+    collect_hessians(f16, tokens, hessians, ctx=64, threads=1, quiet=True)
+    with load_hessians(hessians) as hs:
+        assert len(hs.expert_counts) >= 3 and any(w.endswith("[3]") for w in hs.matrix_of)
+    ref, ours, alone = tmp_path / "ref.gguf", tmp_path / "ours.gguf", tmp_path / "alone.gguf"
+    gguf_kquant.quantize_model(f16, ref, "Q4_0", imatrix=hessians, method="optimized", quiet=True)
+    gguf_kquant.convert_hf(d, ours, "Q4_0", imatrix=hessians, method="optimized")
+    assert diff_gguf(ours, ref) == []
+    plain = copy.copy(load_imatrix(hessians))
+    plain.hessians = None
+    gguf_kquant.convert_hf(d, alone, "Q4_0", imatrix=plain, method="optimized")
+    with gguf_kquant.open(ours) as a, gguf_kquant.open(alone) as b:  # the experts were fed forward
+        experts = [t.name for t in a.tensors if "_exps" in t.name]
+        assert experts and all(bytes(a.tensors[n].raw()) != bytes(b.tensors[n].raw()) for n in experts)
+
+
 @pytest.mark.parametrize("ftype", ["F16", "Q4_K_M"])
 def test_nonfinite_or_fp16_overflowing_weights_are_refused(tmp_path, tiny, ftype):
     """NaN/Inf in the checkpoint, or F32 values beyond fp16's range in an F16 output: a clear error naming the

@@ -418,3 +418,64 @@ def test_llama_cpp_runs_the_file(example_model, example_hessians, tmp_path, orac
         L.llama_free(ctx)
     finally:
         L.llama_model_free(m)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mixture-of-experts: each expert's rows fed forward through its own matrix (MUL_MAT_ID, per expert)
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def moe_with_hessians(tmp_path_factory, oracle):
+    from make_example_model import build_llama_gguf
+
+    from gguf_kquant.model.hessian import collect_hessians
+
+    d = tmp_path_factory.mktemp("moe-hessians")
+    model = build_llama_gguf(d / "moe.gguf", n_layer=1, n_embd=128, n_head=2, n_head_kv=1, n_ff=128, n_vocab=512,
+                             dtype="F32", n_expert=4, n_expert_used=2)
+    tokens = np.random.default_rng(11).integers(3, 512, 256)
+    collect_hessians(model, tokens, d / "moe.hessian.gguf", ctx=64, threads=1, quiet=True)
+    return model, d / "moe.hessian.gguf"
+
+
+def _expert_output_errors(src, dst, hessians) -> dict:
+    """(3-D weight, expert) -> sum_rows (x - deq) H_e (x - deq)^T over that expert's rows, H_e its matrix."""
+    from gguf_kquant.container.reader import open_gguf
+    from gguf_kquant.model.hessian import expert_weight, load_hessians
+
+    errors = {}
+    with open_gguf(src) as fs, open_gguf(dst) as fd, load_hessians(hessians) as hs:
+        out = {t.name: t for t in fd.tensors}
+        for t in fs.tensors:
+            if t.name not in hs.expert_counts:
+                continue
+            q = out[t.name]
+            x = np.asarray(t.numpy(), np.float32)  # (n_expert, rows, n_in)
+            raw = np.asarray(q.raw()).reshape(x.shape[0], x.shape[1], -1)
+            for e in range(x.shape[0]):
+                entry = hs.for_weight(expert_weight(t.name, e))
+                if entry is not None:
+                    errors[t.name, e] = output_error(x[e], raw[e], q.type_name, entry[0])
+    return errors
+
+
+@pytest.mark.parametrize("mix", ["Q4_0", "Q4_K_M"])
+def test_every_expert_is_fed_forward_through_its_own_matrix(moe_with_hessians, tmp_path, mix):
+    import copy
+
+    import gguf_kquant
+    from gguf_kquant.model.imatrix import load_imatrix
+
+    model, hessians = moe_with_hessians
+    plain = copy.copy(load_imatrix(hessians))
+    plain.hessians = None
+    kw = dict(method="optimized", quiet=True)
+    fed = gguf_kquant.quantize_model(model, tmp_path / "fed.gguf", mix, imatrix=hessians, **kw).paths[0]
+    alone = gguf_kquant.quantize_model(model, tmp_path / "alone.gguf", mix, imatrix=plain, **kw).paths[0]
+    e_fed, e_alone = (_expert_output_errors(model, p, hessians) for p in (fed, alone))
+    assert len(e_fed) == 3 * 4  # gate, up, down: every expert got tokens
+    lower = [k for k in e_fed if e_fed[k] < e_alone[k]]
+    assert len(lower) >= 10 and sum(e_fed.values()) < 0.95 * sum(e_alone.values()), (e_fed, e_alone)
+    # several outputs in one pass take the same expert's matrix for the same rows
+    multi = gguf_kquant.quantize_model(model, {tmp_path / "m.gguf": mix, tmp_path / "m8.gguf": "Q8_0"},
+                                       imatrix=hessians, **kw)
+    assert len(multi) == 2 and (tmp_path / "m.gguf").read_bytes() == fed.read_bytes()

@@ -309,26 +309,46 @@ def test_a_struct_layout_other_than_ggml_h_is_refused(tmp_path, example_model, t
 
 
 # --- (3) the diagonal is llama-imatrix's statistic ------------------------------------------------------
-def _imatrix_like_llama(L, model, tokens, ctx, n_chunk) -> dict:
-    """llama-imatrix's collect_imatrix for dense weights: per weight, float32 acc[j] += x[j]*x[j] over rows,
-    count += rows; returns name -> acc / count.  No sharing of inputs: every weight counts on its own."""
+def _imatrix_like_llama(L, model, tokens, ctx, n_chunk, experts=None) -> dict:
+    """llama-imatrix's collect_imatrix: per weight, float32 acc[j] += x[j]*x[j] over rows, count += rows;
+    returns name -> acc / count.  No sharing of inputs: every weight counts on its own.  For MUL_MAT_ID, as
+    imatrix.cpp: for each slot idx and token row, expert ex = ids[idx, row] adds src1[:, idx % ne1, row] to its
+    acc and count, and ``experts`` (if given) gets name -> (per-expert float64 sums of x x^T, counts)."""
     ggml = hessian._GGML()
     sums: dict = {}
 
     def cb(ptr, ask, _user):
         t = ggml.tensor(ptr)
-        if ggml.op_name(t.op) != b"MUL_MAT":
+        op = ggml.op_name(t.op)
+        if op not in (b"MUL_MAT", b"MUL_MAT_ID"):
             return False
         src0, src1 = t.src[0].contents, t.src[1].contents
         if ggml.op_name(src0.op) != b"NONE" or not src0.name.endswith(b".weight"):
             return False
         if ask:
             return True
+        name = src0.name.decode()
         x = ggml.rows(src1).astype(np.float32)
-        acc, count = sums.get(src0.name.decode(), (np.zeros(x.shape[1], np.float32), 0))
+        if op == b"MUL_MAT_ID":
+            n_as, ne1 = src0.ne[2], src1.ne[1]
+            ids = ggml.values(t.src[2].contents, np.dtype(np.int32))  # [row][idx]
+            acc, count = sums.get(name, (np.zeros((n_as, x.shape[1]), np.float32), np.zeros(n_as, np.int64)))
+            hs, _ = experts.setdefault(name, (np.zeros((n_as, x.shape[1], x.shape[1])), count)) if experts is not None \
+                else (None, None)
+            for idx in range(ids.shape[1]):
+                for row in range(ids.shape[0]):
+                    ex = ids[row, idx]
+                    xr = x[row * ne1 + idx % ne1]
+                    acc[ex] += xr * xr
+                    count[ex] += 1
+                    if hs is not None:
+                        hs[ex] += np.outer(xr.astype(np.float64), xr)
+            sums[name] = (acc, count)
+            return True
+        acc, count = sums.get(name, (np.zeros(x.shape[1], np.float32), 0))
         for row in x:
             acc += row * row
-        sums[src0.name.decode()] = (acc, count + x.shape[0])
+        sums[name] = (acc, count + x.shape[0])
         return True
 
     callback = L.ggml_backend_sched_eval_callback(cb)
@@ -353,7 +373,15 @@ def _imatrix_like_llama(L, model, tokens, ctx, n_chunk) -> dict:
         L.llama_batch_free(b)
         L.llama_free(c)
         L.llama_model_free(m)
-    return {name: acc / np.float32(count) for name, (acc, count) in sums.items()}
+    means = {}
+    for name, (acc, count) in sums.items():
+        if np.ndim(count):  # experts: as its legacy writer, 1 for an expert no token reached ("partial data")
+            acc = np.where(count[:, None] > 0, acc, np.float32(1))
+            count = np.maximum(count, 1).astype(np.float32)[:, None]
+            means[name] = (acc / count).reshape(-1)
+        else:
+            means[name] = acc / np.float32(count)
+    return means
 
 
 def test_diagonal_over_tokens_is_the_imatrix(collected, example_model, tokens, llama):
@@ -438,6 +466,14 @@ def test_a_written_file_loads(tmp_path):
     (PACKED, None, (), ["'blk.0.a.weight.hessian'", "upper triangle", "[8, 8]"]),  # a square under the key
     ({"hessian.layout": Value("lower", V.STRING)}, None, (), ["hessian.layout", "'lower'", "packed_upper"]),
     ({"hessian.layout": Value(1, V.UINT32)}, None, (), ["hessian.layout", "STRING", "UINT32"]),
+    ({"hessian.expert_weights": Value(["blk.0.e.weight"], V.ARRAY, V.STRING)}, None, (),
+     ["missing key hessian.expert_counts"]),
+    ({"hessian.expert_weights": Value(["blk.0.e.weight"], V.ARRAY, V.STRING),
+      "hessian.expert_counts": Value([2, 2], V.ARRAY, V.UINT32)}, None, (), ["1 names", "2 counts"]),
+    ({"hessian.weights": Value(["blk.0.e.weight[2]", "blk.0.b.weight"], V.ARRAY, V.STRING),
+      "hessian.expert_weights": Value(["blk.0.e.weight"], V.ARRAY, V.STRING),
+      "hessian.expert_counts": Value([2], V.ARRAY, V.UINT32)}, None, (),
+     ["'blk.0.e.weight[2]'", "2 experts of 'blk.0.e.weight'"]),
 ])
 def test_malformed_files_are_refused_by_name(tmp_path, keys, tensors, drop, words):
     path = _write(tmp_path / "bad.gguf", keys, tensors, drop)
@@ -615,20 +651,68 @@ def test_wide_inputs_are_skipped(tmp_path, example_model, tokens, llama):
         assert hs.for_weight("blk.0.ffn_down.weight") is None and hs.for_weight("blk.0.ffn_up.weight") is not None
 
 
-def test_experts_are_skipped_and_tied_embeddings_collected(tmp_path, llama):
+def _moe_model(path, n_expert):
     from make_example_model import build_llama_gguf
 
-    model = build_llama_gguf(tmp_path / "moe.gguf", n_layer=1, n_embd=64, n_head=2, n_head_kv=1, n_ff=64,
-                             n_vocab=512, dtype="F16", n_expert=4, n_expert_used=2, tie_embeddings=True)
-    toks = np.random.default_rng(2).integers(3, 512, 32)
+    return build_llama_gguf(path, n_layer=1, n_embd=64, n_head=2, n_head_kv=1, n_ff=64, n_vocab=512,
+                            dtype="F16", n_expert=n_expert, n_expert_used=2, tie_embeddings=True)
+
+
+EXPERT_WEIGHTS = ("blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight")
+
+
+def test_each_expert_gets_the_matrix_of_its_tokens_and_tied_embeddings_are_collected(tmp_path, llama):
+    """MUL_MAT_ID: expert e's H sums x x^T over the (token, slot) pairs routed to it — llama-imatrix's
+    gather, whose per-expert means are the imatrix; gate and up share their experts' input."""
+    from gguf_kquant.model.hessian import expert_weight
+
+    model = _moe_model(tmp_path / "moe.gguf", 4)
+    toks = np.random.default_rng(2).integers(3, 512, 64)
     s = collect_hessians(model, toks, tmp_path / "h.gguf", ctx=32, threads=1, quiet=True)
-    assert sorted(s.skipped) == ["blk.0.ffn_down_exps.weight", "blk.0.ffn_gate_exps.weight",
-                                 "blk.0.ffn_up_exps.weight"]
-    assert all("MUL_MAT_ID" in why for why in s.skipped.values())
-    assert sorted(s.matrices) == ["blk.0.attn_output.weight.hessian", "blk.0.attn_q.weight.hessian",
-                                  "blk.0.ffn_gate_inp.weight.hessian", "token_embd.weight.hessian"]
-    with load_hessians(tmp_path / "h.gguf") as hs:  # the output multiplies by token_embd (tied): its input
-        assert hs.for_weight("blk.0.ffn_up_exps.weight") is None and hs.for_weight("token_embd.weight")[1] == 32
+    assert s.skipped == {}
+    sums: dict = {}
+    ref = _imatrix_like_llama(llama, model, toks, 32, 2, experts=sums)
+    with load_hessians(tmp_path / "h.gguf") as hs:
+        assert hs.expert_counts == {w: 4 for w in EXPERT_WEIGHTS}
+        im = hs.imatrix()
+        for w in EXPERT_WEIGHTS:
+            np.testing.assert_allclose(im.entries[w], ref[w], rtol=1e-5, err_msg=w)
+            want_h, counts = sums[w]
+            assert counts.sum() == 64 * 2  # every token, each of its two experts
+            for e in range(4):
+                h, n = hs.for_weight(expert_weight(w, e))
+                assert n == counts[e]
+                np.testing.assert_allclose(h, want_h[e], rtol=1e-4, atol=1e-4 * np.abs(want_h[e]).max())
+        gate, up = (hs.matrix_of[expert_weight(w, 1)] for w in EXPERT_WEIGHTS[:2])
+        assert gate == up != hs.matrix_of[expert_weight(EXPERT_WEIGHTS[2], 1)]
+        assert hs.for_weight("blk.0.ffn_up_exps.weight") is None  # the 3-D weight itself has no one matrix
+        assert hs.for_weight("token_embd.weight")[1] == 64  # the output multiplies by token_embd (tied): its input
+    few = collect_hessians(model, toks, tmp_path / "h-passes.gguf", ctx=32, threads=1, quiet=True,
+                           max_memory=hessian._collect_bytes([64] * 3, 32))  # 3 matrices a pass: the experts split
+    assert (tmp_path / "h-passes.gguf").read_bytes() == (tmp_path / "h.gguf").read_bytes()
+    assert few.tokens == s.tokens
+    collect_hessians(model, toks, tmp_path / "h-packed.gguf", ctx=32, threads=1, quiet=True, factor=False)
+    hessian.factorise_hessians(tmp_path / "h-packed.gguf", tmp_path / "h2.gguf")  # the expert counts carried over
+    assert (tmp_path / "h2.gguf").read_bytes() == (tmp_path / "h.gguf").read_bytes()
+
+
+def test_an_expert_no_token_reaches_has_no_matrix(tmp_path, llama):
+    """Its weights fall back to the imatrix, whose values for it are llama-imatrix's 1 ("partial data")."""
+    from gguf_kquant.model.hessian import expert_weight
+
+    model = _moe_model(tmp_path / "moe.gguf", 16)
+    toks = np.random.default_rng(3).integers(3, 512, 4)  # 4 tokens x 2 slots: 8 of 16 experts at most
+    s = collect_hessians(model, toks, tmp_path / "h.gguf", ctx=4, threads=1, quiet=True)
+    sums: dict = {}
+    ref = _imatrix_like_llama(llama, model, toks, 4, 1, experts=sums)
+    unrouted = [e for e in range(16) if sums[EXPERT_WEIGHTS[2]][1][e] == 0]
+    assert len(unrouted) >= 8
+    assert sorted(s.skipped) == sorted(expert_weight(w, e) for w in EXPERT_WEIGHTS for e in unrouted)
+    assert all(why == "no calibration token was routed to this expert" for why in s.skipped.values())
+    with load_hessians(tmp_path / "h.gguf") as hs:
+        assert all(hs.for_weight(expert_weight(w, e)) is None for w in EXPERT_WEIGHTS for e in unrouted)
+        for w in EXPERT_WEIGHTS:
+            np.testing.assert_allclose(hs.imatrix().entries[w], ref[w], rtol=1e-5, err_msg=w)
 
 
 @pytest.mark.parametrize("type_name", ["F32", "F16", "BF16"])

@@ -333,8 +333,9 @@ class ErrorFeedback:
     weights sharing an input share one), ``for_weight(name) -> (H, n_tokens) | None`` and
     ``factor_for(name) -> (V, n_tokens, damp) | None`` (files that store V).  A matrix is read (and factorised
     unless the file holds V for this ``damp``) only when a plan for it is not kept already.  Feedback applies
-    where the imatrix applies: a tensor without a Hessian, or without an imatrix entry (MoE experts, a tied
-    ``token_embd``, ...), gets the refiner alone, as without Hessians.  Called directly (no tensor known), it is
+    where the imatrix applies: a tensor without a Hessian, or without an imatrix entry (a tied ``token_embd``,
+    an expert no calibration token reached, ...), gets the refiner alone, as without Hessians.  The rows of a
+    3-D expert weight are fed forward expert by expert, each through its own matrix (:meth:`for_tensor`).  Called directly (no tensor known), it is
     :func:`~gguf_kquant.codecs.optimized.quantize_optimized`.
     """
 
@@ -353,15 +354,19 @@ class ErrorFeedback:
 
         return quantize_optimized(x, qtype, imatrix, threads=threads)
 
-    def for_tensor(self, name: str):
-        matrix = self.hessians.matrix_of.get(name)
+    def for_tensor(self, name: str, expert: Optional[int] = None):
+        """The quantize function of tensor ``name``'s rows (of its expert ``expert``, for a 3-D expert weight)."""
+        from ..model.hessian import expert_weight
+
+        weight = name if expert is None else expert_weight(name, expert)
+        matrix = self.hessians.matrix_of.get(weight)
         if matrix is None:
             return self
 
         def quantize_tensor(x, qtype, imatrix=None, *, threads: Optional[int] = None):
             if imatrix is None:
                 return self(x, qtype, None, threads=threads)
-            return quantize_feedback(x, qtype, self._plan(name, matrix, qtype, x.shape[-1], threads),
+            return quantize_feedback(x, qtype, self._plan(weight, matrix, qtype, x.shape[-1], threads),
                                      threads=threads)
 
         return quantize_tensor
@@ -404,6 +409,7 @@ def _keep(cache: dict, key, value) -> None:
     cache[key] = value
 
 
-def for_tensor(quantize_fn, name: str):
-    """The quantize function to use for tensor ``name``: per tensor for error feedback, else ``quantize_fn``."""
-    return quantize_fn.for_tensor(name) if isinstance(quantize_fn, ErrorFeedback) else quantize_fn
+def for_tensor(quantize_fn, name: str, expert: Optional[int] = None):
+    """The quantize function to use for tensor ``name`` (its expert ``expert``'s rows, of a 3-D expert weight):
+    per tensor (and expert) for error feedback, else ``quantize_fn``."""
+    return quantize_fn.for_tensor(name, expert) if isinstance(quantize_fn, ErrorFeedback) else quantize_fn

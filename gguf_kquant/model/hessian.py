@@ -8,15 +8,19 @@ with BOS, cut into chunks of ``ctx`` tokens, each chunk starts with BOS and is d
 for every token — and, from the scheduler's eval callback (``cb_eval``), adds ``X^T X`` (float64) of the
 input ``X`` of every ``MUL_MAT`` whose first operand is a model weight.
 
-Not collected (the quantizer falls back to the imatrix for them; :attr:`HessianSummary.skipped` says why):
-expert matrices (``MUL_MAT_ID``: each expert sees its own tokens), 3-D weights, inputs of types other than
-F32/F16/BF16, and inputs wider than ``max_n_in`` (default 16384: an ``n_in``-wide matrix is ``8 n_in^2``
-bytes while collecting).  Weights that read one input tensor (``attn_q/k/v``, ``ffn_gate/up``) share one
-matrix.  Memory: the accumulators (``n_in^2 x 8`` bytes per distinct input, e.g. ~1.4 GB per layer of a 7B
-Llama: three 4096-wide inputs and one 11008-wide) and one chunk's input.  They are held within ``max_memory``
-(default: half the memory available) by passes: the first pass over the text takes the matrices that fit, in
-graph order, and each further pass the next ones; each pass's matrices are written before the next starts, and
-the file does not depend on how many passes there were.
+Mixture-of-experts weights (``MUL_MAT_ID``: a 3-D tensor, one matrix per expert) get one matrix per expert,
+over the tokens routed to it (the ``ids`` operand, as llama-imatrix counts them), listed as the weight
+``expert_weight(name, e)`` = ``name[e]``; the expert count of each such weight is in ``hessian.expert_weights``
+/ ``hessian.expert_counts``.  An expert no token was routed to has no matrix.  Not collected (the quantizer
+falls back to the imatrix for them; :attr:`HessianSummary.skipped` says why): other 3-D weights, inputs of
+types other than F32/F16/BF16, and inputs wider than ``max_n_in`` (default 16384: an ``n_in``-wide matrix is
+``8 n_in^2`` bytes while collecting).  Weights that read one input tensor (``attn_q/k/v``, ``ffn_gate/up``,
+``ffn_gate_exps/up_exps`` expert by expert) share one matrix.  Memory: the accumulators (``n_in^2 x 8`` bytes
+per distinct input, e.g. ~1.4 GB per layer of a 7B Llama: three 4096-wide inputs and one 11008-wide) and one
+chunk's input.  They are held within ``max_memory`` (default: half the memory available) by passes: the first
+pass over the text takes the matrices that fit, in graph order, and each further pass the next ones; each
+pass's matrices are written before the next starts, and the file does not depend on how many passes there
+were.
 
 The file is a GGUF (``general.type = "hessian"``):
 
@@ -35,6 +39,8 @@ The file is a GGUF (``general.type = "hessian"``):
 * ``hessian.weights`` / ``hessian.matrices``: string arrays of one length, weight name -> tensor holding its H;
 * ``hessian.tokens``: UINT32 array, the token count of each matrix tensor in file order (a single UINT32 is read
   as the count of every one);
+* ``hessian.expert_weights`` / ``hessian.expert_counts`` (optional, one length): each 3-D expert weight and its
+  number of experts, whose matrices are listed in ``hessian.weights`` as ``name[e]``;
 * ``hessian.chunk_size``, ``hessian.chunk_count`` (UINT32), ``hessian.datasets`` (string array: the text).
 
 >>> collect_hessians("model-f16.gguf", "calibration.txt", "model.hessian.gguf", ctx=512)  # doctest: +SKIP
@@ -62,7 +68,7 @@ from ..errors import GGUFError, GGUFIOError, InvalidArgumentError
 from .progress import Progress
 
 __all__ = ["HessianError", "LlamaCppMissingError", "HessianSummary", "Hessians", "collect_hessians",
-           "factorise_hessians", "load_hessians", "DEFAULT_MAX_N_IN"]
+           "expert_weight", "factorise_hessians", "load_hessians", "DEFAULT_MAX_N_IN"]
 
 DEFAULT_MAX_N_IN = 16384
 GENERAL_TYPE = "hessian"
@@ -76,6 +82,8 @@ KEY_DATASETS = "hessian.datasets"
 KEY_LAYOUT = "hessian.layout"
 KEY_DAMP = "hessian.damp"
 KEY_DIAGONALS = "hessian.diagonals"
+KEY_EXPERT_WEIGHTS = "hessian.expert_weights"
+KEY_EXPERT_COUNTS = "hessian.expert_counts"
 # the square matrix H; its upper triangle by rows; the upper triangle of its factor V (H + damp I = V V^T)
 LAYOUT_FULL, LAYOUT_PACKED, LAYOUT_FACTOR = "full", "packed_upper", "factor_upper"
 _LAYOUTS = (LAYOUT_FULL, LAYOUT_PACKED, LAYOUT_FACTOR)
@@ -180,6 +188,14 @@ class _GGML:
     def rows(self, t: _GGMLTensor) -> np.ndarray:
         """The rows of activation tensor ``t`` (``ne[1]*ne[2]*ne[3]`` rows of ``ne[0]``) as float64."""
         dt = _INPUT_DTYPES[self.lib.ggml_type_name(t.type)]
+        x = self.values(t, dt)
+        if dt.kind == "u":  # bf16: the high half of a float32
+            x = (x.astype(np.uint32) << 16).view(np.float32)
+        return x.astype(np.float64)
+
+    def values(self, t: _GGMLTensor, dt: np.dtype) -> np.ndarray:
+        """Tensor ``t``'s values by its strides, as ``ne[1]*ne[2]*ne[3]`` rows of ``ne[0]`` of type ``dt`` (a
+        view of host memory, or a copy of a GPU buffer)."""
         ptr = ctypes.addressof(t)
         ne, nb = list(t.ne)[::-1], list(t.nb)[::-1]
         nbytes = self.lib.ggml_nbytes(ptr)
@@ -192,16 +208,18 @@ class _GGML:
         else:  # a GPU buffer: copy it out, as llama-imatrix does
             buf = ctypes.create_string_buffer(nbytes)
             self.lib.ggml_backend_tensor_get(ptr, buf, 0, nbytes)
-        x = np.ndarray(tuple(ne), dt, buffer=buf, strides=tuple(nb)).reshape(-1, ne[-1])
-        if dt.kind == "u":  # bf16: the high half of a float32
-            x = (x.astype(np.uint32) << 16).view(np.float32)
-        return x.astype(np.float64)
+        return np.ndarray(tuple(ne), dt, buffer=buf, strides=tuple(nb)).reshape(-1, ne[-1])
 
 
 def _filter_tensor_name(name: str) -> str:
     """imatrix.cpp's filter_tensor_name: ``CUDA0#blk.0.attn_k.weight#0`` -> ``blk.0.attn_k.weight``."""
     parts = name.split("#")
     return parts[1] if len(parts) > 1 else name
+
+
+def expert_weight(weight: str, expert: int) -> str:
+    """How a Hessian file names expert ``expert``'s matrix of the 3-D expert weight ``weight``: ``weight[e]``."""
+    return f"{weight}[{int(expert)}]"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -244,7 +262,8 @@ class _Collector:
         self.max_n_in = max_n_in
         self.max_memory = max_memory
         self.groups: list = []
-        self.group_of: dict = {}  # weight name -> _Group
+        self.group_of: dict = {}  # weight name (an expert's: expert_weight) -> _Group
+        self.experts_of: dict = {}  # 3-D expert weight name -> its experts' _Groups, by expert
         self.skipped: dict = {}  # weight name -> why it has no matrix
         self.error: Optional[BaseException] = None
         self.chunk = 0
@@ -291,8 +310,8 @@ class _Collector:
         if w is None:
             return False
         if self.pass_no > 0:  # a later pass: only its own matrices
-            group = self.group_of.get(w)
-            return group is not None and group.pass_no == self.pass_no
+            groups = self.experts_of.get(w) or [self.group_of.get(w)]
+            return any(g is not None and g.pass_no == self.pass_no for g in groups)
         why = self._unsupported(op, src0, src1)
         if why:
             self.skipped.setdefault(w, why)
@@ -301,8 +320,9 @@ class _Collector:
 
     def _unsupported(self, op: bytes, src0: _GGMLTensor, src1: _GGMLTensor) -> str:
         if op == b"MUL_MAT_ID":
-            return "expert matrices (MUL_MAT_ID): each expert sees other tokens"
-        if src0.ne[2] * src0.ne[3] != 1:
+            if src0.ne[3] != 1 or src1.ne[3] != 1:
+                return "expert matrices (MUL_MAT_ID) of more than three dimensions"
+        elif src0.ne[2] * src0.ne[3] != 1:
             return f"a batch of {src0.ne[2] * src0.ne[3]} matrices (3-D weight)"
         type_name = self.ggml.lib.ggml_type_name(src1.type)
         if type_name not in _INPUT_DTYPES:
@@ -313,7 +333,9 @@ class _Collector:
         return ""
 
     def _collect(self, t: _GGMLTensor) -> bool:
-        w, _src0, src1 = self._operands(t)
+        w, src0, src1 = self._operands(t)
+        if self.ggml.op_name(t.op) == b"MUL_MAT_ID":
+            return self._collect_experts(t, w, src0, src1)
         key = (ctypes.addressof(src1), src1.data)
         known = self.group_of.get(w)
         group = self._inputs.get(key)
@@ -335,14 +357,72 @@ class _Collector:
             known.tokens += rows
         if known.pass_no != self.pass_no:
             return True  # a later pass accumulates it
+        self._add(known, self._input(w, src1))
+        return True
+
+    def _input(self, w: str, src1: _GGMLTensor) -> np.ndarray:
         x = self.ggml.rows(src1)
         if not np.isfinite(x).all():
             row, col = np.argwhere(~np.isfinite(x))[0]
             raise HessianError(f"chunk {self.chunk}: the input of {w} ({src1.name.decode()}) has the non-finite "
                                f"value {x[row, col]!r} at token {row}, column {col}")
-        known.h += x.T @ x  # numpy computes a.T @ a with one symmetric product (syrk): exactly symmetric
-        known.rows += x.shape[0]
+        return x
+
+    @staticmethod
+    def _add(group: _Group, x: np.ndarray) -> None:
+        group.h += x.T @ x  # numpy computes a.T @ a with one symmetric product (syrk): exactly symmetric
+        group.rows += x.shape[0]
+
+    def _collect_experts(self, t: _GGMLTensor, w: str, src0: _GGMLTensor, src1: _GGMLTensor) -> bool:
+        """``MUL_MAT_ID``: expert e's matrix adds the input rows of the (token, slot) pairs routed to it.  As in
+        llama-imatrix: ids is [n_expert_used, n_tokens], src1 [n_in, n_expert_used or 1 (shared), n_tokens]."""
+        n, n_slots, n_tokens, n_as = src1.ne[0], src1.ne[1], src1.ne[2], src0.ne[2]
+        if not t.src[2]:
+            raise HessianError(f"chunk {self.chunk}: the MUL_MAT_ID of {w} has no expert ids")
+        ids_t = self.ggml.tensor(ctypes.addressof(t.src[2].contents))
+        if self.ggml.lib.ggml_type_name(ids_t.type) != b"i32" or ids_t.ne[1] != n_tokens:
+            raise HessianError(f"chunk {self.chunk}: the expert ids of {w} are not i32 [n_used, {n_tokens}]")
+        ids = self.ggml.values(ids_t, np.dtype(np.int32)).astype(np.int64)  # [token, slot]
+        if ids.size and (ids.min() < 0 or ids.max() >= n_as):
+            raise HessianError(f"chunk {self.chunk}: an expert id of {w} is outside 0..{n_as - 1}")
+        key = (ctypes.addressof(src1), src1.data, "experts")
+        done = key in self._inputs  # another weight reading this input was done in this decode
+        groups = self._expert_groups(w, n, n_as, key)
+        if done:
+            return True
+        # row of src1 for (token, slot): slot j reads input j of the token (input 0 when it is shared)
+        rows = np.arange(n_tokens)[:, None] * n_slots + np.arange(ids.shape[1])[None, :] % n_slots
+        x = None
+        for e, g in enumerate(groups):
+            mine = rows[ids == e]
+            if self.pass_no == 0:
+                g.tokens += mine.size
+            if g.pass_no == self.pass_no and mine.size:
+                x = self._input(w, src1) if x is None else x
+                self._add(g, x[mine])
         return True
+
+    def _expert_groups(self, w: str, n: int, n_as: int, key: tuple) -> list:
+        """The groups of ``w``'s experts: shared with the weights that read the same input in this decode
+        (ffn_gate_exps, ffn_up_exps), new in the first pass."""
+        names = [expert_weight(w, e) for e in range(n_as)]
+        known = self.experts_of.get(w)
+        shared = self._inputs.get(key)
+        if shared is not None and known is None:
+            for name, g in zip(names, shared):
+                g.weights.append(name)
+                self.group_of[name] = g
+            known = self.experts_of[w] = shared
+        elif known is None:
+            known = self.experts_of[w] = [self._new_group(name, n) for name in names]
+        if shared is not None and shared is not known:
+            raise HessianError(f"chunk {self.chunk}: {w} reads the input of {shared[0].weights[0]} but read that "
+                               f"of {known[0].weights[0]} in earlier chunks")
+        if len(known) != n_as or known[0].n != n:
+            raise HessianError(f"chunk {self.chunk}: {w} has {n_as} experts of {n} inputs, had {len(known)} of "
+                               f"{known[0].n}")
+        self._inputs[key] = known
+        return known
 
     def _new_group(self, w: str, n: int) -> _Group:
         """The matrix of weight ``w``'s input, met for the first time (in the first pass)."""
@@ -546,8 +626,12 @@ def collect_hessians(model_path, text_path_or_tokens, out_path, *, ctx: int = 51
                 run.decode()
 
         summary = HessianSummary(out_path, {}, {}, dict(collector.skipped), run.n_chunk * ctx, ctx, run.n_chunk)
-        _write(out_path, collector.groups, summary, inputs,
-               [os.fspath(text_path)] if text_path is not None else [], overwrite, accumulated, factor)
+        for g in collector.groups:
+            if not g.tokens:  # an expert no token was routed to: its weights fall back to the imatrix
+                summary.skipped.update((w, "no calibration token was routed to this expert") for w in g.weights)
+        experts = {w: len(groups) for w, groups in collector.experts_of.items()}
+        _write(out_path, [g for g in collector.groups if g.tokens], summary, inputs,
+               [os.fspath(text_path)] if text_path is not None else [], overwrite, accumulated, factor, experts)
     summary.seconds = time.perf_counter() - t0
     for w, why in summary.skipped.items():
         progress.say(f"skipped {w}: {why}")
@@ -587,7 +671,7 @@ def factorise_hessians(src, out_path, *, overwrite: bool = False, quiet: bool = 
 
         summary = HessianSummary(out_path, {}, {}, {}, hs.chunk_size * hs.chunk_count, hs.chunk_size,
                                  hs.chunk_count)
-        _write(out_path, groups, summary, [src], hs.datasets, overwrite, read, factor=True)
+        _write(out_path, groups, summary, [src], hs.datasets, overwrite, read, True, hs.expert_counts)
     summary.seconds = time.perf_counter() - t0
     progress.say(f"wrote {out_path}: {len(names)} matrices factorised in {summary.seconds:.2f} s")
     return summary
@@ -706,9 +790,10 @@ def _tensor_name(wanted: str, fallback: str, taken: set) -> str:
 
 
 def _write(out_path: Path, groups: list, summary: HessianSummary, inputs: list, datasets: list,
-           overwrite: bool, accumulated, factor: bool) -> None:
+           overwrite: bool, accumulated, factor: bool, experts: dict) -> None:
     """One F32 tensor per group (``factor``: V, then H's diagonals at the end), each accumulator dropped once
-    written; ``accumulated(group)`` runs the passes its matrix waits for."""
+    written; ``accumulated(group)`` runs the passes its matrix waits for.  ``experts``: 3-D expert weight ->
+    its number of experts."""
     from ..codecs.gptq import DEFAULT_DAMP
     from ..container.values import GGUFValueType as V, Value
     from ..container.writer import GGUFWriter
@@ -730,6 +815,9 @@ def _write(out_path: Path, groups: list, summary: HessianSummary, inputs: list, 
                 (KEY_MATRICES, Value(mapped, V.ARRAY, V.STRING)),
                 (KEY_TOKENS, Value([g.tokens for g in groups], V.ARRAY, V.UINT32)),
                 (KEY_LAYOUT, Value(LAYOUT_FACTOR if factor else LAYOUT_PACKED, V.STRING))]
+    if experts:
+        metadata += [(KEY_EXPERT_WEIGHTS, Value(list(experts), V.ARRAY, V.STRING)),
+                     (KEY_EXPERT_COUNTS, Value(list(experts.values()), V.ARRAY, V.UINT32))]
     diagonals = []
     if factor:
         diagonals = [_tensor_name(name + ".diagonal", f"hessian.diagonal.{i}", taken) for i, name in enumerate(names)]
@@ -825,8 +913,10 @@ class Hessians:
     Close it, or use ``with``."""
 
     def __init__(self, path: Path, f, matrix_of: dict, tokens: dict, datasets: list, chunk_size: int,
-                 chunk_count: int, widths: dict, layout: str, damp: Optional[float], diagonal_of: dict):
+                 chunk_count: int, widths: dict, layout: str, damp: Optional[float], diagonal_of: dict,
+                 expert_counts: dict):
         self.path = path
+        self.expert_counts = expert_counts  # 3-D expert weight -> number of experts (matrices: expert_weight)
         self.widths = widths  # tensor name -> n
         self.layout = layout
         self.packed = layout != LAYOUT_FULL  # upper triangles, else square matrices
@@ -953,12 +1043,23 @@ class Hessians:
 
         entries = {}
         diagonals: dict = {}
-        for weight, name in self.matrix_of.items():
-            if not (weight.startswith("blk.") or (process_output and weight == "output.weight")):
-                continue
+
+        def mean_square(name: str) -> np.ndarray:
             if name not in diagonals:
                 diagonals[name] = (self._diagonal(name) / self.tokens[name]).astype(np.float32)
-            entries[weight] = diagonals[name]
+            return diagonals[name]
+
+        for weight, name in self.matrix_of.items():
+            if weight.endswith("]"):  # an expert's (expert_weight): in its 3-D weight's entry below
+                continue
+            if weight.startswith("blk.") or (process_output and weight == "output.weight"):
+                entries[weight] = mean_square(name)
+        for weight, count in self.expert_counts.items():  # one entry, expert after expert
+            names = [self.matrix_of.get(expert_weight(weight, e)) for e in range(count)]
+            n = next((self.widths[m] for m in names if m is not None), 0)
+            if weight.startswith("blk.") and n:  # an expert no token reached: 1, llama-imatrix's "partial data"
+                entries[weight] = np.concatenate([mean_square(m) if m is not None else np.ones(n, np.float32)
+                                                  for m in names])
         return Imatrix(entries, list(self.datasets), self.chunk_count, path=os.fspath(self.path))
 
     def close(self) -> None:
@@ -1047,7 +1148,25 @@ def _read_index(p: Path, f) -> tuple:
     datasets = [str(d) for d in _typed(p, md, KEY_DATASETS, "ARRAY of STRING")]
     chunk_size = int(_typed(p, md, KEY_CHUNK_SIZE, "UINT32"))
     chunk_count = int(_typed(p, md, KEY_CHUNK_COUNT, "UINT32"))
-    return matrix_of, tokens, datasets, chunk_size, chunk_count, widths, layout, damp, diagonal_of
+    experts = _expert_keys(p, md, weights)
+    return matrix_of, tokens, datasets, chunk_size, chunk_count, widths, layout, damp, diagonal_of, experts
+
+
+def _expert_keys(p: Path, md, weights: list) -> dict:
+    """3-D expert weight -> expert count (both keys or neither); every ``name[e]`` weight of one has e < count."""
+    if KEY_EXPERT_WEIGHTS not in md and KEY_EXPERT_COUNTS not in md:
+        return {}
+    names = [str(w) for w in _typed(p, md, KEY_EXPERT_WEIGHTS, "ARRAY of STRING")]
+    counts = [int(c) for c in _typed(p, md, KEY_EXPERT_COUNTS, "ARRAY of UINT32")]
+    if len(names) != len(counts) or len(set(names)) != len(names):
+        raise HessianError(f"hessian {p}: {KEY_EXPERT_WEIGHTS} ({len(names)} names) and {KEY_EXPERT_COUNTS} "
+                           f"({len(counts)} counts) must list each weight once, with its count")
+    experts = dict(zip(names, counts))
+    for w in weights:
+        base, _, e = w[:-1].rpartition("[") if w.endswith("]") else ("", "", "")
+        if base in experts and not (e.isdigit() and int(e) < experts[base]):
+            raise HessianError(f"hessian {p}: weight {w!r} is not one of the {experts[base]} experts of {base!r}")
+    return experts
 
 
 def _factor_keys(p: Path, md, layout: str, matrix_tensors: list, by_name: dict) -> tuple:

@@ -255,7 +255,6 @@ def _slabs(t, rows: list, im: Optional[Imatrix], threads, stats_of: dict, q):
     """Per slab of source rows of tensor ``t``: a list, parallel to ``rows`` (one PlanRow per output), of
     that output's bytes — the raw slab for a copy, else the slab quantized by ``q`` (the method's quantize
     function) once per distinct type."""
-    q = for_tensor(q, t.name)  # error feedback: this tensor's Hessian
     src_type = rows[0].src_type
     ne = rows[0].shape[::-1]
     n_per_row = ne[0]
@@ -284,10 +283,11 @@ def _slabs(t, rows: list, im: Optional[Imatrix], threads, stats_of: dict, q):
             if check_copy:
                 _check_finite(t.name, x, r0)
             w = None if weights is None else weights[mat * n_per_row:(mat + 1) * n_per_row]
+            q_mat = for_tensor(q, t.name, mat if len(ne) > 2 else None)  # error feedback: this (expert's) H
             made = {}
             for d in types:
                 try:
-                    made[d] = q(x, d, imatrix=w, threads=threads)
+                    made[d] = q_mat(x, d, imatrix=w, threads=threads)
                 except BadTensorDataError as exc:
                     _check_finite(t.name, x, r0)
                     raise BadTensorDataError(f"tensor {t.name}, rows {r0}..{r0 + k - 1}: {exc}") from None

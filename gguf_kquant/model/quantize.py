@@ -476,7 +476,7 @@ class _Converter:
     def _convert(self, fd, t, row, rows=None):
         from ..codecs import quantize
 
-        q = for_tensor(self.quantize_tensor or quantize, row.name)
+        base = self.quantize_tensor or quantize
         src = TYPES[row.src_type]
         ne = row.shape[::-1]
         n_per_row = ne[0]
@@ -494,6 +494,7 @@ class _Converter:
             raw = self._read(fd, t.offset + r0 * src_row, k * src_row, t)
             x = _to_f32(raw, row.src_type, k, n_per_row)
             w = None if weights is None else weights[mat * n_per_row:(mat + 1) * n_per_row]
+            q = for_tensor(base, row.name, mat if len(ne) > 2 else None)  # error feedback: this expert's H
             try:
                 out = q(x, row.dst_type, imatrix=w, threads=self.threads)
             except BadTensorDataError as exc:
