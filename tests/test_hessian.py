@@ -795,3 +795,22 @@ def test_cli_round_trip(tmp_path, example_model, llama, capsys):
                 [str(example_model), "-o", str(tmp_path / "g.gguf")]):
         with pytest.raises(InvalidArgumentError, match="-f TEXT"):
             hessian_cli.run(parser.parse_args(bad))
+
+
+def test_the_sums_keep_blas_on_one_thread(tmp_path, example_model, tokens, llama, monkeypatch):
+    """OpenBLAS's threads would spin beside llama.cpp's (twice the time on two cores) and make the sums depend
+    on the machine's core count: one BLAS thread while collecting, the caller's setting back after."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    seen = []
+    add = hessian._Collector._add
+    monkeypatch.setattr(hessian._Collector, "_add", staticmethod(lambda g, x: (seen.append(blas_threads()),
+                                                                                 add(g, x))))
+    with threadpool_limits(2, "blas"):
+        collect_hessians(example_model, tokens[:CTX], tmp_path / "h.gguf", ctx=CTX, threads=1, quiet=True)
+        after = blas_threads()
+    assert seen and all(s == {1} for s in seen)
+    assert after == {2}
