@@ -97,6 +97,7 @@ class _Hessians:
     def __init__(self, table):
         self.table = table
         self.matrix_of = {name: name for name in table}
+        self.expert_counts = {}
 
     def for_weight(self, name):
         return self.table.get(name)

@@ -330,13 +330,15 @@ class ErrorFeedback:
     """``method="optimized"`` with Hessians: the quantize function of each tensor (:func:`for_tensor`).
 
     ``hessians`` is a :class:`gguf_kquant.model.hessian.Hessians`: ``matrix_of`` (weight -> its matrix's name,
-    weights sharing an input share one), ``for_weight(name) -> (H, n_tokens) | None`` and
-    ``factor_for(name) -> (V, n_tokens, damp) | None`` (files that store V).  A matrix is read (and factorised
-    unless the file holds V for this ``damp``) only when a plan for it is not kept already.  Feedback applies
+    weights sharing an input share one), ``for_weight(name) -> (H, n_tokens) | None``,
+    ``factor_for(name) -> (V, n_tokens, damp) | None`` (files that store V) and ``expert_counts`` (3-D expert
+    weight -> its number of experts, whose matrices ``matrix_of`` lists by
+    :func:`~gguf_kquant.model.hessian.expert_weight`).  A matrix is read (and factorised unless the file holds V
+    for this ``damp``) only when a plan for it is not kept already.  Feedback applies
     where the imatrix applies: a tensor without a Hessian, or without an imatrix entry (a tied ``token_embd``,
     an expert no calibration token reached, ...), gets the refiner alone, as without Hessians.  The rows of a
-    3-D expert weight are fed forward expert by expert, each through its own matrix (:meth:`for_tensor`).  Called directly (no tensor known), it is
-    :func:`~gguf_kquant.codecs.optimized.quantize_optimized`.
+    3-D expert weight are fed forward expert by expert, each through its own matrix (:meth:`for_tensor`).
+    Called directly (no tensor known), it is :func:`~gguf_kquant.codecs.optimized.quantize_optimized`.
     """
 
     def __init__(self, hessians, damp: float = DEFAULT_DAMP):
@@ -354,11 +356,11 @@ class ErrorFeedback:
 
         return quantize_optimized(x, qtype, imatrix, threads=threads)
 
-    def for_tensor(self, name: str, expert: Optional[int] = None):
-        """The quantize function of tensor ``name``'s rows (of its expert ``expert``, for a 3-D expert weight)."""
+    def for_tensor(self, name: str, expert: int = 0):
+        """The quantize function of tensor ``name``'s rows (matrix ``expert`` of it, for a 3-D expert weight)."""
         from ..model.hessian import expert_weight
 
-        weight = name if expert is None else expert_weight(name, expert)
+        weight = expert_weight(name, expert) if name in self.hessians.expert_counts else name
         matrix = self.hessians.matrix_of.get(weight)
         if matrix is None:
             return self
@@ -409,7 +411,7 @@ def _keep(cache: dict, key, value) -> None:
     cache[key] = value
 
 
-def for_tensor(quantize_fn, name: str, expert: Optional[int] = None):
-    """The quantize function to use for tensor ``name`` (its expert ``expert``'s rows, of a 3-D expert weight):
-    per tensor (and expert) for error feedback, else ``quantize_fn``."""
+def for_tensor(quantize_fn, name: str, expert: int = 0):
+    """The quantize function to use for the rows of tensor ``name`` in its matrix ``expert`` (an expert of a 3-D
+    weight; 0 for a 2-D one): per tensor (and expert) for error feedback, else ``quantize_fn``."""
     return quantize_fn.for_tensor(name, expert) if isinstance(quantize_fn, ErrorFeedback) else quantize_fn

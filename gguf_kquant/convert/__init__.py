@@ -335,7 +335,7 @@ def _producer(p: PlannedTensor, im, progress, quantize_tensor=None):  # issue 13
                 from ..codecs.gptq import for_tensor
 
                 w = None if weights is None else weights[mat * rows.shape[1]:(mat + 1) * rows.shape[1]]
-                q = for_tensor(quantize_tensor or quantize, p.name, mat if y.ndim > 2 else None)
+                q = for_tensor(quantize_tensor or quantize, p.name, mat)
                 out = q(slab, p.qtype.name, imatrix=w)
             n_out += out.nbytes
             r0 += k

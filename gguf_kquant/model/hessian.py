@@ -222,6 +222,12 @@ def expert_weight(weight: str, expert: int) -> str:
     return f"{weight}[{int(expert)}]"
 
 
+def _expert_of(name: str) -> Optional[tuple]:
+    """(3-D weight, expert) of a name :func:`expert_weight` made, else None (a model tensor's name)."""
+    base, bracket, e = name[:-1].rpartition("[") if name.endswith("]") else ("", "", "")
+    return (base, int(e)) if bracket and e.isdigit() else None
+
+
 # ------------------------------------------------------------------------------------------------------
 # The collector (the eval callback)
 # ------------------------------------------------------------------------------------------------------
@@ -1054,7 +1060,7 @@ class Hessians:
             return diagonals[name]
 
         for weight, name in self.matrix_of.items():
-            if weight.endswith("]"):  # an expert's (expert_weight): in its 3-D weight's entry below
+            if _expert_of(weight):  # an expert's matrix: in its 3-D weight's entry below
                 continue
             if weight.startswith("blk.") or (process_output and weight == "output.weight"):
                 entries[weight] = mean_square(name)
@@ -1167,8 +1173,8 @@ def _expert_keys(p: Path, md, weights: list) -> dict:
                            f"({len(counts)} counts) must list each weight once, with its count")
     experts = dict(zip(names, counts))
     for w in weights:
-        base, _, e = w[:-1].rpartition("[") if w.endswith("]") else ("", "", "")
-        if base in experts and not (e.isdigit() and int(e) < experts[base]):
+        base, e = _expert_of(w) or ("", 0)
+        if base in experts and e >= experts[base]:
             raise HessianError(f"hessian {p}: weight {w!r} is not one of the {experts[base]} experts of {base!r}")
     return experts
 

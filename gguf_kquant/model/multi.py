@@ -283,7 +283,7 @@ def _slabs(t, rows: list, im: Optional[Imatrix], threads, stats_of: dict, q):
             if check_copy:
                 _check_finite(t.name, x, r0)
             w = None if weights is None else weights[mat * n_per_row:(mat + 1) * n_per_row]
-            q_mat = for_tensor(q, t.name, mat if len(ne) > 2 else None)  # error feedback: this (expert's) H
+            q_mat = for_tensor(q, t.name, mat)  # error feedback: this (expert's) H
             made = {}
             for d in types:
                 try:

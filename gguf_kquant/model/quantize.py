@@ -494,7 +494,7 @@ class _Converter:
             raw = self._read(fd, t.offset + r0 * src_row, k * src_row, t)
             x = _to_f32(raw, row.src_type, k, n_per_row)
             w = None if weights is None else weights[mat * n_per_row:(mat + 1) * n_per_row]
-            q = for_tensor(base, row.name, mat if len(ne) > 2 else None)  # error feedback: this expert's H
+            q = for_tensor(base, row.name, mat)  # error feedback: this (expert's) H
             try:
                 out = q(x, row.dst_type, imatrix=w, threads=self.threads)
             except BadTensorDataError as exc:
