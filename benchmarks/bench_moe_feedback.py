@@ -15,7 +15,7 @@ their diagonal is the imatrix of every row.  Per mix, best of ``--repeats`` inte
 and the experts' output error ``sum_e sum_rows (w - q) H_e (w - q)^T`` (H_e: expert e's matrix) of each file,
 as a multiple of llama-quantize's.
 
-Measured (2-core shared machine; collection 6.3 s, 141 matrices):
+Measured (2-core shared machine; collection 6.3 s, 141 matrices; 3.5 s once BLAS kept to one thread):
 
     Q4_0    llama 0.61 s  optimized 1.36 s (2.22x)  feedback 2.91 s (4.75x) | experts' error: 0.984 / 0.237
     Q4_K_M  llama 2.70 s  optimized 4.41 s (1.63x)  feedback 5.40 s (2.00x) | experts' error: 0.964 / 0.505
