@@ -405,11 +405,12 @@ def quantize_imatrix_q2_k(x, qw, out):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_imatrix_rows_q2_k(x, qw, out, r0, r1):
+    # scratch once per row range, not per row: error feedback's rows are one block
+    scratch = (np.empty(QK_K, np.int32), np.empty(16, np.int32), np.empty(16, np.float32),
+               np.empty(16, np.float32), np.empty(16, np.float32), np.empty(16, np.float32),
+               np.empty(16, np.float32), np.empty(16, np.uint8), np.empty(16, np.uint8))
     for r in range(r0, r1):
-        quantize_row_q2_k_impl(
-            x[r], qw, out[r], np.empty(QK_K, np.int32), np.empty(16, np.int32), np.empty(16, np.float32),
-            np.empty(16, np.float32), np.empty(16, np.float32), np.empty(16, np.float32),
-            np.empty(16, np.float32), np.empty(16, np.uint8), np.empty(16, np.uint8))
+        quantize_row_q2_k_impl(x[r], qw, out[r], *scratch)
 
 
 @register_kernel("Q3_K", "quantize_imatrix")
@@ -420,11 +421,12 @@ def quantize_imatrix_q3_k(x, qw, out):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_imatrix_rows_q3_k(x, qw, out, r0, r1):
+    # scratch once per row range, not per row: error feedback's rows are one block
+    scratch = (np.empty(QK_K, np.int32), np.empty((3, 18), np.float32), np.empty(16, np.float32),
+               np.empty(16, np.float32), np.empty(16, np.float32), np.empty(16, np.float32),
+               np.empty(16, np.int32))
     for r in range(r0, r1):
-        quantize_row_q3_k_impl(
-            x[r], qw, out[r], np.empty(QK_K, np.int32), np.empty((3, 18), np.float32), np.empty(16, np.float32),
-            np.empty(16, np.float32), np.empty(16, np.float32), np.empty(16, np.float32),
-            np.empty(16, np.int32))
+        quantize_row_q3_k_impl(x[r], qw, out[r], *scratch)
 
 
 @register_kernel("Q4_K", "quantize_imatrix")
@@ -435,11 +437,12 @@ def quantize_imatrix_q4_k(x, qw, out):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_imatrix_rows_q4_k(x, qw, out, r0, r1):
+    # scratch once per row range, not per row: error feedback's rows are one block
+    scratch = (np.empty(QK_K, np.int32), np.empty(32, np.int32), np.empty(32, np.float32),
+               np.empty(32, np.float32), np.empty(8, np.float32), np.empty(8, np.float32),
+               np.empty(8, np.float32), np.empty(8, np.uint8), np.empty(8, np.uint8))
     for r in range(r0, r1):
-        quantize_row_q4_k_impl(
-            x[r], qw, out[r], np.empty(QK_K, np.int32), np.empty(32, np.int32), np.empty(32, np.float32),
-            np.empty(32, np.float32), np.empty(8, np.float32), np.empty(8, np.float32),
-            np.empty(8, np.float32), np.empty(8, np.uint8), np.empty(8, np.uint8))
+        quantize_row_q4_k_impl(x[r], qw, out[r], *scratch)
 
 
 @register_kernel("Q5_K", "quantize_imatrix")
@@ -450,11 +453,12 @@ def quantize_imatrix_q5_k(x, qw, out):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_imatrix_rows_q5_k(x, qw, out, r0, r1):
+    # scratch once per row range, not per row: error feedback's rows are one block
+    scratch = (np.empty(QK_K, np.int32), np.empty(32, np.int32), np.empty(32, np.float32),
+               np.empty(32, np.float32), np.empty(8, np.float32), np.empty(8, np.float32),
+               np.empty(8, np.float32), np.empty(8, np.uint8), np.empty(8, np.uint8))
     for r in range(r0, r1):
-        quantize_row_q5_k_impl(
-            x[r], qw, out[r], np.empty(QK_K, np.int32), np.empty(32, np.int32), np.empty(32, np.float32),
-            np.empty(32, np.float32), np.empty(8, np.float32), np.empty(8, np.float32),
-            np.empty(8, np.float32), np.empty(8, np.uint8), np.empty(8, np.uint8))
+        quantize_row_q5_k_impl(x[r], qw, out[r], *scratch)
 
 
 @register_kernel("Q6_K", "quantize_imatrix")
@@ -465,7 +469,8 @@ def quantize_imatrix_q6_k(x, qw, out):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_imatrix_rows_q6_k(x, qw, out, r0, r1):
+    # scratch once per row range, not per row: error feedback's rows are one block
+    scratch = (np.empty(QK_K, np.int32), np.empty((3, 18), np.float32), np.empty(16, np.float32),
+               np.empty(16, np.float32), np.empty(16, np.float32))
     for r in range(r0, r1):
-        quantize_row_q6_k_impl(
-            x[r], qw, out[r], np.empty(QK_K, np.int32), np.empty((3, 18), np.float32), np.empty(16, np.float32),
-            np.empty(16, np.float32), np.empty(16, np.float32))
+        quantize_row_q6_k_impl(x[r], qw, out[r], *scratch)

@@ -144,11 +144,11 @@ def quantize_imatrix_q4_0(x, qw, out):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_imatrix_q4_0_rows(x, qw, out, r0, r1):
+    L = np.empty(QK, np.int32)  # scratch once per range: error feedback calls this with rows of one block
+    tr = np.empty((3, 18), np.float32)
+    w = np.empty(QK, np.float32)
+    wx = np.empty(QK, np.float32)
     for r in range(r0, r1):
-        L = np.empty(QK, np.int32)
-        tr = np.empty((3, 18), np.float32)
-        w = np.empty(QK, np.float32)
-        wx = np.empty(QK, np.float32)
         quantize_row_q4_0_impl(x[r], qw, out[r], L, tr, w, wx)
 
 
@@ -160,11 +160,11 @@ def quantize_imatrix_q4_1(x, qw, out):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_imatrix_q4_1_rows(x, qw, out, r0, r1):
+    L = np.empty(QK, np.int32)  # scratch once per range: error feedback calls this with rows of one block
+    Laux = np.empty(QK, np.int32)
+    w = np.empty(QK, np.float32)
+    xm = np.empty(QK, np.float32)
     for r in range(r0, r1):
-        L = np.empty(QK, np.int32)
-        Laux = np.empty(QK, np.int32)
-        w = np.empty(QK, np.float32)
-        xm = np.empty(QK, np.float32)
         quantize_row_q4_1_impl(x[r], qw, out[r], L, Laux, w, xm)
 
 
@@ -176,11 +176,11 @@ def quantize_imatrix_q5_0(x, qw, out):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_imatrix_q5_0_rows(x, qw, out, r0, r1):
+    L = np.empty(QK, np.int32)  # scratch once per range: error feedback calls this with rows of one block
+    tr = np.empty((3, 18), np.float32)
+    w = np.empty(QK, np.float32)
+    wx = np.empty(QK, np.float32)
     for r in range(r0, r1):
-        L = np.empty(QK, np.int32)
-        tr = np.empty((3, 18), np.float32)
-        w = np.empty(QK, np.float32)
-        wx = np.empty(QK, np.float32)
         quantize_row_q5_0_impl(x[r], qw, out[r], L, tr, w, wx)
 
 
@@ -192,9 +192,9 @@ def quantize_imatrix_q5_1(x, qw, out):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_imatrix_q5_1_rows(x, qw, out, r0, r1):
+    L = np.empty(QK, np.int32)  # scratch once per range: error feedback calls this with rows of one block
+    Laux = np.empty(QK, np.int32)
+    w = np.empty(QK, np.float32)
+    xm = np.empty(QK, np.float32)
     for r in range(r0, r1):
-        L = np.empty(QK, np.int32)
-        Laux = np.empty(QK, np.int32)
-        w = np.empty(QK, np.float32)
-        xm = np.empty(QK, np.float32)
         quantize_row_q5_1_impl(x[r], qw, out[r], L, Laux, w, xm)

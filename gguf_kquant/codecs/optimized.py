@@ -142,18 +142,22 @@ def _affine_lanes(x, xo, w, n, d, dmin, qmax, cs, cm, nc, ds, dm, inv, ce):
 
 
 @njit(cache=True, nogil=True)
-def _refine_affine(x, xo, w, nsub, n, qmax, smax, radius, d, dmin, sc, mn, L, Lt):
+def _affine_scratch(nsub, radius):
+    """Scratch of :func:`_refine_affine`: err (one per sub-block), then per candidate ds, dm, inv, cs, cm, ce
+    (float32 lanes only rank: the exact error decides).  Made once per row range, not per block."""
+    nc = (2 * radius + 1) ** 2
+    ds = np.empty(nc, np.float32)
+    return (np.empty(nsub, np.float64), ds, np.empty_like(ds), np.empty_like(ds), np.empty(nc, np.int64),
+            np.empty(nc, np.int64), np.empty_like(ds))
+
+
+@njit(cache=True, nogil=True)
+def _refine_affine(x, xo, w, nsub, n, qmax, smax, radius, d, dmin, sc, mn, L, Lt, scratch):
     """Steps 2-4 on one super-block; sc/mn/L are updated in place; returns (d, dmin) (fp16 values)."""
-    err = np.empty(nsub, np.float64)
+    err, ds, dm, inv, cs, cm, ce = scratch
     for j in range(nsub):
         err[j] = _affine_sub_err(x, xo + n * j, w, n, d, dmin, sc[j], mn[j], qmax, L, n * j)
     err0 = err.sum()
-    ds = np.empty((2 * radius + 1) ** 2, np.float32)
-    dm = np.empty_like(ds)
-    inv = np.empty_like(ds)
-    cs = np.empty(ds.shape[0], np.int64)
-    cm = np.empty(ds.shape[0], np.int64)
-    ce = np.empty(ds.shape[0], np.float32)  # float32 lanes only rank: the exact error decides
     for _it in range(_ITERS):
         for j in range(nsub):  # step 2: integer scale/min neighbourhood, all candidates in one pass
             nc = 0
@@ -226,14 +230,8 @@ def _to_fp16(f):
 
 
 @njit(cache=True, nogil=True)
-def _optimize_row_k4(x, w, y, nbytes, od, odm, osc, oqs, oqh, qmax, radius):
-    """Q4_K (oqh < 0) / Q5_K rows, in place on ggml's blocks y."""
-    sc = np.empty(8, np.int64)
-    mn = np.empty(8, np.int64)
-    L = np.empty(QK_K, np.int64)
-    Lt = np.empty(32, np.int64)
-    Ls = np.empty(8, np.uint8)
-    Lm = np.empty(8, np.uint8)
+def _optimize_row_k4(x, w, y, nbytes, od, odm, osc, oqs, oqh, qmax, radius, sc, mn, L, Lt, Ls, Lm, scratch):
+    """Q4_K (oqh < 0) / Q5_K rows, in place on ggml's blocks y (scratch: :func:`_rows_k4`)."""
     for ib in range(x.shape[0] // QK_K):
         xo = ib * QK_K
         yo = ib * nbytes
@@ -243,7 +241,7 @@ def _optimize_row_k4(x, w, y, nbytes, od, odm, osc, oqs, oqh, qmax, radius):
             s, m = get_scale_min_k4(j, y, yo + osc)
             sc[j] = s
             mn[j] = m
-        d, dmin, better = _refine_affine(x, xo, w, 8, 32, qmax, 63, radius, d, dmin, sc, mn, L, Lt)
+        d, dmin, better = _refine_affine(x, xo, w, 8, 32, qmax, 63, radius, d, dmin, sc, mn, L, Lt, scratch)
         if not better:
             continue  # keep ggml's bytes
         for j in range(8):
@@ -259,12 +257,9 @@ def _optimize_row_k4(x, w, y, nbytes, od, odm, osc, oqs, oqh, qmax, radius):
 
 
 @njit(cache=True, nogil=True)
-def _optimize_row_q2_k(x, w, y, radius):
-    """Q2_K rows, in place: scales byte j = sc | m << 4 (4 bits each), 16 sub-blocks of 16."""
-    sc = np.empty(16, np.int64)
-    mn = np.empty(16, np.int64)
-    L = np.empty(QK_K, np.int64)
-    Lt = np.empty(16, np.int64)
+def _optimize_row_q2_k(x, w, y, radius, sc, mn, L, Lt, scratch):
+    """Q2_K rows, in place: scales byte j = sc | m << 4 (4 bits each), 16 sub-blocks of 16 (scratch:
+    :func:`_rows_q2_k`)."""
     for ib in range(x.shape[0] // QK_K):
         xo = ib * QK_K
         yo = ib * Q2_K_BYTES
@@ -274,7 +269,7 @@ def _optimize_row_q2_k(x, w, y, radius):
             b = np.int64(y[yo + Q2_K_SCALES + j])
             sc[j] = b & 0xF
             mn[j] = b >> 4
-        d, dmin, better = _refine_affine(x, xo, w, 16, 16, 3, 15, radius, d, dmin, sc, mn, L, Lt)
+        d, dmin, better = _refine_affine(x, xo, w, 16, 16, 3, 15, radius, d, dmin, sc, mn, L, Lt, scratch)
         if not better:
             continue
         for j in range(16):
@@ -324,15 +319,20 @@ def _sym_lanes(x, xo, w, n, d, qmin, qmax, cs, nc, ds, inv, ce):
 
 
 @njit(cache=True, nogil=True)
-def _refine_sym(x, xo, w, nsub, n, qmin, qmax, smin, smax, radius, d, sc, L, Lt):
-    err = np.empty(nsub, np.float64)
+def _sym_scratch(nsub, radius):
+    """Scratch of :func:`_refine_sym`: err (one per sub-block), then per candidate ds, inv, cs, ce (float32
+    lanes only rank: the exact error decides).  Made once per row range, not per block."""
+    nc = 2 * radius + 1
+    ds = np.empty(nc, np.float32)
+    return np.empty(nsub, np.float64), ds, np.empty_like(ds), np.empty(nc, np.int64), np.empty_like(ds)
+
+
+@njit(cache=True, nogil=True)
+def _refine_sym(x, xo, w, nsub, n, qmin, qmax, smin, smax, radius, d, sc, L, Lt, scratch):
+    err, ds, inv, cs, ce = scratch
     for j in range(nsub):
         err[j] = _sym_sub_err(x, xo + n * j, w, n, d, sc[j], qmin, qmax, L, n * j)
     err0 = err.sum()
-    ds = np.empty(2 * radius + 1, np.float32)
-    inv = np.empty_like(ds)
-    cs = np.empty(ds.shape[0], np.int64)
-    ce = np.empty(ds.shape[0], np.float32)  # float32 lanes only rank: the exact error decides
     for _it in range(_ITERS):
         for j in range(nsub):
             nc = 0
@@ -375,18 +375,14 @@ def _refine_sym(x, xo, w, nsub, n, qmin, qmax, smin, smax, radius, d, sc, L, Lt)
 
 
 @njit(cache=True, nogil=True)
-def _optimize_row_q3_k(x, w, y, radius):
-    sc = np.empty(16, np.int64)
-    L = np.empty(QK_K, np.int64)
-    Lt = np.empty(16, np.int64)
-    Ls = np.empty(16, np.int64)
+def _optimize_row_q3_k(x, w, y, radius, sc, L, Lt, Ls, scratch):
     for ib in range(x.shape[0] // QK_K):
         xo = ib * QK_K
         yo = ib * Q3_K_BYTES
         d = load_fp16(y, yo + Q3_K_D)
         for j in range(16):
             sc[j] = q3_k_scale(y, yo + Q3_K_SCALES, j) - 32
-        d, better = _refine_sym(x, xo, w, 16, 16, -4, 3, -32, 31, radius, d, sc, L, Lt)
+        d, better = _refine_sym(x, xo, w, 16, 16, -4, 3, -32, 31, radius, d, sc, L, Lt, scratch)
         if not better:
             continue
         for j in range(16):
@@ -399,18 +395,15 @@ def _optimize_row_q3_k(x, w, y, radius):
 
 
 @njit(cache=True, nogil=True)
-def _optimize_row_q6_k(x, w, y, radius):
+def _optimize_row_q6_k(x, w, y, radius, sc, L, Lt, scratch):
     """Q6_K rows, in place: value = d*s*q, q in [-32, 31] (stored +32), s an int8 per 16 values."""
-    sc = np.empty(16, np.int64)
-    L = np.empty(QK_K, np.int64)
-    Lt = np.empty(16, np.int64)
     for ib in range(x.shape[0] // QK_K):
         xo = ib * QK_K
         yo = ib * Q6_K_BYTES
         d = load_fp16(y, yo + Q6_K_D)
         for j in range(16):
             sc[j] = np.int64(np.int8(y[yo + Q6_K_SCALES + j]))
-        d, better = _refine_sym(x, xo, w, 16, 16, -32, 31, -128, 127, radius, d, sc, L, Lt)
+        d, better = _refine_sym(x, xo, w, 16, 16, -32, 31, -128, 127, radius, d, sc, L, Lt, scratch)
         if not better:
             continue
         for j in range(16):
@@ -429,26 +422,48 @@ def _optimize_row_q6_k(x, w, y, radius):
 
 @njit(cache=True, nogil=True)
 def _rows_q2_k(x, w, out, radius, r0, r1):
+    sc = np.empty(16, np.int64)  # scratch once per range: error feedback's rows are one block
+    mn = np.empty(16, np.int64)
+    L = np.empty(QK_K, np.int64)
+    Lt = np.empty(16, np.int64)
+    scratch = _affine_scratch(16, radius)
     for r in range(r0, r1):
-        _optimize_row_q2_k(x[r], w, out[r], radius)
+        _optimize_row_q2_k(x[r], w, out[r], radius, sc, mn, L, Lt, scratch)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q3_k(x, w, out, radius, r0, r1):
+    sc = np.empty(16, np.int64)
+    L = np.empty(QK_K, np.int64)
+    Lt = np.empty(16, np.int64)
+    Ls = np.empty(16, np.int64)
+    scratch = _sym_scratch(16, radius)
     for r in range(r0, r1):
-        _optimize_row_q3_k(x[r], w, out[r], radius)
+        _optimize_row_q3_k(x[r], w, out[r], radius, sc, L, Lt, Ls, scratch)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q6_k(x, w, out, radius, r0, r1):
+    sc = np.empty(16, np.int64)
+    L = np.empty(QK_K, np.int64)
+    Lt = np.empty(16, np.int64)
+    scratch = _sym_scratch(16, radius)
     for r in range(r0, r1):
-        _optimize_row_q6_k(x[r], w, out[r], radius)
+        _optimize_row_q6_k(x[r], w, out[r], radius, sc, L, Lt, scratch)
 
 
 @njit(cache=True, nogil=True)
 def _rows_k4(x, w, out, nbytes, od, odm, osc, oqs, oqh, qmax, radius, r0, r1):
+    sc = np.empty(8, np.int64)
+    mn = np.empty(8, np.int64)
+    L = np.empty(QK_K, np.int64)
+    Lt = np.empty(32, np.int64)
+    Ls = np.empty(8, np.uint8)
+    Lm = np.empty(8, np.uint8)
+    scratch = _affine_scratch(8, radius)
     for r in range(r0, r1):
-        _optimize_row_k4(x[r], w, out[r], nbytes, od, odm, osc, oqs, oqh, qmax, radius)
+        _optimize_row_k4(x[r], w, out[r], nbytes, od, odm, osc, oqs, oqh, qmax, radius, sc, mn, L, Lt, Ls, Lm,
+                         scratch)
 
 
 # Search radii R, measured on two SmolLM2 ffn_down tensors (weighted error as a fraction of ggml's): Q3_K's
@@ -542,8 +557,9 @@ def _legacy_refit(x, xo, w, L, affine, d, m):
 
 
 @njit(cache=True, nogil=True)
-def _optimize_row_legacy(x, w, y, nbytes, od, om, oqh, oqs, qlo, qhi, stretch):
-    """Q4_0 (om < 0, oqh < 0), Q4_1 (oqh < 0), Q5_0 (om < 0), Q5_1 rows, in place on y.
+def _optimize_row_legacy(x, w, y, nbytes, od, om, oqh, oqs, qlo, qhi, stretch, inv, sqq, sqx, sq, L, Lt):
+    """Q4_0 (om < 0, oqh < 0), Q4_1 (oqh < 0), Q5_0 (om < 0), Q5_1 rows, in place on y.  Scratch: inv, sqq, sqx,
+    sq (float32, one per candidate), L, Lt (int64, 32).
 
     Every candidate scale ``d0 * stretch[c]`` is evaluated in the same pass over the block (the inner loop
     runs across candidates, so its accumulators are independent and vectorise without reassociation); a
@@ -552,12 +568,6 @@ def _optimize_row_legacy(x, w, y, nbytes, od, om, oqh, oqs, qlo, qhi, stretch):
     """
     affine = om >= 0
     nc = stretch.shape[0]
-    inv = np.empty(nc, np.float32)
-    sqq = np.empty(nc, np.float32)  # float32 lanes: twice as many per vector; they only rank candidates
-    sqx = np.empty(nc, np.float32)
-    sq = np.empty(nc, np.float32)
-    L = np.empty(_QK, np.int64)
-    Lt = np.empty(_QK, np.int64)
     flo = _F32(qlo)
     fhi = _F32(qhi)
     for ib in range(x.shape[0] // _QK):
@@ -647,8 +657,15 @@ def _optimize_row_legacy(x, w, y, nbytes, od, om, oqh, oqs, qlo, qhi, stretch):
 
 @njit(cache=True, nogil=True)
 def _rows_legacy(x, w, out, nbytes, od, om, oqh, oqs, qlo, qhi, stretch, r0, r1):
+    nc = stretch.shape[0]
+    inv = np.empty(nc, np.float32)  # scratch once per range, not per row (error feedback's rows are one block)
+    sqq = np.empty(nc, np.float32)  # float32 lanes: twice as many per vector; they only rank candidates
+    sqx = np.empty(nc, np.float32)
+    sq = np.empty(nc, np.float32)
+    L = np.empty(_QK, np.int64)
+    Lt = np.empty(_QK, np.int64)
     for r in range(r0, r1):
-        _optimize_row_legacy(x[r], w, out[r], nbytes, od, om, oqh, oqs, qlo, qhi, stretch)
+        _optimize_row_legacy(x[r], w, out[r], nbytes, od, om, oqh, oqs, qlo, qhi, stretch, inv, sqq, sqx, sq, L, Lt)
 
 
 def _stretches(signs, reach=_REACH, step=_STEP):
@@ -838,13 +855,9 @@ def _pack_nl(y, qo, L, lo):
 
 
 @njit(cache=True, nogil=True)
-def _optimize_row_iq4_nl(x, w, y, fval, lut, stretch):
-    """IQ4_NL rows, in place: candidate scales side by side as in :func:`_optimize_row_legacy`."""
+def _optimize_row_iq4_nl(x, w, y, fval, lut, stretch, inv, sqq, sqx, L):
+    """IQ4_NL rows, in place: candidate scales side by side as in :func:`_optimize_row_legacy` (same scratch)."""
     nc = stretch.shape[0]
-    inv = np.empty(nc, np.float32)
-    sqq = np.empty(nc, np.float32)
-    sqx = np.empty(nc, np.float32)
-    L = np.empty(_QK, np.int64)
     for ib in range(x.shape[0] // _QK):
         xo = ib * _QK
         yo = ib * IQ4_NL_BYTES
@@ -905,17 +918,11 @@ def _iq4_xs_scale(y, yo, ib):
 
 
 @njit(cache=True, nogil=True)
-def _optimize_row_iq4_xs(x, w, y, fval, lut, radius):
-    """IQ4_XS rows, in place: ls searched per block of 32 and d refitted, as :func:`_refine_sym` does."""
+def _optimize_row_iq4_xs(x, w, y, fval, lut, radius, sc, L, Lt, scratch):
+    """IQ4_XS rows, in place: ls searched per block of 32 and d refitted, as :func:`_refine_sym` does (same
+    scratch)."""
     nsub = QK_K // _QK
-    sc = np.empty(nsub, np.int64)
-    err = np.empty(nsub, np.float64)
-    L = np.empty(QK_K, np.int64)
-    Lt = np.empty(_QK, np.int64)
-    ds = np.empty(2 * radius + 1, np.float32)
-    inv = np.empty_like(ds)
-    cs = np.empty(ds.shape[0], np.int64)
-    ce = np.empty(ds.shape[0], np.float32)
+    err, ds, inv, cs, ce = scratch
     for ibl in range(x.shape[0] // QK_K):
         xo = ibl * QK_K
         yo = ibl * IQ4_XS_BYTES
@@ -984,14 +991,24 @@ def _optimize_row_iq4_xs(x, w, y, fval, lut, radius):
 
 @njit(cache=True, nogil=True)
 def _rows_iq4_nl(x, w, out, fval, lut, stretch, r0, r1):
+    nc = stretch.shape[0]
+    inv = np.empty(nc, np.float32)
+    sqq = np.empty(nc, np.float32)
+    sqx = np.empty(nc, np.float32)
+    L = np.empty(_QK, np.int64)
     for r in range(r0, r1):
-        _optimize_row_iq4_nl(x[r], w, out[r], fval, lut, stretch)
+        _optimize_row_iq4_nl(x[r], w, out[r], fval, lut, stretch, inv, sqq, sqx, L)
 
 
 @njit(cache=True, nogil=True)
 def _rows_iq4_xs(x, w, out, fval, lut, radius, r0, r1):
+    nsub = QK_K // _QK
+    sc = np.empty(nsub, np.int64)
+    L = np.empty(QK_K, np.int64)
+    Lt = np.empty(_QK, np.int64)
+    scratch = _sym_scratch(nsub, radius)
     for r in range(r0, r1):
-        _optimize_row_iq4_xs(x[r], w, out[r], fval, lut, radius)
+        _optimize_row_iq4_xs(x[r], w, out[r], fval, lut, radius, sc, L, Lt, scratch)
 
 
 def _nl_tables():
