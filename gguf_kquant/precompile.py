@@ -59,6 +59,10 @@ def jobs_for_plan(plan, im=None, report: bool = False, method: str = "llama") ->
     quantized sources (requantization) and, with a report, of each output type."""
     entries = getattr(im, "entries", None) or {}
     refined = _refined() if method == OPTIMIZED else set()
+    # error feedback (an imatrix with Hessians) decodes every block it writes, and starts the legacy types
+    # from ggml's plain quantizer (gguf_kquant.codecs.gptq)
+    feedback = method == OPTIMIZED and getattr(im, "hessians", None) is not None
+    from .codecs.optimized import FEEDBACK_REFINERS
     jobs = set()
     for r in plan.rows:
         if not r.convert:
@@ -66,11 +70,12 @@ def jobs_for_plan(plan, im=None, report: bool = False, method: str = "llama") ->
         dst, src = TYPES[r.dst_type], TYPES[r.src_type]
         if r.name in entries and dst.imatrix is not Imatrix.IGNORED:
             jobs.add((dst.name, "quantize_imatrix"))
-        elif "quantize" in dst.ops:
+        plain_start = feedback and dst.ggml_type in FEEDBACK_REFINERS
+        if (r.name not in entries or dst.imatrix is Imatrix.IGNORED or plain_start) and "quantize" in dst.ops:
             jobs.add((dst.name, "quantize"))
         if src.ggml_type not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
             jobs.add((src.name, "dequantize"))
-        if report:
+        if report or (feedback and r.name in entries):
             jobs.add((dst.name, "dequantize"))
         if method == OPTIMIZED and dst.name in refined:
             jobs.add((dst.name, OPTIMIZED))

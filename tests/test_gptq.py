@@ -5,7 +5,7 @@ from hypothesis import example, given, settings, strategies as st
 
 from gguf_kquant.codecs import dequantize, quantize
 from gguf_kquant.codecs.gptq import (
-    ErrorFeedback, FeedbackPlan, _upper_factor, for_tensor, output_error, quantize_feedback)
+    ErrorFeedback, FeedbackPlan, _BlockCodec, _upper_factor, for_tensor, output_error, quantize_feedback)
 from gguf_kquant.codecs.optimized import REFINERS, quantize_optimized, quantizer
 from gguf_kquant.errors import GGUFError, ImatrixError
 from gguf_kquant.types import type_info
@@ -185,20 +185,23 @@ def test_the_factor_is_the_dampened_hessians(n):
     np.testing.assert_allclose(v, want, rtol=0, atol=1e-4 * np.abs(want).max())
 
 
-def test_the_update_is_gptqs():
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_1", "IQ4_NL"])  # plain start (two kinds), imatrix start
+def test_the_update_is_gptqs(qtype):
     """The nearest-plane targets are GPTQ's: feeding the errors forward through U = inv(V), as GPTQ does
-    (float64, block by block, no lazy batch), gives the same blocks."""
-    n, qtype = 256, "Q4_0"
+    (float64, block by block, no lazy batch), with the same block quantizer gives the same blocks."""
+    n = 256
     h = correlated_hessian(n, 6)
     x = rows(6, n, 7)
     plan = FeedbackPlan(h, qtype, n_tokens=N_TOKENS)
     v = plan.v.astype(np.float64)
     u = np.linalg.inv(v)
     w = x.astype(np.float64)
+    codec = _BlockCodec(type_info(qtype))
     blocks = []
     for b0 in range(0, n, 32):
         b1 = b0 + 32
-        q = quantize_optimized(np.ascontiguousarray(w[:, b0:b1], np.float32), qtype, plan.weights[b0:b1])
+        q = np.empty((6, type_info(qtype).type_size), np.uint8)
+        codec(np.ascontiguousarray(w[:, b0:b1], np.float32), plan.weights[b0:b1], q, np.empty((6, 32), np.float32))
         blocks.append(q)
         e = w[:, b0:b1] - dequantize(q, qtype, (6, 32))
         w[:, b1:] -= e @ v[b0:b1, b0:b1] @ u[b0:b1, b1:]

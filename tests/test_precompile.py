@@ -15,6 +15,7 @@ import pytest
 import gguf_kquant
 from gguf_kquant.cli import main
 from gguf_kquant.precompile import jobs_for, jobs_for_plan
+from gguf_kquant.types import GGMLType
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "fixtures" / "tiny-llama-f16.gguf"
@@ -99,6 +100,21 @@ def test_jobs_for_types_and_plan(tmp_path):
                                                   ("Q6_K", "dequantize"), ("Q6_K", "quantize")]
     assert jobs_for_plan(r.plan, method="optimized") == [("Q4_K", "optimized"), ("Q4_K", "quantize"),
                                                          ("Q6_K", "optimized"), ("Q6_K", "quantize")]
+
+
+def test_error_feedback_warms_the_decoders_and_the_legacy_types_plain_quantizers():
+    """It decodes every block it writes, and starts Q4_0/Q5_0/Q4_1/Q5_1 blocks from ggml's plain quantizer."""
+    from types import SimpleNamespace as NS
+
+    rows = [NS(name=n, convert=True, dst_type=t, src_type=GGMLType.F32)
+            for n, t in (("a", GGMLType.Q5_0), ("b", GGMLType.Q4_K))]
+    im = NS(entries={"a": None, "b": None}, hessians=object())
+    assert jobs_for_plan(NS(rows=rows), im, method="optimized") == [
+        ("Q4_K", "dequantize"), ("Q4_K", "optimized"), ("Q4_K", "quantize_imatrix"),
+        ("Q5_0", "dequantize"), ("Q5_0", "optimized"), ("Q5_0", "quantize"), ("Q5_0", "quantize_imatrix")]
+    im.hessians = None  # the refiners alone
+    assert jobs_for_plan(NS(rows=rows), im, method="optimized") == [
+        ("Q4_K", "optimized"), ("Q4_K", "quantize_imatrix"), ("Q5_0", "optimized"), ("Q5_0", "quantize_imatrix")]
 
 
 @pytest.mark.parametrize("argv", [["precompile"], ["precompile", "Q4_K", "--all"], ["precompile", "Q9_K"],

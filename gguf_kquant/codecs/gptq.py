@@ -17,7 +17,8 @@ nearest plane algorithm"), which needs H's factor but not its inverse's::
     for each block b of B columns, left to right     (B: 32, or 256 for the k-quants and IQ4_XS)
         w_b  = diag(V_bb V_bb^T)                     each column's importance once the later columns may move
         T_b  = W_b + (sum_{c<b} G_c V_cb) U_bb       the target: W_b moved to absorb the earlier errors
-        Q_b  = quantize(T_b, type, imatrix=w_b)      ggml's blocks refined by codecs.optimized
+        Q_b  = quantize(T_b, type, imatrix=w_b)      ggml's blocks refined by codecs.optimized (the legacy
+                                                     types from ggml's plain block: FEEDBACK_REFINERS)
         G_b  = W_b - dequantize(Q_b)                 (W's own values, not the target's)
 
 Why: the objective is ``|(W - Q) V|^2``, and column block b of (W - Q) V is ``sum_{c<=b} G_c V_cb``: it does
@@ -256,18 +257,20 @@ def quantize_feedback(x, qtype, plan: FeedbackPlan, *, threads: Optional[int] = 
 
 
 class _BlockCodec:
-    """One column of blocks, quantized (ggml's imatrix quantizer, then the refiner) and decoded by the type's
-    kernels directly: :func:`quantize`'s checks of its input run once per tensor, not once per block."""
+    """One column of blocks, quantized (ggml's quantizer, then the refiner) and decoded by the type's kernels
+    directly: :func:`quantize`'s checks of its input run once per tensor, not once per block."""
 
     def __init__(self, info):
-        from .optimized import REFINERS
+        from .optimized import FEEDBACK_REFINERS, REFINERS
         from ..types import Imatrix
 
         self.type_size = info.type_size
-        uses_weights = info.imatrix is not Imatrix.IGNORED  # Q8_0's ggml quantizer has no imatrix form
-        self._quantize = info.kernel("quantize_imatrix" if uses_weights else "quantize")
-        self._uses_weights = uses_weights
-        self._refine = REFINERS.get(info.ggml_type)
+        # ggml's imatrix quantizer, or its plain one where the refiner stands in for that search (legacy types);
+        # Q8_0's has no imatrix form
+        plain = info.imatrix is Imatrix.IGNORED or info.ggml_type in FEEDBACK_REFINERS
+        self._quantize = info.kernel("quantize" if plain else "quantize_imatrix")
+        self._uses_weights = not plain
+        self._refine = FEEDBACK_REFINERS.get(info.ggml_type) or REFINERS.get(info.ggml_type)
         self._decode = info.kernel("dequantize")
 
     def __call__(self, xb: np.ndarray, weights: np.ndarray, qb: np.ndarray, decoded: np.ndarray) -> None:
