@@ -49,7 +49,8 @@ Quality (benchmarks/bench_quality.py, SmolLM2-135M, same imatrix, equal file siz
 Error feedback (GPTQ, :mod:`.gptq`) needs more than an imatrix: with only the diagonal of the Hessian, the
 update of the not-yet-quantized columns is zero.  When the imatrix file also holds each weight's full input
 covariance (``gguf-kquant hessian``), :func:`quantizer` returns the error-feedback quantizer, which runs ggml's
-quantizer and this module's refiner block column by block column.
+quantizer and this module's refiner block column by block column (for the legacy types ggml's plain quantizer
+and a wider search: :data:`FEEDBACK_REFINERS`).
 """
 from __future__ import annotations
 
@@ -677,11 +678,13 @@ def _stretches(signs, reach=_REACH, step=_STEP):
 
 
 def _fine_stretches(signs):
-    """:func:`_stretches` and 1 + k/64, k = +-1..5, for a start that is ggml's plain max-abs block: these stand
-    in for ggml's imatrix search, which tries 19 scales within ~6% of the max-abs one (make_qx_quants)."""
-    k = np.array([-5, -4, -3, -2, -1, 1, 2, 3, 4, 5], np.float32)
-    fine = np.float32(1.0) + k / np.float32(64.0)
-    return np.concatenate([_stretches(signs), fine] + ([-fine] if signs == 2 else [])).astype(np.float32)
+    """For a start that is ggml's plain max-abs block: :func:`_stretches` but the largest, and 1 + k/64 for
+    k = +-1..4, which stand in for ggml's imatrix search (19 scales within ~6% of the max-abs one,
+    make_qx_quants).  24 per sign, a whole number of vectors: 27 (k up to +-5, all coarse ones) cost 20% more
+    on Q5_0 blocks for the same error (on heavy-tailed rows 0.998 / 1.000 of it at Q4_0 / Q5_0)."""
+    k = np.array([-4, -3, -2, -1, 1, 2, 3, 4], np.float32)
+    one = np.concatenate([_stretches(1)[:-1], np.float32(1.0) + k / np.float32(64.0)])
+    return np.concatenate([one, -one] if signs == 2 else [one]).astype(np.float32)
 
 
 # each legacy type's block as _rows_legacy takes it: (bytes, d, m, qh, qs, lowest level, highest level), signs
@@ -1058,10 +1061,12 @@ REFINERS = {
 
 # Error feedback (:mod:`.gptq`) quantizes a block column at a time, each block's target new.  For the legacy
 # types it starts from ggml's plain block (one max-abs pass) instead of its imatrix search, and refines with
-# the fine stretches as well.  Output error with real Hessians (SmolLM2's, on heavy-tailed rows of its
-# tensors' shapes), relative to the imatrix start with the coarse stretches: Q4_0 0.997, Q5_0 1.000, Q4_1
-# 1.001, Q5_1 0.989, in 0.75-0.85x the time (Q4_1/Q5_1: 0.35x, theirs is ggml's costliest search); from the
-# plain start with the coarse stretches alone, 1.000, 1.020, 1.076, 1.115.
+# the fine stretches.  Output error with real Hessians relative to the imatrix start with the coarse
+# stretches, on heavy-tailed rows of 16 SmolLM2 tensors' shapes: Q4_0 0.997, Q5_0 0.997, Q4_1 1.003, Q5_1
+# 0.993, in 0.70x / 0.72x / 0.31x / 0.32x the time (the affine types' imatrix search is ggml's costliest);
+# Gemma 3's shapes: Q4_0 0.995, Q5_0 1.000; SmolLM2's own rows (which lie on a Q4_1 grid): Q4_0 0.998, Q5_0
+# 1.033 (fine stretches to +-5/64: 0.998).  From the plain start with the coarse stretches alone: 1.000,
+# 1.020, 1.076, 1.115.
 FEEDBACK_REFINERS = {t: _legacy_refiner(t, _fine_stretches(signs)) for t, (_layout, signs) in _LEGACY.items()}
 
 
