@@ -67,6 +67,26 @@ def test_q8_0_keeps_the_blocks_it_cannot_improve():
     assert weighted_error(x2[8:], ours[8:], "Q8_0", w) < 0.9 * weighted_error(x2[8:], default[8:], "Q8_0", w)
 
 
+def test_the_iq4_lanes_take_the_nearest_level_of_the_rounded_value():
+    """The IQ4_NL refiner ranks candidates with levels summed from compares, IQ4_XS's with a table: for every
+    t, the kvalue nearest to round(t), a tie to the upper one, and the end levels beyond them."""
+    from numba import njit
+
+    from gguf_kquant.codecs.grids import kvalues_iq4nl
+    from gguf_kquant.codecs.optimized import _LEVEL_TABLE, _lane_level, _table_level
+
+    levels = njit(lambda ts: np.array([_lane_level(t) for t in ts], np.float32))
+    table_levels = njit(lambda ts: np.array([_table_level(_LEVEL_TABLE, t) for t in ts], np.float32))
+    rng = np.random.default_rng(4)
+    t = np.concatenate([np.arange(-300, 300, 0.5), rng.uniform(-400, 400, 4000)]).astype(np.float32)
+    kv = np.sort(kvalues_iq4nl.astype(np.float64))
+    r = np.clip(np.round(t.astype(np.float64)), -256, 255)  # half to even, as the magic number rounds
+    dist = np.abs(r[:, None] - kv[None, :])
+    want = kv[len(kv) - 1 - np.argmin(dist[:, ::-1], axis=1)]  # from the top: a tie goes up
+    np.testing.assert_array_equal(levels(t), want.astype(np.float32))
+    np.testing.assert_array_equal(table_levels(t), want.astype(np.float32))  # IQ4_XS's narrow lanes
+
+
 def _imatrix(src: Path) -> dict:
     rng = np.random.default_rng(7)
     with gguf_kquant.open(src) as f:

@@ -32,16 +32,15 @@ The exact errors re-round the same way, without a branch (a division per value c
 A candidate d/dmin's error for fixed levels is a quadratic form of sums already at hand.  Rows run on
 run_chunks' threads, not prange (no OpenMP threads spinning on a loaded machine).  Measured per codec on
 SmolLM2-135M tensors (CPU time, one thread), refine time as a multiple of ggml's imatrix quantize of the same
-rows: Q4_0 1.3-1.6x, Q5_0 1.4x, Q4_1/Q5_1 0.45x, Q2_K 0.9x, Q3_K 1.5x, Q4_K/Q5_K 1.15x, IQ4_NL 1.1x,
-IQ4_XS 1.2x, Q6_K 1.7x (three ffn_down tensors; weighted error 0.78 of ggml's); Q8_0 ~5.3 ns a value, 5x
-ggml's Q8_0, which is one trivial pass (the former Q8_0 search took ~16; see its section).  Whole
-SmolLM2-135M, warm kernel cache, 2 threads, quantize_model in one process, best of 3 interleaved runs on a
-shared machine (load ~5 on its 2 cores), wall time as a multiple of the default's, with the former refiners'
-in the same runs in brackets: Q8_0 2.8x (5.3x), Q6_K 2.5x (4.2x), Q5_K_M 1.5x (1.6x), Q5_K_S 1.7x (1.8x),
-Q4_K_M 2.2x (2.3x), Q3_K_M 1.7x (2.7x), Q2_K 2.1x (2.4x), IQ4_XS 1.7x (1.8x; its refiners are unchanged).
-Q8_0's default is mostly I/O (0.5 s), so there the CPU-time ratio is higher, 3.3x (6.4x).  SmolLM2's
-576-wide rows make Q6_K mostly Q8_0 fallback and Q5_K Q5_1.  The refiners' first compilation takes ~17 s for
-all of them (then cached).
+rows: Q4_0/Q5_0 1.2x, Q4_1/Q5_1 0.4x, Q2_K 0.9x, Q3_K 1.5x, Q4_K/Q5_K 1.15x, IQ4_NL 0.6x, IQ4_XS 1.2x,
+Q6_K 1.7x (three ffn_down tensors; weighted error 0.78 of ggml's); Q8_0 ~5.3 ns a value, 5x ggml's Q8_0,
+which is one trivial pass (the former Q8_0 search took ~16; see its section).  Whole SmolLM2-135M, warm kernel cache,
+2 threads, quantize_model in one process, best of 3 interleaved runs on a shared machine (load ~5 on its 2 cores),
+wall time as a multiple of the default's, with the former refiners' in the same runs in brackets: Q8_0 2.8x (5.3x),
+Q6_K 2.5x (4.2x), Q5_K_M 1.5x (1.6x), Q5_K_S 1.7x (1.8x), Q4_K_M 2.2x (2.3x), Q3_K_M 1.7x (2.7x), Q2_K 2.1x (2.4x),
+IQ4_XS 1.7x (1.8x; its refiners are unchanged).  Q8_0's default is mostly I/O (0.5 s), so there the CPU-time ratio is
+higher, 3.3x (6.4x).  SmolLM2's 576-wide rows make Q6_K mostly Q8_0 fallback and Q5_K Q5_1.  The refiners' first
+compilation takes ~17 s for all of them (then cached).
 
 Quality (benchmarks/bench_quality.py, SmolLM2-135M, same imatrix, equal file sizes): mean KL divergence
 -28.5% at Q2_K, -24.0% at Q3_K_M, -25.4% at Q4_K_M, -20.3% at IQ4_XS against llama-quantize's files.
@@ -57,7 +56,7 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
-from numba import njit
+from numba import literal_unroll, njit
 
 from ..errors import ImatrixError, InvalidArgumentError
 from ..types import QK_K, GGMLType, type_info
@@ -500,15 +499,14 @@ def optimize_q5_k(x, w, out):
 
 # ---------------------------------------------------------------------------------------------------
 # Legacy 32-value blocks: Q4_0/Q5_0 value = d*q, q in [-8, 7] / [-16, 15] (stored +8/+16);
-# Q4_1/Q5_1 value = d*q + m, q in [0, 15] / [0, 31] (Q8_0: see below).  One fp16
-# scale (and min) per block, so the search is over d itself: ggml's d stretched by up to +-3/4 in steps of 3/32
-# (17 stretches; both signs for Q4_0/Q5_0),
-# all in one pass; the candidate whose levels admit the least error under their own least-squares (d, m)
-# wins, and that fit, rounded to fp16, replaces ggml's if its (re-rounded) error is lower.
+# Q4_1/Q5_1 value = d*q + m, q in [0, 15] / [0, 31] (Q8_0: see below).  One fp16 scale (and min) per block,
+# so the search is over d itself: ggml's d times 11/32 to 7/4 in steps of 3/32 (16 stretches; both signs for
+# Q4_0/Q5_0), all in one pass; the candidate whose levels admit the least error under their own least-squares
+# (d, m) wins, and that fit, rounded to fp16, replaces ggml's if its (re-rounded) error is lower.
 # ---------------------------------------------------------------------------------------------------
 _QK = 32
-_REACH = 48  # in 1/64: candidates from d/4 to 1.75d; ggml's d, fitted to other weights, is often far off
-_STEP = 6  # (17 per sign) on SmolLM2 tensors, mean weighted error of Q5_0 0.72 of ggml's, 0.85 within +-1/8
+_REACH = 48  # in 1/64: candidates up to 1.75d; ggml's d, fitted to other weights, is often far off
+_STEP = 6  # on SmolLM2 tensors, mean weighted error of Q5_0 0.72 of ggml's, 0.85 within +-1/8
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -670,21 +668,27 @@ def _rows_legacy(x, w, out, nbytes, od, om, oqh, oqs, qlo, qhi, stretch, r0, r1)
 
 
 def _stretches(signs, reach=_REACH, step=_STEP):
-    """Candidate scales as multiples of ggml's d: 1 + k/64, k in [-reach, reach] by ``step``; both signs for
-    the symmetric types (their levels are lopsided, [-8, 7]: which end the largest value takes matters)."""
-    k = np.arange(-reach, reach + 1, step)
+    """Candidate scales as multiples of ggml's d: 1 + k/64, k in (-reach, reach] by ``step``; both signs for
+    the symmetric types (their levels are lopsided, [-8, 7]: which end the largest value takes matters).
+
+    -reach itself is left out so that a sign's candidates fill whole vectors (16; IQ4_NL's 8): the lanes'
+    remainder runs scalar, each lane as dear as a vector.  On 9 SmolLM2 tensors and as many heavy-tailed ones
+    the weighted error was the same to 4 digits (Q4_0 / Q5_0 / Q4_1, IQ4_NL: 0.7889 against 0.7887) and the
+    refiners took 8-20% less time."""
+    k = np.arange(-reach + step, reach + 1, step)
     s = np.float32(1.0) + k.astype(np.float32) / np.float32(64.0)
     return np.concatenate([s, -s] if signs == 2 else [s]).astype(np.float32)
 
 
 def _fine_stretches(signs):
-    """For a start that is ggml's plain max-abs block: :func:`_stretches` but the largest, and 1 + k/64 for
-    k = +-1..4, which stand in for ggml's imatrix search (19 scales within ~6% of the max-abs one,
-    make_qx_quants).  24 per sign, a whole number of vectors: 27 (k up to +-5, all coarse ones) cost a fifth
-    more on Q5_0 blocks for the same error (this set's, on heavy-tailed rows: 1.000 / 1.001 / 0.999 / 1.003 of
-    it at Q4_0 / Q5_0 / Q4_1 / Q5_1)."""
+    """For a start that is ggml's plain max-abs block: 1 + k/64 for k = -reach .. reach - step (the coarse
+    steps but the largest) and for k = +-1..4, which stand in for ggml's imatrix search (19 scales within ~6%
+    of the max-abs one, make_qx_quants).  24 per sign, a whole number of vectors: 27 (k up to +-5, all coarse
+    ones) cost a fifth more on Q5_0 blocks for the same error (this set's, on heavy-tailed rows: 1.000 / 1.001 /
+    0.999 / 1.003 of it at Q4_0 / Q5_0 / Q4_1 / Q5_1)."""
     k = np.array([-4, -3, -2, -1, 1, 2, 3, 4], np.float32)
-    one = np.concatenate([_stretches(1)[:-1], np.float32(1.0) + k / np.float32(64.0)])
+    k = np.concatenate([np.arange(-_REACH, _REACH, _STEP, dtype=np.float32), k])
+    one = np.float32(1.0) + k / np.float32(64.0)
     return np.concatenate([one, -one] if signs == 2 else [one]).astype(np.float32)
 
 
@@ -826,14 +830,41 @@ IQ4_XS_D, IQ4_XS_SCALES_H, IQ4_XS_SCALES_L, IQ4_XS_QS = (
     _IQ4_XS.field_offset(f) for f in ("d", "scales_h", "scales_l", "qs"))
 
 
-_LUT = 256  # |t| range of the lanes' level table; levels are within [-127, 113]
+_LANE_RANGE = 256  # |t| the lanes round; levels are within [-127, 113]
+# The lanes' level value is kvalues[0] plus the step to each next level whose midpoint round(t) reaches (a
+# midpoint itself goes up): compares and adds with these constants, unrolled, vectorise across the candidates,
+# where indexing a table is a gather that LLVM leaves scalar here (the IQ4_NL refiner took 0.6x the time).
+_NL_FIRST = np.float32(kvalues_iq4nl[0])
+_NL_STEPS = tuple((np.float32((float(a) + float(b)) / 2), np.float32(float(b) - float(a)))
+                  for a, b in zip(kvalues_iq4nl[:-1], kvalues_iq4nl[1:]))  # (midpoint, step) per level
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _lut_level(lut, t):
-    """The lanes' level of t (kvalue units): the nearest to round(t), from a table (no search; only ranks)."""
-    r = _F32(_F32(min(max(t, _F32(-_LUT)), _F32(_LUT - 1)) + _F32(12582912.0)) - _F32(12582912.0))
-    return lut[np.int64(r) + _LUT]
+def _lane_round(t):
+    return _F32(_F32(min(max(t, _F32(-_LANE_RANGE)), _F32(_LANE_RANGE - 1)) + _F32(12582912.0)) - _F32(12582912.0))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _lane_level(t):
+    """The lanes' level value of t (kvalue units): the nearest to round(t), ties up (only ranks candidates)."""
+    r = _lane_round(t)
+    k = _NL_FIRST
+    for mid_step in literal_unroll(_NL_STEPS):
+        k = _F32(k + (mid_step[1] if r >= mid_step[0] else _F32(0.0)))
+    return k
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _table_level(table, t):
+    """:func:`_lane_level` read from a table (:func:`_level_table`): cheaper where lanes are too few to fill a
+    vector (IQ4_XS's 4), so they run scalar either way."""
+    return table[np.int64(_lane_round(t)) + _LANE_RANGE]
+
+
+def _level_table():
+    """:func:`_lane_level` of every integer in [-_LANE_RANGE, _LANE_RANGE)."""
+    t = np.arange(-_LANE_RANGE, _LANE_RANGE, dtype=np.float32)
+    return kvalues_iq4nl.astype(np.float32)[(t[:, None] >= np.array([m for m, _ in _NL_STEPS])).sum(1)]
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -870,7 +901,7 @@ def _pack_nl(y, qo, L, lo):
 
 
 @njit(cache=True, nogil=True)
-def _optimize_row_iq4_nl(x, w, y, fval, lut, stretch, inv, sqq, sqx, L):
+def _optimize_row_iq4_nl(x, w, y, fval, stretch, inv, sqq, sqx, L):
     """IQ4_NL rows, in place: candidate scales side by side as in :func:`_optimize_row_legacy` (same scratch)."""
     nc = stretch.shape[0]
     for ib in range(x.shape[0] // _QK):
@@ -888,7 +919,7 @@ def _optimize_row_iq4_nl(x, w, y, fval, lut, stretch, inv, sqq, sqx, L):
             wi = w[xo + i]
             wx = _F32(wi * v)
             for c in range(nc):
-                k = fval[_lut_level(lut, _F32(v * inv[c]))]
+                k = _lane_level(_F32(v * inv[c]))
                 sqq[c] += _F32(_F32(wi * k) * k)
                 sqx[c] += _F32(wx * k)
         best = -np.inf
@@ -910,7 +941,7 @@ def _optimize_row_iq4_nl(x, w, y, fval, lut, stretch, inv, sqq, sqx, L):
 
 
 @njit(cache=True, nogil=True)
-def _nl_lanes(x, xo, w, d, cs, nc, fval, lut, ds, inv, ce):
+def _nl_lanes(x, xo, w, d, cs, nc, table, ds, inv, ce):
     """As :func:`_sym_lanes`, for value = d*s*kvalues[q]."""
     for c in range(nc):
         ds[c] = _F32(d * _F32(cs[c]))
@@ -920,7 +951,7 @@ def _nl_lanes(x, xo, w, d, cs, nc, fval, lut, ds, inv, ce):
         v = x[xo + i]
         wi = w[xo + i]
         for c in range(nc):
-            diff = _F32(_F32(ds[c] * fval[_lut_level(lut, _F32(v * inv[c]))]) - v)
+            diff = _F32(_F32(ds[c] * _table_level(table, _F32(v * inv[c]))) - v)
             ce[c] += _F32(_F32(wi * diff) * diff)
 
 
@@ -933,7 +964,7 @@ def _iq4_xs_scale(y, yo, ib):
 
 
 @njit(cache=True, nogil=True)
-def _optimize_row_iq4_xs(x, w, y, fval, lut, radius, sc, L, Lt, scratch):
+def _optimize_row_iq4_xs(x, w, y, fval, table, radius, sc, L, Lt, scratch):
     """IQ4_XS rows, in place: ls searched per block of 32 and d refitted, as :func:`_refine_sym` does (same
     scratch)."""
     nsub = QK_K // _QK
@@ -957,7 +988,7 @@ def _optimize_row_iq4_xs(x, w, y, fval, lut, radius, sc, L, Lt, scratch):
                     if s != sc[j]:
                         cs[nc] = s
                         nc += 1
-                _nl_lanes(x, xo + _QK * j, w, d, cs, nc, fval, lut, ds, inv, ce)
+                _nl_lanes(x, xo + _QK * j, w, d, cs, nc, table, ds, inv, ce)
                 c = np.argmin(ce[:nc])
                 if ce[c] < err[j] * (1.0 + 1e-5):
                     e = _nl_err(x, xo + _QK * j, w, _F32(d * _F32(cs[c])), fval, Lt, 0)
@@ -1005,45 +1036,39 @@ def _optimize_row_iq4_xs(x, w, y, fval, lut, radius, sc, L, Lt, scratch):
 
 
 @njit(cache=True, nogil=True)
-def _rows_iq4_nl(x, w, out, fval, lut, stretch, r0, r1):
+def _rows_iq4_nl(x, w, out, fval, stretch, r0, r1):
     nc = stretch.shape[0]
     inv = np.empty(nc, np.float32)
     sqq = np.empty(nc, np.float32)
     sqx = np.empty(nc, np.float32)
     L = np.empty(_QK, np.int64)
     for r in range(r0, r1):
-        _optimize_row_iq4_nl(x[r], w, out[r], fval, lut, stretch, inv, sqq, sqx, L)
+        _optimize_row_iq4_nl(x[r], w, out[r], fval, stretch, inv, sqq, sqx, L)
 
 
 @njit(cache=True, nogil=True)
-def _rows_iq4_xs(x, w, out, fval, lut, radius, r0, r1):
+def _rows_iq4_xs(x, w, out, fval, table, radius, r0, r1):
     nsub = QK_K // _QK
     sc = np.empty(nsub, np.int64)
     L = np.empty(QK_K, np.int64)
     Lt = np.empty(_QK, np.int64)
     scratch = _sym_scratch(nsub, radius)
     for r in range(r0, r1):
-        _optimize_row_iq4_xs(x[r], w, out[r], fval, lut, radius, sc, L, Lt, scratch)
+        _optimize_row_iq4_xs(x[r], w, out[r], fval, table, radius, sc, L, Lt, scratch)
 
 
-def _nl_tables():
-    """kvalues_iq4nl as float32, and the nearest level of each integer t in [-_LUT, _LUT) (lut[t + _LUT])."""
-    fval = kvalues_iq4nl.astype(np.float32)
-    t = np.arange(-_LUT, _LUT, dtype=np.float32)
-    lut = np.abs(t[:, None] - fval[None, ::-1]).argmin(1)  # reversed: a tie goes to the upper level
-    return fval, (15 - lut).astype(np.int64)
+_NL_VALUES = kvalues_iq4nl.astype(np.float32)
+_LEVEL_TABLE = _level_table()
 
 
 def optimize_iq4_nl(x, w, out):
-    fval, lut = _nl_tables()
-    # d/2 to 1.5d in steps of 1/8 (9 per sign): on SmolLM2 tensors, mean weighted error 0.77 of ggml's
+    # 5d/8 to 1.5d in steps of 1/8 (8 per sign): on SmolLM2 tensors, mean weighted error 0.77 of ggml's
     # (0.84 within +-1/8)
-    run_chunks(_rows_iq4_nl, x.shape[0], x, w, out, fval, lut, _stretches(2, 32, 8))
+    run_chunks(_rows_iq4_nl, x.shape[0], x, w, out, _NL_VALUES, _stretches(2, 32, 8))
 
 
 def optimize_iq4_xs(x, w, out):
-    fval, lut = _nl_tables()
-    run_chunks(_rows_iq4_xs, x.shape[0], x, w, out, fval, lut, 2)
+    run_chunks(_rows_iq4_xs, x.shape[0], x, w, out, _NL_VALUES, _LEVEL_TABLE, 2)
 
 
 # The small separate lookup (the type table keeps the byte-exact kernels): ggml type -> in-place refiner.
