@@ -56,11 +56,11 @@ CANDIDATES = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.IQ4_XS, GGMLType.Q4_0, GGML
 _FLOATS = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 # rows measured per matrix: at least SAMPLE_ROWS, 1/_SAMPLE_FRACTION of a larger one's.  The error of the
 # allocation, measured on every row (SmolLM2 at Q4_K_M's size, Q4_1/Q5_1 left out: its weights lie on Q4_1's
-# grid), was 232.8 with 64 rows (1/64 of larger matrices), 233.1 with 48, 233.8 with 32 and 233.5 with 16 (1/1000),
-# against 232.6 for the all-rows allocation: +0.5% at 32 rows, for half the time (plan 3.0 -> 1.6 s; Gemma 3
-# 270M 4.3 -> 2.2 s, the same allocation).  Most of a plan is the measuring, and most of a budget run is the plan
-# and the writing of the optimized blocks (~2x the default alone).
-SAMPLE_ROWS = 32
+# grid), was 232.6 when every row was measured, 232.8 with 64 rows (1/64 of larger matrices); with 1/512:
+# 233.8 at 32 rows, 234.8 at 24, 233.5 at 16, 234.1 at 8 -- within the sampling's own +-0.5% from 8 rows up,
+# while the plan's time follows the rows (1.4 s at 16, 1.7 at 24, 3.2 at 64).  Gemma 3 270M: the same
+# allocation at 16 as at 32.  Most of a budget run is the plan and the writing of the optimized blocks.
+SAMPLE_ROWS = 16
 _SAMPLE_FRACTION = 512
 _TENSORS_AHEAD = 2  # tensors whose samples are queued while the oldest one's jobs finish
 # the mix whose name labels the file (general.file_type) when most weights get this type
