@@ -202,7 +202,7 @@ def _measured_error(src, path, im) -> float:
             x = x_by_name[t.name].numpy().reshape(-1, t.shape[-1])
             w = im.get(t.name, np.full(t.shape[-1], mean_w, np.float32))
             row = PlanRow(t.name, t.shape, GGMLType.F16, t.ggml_type, "", True)
-            gain = _residual_gain(row, x_by_name, Imatrix(im), model)
+            gain = _residual_gain(row, x_by_name, Imatrix(im), model, {})
             total += gain * weighted_error(x, t.raw().reshape(x.shape[0], -1), t.type_name, w)
     return total
 
@@ -262,9 +262,10 @@ def test_dry_run_prints_the_allocation_without_writing(example_model, tmp_path, 
 
 
 class _Stub:
-    """What _residual_gain reads of a tensor: shape and values."""
+    """What _residual_gain reads of a tensor: name, shape and values."""
 
-    def __init__(self, x):
+    def __init__(self, name, x):
+        self.name = name
         self.x = np.asarray(x, np.float32)
         self.shape = self.x.shape
 
@@ -282,8 +283,9 @@ def test_residual_gain_is_the_measured_propagation_factor():
     rng = np.random.default_rng(3)
     up, down, wo = rng.standard_normal((8, 4)), rng.standard_normal((4, 8)), rng.standard_normal((4, 4))
     x2, h2 = rng.gamma(1.0, 1.0, 4), rng.gamma(1.0, 1.0, 8)
-    by_name = {"blk.0.ffn_up.weight": _Stub(up), "blk.0.ffn_down.weight": _Stub(down),
-               "blk.0.attn_v.weight": _Stub(np.ones((2, 4))), "blk.0.attn_output.weight": _Stub(wo)}
+    by_name = {n: _Stub(n, v) for n, v in (("blk.0.ffn_up.weight", up), ("blk.0.ffn_down.weight", down),
+                                            ("blk.0.attn_v.weight", np.ones((2, 4))),
+                                            ("blk.0.attn_output.weight", wo))}
     im = Imatrix({"blk.0.ffn_up.weight": x2.astype(np.float32), "blk.0.ffn_down.weight": h2.astype(np.float32)})
     model = ModelInfo(arch="llama", n_layer=1, n_head=4, n_head_kv=2)
 
@@ -292,10 +294,13 @@ def test_residual_gain_is_the_measured_propagation_factor():
 
     up32, down32, wo32 = (a.astype(np.float32).astype(np.float64) for a in (up, down, wo))
     want_up = np.mean((down32 ** 2).sum(0) * h2.astype(np.float32) / ((up32 ** 2) @ x2.astype(np.float32)))
-    assert _residual_gain(row("blk.0.ffn_up.weight"), by_name, im, model) == pytest.approx(want_up, rel=1e-9)
-    assert _residual_gain(row("blk.0.attn_v.weight"), by_name, im, model) == pytest.approx(
-        (wo32 ** 2).sum(0).mean() * 2, rel=1e-9)
-    assert _residual_gain(row("blk.0.ffn_down.weight"), by_name, im, model) == 1.0
+    # float32 sums (the factor's own precision): a wrong formula is off by far more than 1e-6
+    norms = {}
+    assert _residual_gain(row("blk.0.ffn_up.weight"), by_name, im, model, norms) == pytest.approx(want_up, rel=1e-6)
+    assert _residual_gain(row("blk.0.attn_v.weight"), by_name, im, model, norms) == pytest.approx(
+        (wo32 ** 2).sum(0).mean() * 2, rel=1e-6)
+    assert _residual_gain(row("blk.0.ffn_down.weight"), by_name, im, model, norms) == 1.0
+    assert set(norms) == {"blk.0.ffn_down.weight", "blk.0.attn_output.weight"}  # each read once, kept
 
 
 def test_moe_experts_measured_per_expert_and_loaded(tmp_path):
