@@ -224,7 +224,7 @@ def _error(samples: list, qt, src_type, quantize_tensor) -> float:
         return 0.0  # kept as it is
     total = 0.0
     for x, qw, ew, scale in samples:
-        y = dequantize(quantize_tensor(x, qt, imatrix=qw, threads=1), qt, x.shape)
+        y = dequantize(quantize_tensor(x, qt, imatrix=qw, threads=1), qt, x.shape, threads=1)
         total += scale * float(((x.astype(np.float64) - y) ** 2 @ ew).sum())
     return total
 
