@@ -43,7 +43,7 @@ higher, 3.3x (6.4x).  SmolLM2's 576-wide rows make Q6_K mostly Q8_0 fallback and
 compilation takes ~17 s for all of them (then cached).
 
 Quality (benchmarks/bench_quality.py, SmolLM2-135M, same imatrix, equal file sizes): mean KL divergence
--28.5% at Q2_K, -24.0% at Q3_K_M, -25.4% at Q4_K_M, -20.3% at IQ4_XS against llama-quantize's files.
+-28.1% at Q2_K, -25.5% at Q3_K_M, -29.1% at Q4_K_M, -18.5% at IQ4_XS against llama-quantize's files.
 
 Error feedback (GPTQ, :mod:`.gptq`) needs more than an imatrix: with only the diagonal of the Hessian, the
 update of the not-yet-quantized columns is zero.  When the imatrix file also holds each weight's full input
