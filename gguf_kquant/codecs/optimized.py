@@ -841,7 +841,8 @@ _NL_STEPS = tuple((np.float32((float(a) + float(b)) / 2), np.float32(float(b) - 
 
 @njit(cache=True, nogil=True, inline="always")
 def _lane_round(t):
-    return _F32(_F32(min(max(t, _F32(-_LANE_RANGE)), _F32(_LANE_RANGE - 1)) + _F32(12582912.0)) - _F32(12582912.0))
+    """t clamped to the lanes' range and rounded half to even (by the magic number)."""
+    return _F32(_F32(min(max(t, _F32(-_LANE_RANGE)), _F32(_LANE_RANGE - 1)) + _MAGIC) - _MAGIC)
 
 
 @njit(cache=True, nogil=True, inline="always")
