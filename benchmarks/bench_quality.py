@@ -400,7 +400,7 @@ def main() -> int:
     calib = chunked(tokens, args.calib_chunks, args.ctx, bos)
     evals = chunked(tokens[len(tokens) - n_eval:], args.chunks, args.ctx, bos)  # disjoint from calib
     imat = work / f"{name}-imatrix.gguf"
-    if not imat.exists():
+    if not imat.exists() and not args.feedback:  # with --feedback every method uses the Hessians' diagonal
         compute_imatrix(f32, calib, imat)
     ref = np.array(logits(f32, evals, work))
     _, nll_ref = kld_stats(ref, ref, evals)
