@@ -232,14 +232,37 @@ def _idle_core() -> bool:
     return load <= _worker_count(1 << 16, None) - 1
 
 
+def _workers_may_start() -> bool:
+    """Whether a spawned worker process is safe here.  spawn runs the main script's top level again in each
+    worker (as ``__mp_main__``): a user's script without an ``if __name__ == "__main__":`` guard would start
+    its whole job again in every worker, and a script read from standard input cannot be run again at all.
+    Safe: no main script (a REPL, ``python -c``, an embedding), ``python -m gguf_kquant``, or one of our
+    commands (pip writes their launchers with the guard)."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None:
+        return True
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name.partition(".")[0] == __name__.partition(".")[0]:
+        return True
+    from importlib.metadata import entry_points
+
+    ours = {ep.name for ep in entry_points(group="console_scripts")
+            if ep.value.partition(".")[0].partition(":")[0] == __name__.partition(".")[0]}
+    return os.path.basename(path) in ours and os.path.isfile(path)
+
+
 def warm_for_plan(plan, im=None, report: bool = False, method: str = "llama") -> None:
     """Before a job: compile the plan's missing kernels in parallel worker processes (a no-op when the cache
-    is warm, when one kernel is missing, on a one-core or busy machine, or with GGUF_KQUANT_NO_WARM set).  Any failure here is left for the job
-    itself to meet: warming never changes what the job does."""
+    is warm, when one kernel is missing, on a one-core or busy machine, with GGUF_KQUANT_NO_WARM set, or when
+    a worker would run the caller's script again: :func:`_workers_may_start`).  Any failure here is left for
+    the job itself to meet: warming never changes what the job does."""
     if os.environ.get("GGUF_KQUANT_NO_WARM"):
         return
     missing = [j for j in jobs_for_plan(plan, im, report, method) if not is_cached(j)]
-    if len(missing) < 2 or _worker_count(len(missing), None) < 2 or not _idle_core():
+    if len(missing) < 2 or _worker_count(len(missing), None) < 2 or not _idle_core() or not _workers_may_start():
         return
     try:
         precompile(missing)

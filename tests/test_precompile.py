@@ -164,6 +164,24 @@ def test_warm_for_plan_compiles_the_missing_kernels_in_parallel_processes(tmp_pa
     assert "floats._quantize_f16_rows" in names and "legacy._quantize_q8_0_rows" in names
 
 
+def test_warm_for_plan_starts_no_worker_that_would_run_the_callers_script_again(tmp_path):
+    """spawn runs the main script's top level again in each worker: a conversion script without a __main__
+    guard would start its whole job again there.  From such a script the kernels are compiled by the job
+    itself, as without warming (from ``python -c`` above, workers compile them)."""
+    cache = tmp_path / "numba"
+    cache.mkdir()
+    env = dict(_env(cache))
+    env.pop("GGUF_KQUANT_NO_WARM")
+    script = tmp_path / "convert.py"
+    script.write_text("print('top level ran')" + WARM)
+    child = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.count("top level ran") == 1, child.stdout
+    assert "Traceback" not in child.stderr, child.stderr
+    got = json.loads(child.stdout.strip().splitlines()[-1])
+    assert got["before"] == [False, False] and got["after"] == [False, False]  # no worker compiled them
+
+
 # ------------------------------------------------------------------------------------------------------
 # the package's own cache (gguf_kquant/_jitcache.py): inside the package, keyed by source content, shipped
 # in the wheel.  Each test works on a copy of the package, never on this tree's cache.
