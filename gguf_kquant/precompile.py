@@ -62,7 +62,7 @@ def jobs_for_plan(plan, im=None, report: bool = False, method: str = "llama") ->
     # error feedback (an imatrix with Hessians) decodes every block it writes, and starts the legacy types
     # from ggml's plain quantizer (gguf_kquant.codecs.gptq)
     feedback = method == OPTIMIZED and getattr(im, "hessians", None) is not None
-    from .codecs.optimized import FEEDBACK_REFINERS
+    from .codecs.optimized import FEEDBACK_REFINERS, FEEDBACK_STARTS
     jobs = set()
     for r in plan.rows:
         if not r.convert:
@@ -70,7 +70,7 @@ def jobs_for_plan(plan, im=None, report: bool = False, method: str = "llama") ->
         dst, src = TYPES[r.dst_type], TYPES[r.src_type]
         if r.name in entries and dst.imatrix is not Imatrix.IGNORED:
             jobs.add((dst.name, "quantize_imatrix"))
-        plain_start = feedback and dst.ggml_type in FEEDBACK_REFINERS
+        plain_start = feedback and dst.ggml_type in FEEDBACK_REFINERS and dst.ggml_type not in FEEDBACK_STARTS
         if (r.name not in entries or dst.imatrix is Imatrix.IGNORED or plain_start) and "quantize" in dst.ops:
             jobs.add((dst.name, "quantize"))
         if src.ggml_type not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
@@ -105,9 +105,11 @@ def compile_job(job: Job) -> float:
         raw = np.zeros((x.shape[0], info.row_bytes(x.shape[1])), np.uint8)
         codecs.dequantize(raw, info.ggml_type, x.shape)
     elif op == OPTIMIZED:
-        from .codecs.optimized import quantize_optimized
+        from .codecs.optimized import FEEDBACK_STARTS, quantize_optimized
 
         quantize_optimized(x, info.ggml_type, w)
+        if info.ggml_type in FEEDBACK_STARTS:  # error feedback's own start of this type
+            FEEDBACK_STARTS[info.ggml_type](x, np.empty((x.shape[0], info.row_bytes(x.shape[1])), np.uint8))
     else:
         raise ValueError(f"unknown kernel operation {op!r}")
     return time.process_time() - t0
@@ -129,9 +131,10 @@ def is_cached(job: Job) -> bool:
     name, op = job
     try:
         if op == OPTIMIZED:
-            from .codecs.optimized import REFINERS
+            from .codecs.optimized import FEEDBACK_STARTS, REFINERS
 
-            found = _dispatchers(REFINERS[type_info(name).ggml_type])
+            t = type_info(name).ggml_type
+            found = _dispatchers(REFINERS[t]) + (_dispatchers(FEEDBACK_STARTS[t]) if t in FEEDBACK_STARTS else [])
         else:
             found = _dispatchers(type_info(name).kernel(op))
     except Exception:  # an import error surfaces when the kernel is used, not here

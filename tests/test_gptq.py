@@ -185,11 +185,34 @@ def test_the_factor_is_the_dampened_hessians(n):
     np.testing.assert_allclose(v, want, rtol=0, atol=1e-4 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_1", "IQ4_NL"])  # plain start (two kinds), imatrix start
+def test_iq4_nl_feedback_starts_from_the_max_abs_block():
+    """IQ4_NL's feedback start: per block d = fp16(max / kvalues[0]) (the value largest in magnitude on the
+    lowest level), every value at its nearest level; an all-zero block as ggml writes it."""
+    from gguf_kquant.codecs.grids import kvalues_iq4nl
+    from gguf_kquant.codecs.optimized import FEEDBACK_STARTS
+
+    x = rows(4, 256, 3)
+    x[1, 32:64] = 0.0
+    out = np.empty((4, type_info("IQ4_NL").row_bytes(256)), np.uint8)
+    FEEDBACK_STARTS[type_info("IQ4_NL").ggml_type](x, out)
+    blocks = x.reshape(-1, 32)
+    vmax = blocks[np.arange(len(blocks)), np.abs(blocks).argmax(1)]
+    d = (vmax / np.float32(kvalues_iq4nl[0])).astype(np.float16).astype(np.float32)
+    raw = out.reshape(-1, 18)
+    np.testing.assert_array_equal(raw[:, :2].copy().view(np.float16).ravel().astype(np.float32), d)
+    y = dequantize(out, "IQ4_NL", x.shape).reshape(-1, 32)
+    nearest = np.abs(blocks[:, :, None] - d[:, None, None] * kvalues_iq4nl.astype(np.float32)).min(2)
+    np.testing.assert_allclose(np.abs(blocks - y), nearest, rtol=1e-5, atol=1e-9)
+    np.testing.assert_array_equal(out[1, 18:36], quantize(x[1:2], "IQ4_NL")[0, 18:36])
+
+
+# ggml's plain start (two kinds), IQ4_NL's max-abs start, ggml's imatrix start
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_1", "IQ4_NL", "Q4_K"])
 def test_the_update_is_gptqs(qtype):
     """The nearest-plane targets are GPTQ's: feeding the errors forward through U = inv(V), as GPTQ does
     (float64, block by block, no lazy batch), with the same block quantizer gives the same blocks."""
-    n = 256
+    n = 512
+    block = type_info(qtype).block_size
     h = correlated_hessian(n, 6)
     x = rows(6, n, 7)
     plan = FeedbackPlan(h, qtype, n_tokens=N_TOKENS)
@@ -198,12 +221,13 @@ def test_the_update_is_gptqs(qtype):
     w = x.astype(np.float64)
     codec = _BlockCodec(type_info(qtype))
     blocks = []
-    for b0 in range(0, n, 32):
-        b1 = b0 + 32
+    for b0 in range(0, n, block):
+        b1 = b0 + block
         q = np.empty((6, type_info(qtype).type_size), np.uint8)
-        codec(np.ascontiguousarray(w[:, b0:b1], np.float32), plan.weights[b0:b1], q, np.empty((6, 32), np.float32))
+        codec(np.ascontiguousarray(w[:, b0:b1], np.float32), plan.weights[b0:b1], q,
+              np.empty((6, block), np.float32))
         blocks.append(q)
-        e = w[:, b0:b1] - dequantize(q, qtype, (6, 32))
+        e = w[:, b0:b1] - dequantize(q, qtype, (6, block))
         w[:, b1:] -= e @ v[b0:b1, b0:b1] @ u[b0:b1, b1:]
     gptq = np.concatenate(blocks, axis=1)
     ours = quantize_feedback(x, qtype, plan)

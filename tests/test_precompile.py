@@ -103,18 +103,26 @@ def test_jobs_for_types_and_plan(tmp_path):
 
 
 def test_error_feedback_warms_the_decoders_and_the_legacy_types_plain_quantizers():
-    """It decodes every block it writes, and starts Q4_0/Q5_0/Q4_1/Q5_1 blocks from ggml's plain quantizer."""
+    """It decodes every block it writes, and starts Q4_0/Q5_0/Q4_1/Q5_1 blocks from ggml's plain quantizer and
+    IQ4_NL blocks from a max-abs start of its own (compiled with the type's refiner, not ggml's quantizer)."""
     from types import SimpleNamespace as NS
 
     rows = [NS(name=n, convert=True, dst_type=t, src_type=GGMLType.F32)
-            for n, t in (("a", GGMLType.Q5_0), ("b", GGMLType.Q4_K))]
-    im = NS(entries={"a": None, "b": None}, hessians=object())
+            for n, t in (("a", GGMLType.Q5_0), ("b", GGMLType.Q4_K), ("c", GGMLType.IQ4_NL))]
+    im = NS(entries={"a": None, "b": None, "c": None}, hessians=object())
     assert jobs_for_plan(NS(rows=rows), im, method="optimized") == [
+        ("IQ4_NL", "dequantize"), ("IQ4_NL", "optimized"), ("IQ4_NL", "quantize_imatrix"),
         ("Q4_K", "dequantize"), ("Q4_K", "optimized"), ("Q4_K", "quantize_imatrix"),
         ("Q5_0", "dequantize"), ("Q5_0", "optimized"), ("Q5_0", "quantize"), ("Q5_0", "quantize_imatrix")]
     im.hessians = None  # the refiners alone
     assert jobs_for_plan(NS(rows=rows), im, method="optimized") == [
+        ("IQ4_NL", "optimized"), ("IQ4_NL", "quantize_imatrix"),
         ("Q4_K", "optimized"), ("Q4_K", "quantize_imatrix"), ("Q5_0", "optimized"), ("Q5_0", "quantize_imatrix")]
+    from gguf_kquant.codecs.optimized import FEEDBACK_STARTS
+    from gguf_kquant.precompile import _dispatchers
+
+    start = _dispatchers(FEEDBACK_STARTS[GGMLType.IQ4_NL])
+    assert start and start[0].py_func.__name__ == "_plain_iq4_nl_rows"  # what is_cached checks for the job
 
 
 @pytest.mark.parametrize("argv", [["precompile"], ["precompile", "Q4_K", "--all"], ["precompile", "Q9_K"],

@@ -18,7 +18,8 @@ nearest plane algorithm"), which needs H's factor but not its inverse's::
         w_b  = diag(V_bb V_bb^T)                     each column's importance once the later columns may move
         T_b  = W_b + (sum_{c<b} G_c V_cb) U_bb       the target: W_b moved to absorb the earlier errors
         Q_b  = quantize(T_b, type, imatrix=w_b)      ggml's blocks refined by codecs.optimized (the legacy
-                                                     types from ggml's plain block: FEEDBACK_REFINERS)
+                                                     types from ggml's plain block, IQ4_NL from a max-abs
+                                                     one: FEEDBACK_REFINERS, FEEDBACK_STARTS)
         G_b  = W_b - dequantize(Q_b)                 (W's own values, not the target's)
 
 Why: the objective is ``|(W - Q) V|^2``, and column block b of (W - Q) V is ``sum_{c<=b} G_c V_cb``: it does
@@ -261,14 +262,14 @@ class _BlockCodec:
     directly: :func:`quantize`'s checks of its input run once per tensor, not once per block."""
 
     def __init__(self, info):
-        from .optimized import FEEDBACK_REFINERS, REFINERS
+        from .optimized import FEEDBACK_REFINERS, FEEDBACK_STARTS, REFINERS
         from ..types import Imatrix
 
         self.type_size = info.type_size
-        # ggml's imatrix quantizer, or its plain one where the refiner stands in for that search (legacy types);
-        # Q8_0's has no imatrix form
+        # ggml's imatrix quantizer, or a plain start where the refiner stands in for that search (the legacy
+        # types: ggml's plain quantizer; IQ4_NL: FEEDBACK_STARTS); Q8_0's has no imatrix form
         plain = info.imatrix is Imatrix.IGNORED or info.ggml_type in FEEDBACK_REFINERS
-        self._quantize = info.kernel("quantize" if plain else "quantize_imatrix")
+        self._quantize = FEEDBACK_STARTS.get(info.ggml_type) or info.kernel("quantize" if plain else "quantize_imatrix")
         self._uses_weights = not plain
         self._refine = FEEDBACK_REFINERS.get(info.ggml_type) or REFINERS.get(info.ggml_type)
         self._decode = info.kernel("dequantize")
