@@ -62,7 +62,7 @@ def jobs_for_plan(plan, im=None, report: bool = False, method: str = "llama") ->
     # error feedback (an imatrix with Hessians) decodes every block it writes, and starts the legacy types
     # from ggml's plain quantizer (gguf_kquant.codecs.gptq)
     feedback = method == OPTIMIZED and getattr(im, "hessians", None) is not None
-    from .codecs.optimized import FEEDBACK_REFINERS, FEEDBACK_STARTS
+    from .codecs.optimized import feedback_start
     jobs = set()
     for r in plan.rows:
         if not r.convert:
@@ -70,7 +70,7 @@ def jobs_for_plan(plan, im=None, report: bool = False, method: str = "llama") ->
         dst, src = TYPES[r.dst_type], TYPES[r.src_type]
         if r.name in entries and dst.imatrix is not Imatrix.IGNORED:
             jobs.add((dst.name, "quantize_imatrix"))
-        plain_start = feedback and dst.ggml_type in FEEDBACK_REFINERS and dst.ggml_type not in FEEDBACK_STARTS
+        plain_start = feedback and feedback_start(dst)[0] == "quantize"
         if (r.name not in entries or dst.imatrix is Imatrix.IGNORED or plain_start) and "quantize" in dst.ops:
             jobs.add((dst.name, "quantize"))
         if src.ggml_type not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
@@ -247,13 +247,14 @@ def _workers_may_start() -> bool:
     path = getattr(main, "__file__", None)
     if path is None:
         return True
+    package = __name__.partition(".")[0]
     spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name.partition(".")[0] == __name__.partition(".")[0]:
+    if spec is not None and spec.name.partition(".")[0] == package:
         return True
     from importlib.metadata import entry_points
 
     ours = {ep.name for ep in entry_points(group="console_scripts")
-            if ep.value.partition(".")[0].partition(":")[0] == __name__.partition(".")[0]}
+            if ep.value.partition(":")[0].partition(".")[0] == package}
     return os.path.basename(path) in ours and os.path.isfile(path)
 
 

@@ -262,15 +262,11 @@ class _BlockCodec:
     directly: :func:`quantize`'s checks of its input run once per tensor, not once per block."""
 
     def __init__(self, info):
-        from .optimized import FEEDBACK_REFINERS, FEEDBACK_STARTS, REFINERS
-        from ..types import Imatrix
+        from .optimized import FEEDBACK_REFINERS, FEEDBACK_STARTS, REFINERS, feedback_start
 
         self.type_size = info.type_size
-        # ggml's imatrix quantizer, or a plain start where the refiner stands in for that search (the legacy
-        # types: ggml's plain quantizer; IQ4_NL: FEEDBACK_STARTS); Q8_0's has no imatrix form
-        plain = info.imatrix is Imatrix.IGNORED or info.ggml_type in FEEDBACK_REFINERS
-        self._quantize = FEEDBACK_STARTS.get(info.ggml_type) or info.kernel("quantize" if plain else "quantize_imatrix")
-        self._uses_weights = not plain
+        op, self._uses_weights = feedback_start(info)
+        self._quantize = FEEDBACK_STARTS[info.ggml_type] if op == "start" else info.kernel(op)
         self._refine = FEEDBACK_REFINERS.get(info.ggml_type) or REFINERS.get(info.ggml_type)
         self._decode = info.kernel("dequantize")
 

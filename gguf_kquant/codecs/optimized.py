@@ -683,15 +683,18 @@ def _stretches(signs, reach=_REACH, step=_STEP):
     return np.concatenate([s, -s] if signs == 2 else [s]).astype(np.float32)
 
 
+# 1 + k/64, k = +-1..4: beside a plain max-abs start, these stand in for ggml's search of the scales near it
+_NEAR = (np.float32(1.0) + np.array([-4, -3, -2, -1, 1, 2, 3, 4], np.float32) / np.float32(64.0)).astype(np.float32)
+
+
 def _fine_stretches(signs):
     """For a start that is ggml's plain max-abs block: 1 + k/64 for k = -reach .. reach - step (the coarse
-    steps but the largest) and for k = +-1..4, which stand in for ggml's imatrix search (19 scales within ~6%
+    steps but the largest) and :data:`_NEAR`, which stand in for ggml's imatrix search (19 scales within ~6%
     of the max-abs one, make_qx_quants).  24 per sign, a whole number of vectors: 27 (k up to +-5, all coarse
     ones) cost a fifth more on Q5_0 blocks for the same error (this set's, on heavy-tailed rows: 1.000 / 1.001 /
     0.999 / 1.003 of it at Q4_0 / Q5_0 / Q4_1 / Q5_1)."""
-    k = np.array([-4, -3, -2, -1, 1, 2, 3, 4], np.float32)
-    k = np.concatenate([np.arange(-_REACH, _REACH, _STEP, dtype=np.float32), k])
-    one = np.float32(1.0) + k / np.float32(64.0)
+    coarse = np.float32(1.0) + np.arange(-_REACH, _REACH, _STEP, dtype=np.float32) / np.float32(64.0)
+    one = np.concatenate([coarse, _NEAR])
     return np.concatenate([one, -one] if signs == 2 else [one]).astype(np.float32)
 
 
@@ -1090,6 +1093,7 @@ def _plain_iq4_nl_rows(x, out, fval, r0, r1):
 _NL_VALUES = kvalues_iq4nl.astype(np.float32)
 _LEVEL_TABLE = _level_table()
 _NL_STRETCHES = _stretches(2, 32, 8)
+_NL_FEEDBACK_STRETCHES = np.concatenate([_NL_STRETCHES, _NEAR, -_NEAR]).astype(np.float32)
 
 
 def optimize_iq4_nl(x, w, out):
@@ -1104,15 +1108,10 @@ def plain_iq4_nl(x, out):
 
 
 def _feedback_iq4_nl(x, w, out):
-    """Error feedback's IQ4_NL refiner, from :func:`plain_iq4_nl`'s blocks: the coarse stretches and 1 +- k/64,
-    k = 1..4, of both signs, which stand in for ggml's search of 16 scales within ~6% of the max-abs one (32
+    """Error feedback's IQ4_NL refiner, from :func:`plain_iq4_nl`'s blocks: the coarse stretches and
+    :data:`_NEAR` of both signs, which stand in for ggml's search of 16 scales within ~6% of the max-abs one (32
     lanes, two whole vectors)."""
     run_chunks(_rows_iq4_nl, x.shape[0], x, w, out, _NL_VALUES, _NL_FEEDBACK_STRETCHES)
-
-
-_NL_FEEDBACK_STRETCHES = np.concatenate(
-    [_NL_STRETCHES, *(s * (np.float32(1.0) + np.array([-4, -3, -2, -1, 1, 2, 3, 4], np.float32) / np.float32(64.0))
-                      for s in (np.float32(1.0), np.float32(-1.0)))]).astype(np.float32)
 
 
 def optimize_iq4_xs(x, w, out):
@@ -1148,6 +1147,20 @@ FEEDBACK_REFINERS = {**{t: _legacy_refiner(t, _fine_stretches(signs)) for t, (_l
                      GGMLType.IQ4_NL: _feedback_iq4_nl}
 # the start of those types whose ggml quantizer is a search even without an imatrix (else ggml's plain one)
 FEEDBACK_STARTS = {GGMLType.IQ4_NL: plain_iq4_nl}
+
+
+def feedback_start(info) -> tuple:
+    """(op, takes the imatrix) of the quantizer error feedback starts a block of type ``info`` from: ggml's
+    ``"quantize_imatrix"``, its plain ``"quantize"`` where the refiner stands in for that search (the legacy
+    types; Q8_0's has no imatrix form), or ``"start"``: :data:`FEEDBACK_STARTS`, compiled with the type's
+    optimized refiner."""
+    from ..types import Imatrix
+
+    if info.ggml_type in FEEDBACK_STARTS:
+        return "start", False
+    if info.imatrix is Imatrix.IGNORED or info.ggml_type in FEEDBACK_REFINERS:
+        return "quantize", False
+    return "quantize_imatrix", True
 
 
 def quantize_optimized(x, qtype, imatrix=None, *, threads: Optional[int] = None) -> np.ndarray:
