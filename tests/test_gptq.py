@@ -5,7 +5,8 @@ from hypothesis import example, given, settings, strategies as st
 
 from gguf_kquant.codecs import dequantize, quantize
 from gguf_kquant.codecs.gptq import (
-    ErrorFeedback, FeedbackPlan, _BlockCodec, _upper_factor, for_tensor, output_error, quantize_feedback)
+    ErrorFeedback, FeedbackPlan, _BlockCodec, _off_diagonal, _upper_factor, for_tensor, output_error, quantize_feedback,
+    upper_from_packed)
 from gguf_kquant.codecs.optimized import REFINERS, quantize_optimized, quantizer
 from gguf_kquant.errors import GGUFError, ImatrixError
 from gguf_kquant.types import type_info
@@ -235,18 +236,47 @@ def test_the_update_is_gptqs(qtype):
     assert abs(output_error(x, ours, qtype, h) / output_error(x, gptq, qtype, h) - 1) < 0.01
 
 
-@pytest.mark.parametrize("n", [576, 1024])  # the top products split in two; the next level's too
-def test_a_plan_does_not_depend_on_the_thread_count(n):
+# the top products split in two, and the next level's; 32- and 256-wide diagonal blocks
+@pytest.mark.parametrize("n, qtype", [(576, "Q4_0"), (1024, "Q4_0"), (1024, "Q4_K")])
+def test_a_plan_does_not_depend_on_the_thread_count(n, qtype):
     """Neither BLAS's threads nor ours (the large products of the factorisation are split over them)."""
     from threadpoolctl import threadpool_limits
 
     plans = []
     for threads in (1, 2):
         with threadpool_limits(threads, "blas"):
-            plans.append(FeedbackPlan(correlated_hessian(n, 2), "Q4_0", n_tokens=N_TOKENS, threads=threads))
+            plans.append(FeedbackPlan(correlated_hessian(n, 2), qtype, n_tokens=N_TOKENS, threads=threads))
     one, two = plans
     assert np.array_equal(one.weights, two.weights)
     assert np.array_equal(one.v, two.v) and np.array_equal(one.u_bb, two.u_bb)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 65])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_packed_factor_unpacks_row_by_row(n, threads):
+    """Row i of the packed upper triangle is columns i..n-1 (a Hessian file's V); rows are split in pairs."""
+    import gguf_kquant
+
+    packed = np.arange(1, n * (n + 1) // 2 + 1, dtype=np.float32)
+    want = np.zeros((n, n), np.float32)
+    want[np.triu_indices(n)] = packed  # row-major order of the upper triangle
+    before = gguf_kquant.get_num_threads()
+    gguf_kquant.set_num_threads(threads)
+    try:
+        assert np.array_equal(upper_from_packed(packed, n), want)
+    finally:
+        gguf_kquant.set_num_threads(before)
+
+
+def test_off_diagonal_values_are_found_anywhere():
+    """Feedback runs exactly when H (or V) has a value off its diagonal, found past the first row and column too."""
+    m = np.diag(np.arange(1.0, 7.0)).astype(np.float32)
+    assert not _off_diagonal(m)
+    for i, j, value in ((0, 5, 1.0), (5, 0, 1.0), (3, 4, 1e-30), (4, 2, np.nan)):
+        hit = m.copy()
+        hit[i, j] = value
+        assert _off_diagonal(hit), (i, j)
+    assert not _off_diagonal(np.ones((1, 1), np.float32))
 
 
 def test_a_plan_holds_one_matrix_and_builds_it_in_three():

@@ -125,6 +125,28 @@ def test_error_feedback_warms_the_decoders_and_the_legacy_types_plain_quantizers
     assert start and start[0].py_func.__name__ == "_plain_iq4_nl_rows"  # what is_cached checks for the job
 
 
+FEEDBACK_PLAN_JOB = """
+import json
+from gguf_kquant import precompile as pc
+job = ("Q8_0", "optimized")
+before = pc.is_cached(job)
+pc.compile_job(job)
+print(json.dumps([before, pc.is_cached(job)]))
+"""
+
+
+def test_the_optimized_job_compiles_error_feedbacks_factor_unpacking(tmp_path):
+    """A Hessian file's factor is unpacked by a kernel of its own (gptq._unpack_upper_rows): the optimized job
+    compiles it, and the job is not cached without it."""
+    cache = tmp_path / "numba"
+    cache.mkdir()
+    child = subprocess.run([sys.executable, "-c", FEEDBACK_PLAN_JOB], env=_env(cache), capture_output=True,
+                           text=True, timeout=600)
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stdout) == [False, True]
+    assert "gptq._unpack_upper_rows" in " ".join(_cache_files(cache))
+
+
 @pytest.mark.parametrize("argv", [["precompile"], ["precompile", "Q4_K", "--all"], ["precompile", "Q9_K"],
                                   ["precompile", "Q4_K", "--ops", "encode"], ["precompile", "Q4_K", "-j", "0"],
                                   ["precompile", "--clear", "Q4_K"]])

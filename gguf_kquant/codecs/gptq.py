@@ -54,6 +54,7 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+from numba import njit
 
 from ..errors import ImatrixError
 from ..types import type_info
@@ -101,8 +102,34 @@ class Factor:
         return factor
 
 
+def upper_from_packed(packed: np.ndarray, n: int) -> np.ndarray:
+    """The n x n upper triangular float32 matrix (zeros below the diagonal) of its upper triangle packed row by
+    row (row i: columns i..n-1), as Hessian files store V; rows split over threads."""
+    from . import _threads
+
+    v = np.zeros((n, n), np.float32)
+    with _threads(None):
+        run_chunks(_unpack_upper_rows, (n + 1) // 2, np.ascontiguousarray(packed, np.float32), v)
+    return v
+
+
+@njit(cache=True, nogil=True)
+def _unpack_upper_rows(packed, v, p0, p1):
+    """Rows p and n-1-p of V for p in [p0, p1): a pair of rows is n + 1 values, so equal shares of pairs are
+    equal work (an odd n's middle row is copied twice).  Packed row i starts at i*n - i*(i-1)/2."""
+    n = v.shape[0]
+    for p in range(p0, p1):
+        for i in (p, n - 1 - p):
+            start = i * n - i * (i - 1) // 2
+            for j in range(n - i):
+                v[i, i + j] = packed[start + j]
+
+
 def _off_diagonal(m: np.ndarray) -> bool:
-    """Whether square ``m`` has a non-zero value off its diagonal."""
+    """Whether square ``m`` has a non-zero value off its diagonal.  A Hessian of real activations has one in its
+    first row or column: only a (near-)diagonal matrix is counted through."""
+    if m.shape[0] > 1 and (m[0, 1:].any() or m[1:, 0].any()):
+        return True
     return np.count_nonzero(m) > np.count_nonzero(np.diagonal(m))
 
 

@@ -878,13 +878,6 @@ def _row_offsets(n: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------
 # The loader
 # ------------------------------------------------------------------------------------------------------
-def _upper_of(packed: np.ndarray, n: int) -> np.ndarray:
-    """The n x n upper triangular float32 matrix of its packed upper triangle (zeros below the diagonal)."""
-    v = np.zeros((n, n), np.float32)
-    starts = _row_offsets(n)
-    for i in range(n):
-        v[i, i:] = packed[starts[i]:starts[i] + n - i]
-    return v
 
 
 def _unpack_upper(packed: np.ndarray, n: int, tile: int = 128) -> np.ndarray:
@@ -991,7 +984,9 @@ class Hessians:
         return h
 
     def _factor(self, name: str) -> np.ndarray:
-        v = _upper_of(self._stored(name), self.widths[name])
+        from ..codecs.gptq import upper_from_packed
+
+        v = upper_from_packed(self._stored(name), self.widths[name])
         d = np.diagonal(v)
         if not (d > 0).all():
             i = int(np.argmax(~(d > 0)))
