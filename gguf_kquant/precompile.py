@@ -111,7 +111,7 @@ def compile_job(job: Job) -> float:
         quantize_optimized(x, info.ggml_type, w)
         if info.ggml_type in FEEDBACK_STARTS:  # error feedback's own start of this type
             FEEDBACK_STARTS[info.ggml_type](x, np.empty((x.shape[0], info.row_bytes(x.shape[1])), np.uint8))
-        upper_from_packed(np.ones(3, np.float32), 2)  # error feedback's unpacking of a Hessian file's factor
+        upper_from_packed(np.ones(3, np.float32), np.array([0, 2], np.int64))  # error feedback's unpacking of a Hessian file's V
     else:
         raise ValueError(f"unknown kernel operation {op!r}")
     return time.process_time() - t0

@@ -102,27 +102,27 @@ class Factor:
         return factor
 
 
-def upper_from_packed(packed: np.ndarray, n: int) -> np.ndarray:
+def upper_from_packed(packed: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """The n x n upper triangular float32 matrix (zeros below the diagonal) of its upper triangle packed row by
-    row (row i: columns i..n-1), as Hessian files store V; rows split over threads."""
+    row, row i (columns i..n-1) at ``packed[starts[i]:]``, as Hessian files store V; rows split over threads."""
     from . import _threads
 
+    n = starts.shape[0]
     v = np.zeros((n, n), np.float32)
     with _threads(None):
-        run_chunks(_unpack_upper_rows, (n + 1) // 2, np.ascontiguousarray(packed, np.float32), v)
+        run_chunks(_unpack_upper_rows, (n + 1) // 2, np.ascontiguousarray(packed, np.float32), starts, v)
     return v
 
 
 @njit(cache=True, nogil=True)
-def _unpack_upper_rows(packed, v, p0, p1):
+def _unpack_upper_rows(packed, starts, v, p0, p1):
     """Rows p and n-1-p of V for p in [p0, p1): a pair of rows is n + 1 values, so equal shares of pairs are
-    equal work (an odd n's middle row is copied twice).  Packed row i starts at i*n - i*(i-1)/2."""
+    equal work (an odd n's middle row is copied twice)."""
     n = v.shape[0]
     for p in range(p0, p1):
         for i in (p, n - 1 - p):
-            start = i * n - i * (i - 1) // 2
             for j in range(n - i):
-                v[i, i + j] = packed[start + j]
+                v[i, i + j] = packed[starts[i] + j]
 
 
 def _off_diagonal(m: np.ndarray) -> bool:

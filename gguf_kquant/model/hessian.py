@@ -878,8 +878,6 @@ def _row_offsets(n: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------
 # The loader
 # ------------------------------------------------------------------------------------------------------
-
-
 def _unpack_upper(packed: np.ndarray, n: int, tile: int = 128) -> np.ndarray:
     """The symmetric n x n float32 matrix of its packed upper triangle: a slab of rows, then its transpose
     into the matching columns."""
@@ -986,7 +984,7 @@ class Hessians:
     def _factor(self, name: str) -> np.ndarray:
         from ..codecs.gptq import upper_from_packed
 
-        v = upper_from_packed(self._stored(name), self.widths[name])
+        v = upper_from_packed(self._stored(name), _row_offsets(self.widths[name]))
         d = np.diagonal(v)
         if not (d > 0).all():
             i = int(np.argmax(~(d > 0)))
