@@ -187,6 +187,18 @@ def test_missing_adapter_config(lora_models, tmp_path):
     _refused(bad, base, tmp_path / "o.gguf", "adapter_config.json: missing")
 
 
+@pytest.mark.parametrize("alpha", ["16", None, True, float("inf"), 1e39, 3.4028235677973366e+38])
+def test_a_bad_lora_alpha_is_refused_naming_the_adapter_config(lora_models, tmp_path, alpha):
+    """lora_alpha is written as FLOAT32: a value float32 cannot hold is refused before the writer sees it."""
+    _, models = lora_models
+    base, adapter, _, _ = models["llama"]
+    bad = _copy(adapter, tmp_path / "a")
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = alpha
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    _refused(bad, base, tmp_path / "o.gguf", "adapter_config.json: key 'lora_alpha' must be a number")
+
+
 def test_unsupported_architecture(lora_models, tmp_path):
     _, models = lora_models
     base, adapter, _, _ = models["llama"]

@@ -47,12 +47,15 @@ _COUNT_KEYS = (  # positive integers
     "sliding_window_pattern", "vocab_size", "vocab_size_per_layer_input",
 )
 _MAY_BE_ZERO = ("num_local_experts", "num_experts", "sliding_window", "sliding_window_pattern")
-_REAL_KEYS = (  # finite positive numbers
+_REAL_KEYS = (  # positive numbers that a FLOAT32 value holds (they are written as GGUF FLOAT32 metadata)
     "rope_theta", "rotary_emb_base", "rope_local_base_freq", "rms_norm_eps", "norm_eps", "layer_norm_eps",
     "layer_norm_epsilon", "norm_epsilon", "final_logit_softcapping", "factor", "low_freq_factor",
     "high_freq_factor", "attn_logit_softcapping", "query_pre_attn_scalar",
 )
 _ROPE_KEYS = ("rope_parameters", "rope_scaling", "full_attention", "sliding_attention")
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # a config number above it cannot be written as FLOAT32 metadata
+# the positive range of float32: below the least subnormal a value is written as 0, above the largest it is refused
+_REAL_RANGE = (float(np.finfo(np.float32).smallest_subnormal), FLOAT32_MAX)
 
 
 def check_counts(path: Path, h: dict, keys: tuple, low: int = 1) -> None:
@@ -62,6 +65,15 @@ def check_counts(path: Path, h: dict, keys: tuple, low: int = 1) -> None:
         v = h.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not low <= v <= MAX_DIM):
             raise ConversionError(f"{path}: key {key!r} must be an integer in {low}..{MAX_DIM}, not {v!r:.60}")
+
+
+def check_real(path: Path, key: str, v) -> None:
+    """A config.json number written as GGUF FLOAT32 metadata: positive and within float32's range (see
+    _REAL_RANGE), else ConversionError naming ``path`` and the key."""
+    low, high = _REAL_RANGE
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not low <= v <= high:
+        raise ConversionError(f"{path}: key {key!r} must be a number in {low:.6g}..{high:.6g} (a positive float32), "
+                              f"not {v!r:.60}")
 
 
 def load_config(model_dir: Path) -> dict:
@@ -99,8 +111,7 @@ def check_hparams(path: Path, h: dict, where: str = "") -> None:
             if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= limit:
                 raise ConversionError(f"{path}: key {name!r} must be an integer in {low}..{limit}, not {v!r:.60}")
         elif key in _REAL_KEYS:
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (math.isfinite(v) and v > 0):
-                raise ConversionError(f"{path}: key {name!r} must be a finite number > 0, not {v!r:.60}")
+            check_real(path, name, v)
         elif key in _ROPE_KEYS:
             if not isinstance(v, dict):
                 raise ConversionError(f"{path}: key {name!r} must be an object, not {v!r:.60}")

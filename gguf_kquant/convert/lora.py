@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import ConversionError
 from ..safeio import check_outputs
 from ..types import GGMLType
-from .base import FLOAT_DTYPES, FLOAT_FTYPES, REGISTRY, PlannedTensor, _bid, load_config, load_model_card
+from .base import FLOAT32_MAX, FLOAT_DTYPES, FLOAT_FTYPES, REGISTRY, PlannedTensor, _bid, load_config, load_model_card
 from .safetensors import SafetensorsFile, open_checkpoint, read_json
 
 __all__ = ["convert_lora", "LORA_ARCHITECTURES"]
@@ -59,8 +59,8 @@ def _read_adapter(adapter_dir: Path):
     if lcfg.get("peft_type", "LORA") != "LORA":
         raise ConversionError(f"{cfg_path}: peft_type {lcfg['peft_type']!r} is not LORA")
     alpha = lcfg.get("lora_alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ConversionError(f"{cfg_path}: key 'lora_alpha' must be a number, not {alpha!r:.40}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not abs(alpha) <= FLOAT32_MAX:
+        raise ConversionError(f"{cfg_path}: key 'lora_alpha' must be a number a float32 holds, not {alpha!r:.40}")
     for key in ("use_dora", "invocation_string"):  # DoRA magnitudes; aLoRA strings need the base's tokenizer
         if lcfg.get(key):
             raise ConversionError(f"{cfg_path}: {key} adapters are not supported")

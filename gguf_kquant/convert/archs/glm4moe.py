@@ -11,13 +11,12 @@ present, as we do; llama.cpp loads a file without them ("trunk only").
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import gguf
 
 from ...errors import ConversionError
-from ..base import Converter, check_counts, register
+from ..base import Converter, check_counts, check_real, register
 from ..vocab import SpecialVocab, check_not_byte_fallback, checked_pre_tokenizer, pre_tokenizer_name, vocab_base
 from .experts import ExpertStacker
 
@@ -50,10 +49,7 @@ class Glm4MoeConverter(ExpertStacker, Converter):
         h = {**HPARAM_DEFAULTS, **hparams}
         check_counts(Path(model_dir) / "config.json", h, POSITIVE_KEYS, 1)
         check_counts(Path(model_dir) / "config.json", h, NON_NEGATIVE_KEYS, 0)
-        x = h["routed_scaling_factor"]
-        if not isinstance(x, (int, float)) or isinstance(x, bool) or not (math.isfinite(x) and x > 0):
-            raise ConversionError(f"{model_dir}/config.json: key 'routed_scaling_factor' must be a finite number "
-                                  f"> 0, not {x!r:.60}")
+        check_real(Path(model_dir) / "config.json", "routed_scaling_factor", h["routed_scaling_factor"])
         super().__init__(model_dir, h, checkpoint)
         # the MTP layers follow the main ones (model.layers.{num_hidden_layers}...)
         self.block_count = h["num_hidden_layers"] + h["num_nextn_predict_layers"]
