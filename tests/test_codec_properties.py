@@ -138,7 +138,8 @@ def test_zeros_stay_zeros(name):
 
 def _requantize_twice(name, x):
     y1 = gguf_kquant.dequantize(_quantize_or_reject(x, name), name, x.shape)
-    y2 = gguf_kquant.dequantize(gguf_kquant.quantize(y1, name), name, x.shape)
+    # y1 may decode past what fp16 scales hold (test_requantizing_past_fp16_is_refused_as_ggml_overflows)
+    y2 = gguf_kquant.dequantize(_quantize_or_reject(y1, name), name, x.shape)
     return y1, y2
 
 
@@ -149,6 +150,21 @@ def test_requantize_is_stable(name, data):
     x = data.draw(_strategy(name))
     y1, y2 = _requantize_twice(name, x)
     np.testing.assert_array_equal(y2, y1)
+
+
+def test_requantizing_past_fp16_is_refused_as_ggml_overflows(oracle):
+    """Found by a fresh draw of test_requantize_is_stable[Q8_1]: a block whose largest value is just inside fp16
+    (-65508) gets d = fp16(65508/127) = 516.0 and decodes to -127 * 516.0 = -65532, past fp16's 65504.
+    Quantized again, Q8_1's s = d * sum(q) no longer fits: ggml stores -inf, we refuse the block."""
+    x = np.zeros((1, 64), np.float32)
+    x[0, 50], x[0, 2], x[0, 11] = -65508.0, 6.0952953e4, -42.5  # the draw's two large values, in two blocks
+    y1 = gguf_kquant.dequantize(gguf_kquant.quantize(x, "Q8_1"), "Q8_1", x.shape)
+    assert y1[0, 50] == -65532.0
+    s = oracle.quantize_row_symbol("quantize_row_q8_1_ref", type_info("Q8_1").id, y1).reshape(-1).view(
+        type_info("Q8_1").block_dtype)["s"]
+    assert np.isfinite(s[0]) and s[1] == -np.inf
+    with pytest.raises(BadTensorDataError, match="row 0, block 1 overflows fp16"):
+        gguf_kquant.quantize(y1, "Q8_1")
 
 
 @pytest.mark.parametrize("name", [t for t in UNSTABLE if t in KERNEL_TYPES])

@@ -110,9 +110,14 @@ def open_bytes(tmp_path, data: bytes, name="hostile.gguf"):
     return path
 
 
+# The reader's work on a hostile file, in CPU seconds of this thread: a runaway loop or walk shows there, while
+# wall time also counts the host's stalls (1.4 s once on a shared 2-core VM, for a file read in 14 ms alone).
+_work_clock = time.thread_time
+
+
 def exercise(path):
-    """Open and touch everything; return normally or raise GGUFError — nothing else — within 1 s."""
-    t0 = time.perf_counter()
+    """Open and touch everything; return normally or raise GGUFError — nothing else — within 1 s of CPU."""
+    t0 = _work_clock()
     try:
         with gguf_kquant.open(path) as f:
             for key in list(f.metadata):
@@ -124,16 +129,16 @@ def exercise(path):
         assert str(path) in str(exc)
         return exc
     finally:
-        assert time.perf_counter() - t0 < 1.0, "reader too slow on a hostile file"
+        assert _work_clock() - t0 < 1.0, "reader too slow on a hostile file"
     return None
 
 
 def expect(tmp_path, data, cls, *fragments):
     path = open_bytes(tmp_path, data)
-    t0 = time.perf_counter()
+    t0 = _work_clock()
     with pytest.raises(cls) as info:
         gguf_kquant.open(path)
-    assert time.perf_counter() - t0 < 1.0
+    assert _work_clock() - t0 < 1.0
     msg = str(info.value)
     assert msg.startswith(f"{path}: "), msg
     for frag in fragments:
@@ -373,10 +378,10 @@ def test_resource_bombs_are_refused_before_they_are_built(tmp_path, kind, n):
     path = open_bytes(tmp_path, _bomb(kind, n))
     tracemalloc.start()
     try:
-        t0 = time.perf_counter()
+        t0 = _work_clock()
         with pytest.raises(LimitExceededError, match="resource bomb"):
             gguf_kquant.open(path)
-        elapsed = time.perf_counter() - t0
+        elapsed = _work_clock() - t0
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
